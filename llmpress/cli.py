@@ -1,0 +1,150 @@
+"""The ``llmpress`` command line: parse, call the API, print. Errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LlmpressError
+
+app = typer.Typer(
+    name="llmpress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Compress a causal language model after training, evaluate what it cost, and save it.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _user_errors(fn):
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LlmpressError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; a compress run continues with --resume")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+@app.command()
+@_user_errors
+def compress(
+    model: str = typer.Argument(..., help="Model folder, .gguf file, hub id (org/name) or built-in name (smollm2-135m)."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped preset name (see `llmpress recipes`) or a YAML file."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must not exist unless --overwrite/--resume)."),
+    calib: str = typer.Option("wiki/train", help="Calibration text: wiki/train, news, FILE, FILE.jsonl[:field], FILE.parquet[:field], DIR, hf:NAME[@split][:field]."),
+    nsamples: int = typer.Option(128, min=1, help="Number of calibration windows."),
+    seqlen: int = typer.Option(512, min=2, help="Tokens per calibration window."),
+    seed: int = typer.Option(0, help="Seed for drawing the calibration windows."),
+    batch_size: int = typer.Option(8, min=1, help="Calibration windows per forward pass."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a stage setting, e.g. --set act_order=false (repeatable)."),
+    resume: bool = typer.Option(False, help="Continue a killed run in --out (same model, recipe and data)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing llmpress output folder."),
+    ppl_windows: int = typer.Option(0, min=0, help="After compressing, measure ppl[wiki/test, 2048xN] of the dense and compressed model (0: skip)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint (off by default)."),
+) -> None:
+    """Compress MODEL with a recipe, block by block, into an output folder."""
+    from . import api
+
+    result = api.compress(
+        model, recipe, out=out_dir, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        batch_size=batch_size, resume=resume, overwrite=overwrite, settings=set_, progress=progress,
+        trust_remote_code=trust_remote_code,
+    )
+    table = Table(title=f"llmpress compress → {result.out}", show_header=False)
+    for k, v in result.summary.items():
+        table.add_row(k, str(v))
+    out.print(table)
+    if ppl_windows:
+        dense, tok = api.load(model, trust_remote_code=trust_remote_code)
+        before = api.perplexity(dense, tok, "wiki/test", windows=ppl_windows, progress=progress)
+        del dense
+        packed, tok = api.load(result.out)
+        after = api.perplexity(packed, tok, "wiki/test", windows=ppl_windows, progress=progress)
+        out.print(f"dense      {before}")
+        out.print(f"compressed {after}")
+    out.print(f"saved to {result.out}")
+
+
+@app.command(name="eval")
+@_user_errors
+def eval_(
+    model: str = typer.Argument(..., help="An llmpress output folder or any dense model spec."),
+    dataset: str = typer.Option("wiki/test", help="Evaluation text (same specs as --calib)."),
+    seqlen: int = typer.Option(2048, min=2, help="Window length in tokens."),
+    windows: Optional[int] = typer.Option(None, min=1, help="Use the first N windows (default: all)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    trust_remote_code: bool = typer.Option(False),
+) -> None:
+    """Measure perplexity, printed with its protocol: ppl[DATASET, SEQLENxN] = value."""
+    from . import api
+
+    model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
+    result = api.perplexity(model_obj, tok, dataset, seqlen=seqlen, windows=windows, progress=progress)
+    out.print(f"{result}   ({result.seconds:.0f} s)")
+
+
+@app.command()
+@_user_errors
+def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder.")) -> None:
+    """Show the manifest: per-module format, bits per weight (codes, scales, zeros), size on disk."""
+    from .io.checkpoint import read_manifest
+    from .layers import LAYER_FORMATS
+
+    manifest = read_manifest(folder)
+    table = Table(title=f"{folder}")
+    for col in ("module", "format", "bits", "group", "act-order g_idx", "bits/weight"):
+        table.add_column(col)
+    total_bits = total_weights = 0
+    for name, entry in manifest["modules"].items():
+        module = LAYER_FORMATS[entry["format"]].from_format_params(entry["params"], dtype=__import__("torch").float32)
+        weights = module.in_features * module.out_features
+        bits = module.stored_bits()
+        total_bits += bits
+        total_weights += weights
+        p = entry["params"]
+        table.add_row(name, entry["format"], str(p["bits"]), str(p["group_size"]), str(p["has_g_idx"]), f"{bits / weights:.3f}")
+    out.print(table)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    recipe = manifest.get("recipe", {}).get("name", "?")
+    calib = manifest.get("calibration")
+    out.print(f"recipe: {recipe}; base model: {manifest.get('base_model')}; llmpress {manifest.get('llmpress_version')}")
+    out.print(f"calibration: {json.dumps(calib) if calib else 'none (data-free)'}")
+    if total_weights:
+        out.print(f"compressed linears: {len(manifest['modules'])}, mean {total_bits / total_weights:.3f} bits per weight")
+    out.print(f"size on disk: {size / 1e6:.2f} MB")
+
+
+@app.command()
+@_user_errors
+def recipes() -> None:
+    """List the shipped recipe presets."""
+    import yaml
+
+    from .compress.recipe import shipped_recipes
+
+    table = Table(title="shipped recipes (use with --recipe NAME)")
+    table.add_column("name")
+    table.add_column("description")
+    for name, path in sorted(shipped_recipes().items()):
+        table.add_row(name, yaml.safe_load(path.read_text()).get("description", ""))
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

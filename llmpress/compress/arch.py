@@ -1,0 +1,128 @@
+"""Where each architecture keeps its blocks and linears: one declarative map per family.
+
+A map names, relative to the model: the decoder block list, the embeddings, the final norm and
+the head; and relative to a block: the linears in true-sequential order (groups whose inputs
+only exist once the previous groups are compressed), the norms, and ``residual_linear``, the
+last linear when its output is added to the residual stream with nothing in between (it lets
+the pipeline correct a block's outputs exactly instead of running the block once more).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ArchMap:
+    family: str
+    blocks: str
+    embeddings: tuple[str, ...]
+    final_norm: str
+    head: str
+    linear_groups: tuple[tuple[str, ...], ...]
+    norms: tuple[str, ...]
+    residual_linear: str | None = None
+    transposed_weights: bool = False   # GPT-2's Conv1D stores weight as [in, out]
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.linear_groups for name in group)
+
+
+_LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+_LLAMA = ArchMap(
+    family="llama",
+    blocks="model.layers",
+    embeddings=("model.embed_tokens",),
+    final_norm="model.norm",
+    head="lm_head",
+    linear_groups=_LLAMA_GROUPS,
+    norms=("input_layernorm", "post_attention_layernorm"),
+    residual_linear="mlp.down_proj",
+)
+
+# Gemma 2/3 normalise each sublayer's output before the residual add, so no linear feeds the
+# residual stream directly; their RMSNorm scales by (1 + weight), which matters to rotations.
+_GEMMA = ArchMap(
+    family="gemma",
+    blocks="model.layers",
+    embeddings=("model.embed_tokens",),
+    final_norm="model.norm",
+    head="lm_head",
+    linear_groups=_LLAMA_GROUPS,
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    residual_linear=None,
+)
+
+_OPT = ArchMap(
+    family="opt",
+    blocks="model.decoder.layers",
+    embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+    final_norm="model.decoder.final_layer_norm",
+    head="lm_head",
+    linear_groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+    norms=("self_attn_layer_norm", "final_layer_norm"),
+    residual_linear="fc2",
+)
+
+_GPT2 = ArchMap(
+    family="gpt2",
+    blocks="transformer.h",
+    embeddings=("transformer.wte", "transformer.wpe"),
+    final_norm="transformer.ln_f",
+    head="lm_head",
+    linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    norms=("ln_1", "ln_2"),
+    residual_linear="mlp.c_proj",
+    transposed_weights=True,
+)
+
+ARCHITECTURES: dict[str, ArchMap] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "opt": _OPT,
+    "gpt2": _GPT2,
+}
+
+
+def arch_for(model: nn.Module) -> ArchMap:
+    """The map for ``model``'s ``config.model_type``, or an error naming the supported ones."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ModelLoadError(f"unsupported architecture {model_type!r}; supported: {supported}")
+    if arch.family == "opt" and not getattr(config, "do_layer_norm_before", True):
+        # post-LN OPT (350m): the residual sum passes through a LayerNorm inside the block.
+        from dataclasses import replace
+
+        arch = replace(arch, residual_linear=None)
+    return arch
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def blocks_of(model: nn.Module, arch: ArchMap) -> nn.ModuleList:
+    return model.get_submodule(arch.blocks)

@@ -1,0 +1,62 @@
+"""Layer compressors: ``(weight, bias, stats, stage) -> compressed module``, knowing no model."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..layers import QuantLinear
+from .quant.gptq import gptq_quantize
+from .quant.result import QuantizedWeight
+from .quant.rtn import rtn_quantize
+from .recipe import GPTQStage, RTNStage, StageBase
+
+
+def _rtn(stage: RTNStage, weight: torch.Tensor, stats: dict) -> QuantizedWeight:
+    return rtn_quantize(weight, bits=stage.bits, group_size=stage.group_size, sym=stage.sym, mse=stage.mse)
+
+
+def _gptq(stage: GPTQStage, weight: torch.Tensor, stats: dict) -> QuantizedWeight:
+    return gptq_quantize(
+        weight, stats["hessian"], bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
+        mse=stage.mse, act_order=stage.act_order, static_groups=stage.static_groups,
+        damp=stage.damp, block_size=stage.block_size,
+    )
+
+
+SOLVERS: dict[type[StageBase], Callable[..., QuantizedWeight]] = {RTNStage: _rtn, GPTQStage: _gptq}
+
+
+def linear_weight(linear: nn.Module, transposed: bool) -> torch.Tensor:
+    """The weight as ``[out, in]`` fp32 (GPT-2's Conv1D stores ``[in, out]``)."""
+    w = linear.weight.detach()
+    return (w.T if transposed else w).to(torch.float32)
+
+
+def output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``||ΔW X||² / ||W X||²`` on the calibration inputs, from ``H ∝ X Xᵀ``."""
+    num = ((delta @ hessian) * delta).sum()
+    den = ((weight @ hessian) * weight).sum()
+    return float(num / den) if den > 0 else float("nan")
+
+
+def compress_linear(
+    stage: StageBase, linear: nn.Module, stats: dict, *, transposed: bool, dtype: torch.dtype
+) -> tuple[nn.Module, torch.Tensor, dict[str, float]]:
+    """The compressed module, ``ΔW = Ŵ - W`` (``[out, in]``) and the module's metrics."""
+    weight = linear_weight(linear, transposed)
+    if not torch.isfinite(weight).all():
+        from ..errors import ModelLoadError
+
+        raise ModelLoadError("the weight has NaN or Inf entries; refusing to quantize a broken checkpoint")
+    result = SOLVERS[type(stage)](stage, weight, stats)
+    module = QuantLinear.from_quantized(result, linear.bias, dtype)
+    delta = module.dequantize(torch.float32) - weight
+    metrics = dict(result.metrics)
+    metrics["weight_error"] = float(delta.norm() / weight.norm()) if weight.norm() > 0 else 0.0
+    if "hessian" in stats:
+        metrics["output_error"] = output_error(delta, weight, stats["hessian"])
+    metrics["bits_per_weight"] = module.stored_bits() / weight.numel()
+    return module, delta, metrics

@@ -1,0 +1,286 @@
+"""The sequential block executor.
+
+1. Run the embeddings on the calibration windows and capture, for every decoder block, the
+   keyword arguments it is called with (rotary tables, masks: they differ per block in Gemma),
+   and block 0's hidden states. Blocks are replaced by stubs, so nothing past them runs.
+2. For each block, for each true-sequential group of linears: run the block on the current
+   hidden states with hooks that accumulate the statistics the group's compressors need,
+   stopping the forward as soon as every linear of the group has seen its input; compress the
+   group and swap the compressed modules in, so the next group sees their outputs.
+3. Produce the block's outputs with the compressed block. When the last group is the single
+   linear that feeds the residual stream (``ArchMap.residual_linear``), its stage forward already
+   computed ``Y' = block(X)`` with that linear uncompressed, and the exact outputs are
+   ``Y' + X_lin ΔWᵀ``: one small matmul instead of another pass through the block.
+4. Write the block's tensors as one shard and the run state (resume point), then free it.
+
+Hidden states live in one fp32 tensor ``[n, seqlen, hidden]`` that is updated in place.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LlmpressError
+from .arch import ArchMap, blocks_of, set_submodule
+from .compressors import compress_linear
+from .recipe import Recipe, StageBase
+from .stats import InputStats, StopForward
+
+
+@dataclass
+class ModuleRecord:
+    name: str
+    block: int
+    method: str
+    bits: int
+    group_size: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def batch_ranges(n: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder block during capture: records its call, passes hidden states on."""
+
+    def __init__(self, index: int, last: bool, sink: list[list[dict[str, Any]]], hidden: list[torch.Tensor]):
+        super().__init__()
+        self.index, self.last, self.sink, self.hidden = index, last, sink, hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise LlmpressError("decoder blocks called with extra positional arguments are not supported")
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("layer_past", None)
+        self.sink[self.index].append(kwargs)
+        if self.index == 0:
+            self.hidden.append(hidden_states.detach().to(torch.float32))
+        if self.last:
+            raise StopForward
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, list[list[dict[str, Any]]]]:
+    """Block 0's inputs ``[n, seqlen, hidden]`` and every block's kwargs, per batch."""
+    blocks = blocks_of(model, arch)
+    originals = list(blocks)
+    sink: list[list[dict[str, Any]]] = [[] for _ in originals]
+    hidden: list[torch.Tensor] = []
+    for i in range(len(originals)):
+        blocks[i] = _Catcher(i, i == len(originals) - 1, sink, hidden)
+    try:
+        for s, e in batch_ranges(windows.shape[0], batch_size):
+            try:
+                model(input_ids=windows[s:e], use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return torch.cat(hidden), sink
+
+
+@torch.no_grad()
+def run_block(
+    block: nn.Module, hidden: torch.Tensor, kwargs: list[dict[str, Any]], batch_size: int,
+    *, stats: InputStats | None = None, write_outputs: bool = False,
+) -> None:
+    for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
+        if stats is not None:
+            stats.begin_batch()
+        try:
+            out = block(hidden[s:e], **kwargs[b])
+        except StopForward:
+            continue
+        if write_outputs:
+            hidden[s:e] = (out[0] if isinstance(out, tuple) else out).to(hidden.dtype)
+
+
+@dataclass
+class BlockPlan:
+    """Which stage compresses each linear of a block, and in which groups."""
+
+    assignment: dict[str, StageBase | None]
+    groups: list[tuple[str, ...]]
+
+    @property
+    def needs_data(self) -> bool:
+        return any(s is not None and s.needs for s in self.assignment.values())
+
+
+def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
+    assignment: dict[str, StageBase | None] = {}
+    for name in arch.linears:
+        full = f"{prefix}.{name}"
+        stage = next((s for s in recipe.layer_stages if s.selects(full)), None)
+        assignment[name] = stage.for_module(full) if stage is not None else None
+    sequential = all(getattr(s, "true_sequential", True) for s in assignment.values() if s is not None)
+    groups = list(arch.linear_groups) if sequential else [arch.linears]
+    return BlockPlan(assignment, groups)
+
+
+class Progress:
+    """A rich progress bar over blocks that names the module being compressed."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled
+        self._bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
+            from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("[bold]compress"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+            )
+            self._task = self._bar.add_task("", total=total)
+
+    def __enter__(self):
+        if self._bar:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar:
+            self._bar.__exit__(*exc)
+
+    def describe(self, text: str) -> None:
+        if self._bar:
+            self._bar.update(self._task, description=text)
+
+    def advance(self) -> None:
+        if self._bar:
+            self._bar.advance(self._task)
+
+
+@dataclass
+class BlockIO:
+    """How the pipeline gets a block's weights and hands finished blocks on."""
+
+    materialize: Any        # (block, prefix) -> None
+    release: Any            # (block) -> None
+    finished: dict[int, dict[str, Any]]   # block -> {"modules": manifest entries, ...} already done
+    load_finished: Any      # (index, block, prefix, entry) -> None: rebuild a finished block
+    on_block_done: Any      # (index, block, prefix, modules, records) -> None
+
+
+def compress_blocks(
+    model: nn.Module,
+    arch: ArchMap,
+    recipe: Recipe,
+    windows: torch.Tensor | None,
+    io: BlockIO,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[ModuleRecord]:
+    """Run every layer-compressor stage of ``recipe`` over the decoder blocks, in order."""
+    blocks = blocks_of(model, arch)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    plans = [plan_block(recipe, arch, f"{arch.blocks}.{i}") for i in range(len(blocks))]
+    data_needed = any(p.needs_data for p in plans)
+    hidden = kwargs = None
+    if data_needed:
+        if windows is None:
+            raise LlmpressError("this recipe needs calibration data")
+        hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
+    records: list[ModuleRecord] = []
+    last_data_block = max((i for i, p in enumerate(plans) if p.needs_data), default=-1)
+
+    with Progress(len(blocks), progress) as bar:
+        for i, block in enumerate(blocks):
+            prefix = f"{arch.blocks}.{i}"
+            plan = plans[i]
+            need_outputs = data_needed and i < last_data_block
+            if i in io.finished:
+                bar.describe(f"block {i + 1}/{len(blocks)} · resumed")
+                io.load_finished(i, block, prefix, io.finished[i])
+                if need_outputs:
+                    run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
+                io.release(block)
+                bar.advance()
+                continue
+            io.materialize(block, prefix)
+            block_records, modules, outputs_done = _compress_block(
+                i, block, prefix, plan, arch, hidden, kwargs[i] if kwargs else None, batch_size, dtype, bar,
+                need_outputs,
+            )
+            if need_outputs and not outputs_done:
+                bar.describe(f"block {i + 1}/{len(blocks)} · outputs")
+                run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
+            io.on_block_done(i, block, prefix, modules, block_records)
+            io.release(block)
+            records.extend(block_records)
+            bar.advance()
+    return records
+
+
+def _compress_block(
+    index: int, block: nn.Module, prefix: str, plan: BlockPlan, arch: ArchMap, hidden, kwargs,
+    batch_size: int, dtype: torch.dtype, bar: Progress, need_outputs: bool,
+) -> tuple[list[ModuleRecord], dict[str, nn.Module], bool]:
+    records, modules = [], {}
+    outputs_done = False
+    for g, group in enumerate(plan.groups):
+        members = [n for n in group if plan.assignment[n] is not None]
+        if not members:
+            continue
+        data_members = [n for n in members if plan.assignment[n].needs]
+        hessians: dict[str, torch.Tensor] = {}
+        kept: dict[str, list[torch.Tensor]] = {}
+        correct_outputs = (
+            need_outputs and g == len(plan.groups) - 1 and tuple(group) == (arch.residual_linear,)
+            and bool(data_members)
+        )
+        if data_members:
+            bar.describe(f"block {index + 1} · statistics for {', '.join(data_members)}")
+            watched = {n: block.get_submodule(n) for n in data_members}
+            with InputStats(
+                watched, keep_inputs=watched if correct_outputs else (), stop_when_seen=not correct_outputs
+            ) as stats:
+                run_block(block, hidden, kwargs, batch_size, stats=stats, write_outputs=correct_outputs)
+            hessians = stats.hessians()
+            kept = stats.kept
+            del stats
+        for name in members:
+            stage = plan.assignment[name]
+            bar.describe(f"block {index + 1} · {name} · {stage.method} w{stage.bits}")
+            linear = block.get_submodule(name)
+            start = time.perf_counter()
+            module_stats = {"hessian": hessians[name]} if name in hessians else {}
+            try:
+                module, delta, metrics = compress_linear(
+                    stage, linear, module_stats, transposed=arch.transposed_weights, dtype=dtype
+                )
+            except LlmpressError as e:
+                raise type(e)(f"{prefix}.{name}: {e}") from None
+            if correct_outputs:
+                for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
+                    hidden[s:e] += kept[name][b].to(torch.float32) @ delta.T
+                outputs_done = True
+            set_submodule(block, name, module)
+            modules[name] = module
+            records.append(ModuleRecord(
+                name=f"{prefix}.{name}", block=index, method=stage.method, bits=stage.bits,
+                group_size=stage.group_size, seconds=time.perf_counter() - start, metrics=metrics,
+            ))
+        del hessians, kept
+    return records, modules, outputs_done
+
+

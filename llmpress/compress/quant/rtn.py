@@ -1,0 +1,30 @@
+"""Round-to-nearest: the data-free baseline."""
+
+from __future__ import annotations
+
+import torch
+
+from .grid import fit_grid, group_count, quantize_codes
+from .result import QuantizedWeight
+
+
+def rtn_quantize(
+    weight: torch.Tensor, *, bits: int, group_size: int = -1, sym: bool = False, mse: bool = False
+) -> QuantizedWeight:
+    """Quantize each row (or each group of ``group_size`` input columns; the last may be ragged)."""
+    w = weight.detach().to(torch.float32)
+    rows, cols = w.shape
+    n_groups = group_count(cols, group_size)
+    step = cols if n_groups == 1 else group_size
+    codes = torch.empty_like(w)
+    scales = torch.empty(rows, n_groups)
+    zeros = torch.empty(rows, n_groups)
+    for g in range(n_groups):
+        sl = slice(g * step, min((g + 1) * step, cols))
+        params = fit_grid(w[:, sl], bits, sym, mse)
+        codes[:, sl] = quantize_codes(w[:, sl], params, bits)
+        scales[:, g], zeros[:, g] = params.scale, params.zero
+    return QuantizedWeight(
+        codes=codes.to(torch.int64), scales=scales, zeros=zeros, g_idx=None,
+        bits=bits, group_size=group_size, sym=sym,
+    )

@@ -1,0 +1,213 @@
+"""Typed recipes: a list of stages that round-trips through YAML and fails with a clear line.
+
+Every stage has a ``method`` that selects its config class. Layer-compressor stages pick the
+decoder linears they compress with ``targets``/``ignore`` (regular expressions searched in the
+full module name) and may change their settings per module with ``overrides`` (regex -> fields),
+in the spirit of llama.cpp's ``--tensor-type``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import RecipeError
+
+ALLOWED_BITS = (2, 3, 4, 8)
+
+
+class StageBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    kind: ClassVar[str] = "layer"          # transform | layer | allocator | correction
+    needs: ClassVar[frozenset[str]] = frozenset()   # statistics the compressor reads
+
+    targets: list[str] = Field(default_factory=lambda: [".*"])
+    ignore: list[str] = Field(default_factory=list)
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _valid_regexes(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"bad regular expression {p!r}: {e}") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _valid_overrides(self):
+        for pattern, fields in self.overrides.items():
+            re.compile(pattern)
+            bad = set(fields) - set(type(self).model_fields) | {"targets", "ignore", "overrides"} & set(fields)
+            if bad:
+                raise ValueError(f"override {pattern!r} sets unknown or structural fields {sorted(bad)}")
+            type(self).model_validate({**self.model_dump(exclude={"overrides"}), **fields})
+        return self
+
+    def selects(self, module_name: str) -> bool:
+        return any(re.search(p, module_name) for p in self.targets) and not any(
+            re.search(p, module_name) for p in self.ignore
+        )
+
+    def for_module(self, module_name: str) -> StageBase:
+        """This stage's settings for one module, overrides applied in the order written."""
+        update: dict[str, Any] = {}
+        for pattern, fields in self.overrides.items():
+            if re.search(pattern, module_name):
+                update.update(fields)
+        if not update:
+            return self
+        return type(self).model_validate({**self.model_dump(exclude={"overrides"}), **update})
+
+
+class UniformQuantStage(StageBase):
+    bits: int
+    group_size: int = -1
+    sym: bool = False
+    mse: bool = False
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in ALLOWED_BITS:
+            raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError(f"group_size must be -1 (per row) or positive, got {v}")
+        return v
+
+
+class RTNStage(UniformQuantStage):
+    """Round-to-nearest, per row or per group; data-free."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+class GPTQStage(UniformQuantStage):
+    """GPTQ with act-order, static groups, damping and true-sequential groups."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp: float = Field(0.01, gt=0, le=1)
+    block_size: int = Field(128, ge=1)
+
+
+Stage = Annotated[Union[RTNStage, GPTQStage], Field(discriminator="method")]
+STAGE_TYPES: dict[str, type[StageBase]] = {"rtn": RTNStage, "gptq": GPTQStage}
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    description: str = ""
+    stages: list[Stage] = Field(min_length=1)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @property
+    def layer_stages(self) -> list[StageBase]:
+        return [s for s in self.stages if s.kind == "layer"]
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+def shipped_recipes() -> dict[str, Path]:
+    folder = resources.files("llmpress") / "recipes"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def _closest(word: str, choices) -> str:
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _explain(err: ValidationError, data: dict) -> str:
+    first = err.errors()[0]
+    loc = [str(x) for x in first["loc"]]
+    where = ""
+    if len(loc) >= 2 and loc[0] == "stages":
+        idx = int(loc[1])
+        method = data.get("stages", [{}])[idx].get("method", "?") if isinstance(data.get("stages"), list) else "?"
+        where = f"stage {idx + 1} ({method})"
+        loc = loc[3:] if len(loc) > 2 and loc[2] in STAGE_TYPES else loc[2:]
+    key = loc[-1] if loc else ""
+    if first["type"] == "extra_forbidden":
+        stage_cls = None
+        if where:
+            idx = int(first["loc"][1])
+            stage_cls = STAGE_TYPES.get(data["stages"][idx].get("method"))
+        fields = stage_cls.model_fields if stage_cls else Recipe.model_fields
+        return f"unknown key {key!r} in {where or 'recipe'}{_closest(key, fields)}"
+    if first["type"] == "union_tag_invalid" or first["type"] == "union_tag_not_found":
+        tag = first.get("ctx", {}).get("tag", "")
+        return f"unknown method {tag!r} in {where or 'recipe'}; known: {', '.join(STAGE_TYPES)}{_closest(tag, STAGE_TYPES)}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{where + ': ' if where else ''}{'.'.join(loc) + ': ' if loc else ''}{msg}"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with a `stages` list")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_explain(e, data)}") from None
+
+
+def _coerce(value: str) -> Any:
+    return yaml.safe_load(value)
+
+
+def apply_settings(data: dict, settings: list[str] | None) -> dict:
+    """Apply ``key=value`` settings (``--set``) to every layer stage that has the key."""
+    if not settings:
+        return data
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set expects key=value, got {item!r}")
+        applied = False
+        for stage in data.get("stages", []):
+            cls = STAGE_TYPES.get(stage.get("method"))
+            if cls is not None and key in cls.model_fields:
+                stage[key] = _coerce(value)
+                applied = True
+        if not applied:
+            known = {f for c in STAGE_TYPES.values() for f in c.model_fields}
+            raise RecipeError(f"--set {key}: no stage of this recipe has that key{_closest(key, known)}")
+    return data
+
+
+def load_recipe(name_or_path: str, settings: list[str] | None = None) -> Recipe:
+    """A shipped preset by name, or a YAML file; ``settings`` are ``key=value`` overrides."""
+    shipped = shipped_recipes()
+    path = Path(name_or_path).expanduser()
+    if name_or_path in shipped:
+        path, source = shipped[name_or_path], name_or_path
+    elif path.suffix in (".yaml", ".yml") and path.is_file():
+        source = str(path)
+    else:
+        raise RecipeError(f"no recipe named {name_or_path!r}{_closest(name_or_path, shipped)} (see `llmpress recipes`)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(data, dict):
+        data = apply_settings(data, settings)
+    return parse_recipe(data, source)

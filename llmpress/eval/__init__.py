@@ -1,0 +1,1 @@
+"""Evaluation: perplexity under a named protocol (and, later, the lm-eval stage)."""

@@ -1,0 +1,1 @@
+"""Loading models and checkpoints, writing compressed ones."""

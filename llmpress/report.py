@@ -1,0 +1,64 @@
+"""Per-module metrics as JSON, Markdown and a PNG plot, beside the compressed model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .compress.pipeline import ModuleRecord
+from .paths import atomic_write_text
+
+
+def _row(r: ModuleRecord) -> dict[str, Any]:
+    return {"module": r.name, "block": r.block, "method": r.method, "bits": r.bits,
+            "group_size": r.group_size, "seconds": round(r.seconds, 4), **r.metrics}
+
+
+def write_report(folder: Path, records: list[ModuleRecord], summary: dict[str, Any]) -> None:
+    rows = [_row(r) for r in records]
+    atomic_write_text(folder / "llmpress-report.json", json.dumps({"summary": summary, "modules": rows}, indent=1))
+    lines = ["# llmpress compression report", ""]
+    lines += [f"- **{k}**: {v}" for k, v in summary.items()]
+    lines += ["", "| module | method | bits | group | output err | weight err | bits/weight | damp | s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['module']} | {r['method']} | {r['bits']} | {r['group_size']} | "
+            f"{r.get('output_error', float('nan')):.4g} | {r['weight_error']:.4g} | "
+            f"{r['bits_per_weight']:.3f} | {r.get('damp', '')} | {r['seconds']:.2f} |"
+        )
+    atomic_write_text(folder / "llmpress-report.md", "\n".join(lines) + "\n")
+    plot_errors(rows, folder / "llmpress-report.png")
+
+
+def plot_errors(rows: list[dict[str, Any]], path: Path) -> None:
+    """Relative output error (or weight error, for data-free methods) per block, one line per linear."""
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "output_error" if all("output_error" in r for r in rows) else "weight_error"
+    by_linear: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        linear = r["module"].split(".", 3)[-1] if r["module"].count(".") >= 3 else r["module"]
+        linear = ".".join(linear.split(".")[1:]) if linear.split(".")[0].isdigit() else linear
+        by_linear.setdefault(linear, []).append((r["block"], r[key]))
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    for linear, pts in by_linear.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=linear)
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("relative output error ‖ΔW X‖²/‖W X‖²" if key == "output_error" else "relative weight error ‖ΔW‖/‖W‖")
+    ax.set_title("llmpress: per-layer compression error")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
