@@ -37,6 +37,7 @@ class CompressResult:
     seconds: float
     peak_rss_mb: float
     summary: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None   # the in-memory compressed model, with keep_model=True
 
 
 def _fingerprint(model_spec: str, config, recipe: Recipe, calib_hash: str | None) -> str:
@@ -45,6 +46,49 @@ def _fingerprint(model_spec: str, config, recipe: Recipe, calib_hash: str | None
         "calibration": calib_hash, "version": __version__,
     }, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+@dataclass
+class _Job:
+    """Everything a compression run needs, checked before the output folder is touched."""
+
+    model_spec: str
+    recipe: Recipe
+    out: Path
+    folder: Path
+    config: Any
+    skeleton: nn.Module
+    tokenizer: Any
+    windows: torch.Tensor | None
+    calib: dict[str, Any] | None
+    fingerprint: str
+    store: LazyWeights
+    rest_names: list[str]
+    streaming: bool
+
+
+def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code) -> _Job:
+    recipe = load_recipe(recipe, settings) if isinstance(recipe, str) else recipe
+    folder = resolve_model(str(model))
+    config = load_config(folder, trust_remote_code)
+    skeleton = empty_model(config, trust_remote_code=trust_remote_code)
+    arch = arch_for(skeleton)
+    tokenizer = load_tokenizer(folder, trust_remote_code)
+    windows = calib_info = None
+    if any(s.needs for s in recipe.layer_stages):
+        windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
+        calib_info = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                      "hash": text_fingerprint(windows)}
+    store = LazyWeights(folder)   # opens every shard: a corrupt file fails here
+    tied = getattr(config, "tie_word_embeddings", False)
+    names = [n for n in skeleton.state_dict() if not (tied and n == "lm_head.weight")]
+    return _Job(
+        model_spec=str(model), recipe=recipe, out=Path(out).expanduser(), folder=folder, config=config,
+        skeleton=skeleton, tokenizer=tokenizer, windows=windows, calib=calib_info,
+        fingerprint=_fingerprint(str(model), config, recipe, calib_info and calib_info["hash"]),
+        store=store, rest_names=[n for n in names if not n.startswith(arch.blocks + ".")],
+        streaming=store.has_all(names),
+    )
 
 
 def compress(
@@ -62,47 +106,54 @@ def compress(
     settings: list[str] | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    keep_model: bool = False,
 ) -> CompressResult:
-    """Compress ``model`` with ``recipe`` into the folder ``out`` (see ``llmpress compress --help``)."""
+    """Compress ``model`` with ``recipe`` into the folder ``out`` (see ``llmpress compress --help``).
+
+    ``keep_model`` also returns the compressed model in memory (it then stays materialised).
+    """
     start = time.perf_counter()
-    recipe = load_recipe(recipe, settings) if isinstance(recipe, str) else recipe
-    out = Path(out).expanduser()
-    folder = resolve_model(str(model))
-    config = load_config(folder, trust_remote_code)
-    skeleton = empty_model(config, trust_remote_code=trust_remote_code)
-    arch = arch_for(skeleton)
-    tokenizer = load_tokenizer(folder, trust_remote_code)
-    needs_data = any(s.needs for s in recipe.layer_stages)
-    windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed) if needs_data else None
-    calib_hash = text_fingerprint(windows) if windows is not None else None
-    fingerprint = _fingerprint(str(model), config, recipe, calib_hash)
-
+    job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code)
     # Everything the user gave has been checked: only now is the output folder touched.
-    prepare_output(out, overwrite=overwrite, resume=resume)
-    (out / "config.json").unlink(missing_ok=True)   # a resumed folder is incomplete until the end
+    fresh = not job.out.exists()
+    prepare_output(job.out, overwrite=overwrite, resume=resume)
+    (job.out / "config.json").unlink(missing_ok=True)   # a resumed folder is incomplete until the end
+    try:
+        return _run(job, start, batch_size=batch_size, progress=progress, keep_model=keep_model,
+                    trust_remote_code=trust_remote_code)
+    except BaseException:
+        # A run that failed before finishing any block leaves nothing worth resuming.
+        if fresh and not RunState.finished_blocks(job.out):
+            shutil.rmtree(job.out, ignore_errors=True)
+        raise
 
-    store = LazyWeights(folder)
-    block_prefix = arch.blocks + "."
-    all_names = list(skeleton.state_dict().keys())
-    tied = getattr(config, "tie_word_embeddings", False)
-    rest_names = [n for n in all_names if not n.startswith(block_prefix) and not (tied and n == "lm_head.weight")]
-    streaming = store.has_all(n for n in all_names if not (tied and n == "lm_head.weight"))
-    if streaming:
-        model_obj = skeleton
-        rest = store.read(rest_names)
-        model_obj.load_state_dict(rest, assign=True, strict=False)
+
+def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model: bool,
+         trust_remote_code: bool) -> CompressResult:
+    out, store, arch = job.out, job.store, arch_for(job.skeleton)
+    after_capture = None
+    if job.streaming:
+        model_obj = job.skeleton
+        model_obj.load_state_dict(store.read(job.rest_names), assign=True, strict=False)
         tie_output_embeddings(model_obj)
-        materialize, release = store.materialize, store.release
+        rest = None   # read again when the last shard is written
+        materialize = store.materialize
+        release = (lambda block: None) if keep_model else store.release
+        if not keep_model:
+            def after_capture() -> None:
+                for name in (*arch.embeddings, arch.final_norm, arch.head):
+                    store.release(model_obj.get_submodule(name))
     else:
         # Key names differ from the skeleton's (old layouts transformers renames on load):
         # fall back to holding the whole model in memory.
-        model_obj = load_dense(folder, trust_remote_code=trust_remote_code)
-        rest = {n: t for n, t in model_obj.state_dict().items() if n in set(rest_names)}
+        model_obj = load_dense(job.folder, trust_remote_code=trust_remote_code)
+        wanted = set(job.rest_names)
+        rest = {n: t for n, t in model_obj.state_dict().items() if n in wanted}
         materialize = release = lambda *a: None
 
     n_blocks = len(model_obj.get_submodule(arch.blocks))
     total_shards = n_blocks + 1
-    state = RunState.load(out, fingerprint, total_shards)
+    state = RunState.load(out, job.fingerprint, total_shards)
     state.save()
     resumed_records: list[ModuleRecord] = []
     for entry in state.finished.values():
@@ -111,9 +162,8 @@ def compress(
     def load_finished(index: int, block: nn.Module, prefix: str, entry: dict) -> None:
         for name, spec in entry["modules"].items():
             set_submodule(block, name, _build_module(f"{prefix}.{name}", spec, torch.float32))
-        done = LazyWeights(out)
-        done.weight_map = {f"{prefix}.{k}": shard_name(index, total_shards) for k in block.state_dict()}
-        done.materialize(block, prefix)
+        shard = shard_name(index, total_shards)
+        LazyWeights(out, weight_map={f"{prefix}.{k}": shard for k in block.state_dict()}).materialize(block, prefix)
 
     def on_block_done(index: int, block: nn.Module, prefix: str, modules: dict, records: list) -> None:
         tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
@@ -125,49 +175,57 @@ def compress(
         state.save()
 
     io = BlockIO(materialize=materialize, release=release, finished=state.finished,
-                 load_finished=load_finished, on_block_done=on_block_done)
-    records = compress_blocks(model_obj, arch, recipe, windows, io, batch_size=batch_size, progress=progress)
+                 load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture)
+    records = compress_blocks(model_obj, arch, job.recipe, job.windows, io, batch_size=batch_size, progress=progress)
     records = sorted(resumed_records + records, key=lambda r: (r.block, r.name))
+    kept_model = model_obj.eval() if keep_model else None
     del model_obj
 
+    if rest is None:
+        rest = store.read(job.rest_names)
     save_tensors_atomic(rest, out / shard_name(n_blocks, total_shards))
     weight_map = {n: shard_name(n_blocks, total_shards) for n in rest}
     modules: dict[str, dict] = {}
     for index in range(n_blocks):
         prefix = f"{arch.blocks}.{index}"
-        entry = state.finished[index]
-        modules.update({f"{prefix}.{name}": spec for name, spec in entry["modules"].items()})
-        from safetensors import safe_open
+        modules.update({f"{prefix}.{name}": spec for name, spec in state.finished[index]["modules"].items()})
+        weight_map.update({k: shard_name(index, total_shards) for k in _shard_keys(out / shard_name(index, total_shards))})
 
-        with safe_open(str(out / shard_name(index, total_shards)), framework="pt") as f:
-            weight_map.update({k: shard_name(index, total_shards) for k in f.keys()})
-
-    tokenizer.save_pretrained(out)
-    if (folder / "generation_config.json").exists():
-        shutil.copy(folder / "generation_config.json", out / "generation_config.json")
-    (out / "llmpress-recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    job.tokenizer.save_pretrained(out)
+    if (job.folder / "generation_config.json").exists():
+        shutil.copy(job.folder / "generation_config.json", out / "generation_config.json")
+    (out / "llmpress-recipe.yaml").write_text(job.recipe.to_yaml(), encoding="utf-8")
     seconds = time.perf_counter() - start
-    summary = _summary(out, records, recipe, model, calib, nsamples, seqlen, seed, calib_hash, seconds)
+    summary = _summary(out, records, job, seconds)
     write_report(out, records, summary)
     extra = {
         "transforms": [],
-        "recipe": recipe.model_dump(mode="json"),
-        "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "hash": calib_hash}
-        if needs_data else None,
-        "base_model": str(model),
-        "fingerprint": fingerprint,
+        "recipe": job.recipe.model_dump(mode="json"),
+        "calibration": job.calib,
+        "base_model": job.model_spec,
+        "fingerprint": job.fingerprint,
     }
-    write_manifest(out, config, modules, extra, weight_map)
-    return CompressResult(out=out, records=records, seconds=seconds, peak_rss_mb=peak_rss_mb(), summary=summary)
+    write_manifest(out, job.config, modules, extra, weight_map)
+    return CompressResult(out=out, records=records, seconds=seconds, peak_rss_mb=peak_rss_mb(), summary=summary,
+                          model=kept_model)
 
 
-def _summary(out, records, recipe, model, calib, nsamples, seqlen, seed, calib_hash, seconds) -> dict[str, Any]:
+def _shard_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float) -> dict[str, Any]:
     bpw = [r.metrics["bits_per_weight"] for r in records if "bits_per_weight" in r.metrics]
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    c = job.calib
     return {
-        "model": str(model),
-        "recipe": recipe.name,
-        "calibration": f"{calib} {nsamples}x{seqlen} seed {seed} (hash {calib_hash})" if calib_hash else "none (data-free)",
+        "model": job.model_spec,
+        "recipe": job.recipe.name,
+        "calibration": f"{c['source']} {c['nsamples']}x{c['seqlen']} seed {c['seed']} (hash {c['hash']})"
+        if c else "none (data-free)",
         "compressed modules": len(records),
         "mean bits per weight (codes+scales+zeros)": round(sum(bpw) / len(bpw), 4) if bpw else None,
         "size on disk (MB)": round(size / 1e6, 2),

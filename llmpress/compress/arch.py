@@ -26,6 +26,8 @@ class ArchMap:
     linear_groups: tuple[tuple[str, ...], ...]
     norms: tuple[str, ...]
     residual_linear: str | None = None
+    attention: str | None = None          # the attention submodule of a block
+    attention_output: str | None = None   # its last linear, whose output the attention returns
     transposed_weights: bool = False   # GPT-2's Conv1D stores weight as [in, out]
 
     @property
@@ -49,6 +51,8 @@ _LLAMA = ArchMap(
     linear_groups=_LLAMA_GROUPS,
     norms=("input_layernorm", "post_attention_layernorm"),
     residual_linear="mlp.down_proj",
+    attention="self_attn",
+    attention_output="self_attn.o_proj",
 )
 
 # Gemma 2/3 normalise each sublayer's output before the residual add, so no linear feeds the
@@ -62,6 +66,8 @@ _GEMMA = ArchMap(
     linear_groups=_LLAMA_GROUPS,
     norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     residual_linear=None,
+    attention="self_attn",
+    attention_output="self_attn.o_proj",
 )
 
 _OPT = ArchMap(
@@ -73,6 +79,8 @@ _OPT = ArchMap(
     linear_groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
     norms=("self_attn_layer_norm", "final_layer_norm"),
     residual_linear="fc2",
+    attention="self_attn",
+    attention_output="self_attn.out_proj",
 )
 
 _GPT2 = ArchMap(
@@ -84,6 +92,8 @@ _GPT2 = ArchMap(
     linear_groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
     norms=("ln_1", "ln_2"),
     residual_linear="mlp.c_proj",
+    attention="attn",
+    attention_output="attn.c_proj",
     transposed_weights=True,
 )
 

@@ -44,8 +44,8 @@ def output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tenso
 
 def compress_linear(
     stage: StageBase, linear: nn.Module, stats: dict, *, transposed: bool, dtype: torch.dtype
-) -> tuple[nn.Module, torch.Tensor, dict[str, float]]:
-    """The compressed module, ``ΔW = Ŵ - W`` (``[out, in]``) and the module's metrics."""
+) -> tuple[nn.Module, dict[str, float]]:
+    """The compressed module and its metrics (errors relative to the original weight)."""
     weight = linear_weight(linear, transposed)
     if not torch.isfinite(weight).all():
         from ..errors import ModelLoadError
@@ -59,4 +59,4 @@ def compress_linear(
     if "hessian" in stats:
         metrics["output_error"] = output_error(delta, weight, stats["hessian"])
     metrics["bits_per_weight"] = module.stored_bits() / weight.numel()
-    return module, delta, metrics
+    return module, metrics

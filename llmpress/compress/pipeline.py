@@ -8,9 +8,11 @@
    stopping the forward as soon as every linear of the group has seen its input; compress the
    group and swap the compressed modules in, so the next group sees their outputs.
 3. Produce the block's outputs with the compressed block. When the last group is the single
-   linear that feeds the residual stream (``ArchMap.residual_linear``), its stage forward already
-   computed ``Y' = block(X)`` with that linear uncompressed, and the exact outputs are
-   ``Y' + X_lin ΔWᵀ``: one small matmul instead of another pass through the block.
+   linear that feeds the residual stream (``ArchMap.residual_linear``), its stage runs the block
+   with that linear replaced by a zero-output recorder, which yields ``h`` (the residual stream
+   without it) and its inputs ``X``; the exact outputs are ``h + X Ŵᵀ + b``: one matmul instead of
+   another pass through the block. Compressed linears run as dense proxies holding their
+   dequantized weights during calibration (the same function, dequantized once).
 4. Write the block's tensors as one shard and the run state (resume point), then free it.
 
 Hidden states live in one fp32 tensor ``[n, seqlen, hidden]`` that is updated in place.
@@ -56,16 +58,15 @@ def batch_ranges(n: int, batch_size: int) -> list[tuple[int, int]]:
 class _Catcher(nn.Module):
     """Stands in for a decoder block during capture: records its call, passes hidden states on."""
 
-    def __init__(self, index: int, last: bool, sink: list[list[dict[str, Any]]], hidden: list[torch.Tensor]):
+    def __init__(self, index: int, last: bool, sink: list, hidden: list[torch.Tensor]):
         super().__init__()
         self.index, self.last, self.sink, self.hidden = index, last, sink, hidden
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise LlmpressError("decoder blocks called with extra positional arguments are not supported")
+        # Calibration runs with use_cache=False, so a cache argument (GPT-2 passes it by
+        # position) is None and is kept as it is.
         kwargs.pop("past_key_values", None)
-        kwargs.pop("layer_past", None)
-        self.sink[self.index].append(kwargs)
+        self.sink[self.index].append((args, kwargs))
         if self.index == 0:
             self.hidden.append(hidden_states.detach().to(torch.float32))
         if self.last:
@@ -76,11 +77,11 @@ class _Catcher(nn.Module):
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int
-) -> tuple[torch.Tensor, list[list[dict[str, Any]]]]:
-    """Block 0's inputs ``[n, seqlen, hidden]`` and every block's kwargs, per batch."""
+) -> tuple[torch.Tensor, list[list[tuple[tuple, dict[str, Any]]]]]:
+    """Block 0's inputs ``[n, seqlen, hidden]`` and every block's other arguments, per batch."""
     blocks = blocks_of(model, arch)
     originals = list(blocks)
-    sink: list[list[dict[str, Any]]] = [[] for _ in originals]
+    sink: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in originals]
     hidden: list[torch.Tensor] = []
     for i in range(len(originals)):
         blocks[i] = _Catcher(i, i == len(originals) - 1, sink, hidden)
@@ -98,14 +99,15 @@ def capture_block_inputs(
 
 @torch.no_grad()
 def run_block(
-    block: nn.Module, hidden: torch.Tensor, kwargs: list[dict[str, Any]], batch_size: int,
+    block: nn.Module, hidden: torch.Tensor, kwargs: list[tuple[tuple, dict[str, Any]]], batch_size: int,
     *, stats: InputStats | None = None, write_outputs: bool = False,
 ) -> None:
     for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
         if stats is not None:
             stats.begin_batch()
+        args, kw = kwargs[b]
         try:
-            out = block(hidden[s:e], **kwargs[b])
+            out = block(hidden[s:e], *args, **kw)
         except StopForward:
             continue
         if write_outputs:
@@ -178,6 +180,7 @@ class BlockIO:
     finished: dict[int, dict[str, Any]]   # block -> {"modules": manifest entries, ...} already done
     load_finished: Any      # (index, block, prefix, entry) -> None: rebuild a finished block
     on_block_done: Any      # (index, block, prefix, modules, records) -> None
+    after_capture: Any = None   # () -> None: e.g. free the embeddings, no longer needed
 
 
 def compress_blocks(
@@ -200,6 +203,8 @@ def compress_blocks(
         if windows is None:
             raise LlmpressError("this recipe needs calibration data")
         hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
+    if io.after_capture is not None:
+        io.after_capture()
     records: list[ModuleRecord] = []
     last_data_block = max((i for i, p in enumerate(plans) if p.needs_data), default=-1)
 
@@ -221,8 +226,7 @@ def compress_blocks(
                 i, block, prefix, plan, arch, hidden, kwargs[i] if kwargs else None, batch_size, dtype, bar,
                 need_outputs,
             )
-            if need_outputs and not outputs_done:
-                bar.describe(f"block {i + 1}/{len(blocks)} · outputs")
+            if need_outputs and not outputs_done:   # a block with nothing to compress
                 run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
             io.on_block_done(i, block, prefix, modules, block_records)
             io.release(block)
@@ -231,32 +235,115 @@ def compress_blocks(
     return records
 
 
+class _ZeroOutput(nn.Module):
+    """Stands in for the residual linear during its stage: records its input (through the
+    statistics hooks) and adds nothing, so the block returns ``h``, the residual stream without
+    that linear; the exact block output is then ``h + X Ŵᵀ + b`` once ``Ŵ`` is solved."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+class _AttentionCacheMismatch(Exception):
+    pass
+
+
+class _CachedAttention(nn.Module):
+    """Stands in for a block's attention once all its linears are compressed: returns, batch by
+    batch, the output computed once from the kept inputs of its output linear. The first call of
+    every stage runs the real attention and checks that it returns exactly that output."""
+
+    def __init__(self, real: nn.Module, outputs: list[torch.Tensor]):
+        super().__init__()
+        self.real, self.outputs = real, outputs
+        self.calls, self.arity, self.verified = 0, None, False
+
+    def restart(self) -> None:
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        batch = self.calls
+        self.calls += 1
+        if not self.verified:
+            out = self.real(*args, **kwargs)
+            first = out[0] if isinstance(out, tuple) else out
+            if first.shape != self.outputs[batch].shape or not torch.equal(first, self.outputs[batch]):
+                raise _AttentionCacheMismatch
+            self.arity = len(out) if isinstance(out, tuple) else None
+            self.verified = True
+            return out
+        cached = self.outputs[batch]
+        return cached if self.arity is None else (cached,) + (None,) * (self.arity - 1)
+
+
+def _dense_proxy(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """A plain linear with the compressed module's dequantized weight: the same function, without
+    dequantizing again on every calibration batch."""
+    weight = module.dequantize(dtype)
+    proxy = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, dtype=dtype)
+    proxy.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        proxy.bias = nn.Parameter(module.bias.to(dtype), requires_grad=False)
+    return proxy
+
+
 def _compress_block(
     index: int, block: nn.Module, prefix: str, plan: BlockPlan, arch: ArchMap, hidden, kwargs,
     batch_size: int, dtype: torch.dtype, bar: Progress, need_outputs: bool,
 ) -> tuple[list[ModuleRecord], dict[str, nn.Module], bool]:
     records, modules = [], {}
     outputs_done = False
+    attention = None          # the cached attention stub, once the attention is compressed
+    real_attention = block.get_submodule(arch.attention) if arch.attention else None
+
+    def run(**kw) -> None:
+        nonlocal attention
+        if attention is not None:
+            attention.restart()
+            try:
+                run_block(block, hidden, kwargs, batch_size, **kw)
+                return
+            except _AttentionCacheMismatch:
+                # This architecture's attention returns more than its output linear computes:
+                # use the real module from here on (slower, equally exact).
+                set_submodule(block, arch.attention, real_attention)
+                attention = None
+                if kw.get("stats") is not None:
+                    kw["stats"].reset()
+        run_block(block, hidden, kwargs, batch_size, **kw)
+
     for g, group in enumerate(plan.groups):
         members = [n for n in group if plan.assignment[n] is not None]
         if not members:
             continue
         data_members = [n for n in members if plan.assignment[n].needs]
         hessians: dict[str, torch.Tensor] = {}
-        kept: dict[str, list[torch.Tensor]] = {}
-        correct_outputs = (
-            need_outputs and g == len(plan.groups) - 1 and tuple(group) == (arch.residual_linear,)
-            and bool(data_members)
+        kept = {}
+        last_group = g == len(plan.groups) - 1
+        residual = need_outputs and last_group and tuple(group) == (arch.residual_linear,) and bool(data_members)
+        cache_attention = (
+            not last_group and tuple(group) == (arch.attention_output,) and bool(data_members)
+            and (need_outputs or any(plan.assignment[n] is not None for later in plan.groups[g + 1:] for n in later))
         )
         if data_members:
             bar.describe(f"block {index + 1} · statistics for {', '.join(data_members)}")
             watched = {n: block.get_submodule(n) for n in data_members}
-            with InputStats(
-                watched, keep_inputs=watched if correct_outputs else (), stop_when_seen=not correct_outputs
-            ) as stats:
-                run_block(block, hidden, kwargs, batch_size, stats=stats, write_outputs=correct_outputs)
-            hessians = stats.hessians()
-            kept = stats.kept
+            if residual:
+                name = data_members[0]
+                original = watched[name]
+                out_features = original.weight.shape[1 if arch.transposed_weights else 0]
+                watched[name] = _ZeroOutput(out_features)
+                set_submodule(block, name, watched[name])
+            keep = watched if (residual or cache_attention) else ()
+            with InputStats(watched, keep_inputs=keep, stop_when_seen=not residual) as stats:
+                run(stats=stats, write_outputs=residual)
+            if residual:
+                set_submodule(block, name, original)
+            hessians, kept = stats.hessians(), stats.kept
             del stats
         for name in members:
             stage = plan.assignment[name]
@@ -265,22 +352,41 @@ def _compress_block(
             start = time.perf_counter()
             module_stats = {"hessian": hessians[name]} if name in hessians else {}
             try:
-                module, delta, metrics = compress_linear(
+                module, metrics = compress_linear(
                     stage, linear, module_stats, transposed=arch.transposed_weights, dtype=dtype
                 )
             except LlmpressError as e:
                 raise type(e)(f"{prefix}.{name}: {e}") from None
-            if correct_outputs:
+            proxy = _dense_proxy(module, torch.float32)
+            if residual:
                 for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
-                    hidden[s:e] += kept[name][b].to(torch.float32) @ delta.T
+                    # Per token (OPT flattens tokens before its MLP): h += X Ŵᵀ + b.
+                    x = kept[name][b].reshape(-1, proxy.in_features).to(torch.float32)
+                    target = hidden[s:e].view(-1, proxy.out_features)
+                    if x.shape[0] != target.shape[0]:
+                        raise RuntimeError(f"{name}: its inputs do not line up with the block's tokens")
+                    target += proxy(x)
+                kept[name].close()
                 outputs_done = True
-            set_submodule(block, name, module)
+            set_submodule(block, name, proxy)   # before the stub: the path runs through the attention
+            if cache_attention:
+                with torch.no_grad():
+                    outputs = [proxy(kept[name][b].to(torch.float32)) for b in range(len(kept[name]))]
+                kept[name].close()
+                attention = _CachedAttention(real_attention, outputs)
+                set_submodule(block, arch.attention, attention)
             modules[name] = module
             records.append(ModuleRecord(
                 name=f"{prefix}.{name}", block=index, method=stage.method, bits=stage.bits,
                 group_size=stage.group_size, seconds=time.perf_counter() - start, metrics=metrics,
             ))
         del hessians, kept
+    if not outputs_done and need_outputs:
+        bar.describe(f"block {index + 1} · outputs")
+        run(write_outputs=True)
+        outputs_done = True
+    if attention is not None:
+        set_submodule(block, arch.attention, real_attention)
+    for name, module in modules.items():   # the packed modules are what is saved and kept
+        set_submodule(block, name, module)
     return records, modules, outputs_done
-
-

@@ -138,7 +138,9 @@ def _closest(word: str, choices) -> str:
 
 
 def _explain(err: ValidationError, data: dict) -> str:
-    first = err.errors()[0]
+    # A misspelt key also makes the real key "missing": name the misspelling, it is the cause.
+    errors = err.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = [str(x) for x in first["loc"]]
     where = ""
     if len(loc) >= 2 and loc[0] == "stages":

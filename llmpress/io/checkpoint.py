@@ -112,6 +112,14 @@ class RunState:
         }
         return state
 
+    @staticmethod
+    def finished_blocks(folder: Path) -> int:
+        """How many blocks the run in ``folder`` has finished (0 when there is no run state)."""
+        try:
+            return len(json.loads((folder / STATE_FILE).read_text()).get("finished", {}))
+        except (OSError, json.JSONDecodeError):
+            return 0
+
     def save(self) -> None:
         data = {"fingerprint": self.fingerprint, "llmpress_version": __version__,
                 "finished": {str(k): v for k, v in sorted(self.finished.items())}}

@@ -168,18 +168,23 @@ class LazyWeights:
     with the number of blocks.
     """
 
-    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, weight_map: dict[str, str] | None = None):
         from safetensors import safe_open
 
         self.folder, self.dtype = folder, dtype
-        index_file = folder / "model.safetensors.index.json"
-        if index_file.exists():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        else:
+        if weight_map is None:
             weight_map = {}
-            for file in sorted(folder.glob("*.safetensors")):
-                with _open_safetensors(file, safe_open) as f:
-                    weight_map.update({k: file.name for k in f.keys()})
+            index_file = folder / "model.safetensors.index.json"
+            if index_file.exists():
+                try:
+                    weight_map = json.loads(index_file.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ModelLoadError(f"{index_file} is not a valid safetensors index") from None
+            files = sorted(set(weight_map.values())) if weight_map else sorted(p.name for p in folder.glob("*.safetensors"))
+            for name in files:   # parsing every header here makes a truncated shard fail early
+                with _open_safetensors(folder / name, safe_open) as f:
+                    if not index_file.exists():
+                        weight_map.update({k: name for k in f.keys()})
         self.weight_map: dict[str, str] = weight_map
 
     def has_all(self, names) -> bool:

@@ -95,37 +95,40 @@ def gptq_quantize(
     scales = torch.zeros(rows, n_groups)
     zeros = torch.zeros(rows, n_groups)
     position_group = torch.zeros(cols, dtype=torch.int64)   # group of each processed position
-    loss = torch.zeros((), dtype=torch.float64)
+    loss = 0.0
     params = row_params
     if params is not None:
         scales[:, 0], zeros[:, 0] = params.scale, params.zero
+    if static is not None:
+        for g, p in enumerate(static):
+            scales[:, g], zeros[:, g] = p.scale, p.zero
+    order = perm.tolist() if perm is not None else None
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
         err_block = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        diag = torch.diagonal(U1).tolist()
         for i in range(i2 - i1):
             j = i1 + i
             if grouped:
                 if static is not None:
-                    g = int(perm[j] if perm is not None else j) // group_size
+                    g = (order[j] if order is not None else j) // group_size
                     params = static[g]
-                else:
+                elif j % group_size == 0:
                     g = j // group_size
-                    if j % group_size == 0:
-                        params = fit_grid(W[:, j:j + group_size], bits, sym, mse)
+                    params = fit_grid(W[:, j:j + group_size], bits, sym, mse)
+                    scales[:, g], zeros[:, g] = params.scale, params.zero
                 position_group[j] = g
-                scales[:, g], zeros[:, g] = params.scale, params.zero
             w = W1[:, i]
             q = quantize_codes(w, params, bits)
             codes[:, j] = q
-            d = U1[i, i]
-            err = (w - dequantize_codes(q, params)) / d
-            loss += err.double().pow(2).sum() / 2
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            err = (w - dequantize_codes(q, params)) / diag[i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             err_block[:, i] = err
-        W[:, i2:] -= err_block @ U[i1:i2, i2:]
+        loss += float(err_block.double().pow(2).sum()) / 2
+        W[:, i2:].addmm_(err_block, U[i1:i2, i2:], alpha=-1.0)
 
     g_idx = None
     if perm is not None:

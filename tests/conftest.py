@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models of several architectures, and the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests share the converted model and built corpora through one cache across processes.
+os.environ.setdefault("LLMPRESS_CACHE", str(Path.home() / ".cache" / "llmpress"))
+
+
+def _tiny_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=49152, max_position_embeddings=256)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, **common)
+    if arch == "gemma2":
+        return tf.Gemma2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, sliding_window=16, **common)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, sliding_window=16, **common)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=64, vocab_size=49152, max_position_embeddings=256)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=49152)
+    raise ValueError(arch)
+
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def real_model_folder() -> Path:
+    """SmolLM2-135M as a safetensors folder (converted from its GGUF once, then cached)."""
+    from llmpress.io.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(real_model_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_model_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, smol_tokenizer):
+    """``make(arch) -> folder`` of a random tiny model of that architecture with the SmolLM2 tokenizer."""
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch in made:
+            return made[arch]
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_tiny_config(arch), dtype=torch.float32)
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model.save_pretrained(folder)
+        smol_tokenizer.save_pretrained(folder)
+        made[arch] = folder
+        return folder
+
+    return make

@@ -1,0 +1,130 @@
+"""The command line: every bad input ends in one line, exit code 2, and no folder that looks complete."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmpress.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, (result.stderr or "").strip()
+
+
+def _assert_user_error(result, stderr, pattern):
+    import re
+
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert stderr.count("\n") == 0, stderr          # exactly one line
+    assert stderr.startswith("error:") and re.search(pattern, stderr), stderr
+
+
+def test_missing_model_path(tmp_path):
+    result, stderr = _run("compress", tmp_path / "nope", "--recipe", "rtn-w4", "--out", tmp_path / "o")
+    _assert_user_error(result, stderr, r"no model at")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_recipe_key_suggests_the_closest(tiny_model_factory, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: gptq\n    bits: 4\n    gruop_size: 64\n")
+    result, stderr = _run("compress", tiny_model_factory("llama"), "--recipe", recipe, "--out", tmp_path / "o")
+    _assert_user_error(result, stderr, r"unknown key 'gruop_size'.*did you mean 'group_size'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(tmp_path, smol_tokenizer):
+    from transformers import AutoModelForCausalLM, PhiConfig
+
+    folder = tmp_path / "phi"
+    AutoModelForCausalLM.from_config(PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, vocab_size=49152)).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    result, stderr = _run("compress", folder, "--recipe", "rtn-w4", "--out", tmp_path / "o")
+    _assert_user_error(result, stderr, r"unsupported architecture 'phi'; supported: .*llama")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_folder_is_kept_without_overwrite(tiny_model_factory, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    result, stderr = _run("compress", tiny_model_factory("llama"), "--recipe", "rtn-w4", "--out", out)
+    _assert_user_error(result, stderr, r"already exists; pass --overwrite")
+    # --overwrite never deletes a folder llmpress did not write
+    result, stderr = _run("compress", tiny_model_factory("llama"), "--recipe", "rtn-w4", "--out", out, "--overwrite")
+    _assert_user_error(result, stderr, r"not an llmpress output folder")
+    assert (out / "precious.txt").read_text() == "mine"
+
+
+def test_corrupt_safetensors(tiny_model_factory, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result, stderr = _run("compress", folder, "--recipe", "rtn-w4", "--out", tmp_path / "o")
+    _assert_user_error(result, stderr, r"corrupt or unreadable safetensors file .*model.safetensors")
+    assert not (tmp_path / "o").exists()
+    result, stderr = _run("eval", folder, "--windows", "1")
+    _assert_user_error(result, stderr, r"model")
+
+
+def test_nan_weights_are_refused(tiny_model_factory, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    result, stderr = _run("compress", folder, "--recipe", "rtn-w4", "--out", tmp_path / "o")
+    _assert_user_error(result, stderr, r"model.layers.0.mlp.up_proj: the weight has NaN or Inf")
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_compress_inspect_eval_recipes(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("llama")
+    out = tmp_path / "o"
+    result, _ = _run("compress", folder, "--recipe", "gptq-w4", "--out", out, "--nsamples", "4", "--seqlen", "32",
+                     "--no-progress", "--set", "act_order=false")
+    assert result.exit_code == 0, result.output
+    assert "saved to" in result.output
+    result, _ = _run("inspect", out)
+    assert result.exit_code == 0 and "uniform" in result.output and "bits per weight" in result.output
+    result, _ = _run("eval", out, "--dataset", "news", "--seqlen", "64", "--windows", "2", "--no-progress")
+    assert result.exit_code == 0 and "ppl[news, 64x2] = " in result.output
+    result, _ = _run("recipes")
+    assert result.exit_code == 0 and "gptq-w3-g64" in result.output
+    result, stderr = _run("inspect", tmp_path)
+    _assert_user_error(result, stderr, r"no config.json")
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llmpress", "eval", str(tmp_path / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no model at" in proc.stderr
+
+
+def test_tampered_manifest_is_refused(tiny_model_factory, tmp_path):
+    import json
+
+    import llmpress
+
+    out = tmp_path / "o"
+    llmpress.compress(tiny_model_factory("llama"), "rtn-w4", out=out, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]["params"]["bits"] = 3
+    (out / "config.json").write_text(json.dumps(cfg))
+    result, stderr = _run("eval", out, "--windows", "1")
+    _assert_user_error(result, stderr, r"up_proj.*shape")
+    assert torch.__version__

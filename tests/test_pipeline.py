@@ -1,0 +1,148 @@
+"""End to end on tiny random models: compress, save, reload, compare; resume; output shortcut."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llmpress
+from llmpress.compress import pipeline
+from llmpress.compress.recipe import parse_recipe
+from llmpress.layers import QuantLinear
+
+from .conftest import TINY_ARCHS
+
+
+def _gptq(bits=4, group=32, **extra):
+    return parse_recipe({"name": "t", "stages": [{"method": "gptq", "bits": bits, "group_size": group, **extra}]})
+
+
+def _logits(model, seed=0):
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _shards(folder):
+    tensors = {}
+    for f in sorted(folder.glob("model-*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_compress_save_load_gives_the_same_logits(arch, tiny_model_factory, tmp_path):
+    folder = tiny_model_factory(arch)
+    result = llmpress.compress(folder, _gptq(), out=tmp_path / "out", nsamples=4, seqlen=32,
+                               progress=False, keep_model=True)
+    n_linears = sum(isinstance(m, QuantLinear) for m in result.model.modules())
+    assert n_linears == len(result.records) > 0
+    reloaded, _ = llmpress.load(tmp_path / "out")
+    assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == n_linears
+    a, b = _logits(result.model), _logits(reloaded)
+    assert torch.isfinite(a).all()
+    assert (a - b).abs().max() <= 1e-5
+    dense, _ = llmpress.load(folder)
+    assert (a - _logits(dense)).abs().max() > 1e-4       # it really was quantized
+    for name in ("llmpress-report.json", "llmpress-report.md", "llmpress-report.png", "llmpress-recipe.yaml",
+                 "model.safetensors.index.json", "tokenizer.json"):
+        assert (tmp_path / "out" / name).exists(), name
+
+
+def test_rtn_needs_no_calibration_and_reloads(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("llama")
+    recipe = parse_recipe({"stages": [{"method": "rtn", "bits": 3, "group_size": 32}]})
+    result = llmpress.compress(folder, recipe, out=tmp_path / "o", progress=False, keep_model=True,
+                               calib="this-source-is-never-read")
+    reloaded, _ = llmpress.load(tmp_path / "o")
+    assert (_logits(result.model) - _logits(reloaded)).abs().max() <= 1e-5
+
+
+def test_residual_output_shortcut_equals_a_real_forward(tiny_model_factory, tmp_path, monkeypatch):
+    """Y' + X ΔWᵀ must give the next block the same inputs as running the compressed block."""
+    folder = tiny_model_factory("llama")
+    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "fast", nsamples=4, seqlen=32, progress=False)
+    import llmpress.api as api
+
+    original = api.arch_for
+    monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), residual_linear=None))
+    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "slow", nsamples=4, seqlen=32, progress=False)
+    fast, slow = _shards(tmp_path / "fast"), _shards(tmp_path / "slow")
+    assert fast.keys() == slow.keys()
+    for k in fast:
+        if k.endswith("qweight"):
+            # identical up to float rounding: allow a handful of codes to flip a rounding tie
+            assert (fast[k] != slow[k]).float().mean() < 0.01, k
+        elif fast[k].is_floating_point():
+            assert torch.allclose(fast[k].float(), slow[k].float(), rtol=1e-3, atol=1e-4), k
+
+
+def test_resume_after_a_crash_gives_identical_tensors(tiny_model_factory, tmp_path, monkeypatch):
+    folder = tiny_model_factory("llama")
+    recipe = _gptq(bits=3)
+    llmpress.compress(folder, recipe, out=tmp_path / "whole", nsamples=4, seqlen=32, progress=False)
+
+    real = pipeline._compress_block
+
+    def crash_on_block_2(index, *args, **kwargs):
+        if index == 2:
+            raise RuntimeError("simulated crash")
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_compress_block", crash_on_block_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        llmpress.compress(folder, recipe, out=tmp_path / "part", nsamples=4, seqlen=32, progress=False)
+    assert not (tmp_path / "part" / "config.json").exists()       # not presented as complete
+    with pytest.raises(llmpress.api.ModelLoadError, match="incomplete"):
+        llmpress.load(tmp_path / "part")
+    monkeypatch.setattr(pipeline, "_compress_block", real)
+    calls = []
+    monkeypatch.setattr(pipeline, "_compress_block", lambda i, *a, **k: calls.append(i) or real(i, *a, **k))
+    llmpress.compress(folder, recipe, out=tmp_path / "part", nsamples=4, seqlen=32, progress=False, resume=True)
+    assert calls == [2]                                            # blocks 0 and 1 were not redone
+    whole, resumed = _shards(tmp_path / "whole"), _shards(tmp_path / "part")
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+
+
+def test_resume_refuses_a_different_recipe(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("llama")
+    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "o", nsamples=4, seqlen=32, progress=False)
+    with pytest.raises(llmpress.errors.OutputError, match="another model, recipe"):
+        llmpress.compress(folder, _gptq(bits=4), out=tmp_path / "o", nsamples=4, seqlen=32, progress=False,
+                          resume=True)
+
+
+def test_non_true_sequential_and_overrides(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("qwen2")
+    recipe = parse_recipe({"stages": [{"method": "gptq", "bits": 3, "group_size": 32, "true_sequential": False,
+                                       "act_order": False, "overrides": {"down_proj": {"bits": 8}},
+                                       "ignore": [r"layers\.0\.self_attn\.q_proj"]}]})
+    result = llmpress.compress(folder, recipe, out=tmp_path / "o", nsamples=4, seqlen=32, progress=False,
+                               keep_model=True)
+    bits = {r.name: r.bits for r in result.records}
+    assert "model.layers.0.self_attn.q_proj" not in bits
+    assert bits["model.layers.1.mlp.down_proj"] == 8 and bits["model.layers.1.mlp.up_proj"] == 3
+    reloaded, _ = llmpress.load(tmp_path / "o")
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert (_logits(result.model) - _logits(reloaded)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "gemma3"])
+def test_cached_attention_output_changes_nothing(arch, tiny_model_factory, tmp_path, monkeypatch):
+    """Later stages reuse the compressed attention's output; the result must be bit-identical."""
+    folder = tiny_model_factory(arch)
+    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "cached", nsamples=4, seqlen=32, progress=False)
+    import llmpress.api as api
+
+    original = api.arch_for
+    monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), attention_output=None))
+    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "plain", nsamples=4, seqlen=32, progress=False)
+    cached, plain = _shards(tmp_path / "cached"), _shards(tmp_path / "plain")
+    assert cached.keys() == plain.keys()
+    for k in cached:
+        assert torch.equal(cached[k], plain[k]), k

@@ -1,0 +1,138 @@
+"""The pure mathematics: grid, packing, RTN and GPTQ on random matrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmpress.compress.quant.grid import fit_grid, group_count
+from llmpress.compress.quant.gptq import HessianError, gptq_quantize
+from llmpress.compress.quant.rtn import rtn_quantize
+from llmpress.kernels.packing import pack_codes, packed_words, unpack_codes
+from llmpress.layers import QuantLinear
+
+
+def _correlated(n_in=512, tokens=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n_in, n_in, generator=g) / n_in**0.5
+    return torch.randn(tokens, n_in, generator=g) @ mix + 0.1 * torch.randn(tokens, n_in, generator=g)
+
+
+def _out_err(w_hat, w, x):
+    return float(((w_hat - w) @ x.T).pow(2).sum())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("count", [1, 7, 31, 32, 33, 96, 577])
+def test_pack_unpack_exact(bits, count):
+    codes = torch.randint(0, 1 << bits, (3, count), generator=torch.Generator().manual_seed(count))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (3, packed_words(count, bits))
+    assert torch.equal(unpack_codes(packed, bits, count), codes)
+
+
+def test_pack_uses_every_bit_and_rejects_out_of_range():
+    assert packed_words(32, 3) == 3 and packed_words(64, 2) == 4 and packed_words(5, 8) == 2
+    with pytest.raises(ValueError):
+        pack_codes(torch.tensor([[8]]), 3)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_grid_contains_zero_and_dequantizes_within_half_step(sym):
+    w = torch.randn(16, 64) + 0.5
+    params = fit_grid(w, 4, sym)
+    from llmpress.compress.quant.grid import fake_quantize
+
+    assert (fake_quantize(torch.zeros(16, 1), params, 4) == 0).all()   # zero is exactly representable
+    err = (fake_quantize(w, params, 4) - w).abs()
+    # half a step, plus what rounding the scale to fp16 can add at the range's edge (7.5 steps)
+    assert (err <= params.scale.unsqueeze(1) * (0.5 + 8 * 2**-11)).all()
+    assert torch.equal(params.scale, params.scale.half().float())        # stored as fp16 without loss
+
+
+@pytest.mark.parametrize("bits,group", [(4, -1), (3, 64), (2, 64), (4, 128)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group):
+    x = _correlated()
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
+    h = 2 * x.T @ x / x.shape[0]
+    gptq = gptq_quantize(w, h, bits=bits, group_size=group, act_order=False)
+    rtn = rtn_quantize(w, bits=bits, group_size=group)
+    assert _out_err(gptq.dequantize(), w, x) < 0.8 * _out_err(rtn.dequantize(), w, x)
+
+
+def test_gptq_act_order_and_static_groups_improve_or_match_and_store_g_idx():
+    x = _correlated() * torch.linspace(0.1, 3, 512)   # channels of very different energy
+    w = torch.randn(128, 512)
+    h = 2 * x.T @ x / x.shape[0]
+    plain = gptq_quantize(w, h, bits=3, group_size=64)
+    ordered = gptq_quantize(w, h, bits=3, group_size=64, act_order=True)
+    static = gptq_quantize(w, h, bits=3, group_size=64, act_order=True, static_groups=True)
+    assert ordered.g_idx is not None and static.g_idx is None
+    # every group of act-order holds exactly group_size columns (the last may be ragged)
+    assert torch.bincount(ordered.g_idx.long()).tolist() == [64] * 8
+    assert _out_err(ordered.dequantize(), w, x) < _out_err(plain.dequantize(), w, x)
+    assert _out_err(static.dequantize(), w, x) < 1.1 * _out_err(plain.dequantize(), w, x)
+
+
+def test_gptq_with_diagonal_hessian_is_rtn_in_any_order():
+    w = torch.randn(64, 256)
+    h = torch.diag(torch.rand(256) + 0.5)
+    for act_order in (False, True):
+        assert torch.equal(gptq_quantize(w, h, bits=4, act_order=act_order).codes, rtn_quantize(w, bits=4).codes)
+    assert torch.equal(gptq_quantize(w, h, bits=3, group_size=64).codes, rtn_quantize(w, bits=3, group_size=64).codes)
+
+
+def test_gptq_per_row_is_invariant_to_block_size():
+    x = _correlated(n_in=256, tokens=2048)
+    w = torch.randn(64, 256)
+    h = 2 * x.T @ x / x.shape[0]
+    a = gptq_quantize(w, h, bits=3, block_size=128).dequantize()
+    b = gptq_quantize(w, h, bits=3, block_size=32).dequantize()
+    assert (a - b).abs().max() < 1e-3 * w.abs().max() or (a != b).float().mean() < 0.01
+
+
+def test_gptq_act_order_is_a_no_op_when_the_diagonal_is_already_sorted():
+    x = _correlated(n_in=128, tokens=2048) * torch.linspace(3, 0.5, 128)
+    x = x[:, torch.argsort(x.pow(2).sum(0), descending=True)]   # columns by falling energy
+    h = 2 * x.T @ x / x.shape[0]
+    assert (torch.diagonal(h)[:-1] > torch.diagonal(h)[1:]).all()
+    w = torch.randn(32, 128)
+    assert torch.equal(gptq_quantize(w, h, bits=4).codes, gptq_quantize(w, h, bits=4, act_order=True).codes)
+
+
+def test_singular_hessian_and_dead_inputs_do_not_crash():
+    x = torch.randn(8, 128)                  # rank 8 of 128: singular
+    x[:, 5] = 0                               # a dead input channel
+    h = 2 * x.T @ x / 8
+    w = torch.randn(32, 128)
+    q = gptq_quantize(w, h, bits=4, group_size=32)
+    assert q.metrics["dead_inputs"] == 1
+    assert torch.isfinite(q.dequantize()).all()
+    # the dead column keeps its weights on the grid instead of being zeroed
+    assert (q.dequantize()[:, 5] - w[:, 5]).abs().max() < q.scales.max()
+    with pytest.raises(HessianError):
+        gptq_quantize(w, torch.full((128, 128), float("nan")), bits=4)
+
+
+def test_ragged_last_group():
+    w = torch.randn(16, 100)
+    assert group_count(100, 64) == 2
+    q = rtn_quantize(w, bits=4, group_size=64)
+    assert q.scales.shape == (16, 2)
+    h = torch.eye(100)
+    g = gptq_quantize(w, h, bits=4, group_size=64, act_order=True)
+    assert sorted(torch.bincount(g.g_idx.long()).tolist()) == [36, 64]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_packed_layer_equals_its_dequantized_weights(bits, act_order):
+    x = _correlated(n_in=96, tokens=512)
+    w = torch.randn(40, 96)
+    bias = torch.randn(40)
+    q = gptq_quantize(w, 2 * x.T @ x, bits=bits, group_size=32, act_order=act_order)
+    layer = QuantLinear.from_quantized(q, bias, torch.float32)
+    inp = torch.randn(5, 96)
+    expected = inp @ q.dequantize().T + bias
+    assert torch.allclose(layer(inp), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.dequantize(), q.dequantize())
