@@ -51,6 +51,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def limit_heap_fragmentation(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes and more with mmap, returned to the OS on free.
+
+    glibc raises its mmap threshold after each large free, after which the ~25 MB activation
+    buffers of every calibration batch fragment the heap: peak RSS then grows by ~20 MB per block
+    (measured on SmolLM2: 1.65 GB after 20 blocks instead of a flat ~1 GB). Fixing the threshold
+    stops that. A no-op where glibc's ``mallopt`` is not available.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)   # M_MMAP_THRESHOLD; setting it disables the dynamic rule
+    except (OSError, AttributeError):
+        pass
+
+
 def batch_ranges(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
@@ -194,6 +212,7 @@ def compress_blocks(
     progress: bool = True,
 ) -> list[ModuleRecord]:
     """Run every layer-compressor stage of ``recipe`` over the decoder blocks, in order."""
+    limit_heap_fragmentation()
     blocks = blocks_of(model, arch)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     plans = [plan_block(recipe, arch, f"{arch.blocks}.{i}") for i in range(len(blocks))]

@@ -45,7 +45,7 @@ class SpilledTensors:
     inputs are 400 MB in fp32 for SmolLM2 at 128x512): RAM stays flat, disk takes the rest.
     """
 
-    def __init__(self, budget_bytes: int = 256 << 20):
+    def __init__(self, budget_bytes: int = 32 << 20):
         self.budget = budget_bytes
         self.in_memory: list[torch.Tensor] = []
         self.meta: list[tuple[int, torch.Size, torch.dtype]] = []
@@ -100,7 +100,7 @@ class InputStats:
     """
 
     def __init__(self, modules: dict[str, nn.Module], *, keep_inputs=(), stop_when_seen: bool = True,
-                 spill_budget: int = 256 << 20):
+                 spill_budget: int = 32 << 20):
         self.modules = modules
         self.keep = set(keep_inputs)
         self.stop_when_seen = stop_when_seen

@@ -1,0 +1,145 @@
+"""Quality benchmark: RTN and GPTQ on the real SmolLM2-135M, ppl[wiki/test, 2048x40].
+
+Every configuration runs in a subprocess of its own, so the peak RSS it reports is that job's
+alone; the dense model runs in the same invocation and is the baseline of the ppl ratio.
+Calibration: wiki/train, 128 windows of 512 tokens, seed 0. The reference column holds what the
+original GPTQ code (and plain RTN) gave on exactly this protocol on this machine (issue #2).
+
+    python bench/quality.py                 # all configurations, updates BENCHMARKS.md
+    python bench/quality.py --only "W3"     # a subset (substring of the name)
+    python bench/quality.py --windows 4     # a quick look (the protocol name says so)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+REFERENCE_RUN = ["act_order=false", "true_sequential=false"]   # as the original code's plain runs
+
+# (name, recipe or None for dense, --set overrides, reference ppl from issue #2 / data.md)
+CONFIGS = [
+    ("dense", None, [], 16.87),
+    ("RTN W4 per-row", "rtn-w4", [], 29.14),
+    ("RTN W4 g64", "rtn-w4-g64", [], 21.47),
+    ("RTN W3 g64", "rtn-w3-g64", [], 51.62),
+    ("RTN W2 g64", "rtn-w2-g64", [], None),
+    ("GPTQ W4 per-row", "gptq-w4", REFERENCE_RUN, 28.34),
+    ("GPTQ W4 g64", "gptq-w4-g64", REFERENCE_RUN, 21.48),
+    ("GPTQ W3 g64", "gptq-w3-g64", REFERENCE_RUN, 44.82),
+    ("GPTQ W2 g64", "gptq-w2-g64", REFERENCE_RUN, None),
+    ("GPTQ W3 g64 act-order (preset)", "gptq-w3-g64", [], 33.46),
+    ("GPTQ W4 g64 act-order (preset)", "gptq-w4-g64", [], None),
+]
+
+
+def run_one(index: int, windows: int, nsamples: int, seqlen: int) -> dict:
+    """In a fresh process: compress (timed, peak RSS read right after), then evaluate."""
+    import llmpress
+
+    name, recipe, settings, reference = CONFIGS[index]
+    result = {"name": name, "recipe": recipe, "settings": settings, "reference": reference}
+    model = "smollm2-135m"
+    if recipe is not None:
+        out = OUT / name.replace(" ", "_").replace("(", "").replace(")", "")
+        start = time.perf_counter()
+        res = llmpress.compress(model, recipe, out=out, settings=settings, nsamples=nsamples, seqlen=seqlen,
+                                overwrite=True, progress=False)
+        result["compress_s"] = time.perf_counter() - start
+        result["compress_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["bits_per_weight"] = res.summary["mean bits per weight (codes+scales+zeros)"]
+        model = out
+    m, tok = llmpress.load(model)
+    ppl = llmpress.perplexity(m, tok, "wiki/test", seqlen=2048, windows=windows)
+    result.update(ppl=ppl.ppl, protocol=ppl.protocol, eval_s=ppl.seconds)
+    return result
+
+
+def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
+    dense = next((r for r in rows if r["recipe"] is None), None)
+    protocol = rows[0]["protocol"] if rows else "ppl[wiki/test, 2048x40]"
+    lines = [
+        f"Model `smollm2-135m`; {protocol}; calibration wiki/train {nsamples}x{seqlen} seed 0; "
+        "asymmetric grids; fp32 on CPU (2 cores). Each row is its own process: time and peak RSS are "
+        "the compress job's alone (model load, calibration, solve, save).",
+        "",
+        f"| configuration | recipe and settings | {protocol} | reference | vs reference | ppl / dense | "
+        "bits/weight | compress time (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ref = r.get("reference")
+        vs = f"{(r['ppl'] / ref - 1) * 100:+.1f}%" if ref else "–"
+        ratio = f"{r['ppl'] / dense['ppl']:.3f}" if dense else "–"
+        recipe = "–" if r["recipe"] is None else f"`{r['recipe']}`" + (
+            " " + " ".join(f"`--set {s}`" for s in r["settings"]) if r["settings"] else "")
+        lines.append(
+            f"| {r['name']} | {recipe} | {r['ppl']:.2f} | {ref if ref else '–'} | {vs} | {ratio} | "
+            f"{r.get('bits_per_weight') or '–'} | {r.get('compress_s', 0):.0f} | "
+            f"{r.get('compress_rss_mb', 0):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def update_benchmarks(section: str, body: str, command: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    block = f"{start}\nCommand: `{command}` ({time.strftime('%Y-%m-%d')})\n\n{body}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None, help="run the configurations whose name contains this")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-update", action="store_true", help="print the table without editing BENCHMARKS.md")
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(run_one(args.one, args.windows, args.nsamples, args.seqlen)))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = OUT / "quality.jsonl"
+    rows = []
+    for i, (name, *_rest) in enumerate(CONFIGS):
+        if args.only and args.only not in name and name != "dense":
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", str(i), "--windows", str(args.windows),
+             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"    {row['protocol']} = {row['ppl']:.2f}  compress {row.get('compress_s', 0):.0f}s "
+              f"rss {row.get('compress_rss_mb', 0):.0f}MB", flush=True)
+    body = table(rows, args.nsamples, args.seqlen)
+    print(body)
+    if not args.no_update:
+        cmd = "python bench/quality.py" + "".join(
+            f" --{k} {v}" for k, v in (("only", args.only), ("windows", args.windows)) if v not in (None, 40))
+        update_benchmarks("quality", body, cmd)
+
+
+if __name__ == "__main__":
+    main()
