@@ -8,6 +8,6 @@
 
 __version__ = "0.1.0"
 
-from .api import CompressResult, compress, load, perplexity  # noqa: E402
+from .api import CompressResult, compress, load, perplexity
 
-__all__ = ["CompressResult", "compress", "load", "perplexity", "__version__"]
+__all__ = ["CompressResult", "__version__", "compress", "load", "perplexity"]

@@ -21,11 +21,24 @@ from .compress.recipe import Recipe, load_recipe
 from .errors import ModelLoadError
 from .eval.perplexity import PerplexityResult, perplexity
 from .io.checkpoint import (
-    RunState, _build_module, is_llmpress_output, load_compressed, module_manifest, prepare_output,
-    save_tensors_atomic, shard_name, write_manifest,
+    RunState,
+    _build_module,
+    is_llmpress_output,
+    load_compressed,
+    module_manifest,
+    prepare_output,
+    save_tensors_atomic,
+    shard_name,
+    write_manifest,
 )
 from .io.models import (
-    LazyWeights, empty_model, load_config, load_dense, load_tokenizer, resolve_model, tie_output_embeddings,
+    LazyWeights,
+    empty_model,
+    load_config,
+    load_dense,
+    load_tokenizer,
+    resolve_model,
+    tie_output_embeddings,
 )
 from .report import write_report
 
@@ -140,9 +153,9 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         materialize = store.materialize
         release = (lambda block: None) if keep_model else store.release
         if not keep_model:
-            def after_capture() -> None:
+            def after_capture(model: nn.Module = model_obj) -> None:
                 for name in (*arch.embeddings, arch.final_norm, arch.head):
-                    store.release(model_obj.get_submodule(name))
+                    store.release(model.get_submodule(name))
     else:
         # Key names differ from the skeleton's (old layouts transformers renames on load):
         # fall back to holding the whole model in memory.
@@ -247,4 +260,4 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_c
     return load_dense(folder, dtype=dtype, trust_remote_code=trust_remote_code), load_tokenizer(folder, trust_remote_code)
 
 
-__all__ = ["CompressResult", "compress", "load", "perplexity", "PerplexityResult", "ModelLoadError"]
+__all__ = ["CompressResult", "ModelLoadError", "PerplexityResult", "compress", "load", "perplexity"]

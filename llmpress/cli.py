@@ -6,10 +6,10 @@ import json
 import sys
 from functools import wraps
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from .errors import LlmpressError
@@ -28,7 +28,7 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LlmpressError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print("[bold red]error:[/] " + rich_escape(str(e)), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; a compress run continues with --resume")
@@ -47,7 +47,7 @@ def compress(
     seqlen: int = typer.Option(512, min=2, help="Tokens per calibration window."),
     seed: int = typer.Option(0, help="Seed for drawing the calibration windows."),
     batch_size: int = typer.Option(8, min=1, help="Calibration windows per forward pass."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a stage setting, e.g. --set act_order=false (repeatable)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a stage setting, e.g. --set act_order=false (repeatable)."),
     resume: bool = typer.Option(False, help="Continue a killed run in --out (same model, recipe and data)."),
     overwrite: bool = typer.Option(False, help="Replace an existing llmpress output folder."),
     ppl_windows: int = typer.Option(0, min=0, help="After compressing, measure ppl[wiki/test, 2048xN] of the dense and compressed model (0: skip)."),
@@ -72,9 +72,10 @@ def compress(
         del dense
         packed, tok = api.load(result.out)
         after = api.perplexity(packed, tok, "wiki/test", windows=ppl_windows, progress=progress)
-        out.print(f"dense      {before}")
-        out.print(f"compressed {after}")
-    out.print(f"saved to {result.out}")
+        # markup=False: rich would read "[wiki/test, 2048x8]" as a style tag and drop it
+        out.print(f"dense      {before}", markup=False, highlight=False)
+        out.print(f"compressed {after}", markup=False, highlight=False)
+    out.print(f"saved to {result.out}", markup=False, highlight=False)
 
 
 @app.command(name="eval")
@@ -83,7 +84,7 @@ def eval_(
     model: str = typer.Argument(..., help="An llmpress output folder or any dense model spec."),
     dataset: str = typer.Option("wiki/test", help="Evaluation text (same specs as --calib)."),
     seqlen: int = typer.Option(2048, min=2, help="Window length in tokens."),
-    windows: Optional[int] = typer.Option(None, min=1, help="Use the first N windows (default: all)."),
+    windows: int | None = typer.Option(None, min=1, help="Use the first N windows (default: all)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     trust_remote_code: bool = typer.Option(False),
 ) -> None:
@@ -92,7 +93,7 @@ def eval_(
 
     model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
     result = api.perplexity(model_obj, tok, dataset, seqlen=seqlen, windows=windows, progress=progress)
-    out.print(f"{result}   ({result.seconds:.0f} s)")
+    out.print(f"{result}   ({result.seconds:.0f} s)", markup=False, highlight=False)
 
 
 @app.command()

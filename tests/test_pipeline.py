@@ -65,7 +65,7 @@ def test_residual_output_shortcut_equals_a_real_forward(tiny_model_factory, tmp_
     """Y' + X ΔWᵀ must give the next block the same inputs as running the compressed block."""
     folder = tiny_model_factory("llama")
     llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "fast", nsamples=4, seqlen=32, progress=False)
-    import llmpress.api as api
+    from llmpress import api
 
     original = api.arch_for
     monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), residual_linear=None))
@@ -137,7 +137,7 @@ def test_cached_attention_output_changes_nothing(arch, tiny_model_factory, tmp_p
     """Later stages reuse the compressed attention's output; the result must be bit-identical."""
     folder = tiny_model_factory(arch)
     llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "cached", nsamples=4, seqlen=32, progress=False)
-    import llmpress.api as api
+    from llmpress import api
 
     original = api.arch_for
     monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), attention_output=None))

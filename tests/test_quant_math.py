@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmpress.compress.quant.grid import fit_grid, group_count
 from llmpress.compress.quant.gptq import HessianError, gptq_quantize
+from llmpress.compress.quant.grid import fit_grid, group_count
 from llmpress.compress.quant.rtn import rtn_quantize
 from llmpress.kernels.packing import pack_codes, packed_words, unpack_codes
 from llmpress.layers import QuantLinear

@@ -13,6 +13,7 @@ Records are joined with ``"\\n\\n"``.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import re
 from pathlib import Path
@@ -174,7 +175,7 @@ def tokenize_chunked(tokenizer, text: str, chunk_chars: int = 50_000) -> torch.T
     token (checked on every built-in corpus for SmolLM2's); others may differ at the cuts, which
     calibration tolerates and the perplexity protocol, which tokenizes once, never sees."""
     cuts = _paragraph_cuts(text, chunk_chars)
-    parts = [tokenize(tokenizer, text[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    parts = [tokenize(tokenizer, text[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 

@@ -12,7 +12,9 @@
    with that linear replaced by a zero-output recorder, which yields ``h`` (the residual stream
    without it) and its inputs ``X``; the exact outputs are ``h + X Ŵᵀ + b``: one matmul instead of
    another pass through the block. Compressed linears run as dense proxies holding their
-   dequantized weights during calibration (the same function, dequantized once).
+   dequantized weights during calibration (the same function, dequantized once), and once the
+   attention's output linear is compressed, later stages reuse the attention's output instead of
+   recomputing it (checked bit for bit on the first batch of every stage).
 4. Write the block's tensors as one shard and the run state (resume point), then free it.
 
 Hidden states live in one fp32 tensor ``[n, seqlen, hidden]`` that is updated in place.
@@ -23,7 +25,6 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -162,8 +163,8 @@ class Progress:
         self.enabled = enabled
         self._bar = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
-            from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
                 TextColumn("[bold]compress"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -247,6 +248,11 @@ def compress_blocks(
             )
             if need_outputs and not outputs_done:   # a block with nothing to compress
                 run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
+            if need_outputs and not torch.isfinite(hidden).all():
+                raise LlmpressError(
+                    f"block {i} of the compressed model produced NaN/Inf activations on the calibration "
+                    "data; try more bits, a smaller group_size or a larger damp"
+                )
             io.on_block_done(i, block, prefix, modules, block_records)
             io.release(block)
             records.extend(block_records)
@@ -358,7 +364,11 @@ def _compress_block(
                 watched[name] = _ZeroOutput(out_features)
                 set_submodule(block, name, watched[name])
             keep = watched if (residual or cache_attention) else ()
-            with InputStats(watched, keep_inputs=keep, stop_when_seen=not residual) as stats:
+            # o_proj's inputs are used right after its stage, before the attention cache or
+            # down_proj's inputs exist: RAM holds them without raising the peak. down_proj's
+            # inputs coexist with the attention cache: they go to disk.
+            budget = (1 << 40) if cache_attention else (32 << 20)
+            with InputStats(watched, keep_inputs=keep, stop_when_seen=not residual, spill_budget=budget) as stats:
                 run(stats=stats, write_outputs=residual)
             if residual:
                 set_submodule(block, name, original)

@@ -12,7 +12,7 @@ import difflib
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,7 +106,7 @@ class GPTQStage(UniformQuantStage):
     block_size: int = Field(128, ge=1)
 
 
-Stage = Annotated[Union[RTNStage, GPTQStage], Field(discriminator="method")]
+Stage = Annotated[RTNStage | GPTQStage, Field(discriminator="method")]
 STAGE_TYPES: dict[str, type[StageBase]] = {"rtn": RTNStage, "gptq": GPTQStage}
 
 

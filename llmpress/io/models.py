@@ -184,7 +184,7 @@ class LazyWeights:
             for name in files:   # parsing every header here makes a truncated shard fail early
                 with _open_safetensors(folder / name, safe_open) as f:
                     if not index_file.exists():
-                        weight_map.update({k: name for k in f.keys()})
+                        weight_map.update({k: name for k in f.keys()})  # noqa: SIM118 (a safetensors handle)
         self.weight_map: dict[str, str] = weight_map
 
     def has_all(self, names) -> bool:
