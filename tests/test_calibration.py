@@ -66,3 +66,15 @@ def test_chunked_tokenization_equals_one_pass_on_the_builtin_corpora(smol_tokeni
     for name in ("wiki/train", "wiki/test", "news"):
         text = load_text(name)
         assert torch.equal(tokenize_chunked(smol_tokenizer, text), tokenize(smol_tokenizer, text)), name
+
+
+def test_local_datasets_folder(tmp_path):
+    import datasets
+
+    folder = tmp_path / "ds"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["first record " * 20, "second " * 20], "body": ["x", "y"]}),
+        "test": datasets.Dataset.from_dict({"text": ["held out"], "body": ["z"]}),
+    }).save_to_disk(str(folder))
+    assert load_text(str(folder)) == "first record " * 20 + "\n\n" + "second " * 20   # the train split
+    assert load_text(f"{folder}:body") == "x\n\ny"

@@ -127,3 +127,9 @@ def test_tampered_manifest_is_refused(tiny_model_factory, tmp_path):
     result, stderr = _run("eval", out, "--windows", "1")
     _assert_user_error(result, stderr, r"up_proj.*shape")
     assert torch.__version__
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result, stderr = _run("eval", "no-such-org/no-such-model", "--windows", "1")
+    _assert_user_error(result, stderr, r"cannot fetch 'no-such-org/no-such-model' from the Hugging Face Hub")

@@ -136,3 +136,23 @@ def test_packed_layer_equals_its_dequantized_weights(bits, act_order):
     expected = inp @ q.dequantize().T + bias
     assert torch.allclose(layer(inp), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(layer.dequantize(), q.dequantize())
+
+
+def test_damping_rises_until_the_cholesky_succeeds():
+    h = torch.eye(64)
+    h[0, 1] = h[1, 0] = 1.03          # eigenvalue -0.03: damping 0.01 and 0.02 are not enough
+    w = torch.randn(8, 64)
+    q = gptq_quantize(w, h, bits=4, damp=0.01)
+    assert 0.03 < q.metrics["damp"] <= 0.05
+    assert torch.isfinite(q.dequantize()).all()
+
+
+def test_mse_range_search_lowers_the_grid_error():
+    from llmpress.compress.quant.grid import fake_quantize
+
+    w = torch.randn(64, 256)
+    w[:, 0] = 12.0                     # one outlier per row stretches the min-max range
+    plain, searched = fit_grid(w, 3, sym=False), fit_grid(w, 3, sym=False, mse=True)
+    err = lambda p: (fake_quantize(w, p, 3) - w).abs().pow(2.4).sum()  # noqa: E731
+    assert err(searched) < 0.9 * err(plain)
+    assert (searched.scale <= plain.scale + 1e-6).all()   # the search only ever shrinks the range

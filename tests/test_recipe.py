@@ -72,3 +72,8 @@ def test_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(str(path))
     assert isinstance(Recipe.model_validate({"stages": [{"method": "rtn", "bits": 2}]}), Recipe)
+
+
+def test_settings_are_named_in_the_recipe_name():
+    assert load_recipe("gptq-w4", ["group_size=32"]).name == "gptq-w4 [group_size=32]"
+    assert load_recipe("gptq-w4").name == "gptq-w4"

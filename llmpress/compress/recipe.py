@@ -212,4 +212,6 @@ def load_recipe(name_or_path: str, settings: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
     if isinstance(data, dict):
         data = apply_settings(data, settings)
+        if settings:   # the name says what was run: "gptq-w4 [group_size=32]"
+            data["name"] = f"{data.get('name', path.stem)} [{', '.join(settings)}]"
     return parse_recipe(data, source)
