@@ -10,6 +10,10 @@ import torch
 
 # Tests share the converted model and built corpora through one cache across processes.
 os.environ.setdefault("LLMPRESS_CACHE", str(Path.home() / ".cache" / "llmpress"))
+# Under pytest-xdist every worker gets one thread: two workers of two threads on two cores only
+# thrash.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def _tiny_config(arch: str):

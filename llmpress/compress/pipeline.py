@@ -22,6 +22,7 @@ Hidden states live in one fp32 tensor ``[n, seqlen, hidden]`` that is updated in
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ..errors import LlmpressError
 from .arch import ArchMap, blocks_of, set_submodule
 from .compressors import compress_linear
 from .recipe import Recipe, StageBase
-from .stats import InputStats, StopForward
+from .stats import InputStats, SpillArena, StopForward
 
 
 @dataclass
@@ -228,7 +229,7 @@ def compress_blocks(
     records: list[ModuleRecord] = []
     last_data_block = max((i for i, p in enumerate(plans) if p.needs_data), default=-1)
 
-    with Progress(len(blocks), progress) as bar:
+    with Progress(len(blocks), progress) as bar, contextlib.closing(SpillArena()) as arena:
         for i, block in enumerate(blocks):
             prefix = f"{arch.blocks}.{i}"
             plan = plans[i]
@@ -244,7 +245,7 @@ def compress_blocks(
             io.materialize(block, prefix)
             block_records, modules, outputs_done = _compress_block(
                 i, block, prefix, plan, arch, hidden, kwargs[i] if kwargs else None, batch_size, dtype, bar,
-                need_outputs,
+                need_outputs, arena,
             )
             if need_outputs and not outputs_done:   # a block with nothing to compress
                 run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
@@ -318,7 +319,7 @@ def _dense_proxy(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
 
 def _compress_block(
     index: int, block: nn.Module, prefix: str, plan: BlockPlan, arch: ArchMap, hidden, kwargs,
-    batch_size: int, dtype: torch.dtype, bar: Progress, need_outputs: bool,
+    batch_size: int, dtype: torch.dtype, bar: Progress, need_outputs: bool, arena: SpillArena | None = None,
 ) -> tuple[list[ModuleRecord], dict[str, nn.Module], bool]:
     records, modules = [], {}
     outputs_done = False
@@ -368,7 +369,8 @@ def _compress_block(
             # down_proj's inputs exist: RAM holds them without raising the peak. down_proj's
             # inputs coexist with the attention cache: they go to disk.
             budget = (1 << 40) if cache_attention else (32 << 20)
-            with InputStats(watched, keep_inputs=keep, stop_when_seen=not residual, spill_budget=budget) as stats:
+            with InputStats(watched, keep_inputs=keep, stop_when_seen=not residual, spill_budget=budget,
+                            spill_arena=arena) as stats:
                 run(stats=stats, write_outputs=residual)
             if residual:
                 set_submodule(block, name, original)

@@ -67,7 +67,13 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Path:
         model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # Another process (a parallel test worker, a second CLI) finished first: use its copy.
+            if not dest.joinpath("config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ModelLoadError):

@@ -91,7 +91,11 @@ def gptq_quantize(
     U, used_damp = damped_inverse_cholesky(H, damp)
     del H
 
-    codes = torch.zeros(rows, cols)
+    # Work on Wᵀ so that a column of W is a contiguous row: the per-column rank-1 updates then
+    # run on contiguous memory (about 3x faster on CPU than on strided column slices).
+    Wt = W.T.contiguous()
+    del W
+    codes_t = torch.zeros(cols, rows)
     scales = torch.zeros(rows, n_groups)
     zeros = torch.zeros(rows, n_groups)
     position_group = torch.zeros(cols, dtype=torch.int64)   # group of each processed position
@@ -106,7 +110,7 @@ def gptq_quantize(
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()                      # [count, rows]: row i is column i1+i of W
         err_block = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         diag = torch.diagonal(U1).tolist()
@@ -118,17 +122,19 @@ def gptq_quantize(
                     params = static[g]
                 elif j % group_size == 0:
                     g = j // group_size
-                    params = fit_grid(W[:, j:j + group_size], bits, sym, mse)
+                    # fitted on the outer, lazily updated weights (reference behaviour, see above)
+                    params = fit_grid(Wt[j:j + group_size].T, bits, sym, mse)
                     scales[:, g], zeros[:, g] = params.scale, params.zero
                 position_group[j] = g
-            w = W1[:, i]
+            w = W1[i]
             q = quantize_codes(w, params, bits)
-            codes[:, j] = q
+            codes_t[j] = q
             err = (w - dequantize_codes(q, params)) / diag[i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            err_block[:, i] = err
+            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
+            err_block[i] = err
         loss += float(err_block.double().pow(2).sum()) / 2
-        W[:, i2:].addmm_(err_block, U[i1:i2, i2:], alpha=-1.0)
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, err_block, alpha=-1.0)
+    codes = codes_t.T
 
     g_idx = None
     if perm is not None:

@@ -1,0 +1,63 @@
+"""Statistics hooks: exact Hessians, shared inputs, early stop, spilled inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from llmpress.compress.stats import InputStats, SpillArena, SpilledTensors, StopForward, gram_update, symmetrize
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 8), nn.Linear(16, 8)
+        self.c = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.c(self.a(x) * self.b(x))
+
+
+def test_gram_update_is_the_symmetric_product():
+    x = torch.randn(300, 24)
+    acc = torch.zeros(24, 24)
+    gram_update(acc, x[:100].contiguous())
+    gram_update(acc, x[100:].contiguous())
+    assert torch.allclose(symmetrize(acc), x.T @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_shared_inputs_share_one_hessian_and_the_forward_stops_early():
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    batches = [torch.randn(5, 16) for _ in range(3)]
+    c_runs = []
+    model.c.register_forward_pre_hook(lambda m, a: c_runs.append(1))
+    with InputStats({"a": model.a, "b": model.b}) as stats:
+        for x in batches:
+            stats.begin_batch()
+            with pytest.raises(StopForward):
+                model(x)
+    h = stats.hessians()
+    x = torch.cat(batches)
+    assert torch.allclose(h["a"], 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)
+    assert h["a"] is h["b"] and stats.owner == {"a": "a", "b": "a"}
+    assert not c_runs                                    # nothing after the watched linears ran
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_spilled_tensors_round_trip_and_the_arena_is_reused(budget):
+    arena = SpillArena()
+    for _round in range(2):
+        kept = SpilledTensors(budget, arena)
+        tensors = [torch.randn(3, 7, 5) for _ in range(4)] + [torch.arange(6, dtype=torch.float32)]
+        for t in tensors:
+            kept.append(t)
+        assert len(kept) == 5 and all(torch.equal(kept[i], t) for i, t in enumerate(tensors))
+        assert (kept.file is not None) == (budget == 0)
+        other = SpilledTensors(0, arena)                 # the arena is busy: a file of its own
+        other.append(torch.ones(2))
+        assert torch.equal(other[0], torch.ones(2)) and (budget != 0 or other._own_file)
+        other.close()
+        kept.close()
+    arena.close()
