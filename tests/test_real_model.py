@@ -26,15 +26,19 @@ def _compressed_ppl(real_model_folder, recipe, out, **settings):
     return llmpress.perplexity(model, tok, "wiki/test", windows=WINDOWS), result
 
 
-def test_gptq_w3_beats_rtn_w3_and_w4_stays_close_to_dense(real_model_folder, dense_ppl, tmp_path):
+def test_gptq_w3_beats_rtn_w3(real_model_folder, tmp_path):
     rtn3, _ = _compressed_ppl(real_model_folder, "rtn-w3-g64", tmp_path / "rtn3")
     gptq3, _ = _compressed_ppl(real_model_folder, "gptq-w3-g64", tmp_path / "gptq3")
-    gptq4, result = _compressed_ppl(real_model_folder, "gptq-w4-g64", tmp_path / "gptq4")
     assert gptq3.ppl < 0.9 * rtn3.ppl, f"{gptq3} vs RTN {rtn3}"
+
+
+def test_gptq_w4_stays_close_to_dense(real_model_folder, dense_ppl, tmp_path):
+    gptq4, result = _compressed_ppl(real_model_folder, "gptq-w4-g64", tmp_path / "gptq4")
     # At 4 bits with groups of 64, 16x256 calibration: within 35% of the dense model (40 windows
     # with 128x512 calibration gives +27%, see BENCHMARKS.md).
     assert dense_ppl.ppl < gptq4.ppl < 1.35 * dense_ppl.ppl, f"{gptq4} vs dense {dense_ppl}"
-    # The stored format is what was promised: 4-bit codes + fp16 scales + 4-bit zeros per 64.
+    # The stored format is what was promised: 4-bit codes + fp16 scales + 4-bit zeros per 64,
+    # plus act-order's g_idx (32 bits per input column).
     assert abs(result.summary["mean bits per weight (codes+scales+zeros)"] - (4 + 20 / 64)) < 0.2
 
 
