@@ -22,7 +22,7 @@ from .errors import ModelLoadError
 from .eval.perplexity import PerplexityResult, perplexity
 from .io.checkpoint import (
     RunState,
-    _build_module,
+    build_module,
     is_llmpress_output,
     load_compressed,
     module_manifest,
@@ -174,7 +174,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
 
     def load_finished(index: int, block: nn.Module, prefix: str, entry: dict) -> None:
         for name, spec in entry["modules"].items():
-            set_submodule(block, name, _build_module(f"{prefix}.{name}", spec, torch.float32))
+            set_submodule(block, name, build_module(f"{prefix}.{name}", spec, torch.float32))
         shard = shard_name(index, total_shards)
         LazyWeights(out, weight_map={f"{prefix}.{k}": shard for k in block.state_dict()}).materialize(block, prefix)
 

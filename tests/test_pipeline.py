@@ -61,17 +61,22 @@ def test_rtn_needs_no_calibration_and_reloads(tiny_model_factory, tmp_path):
     assert (_logits(result.model) - _logits(reloaded)).abs().max() <= 1e-5
 
 
-def test_residual_output_shortcut_equals_a_real_forward(tiny_model_factory, tmp_path, monkeypatch):
-    """Y' + X ΔWᵀ must give the next block the same inputs as running the compressed block."""
-    folder = tiny_model_factory("llama")
-    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "fast", nsamples=4, seqlen=32, progress=False)
+def _with_and_without(folder, tmp_path, monkeypatch, **arch_changes):
+    """Shards of a GPTQ W3 run as shipped, and of one with the architecture map changed."""
+    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "default", nsamples=4, seqlen=32, progress=False)
     from llmpress import api
 
     original = api.arch_for
-    monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), residual_linear=None))
-    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "slow", nsamples=4, seqlen=32, progress=False)
-    fast, slow = _shards(tmp_path / "fast"), _shards(tmp_path / "slow")
-    assert fast.keys() == slow.keys()
+    monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), **arch_changes))
+    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "changed", nsamples=4, seqlen=32, progress=False)
+    default, changed = _shards(tmp_path / "default"), _shards(tmp_path / "changed")
+    assert default.keys() == changed.keys()
+    return default, changed
+
+
+def test_residual_output_shortcut_equals_a_real_forward(tiny_model_factory, tmp_path, monkeypatch):
+    """h + X Ŵᵀ + b must give the next block the same inputs as running the compressed block."""
+    fast, slow = _with_and_without(tiny_model_factory("llama"), tmp_path, monkeypatch, residual_linear=None)
     for k in fast:
         if k.endswith("qweight"):
             # identical up to float rounding: allow a handful of codes to flip a rounding tie
@@ -135,14 +140,6 @@ def test_non_true_sequential_and_overrides(tiny_model_factory, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "gemma3"])
 def test_cached_attention_output_changes_nothing(arch, tiny_model_factory, tmp_path, monkeypatch):
     """Later stages reuse the compressed attention's output; the result must be bit-identical."""
-    folder = tiny_model_factory(arch)
-    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "cached", nsamples=4, seqlen=32, progress=False)
-    from llmpress import api
-
-    original = api.arch_for
-    monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), attention_output=None))
-    llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "plain", nsamples=4, seqlen=32, progress=False)
-    cached, plain = _shards(tmp_path / "cached"), _shards(tmp_path / "plain")
-    assert cached.keys() == plain.keys()
+    cached, plain = _with_and_without(tiny_model_factory(arch), tmp_path, monkeypatch, attention_output=None)
     for k in cached:
         assert torch.equal(cached[k], plain[k]), k

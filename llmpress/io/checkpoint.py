@@ -171,7 +171,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _build_module(name: str, entry: Any, dtype: torch.dtype) -> nn.Module:
+def build_module(name: str, entry: Any, dtype: torch.dtype) -> nn.Module:
     if not isinstance(entry, dict) or entry.get("format") not in LAYER_FORMATS or not isinstance(entry.get("params"), dict):
         raise ModelLoadError(f"manifest entry for {name} is malformed or names an unknown format")
     try:
@@ -191,7 +191,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
             model.get_submodule(name)
         except AttributeError:
             raise ModelLoadError(f"manifest names module {name}, which this architecture does not have") from None
-        set_submodule(model, name, _build_module(name, entry, dtype))
+        set_submodule(model, name, build_module(name, entry, dtype))
     store = LazyWeights(folder, dtype=dtype)
     expected = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
