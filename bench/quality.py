@@ -108,6 +108,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-update", action="store_true", help="print the table without editing BENCHMARKS.md")
+    ap.add_argument("--skip-dense", action="store_true", help="do not run the dense baseline again")
+    ap.add_argument("--from-log", action="store_true",
+                    help="only rebuild the table from bench/out/quality.jsonl (the latest row of each name)")
     args = ap.parse_args()
     if args.one is not None:
         print(json.dumps(run_one(args.one, args.windows, args.nsamples, args.seqlen)))
@@ -116,7 +119,11 @@ def main() -> None:
     log = OUT / "quality.jsonl"
     rows = []
     for i, (name, *_rest) in enumerate(CONFIGS):
+        if args.from_log:
+            break
         if args.only and args.only not in name and name != "dense":
+            continue
+        if args.skip_dense and name == "dense":
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         proc = subprocess.run(
@@ -133,6 +140,13 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(f"    {row['protocol']} = {row['ppl']:.2f}  compress {row.get('compress_s', 0):.0f}s "
               f"rss {row.get('compress_rss_mb', 0):.0f}MB", flush=True)
+    if args.from_log:
+        latest = {}
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            latest[row["name"]] = row
+        order = [c[0] for c in CONFIGS]
+        rows = sorted(latest.values(), key=lambda r: order.index(r["name"]))
     body = table(rows, args.nsamples, args.seqlen)
     print(body)
     if not args.no_update:
