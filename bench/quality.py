@@ -6,7 +6,8 @@ Calibration: wiki/train, 128 windows of 512 tokens, seed 0. The reference column
 original GPTQ code (and plain RTN) gave on exactly this protocol on this machine (issue #2).
 
     python bench/quality.py                 # all configurations, updates BENCHMARKS.md
-    python bench/quality.py --only "W3"     # a subset (substring of the name)
+    python bench/quality.py --only "W3"     # a subset (a regex searched in the name)
+    python bench/quality.py --suite residual   # GPTQ vs GPTAQ vs ResComp (issue #4)
     python bench/quality.py --windows 4     # a quick look (the protocol name says so)
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -25,7 +27,7 @@ OUT = ROOT / "bench" / "out"
 REFERENCE_RUN = ["act_order=false", "true_sequential=false"]   # as the original code's plain runs
 
 # (name, recipe or None for dense, --set overrides, reference ppl from issue #2 / data.md)
-CONFIGS = [
+FOUNDATION = [
     ("dense", None, [], 16.87),
     ("RTN W4 per-row", "rtn-w4", [], 29.14),
     ("RTN W4 g64", "rtn-w4-g64", [], 21.47),
@@ -39,16 +41,33 @@ CONFIGS = [
     ("GPTQ W4 g64 act-order (preset)", "gptq-w4-g64", [], None),
 ]
 
+# Issue #4: GPTQ vs GPTAQ vs GPTAQ+ResComp, all act-order + true-sequential (the presets), in the
+# order they are worth running: the bars are at W3 and W2.
+RESIDUAL = []
+for _bits in (3, 2, 4):
+    RESIDUAL += [
+        (f"GPTQ W{_bits} g64", f"gptq-w{_bits}-g64", [], None),
+        (f"GPTAQ W{_bits} g64 a=0.25", f"gptaq-w{_bits}-g64", [], None),
+        (f"ResComp W{_bits} g64 a=0.25", f"rescomp-w{_bits}-g64", [], None),
+        (f"ResComp[delta] W{_bits} g64 a=0.25", f"rescomp-w{_bits}-g64", ["rescomp_form=delta"], None),
+        (f"GPTAQ W{_bits} g64 a=1", f"gptaq-w{_bits}-g64", ["alpha=1.0"], None),
+        (f"ResComp W{_bits} g64 a=1", f"rescomp-w{_bits}-g64", ["alpha=1.0", "alpha2=1.0"], None),
+        (f"ResComp[delta] W{_bits} g64 a=1", f"rescomp-w{_bits}-g64",
+         ["rescomp_form=delta", "alpha=1.0", "alpha2=1.0"], None),
+    ]
 
-def run_one(index: int, windows: int, nsamples: int, seqlen: int) -> dict:
+SUITES = {"quality": FOUNDATION, "residual": RESIDUAL}
+
+
+def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) -> dict:
     """In a fresh process: compress (timed, peak RSS read right after), then evaluate."""
     import llmpress
 
-    name, recipe, settings, reference = CONFIGS[index]
+    name, recipe, settings, reference = SUITES[suite][index]
     result = {"name": name, "recipe": recipe, "settings": settings, "reference": reference}
     model = "smollm2-135m"
     if recipe is not None:
-        out = OUT / name.replace(" ", "_").replace("(", "").replace(")", "")
+        out = OUT / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
         start = time.perf_counter()
         res = llmpress.compress(model, recipe, out=out, settings=settings, nsamples=nsamples, seqlen=seqlen,
                                 overwrite=True, progress=False)
@@ -102,7 +121,9 @@ def update_benchmarks(section: str, body: str, command: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=None, help="run the configurations whose name contains this")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="quality",
+                    help="quality: RTN and GPTQ (issue #2); residual: GPTQ vs GPTAQ vs ResComp (issue #4)")
+    ap.add_argument("--only", default=None, help="run the configurations whose name this regex searches")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -113,21 +134,22 @@ def main() -> None:
                     help="only rebuild the table from bench/out/quality.jsonl (the latest row of each name)")
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(run_one(args.one, args.windows, args.nsamples, args.seqlen)))
+        print(json.dumps(run_one(args.suite, args.one, args.windows, args.nsamples, args.seqlen)))
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    log = OUT / "quality.jsonl"
+    configs = SUITES[args.suite]
+    log = OUT / f"{args.suite}.jsonl"
     rows = []
-    for i, (name, *_rest) in enumerate(CONFIGS):
+    for i, (name, *_rest) in enumerate(configs):
         if args.from_log:
             break
-        if args.only and args.only not in name and name != "dense":
+        if args.only and not re.search(args.only, name) and name != "dense":
             continue
         if args.skip_dense and name == "dense":
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         proc = subprocess.run(
-            [sys.executable, __file__, "--one", str(i), "--windows", str(args.windows),
+            [sys.executable, __file__, "--suite", args.suite, "--one", str(i), "--windows", str(args.windows),
              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)],
             capture_output=True, text=True,
         )
@@ -145,14 +167,28 @@ def main() -> None:
         for line in log.read_text().splitlines():
             row = json.loads(line)
             latest[row["name"]] = row
-        order = [c[0] for c in CONFIGS]
-        rows = sorted(latest.values(), key=lambda r: order.index(r["name"]))
+        order = [c[0] for c in configs]
+        rows = sorted((r for r in latest.values() if r["name"] in order), key=lambda r: order.index(r["name"]))
+    if not any(r["recipe"] is None for r in rows):   # the dense baseline of the ratio column
+        dense = _latest_dense()
+        if dense is not None:
+            rows.insert(0, dense)
     body = table(rows, args.nsamples, args.seqlen)
     print(body)
     if not args.no_update:
         cmd = "python bench/quality.py" + "".join(
-            f" --{k} {v}" for k, v in (("only", args.only), ("windows", args.windows)) if v not in (None, 40))
-        update_benchmarks("quality", body, cmd)
+            f" --{k} {v}" for k, v in (("suite", args.suite), ("only", args.only), ("windows", args.windows))
+            if v not in (None, 40, "quality"))
+        update_benchmarks(args.suite, body, cmd)
+
+
+def _latest_dense() -> dict | None:
+    for log in sorted(OUT.glob("*.jsonl")):
+        for line in reversed(log.read_text().splitlines()):
+            row = json.loads(line)
+            if row["recipe"] is None:
+                return row
+    return None
 
 
 if __name__ == "__main__":

@@ -55,9 +55,12 @@ def test_spilled_tensors_round_trip_and_the_arena_is_reused(budget):
             kept.append(t)
         assert len(kept) == 5 and all(torch.equal(kept[i], t) for i, t in enumerate(tensors))
         assert (kept.file is not None) == (budget == 0)
-        other = SpilledTensors(0, arena)                 # the arena is busy: a file of its own
+        other = SpilledTensors(0, arena)                 # a second spill alive at once: another file
         other.append(torch.ones(2))
-        assert torch.equal(other[0], torch.ones(2)) and (budget != 0 or other._own_file)
+        assert torch.equal(other[0], torch.ones(2)) and other.file is not kept.file
+        files = {id(f) for f in (other.file, kept.file) if f is not None}
         other.close()
         kept.close()
+    assert len(arena._all) == (1 if budget else 2)     # the second round reused the first's files
+    assert files <= {id(f) for f in arena._all}
     arena.close()

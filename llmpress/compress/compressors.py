@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..layers import QuantLinear
-from .quant.gptq import gptq_quantize
+from .quant.gptq import Residual, gptq_quantize
 from .quant.result import QuantizedWeight
 from .quant.rtn import rtn_quantize
 from .recipe import GPTQStage, RTNStage, StageBase
@@ -19,10 +19,19 @@ def _rtn(stage: RTNStage, weight: torch.Tensor, stats: dict) -> QuantizedWeight:
 
 
 def _gptq(stage: GPTQStage, weight: torch.Tensor, stats: dict) -> QuantizedWeight:
+    residual = None
+    if stage.residual != "none":
+        mode = stage.rescomp_mode
+        if mode == "auto":   # ResComp's rule: its 'allw' mode can diverge at 2 bits
+            mode = "org" if stage.bits == 2 else "allw"
+        residual = Residual(
+            stats["cross"], alpha=stage.alpha, rescomp=stage.residual == "rescomp", alpha2=stage.alpha2,
+            form=stage.rescomp_form, mode=mode,
+        )
     return gptq_quantize(
         weight, stats["hessian"], bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
         mse=stage.mse, act_order=stage.act_order, static_groups=stage.static_groups,
-        damp=stage.damp, block_size=stage.block_size,
+        damp=stage.damp, block_size=stage.block_size, residual=residual,
     )
 
 
@@ -58,5 +67,7 @@ def compress_linear(
     metrics["weight_error"] = float(delta.norm() / weight.norm()) if weight.norm() > 0 else 0.0
     if "hessian" in stats:
         metrics["output_error"] = output_error(delta, weight, stats["hessian"])
+    if "input_drift" in stats:
+        metrics["input_drift"] = stats["input_drift"]
     metrics["bits_per_weight"] = module.stored_bits() / weight.numel()
     return module, metrics

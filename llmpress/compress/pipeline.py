@@ -35,7 +35,7 @@ from ..errors import LlmpressError
 from .arch import ArchMap, blocks_of, set_submodule
 from .compressors import compress_linear
 from .recipe import Recipe, StageBase
-from .stats import InputStats, SpillArena, StopForward
+from .stats import InputRecorder, InputStats, SpillArena, StopForward
 
 
 @dataclass
@@ -145,6 +145,33 @@ class BlockPlan:
     def needs_data(self) -> bool:
         return any(s is not None and s.needs for s in self.assignment.values())
 
+    @property
+    def fp_linears(self) -> list[str]:
+        """Linears whose inputs in the full-precision model are recorded: all that calibrate, as
+        soon as one compressor needs them (a linear sharing its input with it may come first)."""
+        if not any(s is not None and "fp_inputs" in s.needs for s in self.assignment.values()):
+            return []
+        return [n for n, s in self.assignment.items() if s is not None and s.needs]
+
+
+@torch.no_grad()
+def record_fp_inputs(
+    block: nn.Module, fp_hidden: torch.Tensor, kwargs, batch_size: int, linears: list[str],
+    arena: SpillArena, write_outputs: bool,
+) -> InputRecorder | None:
+    """Run the still-original block on the full-precision stream: keep the inputs of ``linears``
+    (once per distinct input) and, with ``write_outputs``, advance the stream in place."""
+    recorder = InputRecorder({n: block.get_submodule(n) for n in linears}, spill_arena=arena) if linears else None
+    with recorder if recorder is not None else contextlib.nullcontext():
+        for b, (s, e) in enumerate(batch_ranges(fp_hidden.shape[0], batch_size)):
+            if recorder is not None:
+                recorder.begin_batch()
+            args, kw = kwargs[b]
+            out = block(fp_hidden[s:e], *args, **kw)
+            if write_outputs:
+                fp_hidden[s:e] = (out[0] if isinstance(out, tuple) else out).to(fp_hidden.dtype)
+    return recorder
+
 
 def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
     assignment: dict[str, StageBase | None] = {}
@@ -228,13 +255,19 @@ def compress_blocks(
         io.after_capture()
     records: list[ModuleRecord] = []
     last_data_block = max((i for i, p in enumerate(plans) if p.needs_data), default=-1)
+    # GPTAQ-style stages also need the full-precision model's stream: one more copy of the
+    # hidden states, advanced by each original block before it is compressed.
+    last_fp_block = max((i for i, p in enumerate(plans) if p.fp_linears), default=-1)
+    fp_hidden = hidden.clone() if last_fp_block >= 0 else None
 
     with Progress(len(blocks), progress) as bar, contextlib.closing(SpillArena()) as arena:
         for i, block in enumerate(blocks):
             prefix = f"{arch.blocks}.{i}"
             plan = plans[i]
             need_outputs = data_needed and i < last_data_block
-            if i in io.finished:
+            fp_linears = plan.fp_linears if i not in io.finished else []
+            advance_fp = fp_hidden is not None and i < last_fp_block
+            if i in io.finished and not advance_fp:
                 bar.describe(f"block {i + 1}/{len(blocks)} · resumed")
                 io.load_finished(i, block, prefix, io.finished[i])
                 if need_outputs:
@@ -243,10 +276,26 @@ def compress_blocks(
                 bar.advance()
                 continue
             io.materialize(block, prefix)
-            block_records, modules, outputs_done = _compress_block(
-                i, block, prefix, plan, arch, hidden, kwargs[i] if kwargs else None, batch_size, dtype, bar,
-                need_outputs, arena,
-            )
+            reference = None
+            if fp_linears or advance_fp:
+                bar.describe(f"block {i + 1} · full-precision stream")
+                reference = record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, fp_linears, arena, advance_fp)
+            if i in io.finished:   # resumed, after its original weights advanced the fp stream
+                bar.describe(f"block {i + 1}/{len(blocks)} · resumed")
+                io.load_finished(i, block, prefix, io.finished[i])
+                if need_outputs:
+                    run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
+                io.release(block)
+                bar.advance()
+                continue
+            try:
+                block_records, modules, outputs_done = _compress_block(
+                    i, block, prefix, plan, arch, hidden, kwargs[i] if kwargs else None, batch_size, dtype, bar,
+                    need_outputs, arena, reference,
+                )
+            finally:
+                if reference is not None:
+                    reference.close()
             if need_outputs and not outputs_done:   # a block with nothing to compress
                 run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
             if need_outputs and not torch.isfinite(hidden).all():
@@ -320,6 +369,7 @@ def _dense_proxy(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
 def _compress_block(
     index: int, block: nn.Module, prefix: str, plan: BlockPlan, arch: ArchMap, hidden, kwargs,
     batch_size: int, dtype: torch.dtype, bar: Progress, need_outputs: bool, arena: SpillArena | None = None,
+    reference: InputRecorder | None = None,
 ) -> tuple[list[ModuleRecord], dict[str, nn.Module], bool]:
     records, modules = [], {}
     outputs_done = False
@@ -348,6 +398,8 @@ def _compress_block(
             continue
         data_members = [n for n in members if plan.assignment[n].needs]
         hessians: dict[str, torch.Tensor] = {}
+        crosses: dict[str, torch.Tensor] = {}
+        drift: dict[str, float] = {}
         kept = {}
         last_group = g == len(plan.groups) - 1
         residual = need_outputs and last_group and tuple(group) == (arch.residual_linear,) and bool(data_members)
@@ -369,12 +421,15 @@ def _compress_block(
             # down_proj's inputs exist: RAM holds them without raising the peak. down_proj's
             # inputs coexist with the attention cache: they go to disk.
             budget = (1 << 40) if cache_attention else (32 << 20)
+            fp_group = any("fp_inputs" in plan.assignment[n].needs for n in data_members)
+            group_reference = reference if fp_group else None
             with InputStats(watched, keep_inputs=keep, stop_when_seen=not residual, spill_budget=budget,
-                            spill_arena=arena) as stats:
+                            spill_arena=arena, reference=group_reference) as stats:
                 run(stats=stats, write_outputs=residual)
             if residual:
                 set_submodule(block, name, original)
-            hessians, kept = stats.hessians(), stats.kept
+            hessians, kept, crosses = stats.hessians(), stats.kept, stats.cross_terms()
+            drift = stats.input_drift()
             del stats
         for name in members:
             stage = plan.assignment[name]
@@ -382,6 +437,11 @@ def _compress_block(
             linear = block.get_submodule(name)
             start = time.perf_counter()
             module_stats = {"hessian": hessians[name]} if name in hessians else {}
+            if name in crosses:
+                module_stats["cross"] = crosses[name]
+                module_stats["input_drift"] = drift[name]
+            elif "fp_inputs" in stage.needs:
+                raise LlmpressError(f"{prefix}.{name}: no full-precision inputs were recorded for it")
             try:
                 module, metrics = compress_linear(
                     stage, linear, module_stats, transposed=arch.transposed_weights, dtype=dtype
@@ -411,7 +471,7 @@ def _compress_block(
                 name=f"{prefix}.{name}", block=index, method=stage.method, bits=stage.bits,
                 group_size=stage.group_size, seconds=time.perf_counter() - start, metrics=metrics,
             ))
-        del hessians, kept
+        del hessians, kept, crosses
     if not outputs_done and need_outputs:
         bar.describe(f"block {index + 1} · outputs")
         run(write_outputs=True)

@@ -95,15 +95,26 @@ class RTNStage(UniformQuantStage):
 
 
 class GPTQStage(UniformQuantStage):
-    """GPTQ with act-order, static groups, damping and true-sequential groups."""
+    """GPTQ with act-order, static groups, damping and true-sequential groups; with ``residual``
+    also GPTAQ (asymmetric calibration) and GPTAQ+ResComp (compensation-aware error)."""
 
-    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
     method: Literal["gptq"] = "gptq"
     act_order: bool = True
     static_groups: bool = False
     true_sequential: bool = True
     damp: float = Field(0.01, gt=0, le=1)
     block_size: int = Field(128, ge=1)
+    # none: GPTQ. gptaq: target the full-precision model's output (needs its input stream).
+    # rescomp: gptaq plus ResComp's term for the compensated-versus-original weights.
+    residual: Literal["none", "gptaq", "rescomp"] = "none"
+    alpha: float = Field(0.25, ge=0)      # GPTAQ's coefficient (its code: 0.25; its paper: none, i.e. 1)
+    alpha2: float = Field(0.25, ge=0)     # ResComp's coefficient (its code: 0.25)
+    rescomp_form: Literal["paper", "delta"] = "paper"
+    rescomp_mode: Literal["auto", "org", "allw"] = "auto"   # auto: org at 2 bits, else allw (its code)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian", "fp_inputs"}) if self.residual != "none" else frozenset({"hessian"})
 
 
 Stage = Annotated[RTNStage | GPTQStage, Field(discriminator="method")]

@@ -39,32 +39,33 @@ def symmetrize(acc: torch.Tensor) -> torch.Tensor:
 
 
 class SpillArena:
-    """One temporary file that a run's spills reuse, block after block.
+    """Temporary files that a run's spills reuse, block after block.
 
     Rewriting pages of an existing file costs ~0.1 s per 400 MB here; creating, filling and
     deleting a fresh file costs ~1.4 s (extent allocation, and discard on delete): reuse saves
-    about a second per block on SmolLM2 at 128x512.
+    about a second per spill and block on SmolLM2 at 128x512. A spill takes a free file or opens
+    a new one; a run holds as many files as it has spills alive at once.
     """
 
     def __init__(self):
-        self._file = None
-        self.busy = False
+        self._free: list = []
+        self._all: list = []
 
     def acquire(self):
-        if self.busy:
-            return None
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="llmpress-spill-")
-        self.busy = True
-        return self._file
+        if not self._free:
+            f = tempfile.TemporaryFile(prefix="llmpress-spill-")
+            self._all.append(f)
+            return f
+        return self._free.pop()
 
-    def release(self) -> None:
-        self.busy = False
+    def release(self, file) -> None:
+        self._free.append(file)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for f in self._all:
+            f.close()
+        self._all.clear()
+        self._free.clear()
 
 
 class SpilledTensors:
@@ -72,7 +73,7 @@ class SpilledTensors:
 
     Used for the raw inputs a stage must keep until its linear is solved (down_proj's inputs are
     400 MB in fp32 for SmolLM2 at 128x512): RAM stays flat, the page cache and disk take the rest.
-    The file is the run's :class:`SpillArena` when it is free, else a temporary file of its own.
+    The file comes from the run's :class:`SpillArena` when there is one, else it is its own.
     """
 
     def __init__(self, budget_bytes: int = 32 << 20, arena: SpillArena | None = None):
@@ -89,8 +90,9 @@ class SpilledTensors:
         t = t.detach().contiguous()
         size = t.numel() * t.element_size()
         if self.file is None and self.bytes + size > self.budget:
-            self.file = self.arena.acquire() if self.arena is not None else None
-            if self.file is None:
+            if self.arena is not None:
+                self.file = self.arena.acquire()
+            else:
                 self.file, self._own_file = tempfile.TemporaryFile(prefix="llmpress-spill-"), True
             for kept in self.in_memory:
                 self._write(kept)
@@ -124,7 +126,7 @@ class SpilledTensors:
             if self._own_file:
                 self.file.close()
             else:
-                self.arena.release()
+                self.arena.release(self.file)
             self.file = None
         self.in_memory.clear()
         self.meta.clear()
@@ -139,8 +141,12 @@ class InputStats:
     """
 
     def __init__(self, modules: dict[str, nn.Module], *, keep_inputs=(), stop_when_seen: bool = True,
-                 spill_budget: int = 32 << 20, spill_arena: SpillArena | None = None):
+                 spill_budget: int = 32 << 20, spill_arena: SpillArena | None = None,
+                 reference: InputRecorder | None = None):
         self.modules = modules
+        self.reference = reference
+        self.crosses: dict[str, torch.Tensor] = {}
+        self.drift: dict[str, float] = {}          # Σ ‖x̃ − x‖² per owner
         self.keep = set(keep_inputs)
         self.stop_when_seen = stop_when_seen
         self.spill_budget = spill_budget
@@ -151,6 +157,7 @@ class InputStats:
         self.kept: dict[str, SpilledTensors] = {n: SpilledTensors(spill_budget, spill_arena) for n in self.keep}
         self._seen: dict[str, torch.Tensor] = {}
         self._batches = 0
+        self._batch = -1
         self._handles = []
 
     def __enter__(self) -> InputStats:
@@ -169,11 +176,12 @@ class InputStats:
         for kept in self.kept.values():
             kept.close()
         self.__init__(self.modules, keep_inputs=self.keep, stop_when_seen=self.stop_when_seen,
-                      spill_budget=self.spill_budget, spill_arena=self.spill_arena)
+                      spill_budget=self.spill_budget, spill_arena=self.spill_arena, reference=self.reference)
 
     def begin_batch(self) -> None:
         if self._seen:
             self._batches += 1
+        self._batch += 1
         self._seen.clear()
 
     def _all_inputs_seen(self) -> bool:
@@ -195,11 +203,45 @@ class InputStats:
                     self.tokens[name] = 0
                 gram_update(self.sums[name], flat)
                 self.tokens[name] += flat.shape[0]
+                if self.reference is not None and name in self.reference.owner:
+                    self._cross_update(name, flat)
             if name in self.keep:
                 self.kept[name].append(x)
             if self.stop_when_seen and self._all_inputs_seen():
                 raise StopForward
         return hook
+
+    def _cross_update(self, name: str, flat: torch.Tensor) -> None:
+        """``ΔX·Xᵀ += (x̃ − x)ᵀ x``: this batch's full-precision-stream input minus its own."""
+        ref = self.reference.inputs(name, self._batch).reshape(-1, flat.shape[1])
+        if ref.shape != flat.shape:
+            raise RuntimeError(f"{name}: the full-precision inputs of batch {self._batch} do not pair with its own")
+        if name not in self.crosses:
+            self.crosses[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32)
+            self.drift[name] = 0.0
+        ref.sub_(flat)
+        self.crosses[name].addmm_(ref.T, flat)
+        self.drift[name] += float(ref.pow(2).sum())
+
+    def cross_terms(self) -> dict[str, torch.Tensor]:
+        """``D = 2/N Σ (x̃ − x) xᵀ`` per watched linear that has a full-precision reference."""
+        out = {}
+        for n in self.modules:
+            o = self.owner[n]
+            if o in self.crosses:
+                out[n] = self.crosses[o] * (2.0 / max(self.tokens[o], 1))
+        return out
+
+    def input_drift(self) -> dict[str, float]:
+        """``‖X̃ − X‖ / ‖X‖`` per watched linear: how far its inputs in the compressed model have
+        moved from those of the full-precision model (the error that GPTAQ targets)."""
+        out = {}
+        for n in self.modules:
+            o = self.owner[n]
+            if o in self.drift:
+                norm = float(torch.diagonal(self.sums[o]).sum())
+                out[n] = (self.drift[o] / norm) ** 0.5 if norm > 0 else 0.0
+        return out
 
     def hessians(self) -> dict[str, torch.Tensor]:
         """``H = 2/N Σ x xᵀ`` per watched linear (the reference scaling; damping is relative)."""
@@ -208,3 +250,60 @@ class InputStats:
         if missing:
             raise RuntimeError(f"no statistics were collected for {missing}: they never ran on calibration data")
         return {n: full[self.owner[n]] for n in self.modules}
+
+
+class InputRecorder:
+    """Keeps the inputs of some linears, batch by batch, once per distinct input tensor.
+
+    It records the full-precision stream of a block for GPTAQ/ResComp: the original block runs
+    on the full-precision hidden states and its linears' inputs ``X̃`` are kept here (spilled to
+    disk past ``spill_budget``), to be paired token for token with the inputs ``X`` that the
+    partially compressed block gives the same linears.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], *, spill_budget: int = 32 << 20,
+                 spill_arena: SpillArena | None = None):
+        self.modules = modules
+        self.owner: dict[str, str] = {}
+        self.kept: dict[str, SpilledTensors] = {}
+        self.spill_budget, self.spill_arena = spill_budget, spill_arena
+        self._seen: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> InputRecorder:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+        return False
+
+    def begin_batch(self) -> None:
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0]
+            if name not in self.owner:
+                self.owner[name] = next((o for o, t in self._seen.items() if t is x), name)
+            self._seen[name] = x
+            if self.owner[name] == name:
+                if name not in self.kept:
+                    self.kept[name] = SpilledTensors(self.spill_budget, self.spill_arena)
+                self.kept[name].append(x.to(torch.float32))
+        return hook
+
+    def inputs(self, name: str, batch: int) -> torch.Tensor:
+        """Batch ``batch`` of linear ``name``'s recorded input (a fresh tensor)."""
+        kept = self.kept[self.owner[name]]
+        t = kept[batch]
+        return t.clone() if kept.file is None else t
+
+    def close(self) -> None:
+        for kept in self.kept.values():
+            kept.close()
+        self.kept.clear()

@@ -18,6 +18,9 @@ Kept as in the reference: dynamic group parameters are fitted on the outer, lazi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 from ...errors import LlmpressError
@@ -27,6 +30,40 @@ from .result import QuantizedWeight
 
 class HessianError(LlmpressError):
     pass
+
+
+@dataclass(frozen=True)
+class Residual:
+    """What turns GPTQ into GPTAQ (and GPTAQ+ResComp): the inputs' residual statistics.
+
+    ``cross`` is ``ΔX·Xᵀ`` with ``ΔX = X̃ − X``: full-precision-stream inputs minus the inputs the
+    partially compressed model gives the layer, on the same tokens, scaled like the Hessian.
+    ``alpha`` scales GPTAQ's term (the paper has no coefficient, i.e. 1; its code uses 0.25).
+    ``rescomp`` adds ResComp's compensation-aware term ``(W⁰ − W)·R`` with ``R`` built from
+    ``X̃Xᵀ``, scaled by ``alpha2`` (0.25 in its code). ``form="delta"`` builds ``R`` from ``ΔX·Xᵀ``
+    instead: GPTQ's own error feedback already aligns ``(W⁰ − W)·X``, only ``(W⁰ − W)·ΔX`` is new
+    (ours, see docs/algorithms.md; it reduces to GPTQ when ``X̃ = X``, the paper's form does not).
+    ``mode`` is ResComp's: ``org`` updates a
+    column's own value to its code and feeds the codes into the lazy update (GPTAQ's code
+    behaviour); ``allw`` keeps the compensated values and clamps them to the group's grid range.
+    """
+
+    cross: torch.Tensor
+    alpha: float = 0.25
+    rescomp: bool = False
+    alpha2: float = 0.25
+    form: Literal["paper", "delta"] = "paper"
+    mode: Literal["org", "allw"] = "org"
+
+
+def residual_projection(cross: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """``striu(cross·Uᵀ)·U`` (GPTAQ Thm 4.2), with ``(H + λI)^-1 = UᵀU``.
+
+    Row ``j`` equals ``cross[j, j+1:] · inv(H_λ[j+1:, j+1:])`` on columns ``> j`` and is zero
+    elsewhere: how the columns after ``j`` best absorb the output ``w_j · cross[j]`` of input ``j``
+    once the columns up to ``j`` are fixed; all rows for the price of two matmuls.
+    """
+    return torch.triu(cross @ upper.T, diagonal=1) @ upper
 
 
 def damped_inverse_cholesky(
@@ -64,8 +101,12 @@ def gptq_quantize(
     static_groups: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    residual: Residual | None = None,
 ) -> QuantizedWeight:
-    """Quantize ``weight`` ``[out, in]`` given ``hessian`` ``[in, in]`` (∝ X Xᵀ of its inputs)."""
+    """Quantize ``weight`` ``[out, in]`` given ``hessian`` ``[in, in]`` (∝ X Xᵀ of its inputs).
+
+    ``residual`` turns GPTQ into GPTAQ or GPTAQ+ResComp (see :class:`Residual`).
+    """
     W = weight.detach().to(torch.float32).clone()
     H = hessian.detach().to(torch.float32).clone()
     rows, cols = W.shape
@@ -73,6 +114,17 @@ def gptq_quantize(
         raise HessianError(f"Hessian of shape {tuple(H.shape)} does not match a weight of {cols} inputs")
 
     dead = torch.diagonal(H) == 0
+    cross = None
+    if residual is not None:
+        if residual.cross.shape != (cols, cols):
+            raise HessianError(f"ΔX·Xᵀ of shape {tuple(residual.cross.shape)} does not match {cols} inputs")
+        # D and C = H + D are taken before H is damped (reference order).
+        D = residual.cross.detach().to(torch.float32).clone()
+        D[:, dead] = 0.0
+        if residual.rescomp:
+            C = H + D if residual.form == "paper" else D.clone()
+        else:
+            C = None
     H[dead, dead] = 1.0
     n_groups = group_count(cols, group_size)
     grouped = group_size > 0
@@ -87,9 +139,19 @@ def gptq_quantize(
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+        if residual is not None:
+            D = D[perm][:, perm]
+            C = C[perm][:, perm] if C is not None else None
 
     U, used_damp = damped_inverse_cholesky(H, damp)
     del H
+    if residual is not None:
+        # P: GPTAQ's correction of the later columns for the residual of each input; R: the same
+        # for ResComp's C (X̃Xᵀ in the paper's form, ΔXXᵀ in ours).
+        P = residual.alpha * residual_projection(D, U)
+        R = residual.alpha2 * residual_projection(C, U) if C is not None else None
+        cross = (P, R)
+        del D, C
 
     # Work on Wᵀ so that a column of W is a contiguous row: the per-column rank-1 updates then
     # run on contiguous memory (about 3x faster on CPU than on strided column slices).
@@ -108,12 +170,25 @@ def gptq_quantize(
             scales[:, g], zeros[:, g] = p.scale, p.zero
     order = perm.tolist() if perm is not None else None
 
+    if cross is not None:
+        P, R = cross
+        W0t = Wt.clone() if R is not None else None   # the layer's weights before any update
+        allw = R is not None and residual.mode == "allw"
+        maxq = (1 << bits) - 1
+
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2].clone()                      # [count, rows]: row i is column i1+i of W
         err_block = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         diag = torch.diagonal(U1).tolist()
+        if cross is not None:
+            _residual_block(
+                Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, scales, zeros, position_group,
+                row_params, static, order, group_size, bits, sym, mse, allw, maxq,
+            )
+            loss += float(err_block.double().pow(2).sum()) / 2
+            continue
         for i in range(i2 - i1):
             j = i1 + i
             if grouped:
@@ -147,3 +222,57 @@ def gptq_quantize(
         bits=bits, group_size=group_size, sym=sym,
         metrics={"gptq_loss": float(loss), "damp": used_damp, "dead_inputs": int(dead.sum())},
     )
+
+
+def _residual_block(
+    Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, scales, zeros, position_group,
+    row_params, static, order, group_size, bits, sym, mse, allw, maxq,
+) -> None:
+    """One lazy block of GPTAQ (``R is None``) or GPTAQ+ResComp, on transposed weights ``Wt``.
+
+    Per column ``j`` with current value ``w``, code value ``q`` and ``e = (w − q)/U_jj``, the later
+    columns ``k`` of the block get ``−e·U_jk + w·P_jk + (W⁰_j − w)·R_jk``; after the block the
+    columns past it get the same three terms in one GEMM each, with ``w`` replaced by the block's
+    final values (the codes in ``org`` mode, the clamped compensated values in ``allw``).
+    """
+    U1, P1 = U[i1:i2, i1:i2], P[i1:i2, i1:i2]
+    R1 = R[i1:i2, i1:i2] if R is not None else None
+    diag = torch.diagonal(U1).tolist()
+    grouped = group_size > 0
+    params = row_params
+    final = torch.empty_like(W1)      # what the lazy update multiplies P (and R) with
+    for i in range(i2 - i1):
+        j = i1 + i
+        if grouped:
+            if static is not None:
+                g = (order[j] if order is not None else j) // group_size
+                params = static[g]
+            elif j % group_size == 0:
+                g = j // group_size
+                params = fit_grid(Wt[j:j + group_size].T, bits, sym, mse)
+                scales[:, g], zeros[:, g] = params.scale, params.zero
+            position_group[j] = g
+        w = W1[i].clone()
+        q = quantize_codes(w, params, bits)
+        codes_t[j] = q
+        value = dequantize_codes(q, params)
+        err = (w - value) / diag[i]
+        err_block[i] = err
+        start = i + 1 if allw else i          # 'org' also moves column j itself onto its code
+        if R1 is None:
+            coeffs = torch.stack([U1[i, start:], -P1[i, start:]], dim=1)
+            vectors = torch.stack([err, w])
+        else:
+            coeffs = torch.stack([U1[i, start:], -P1[i, start:], -R1[i, start:]], dim=1)
+            vectors = torch.stack([err, w, W0t[j] - w])
+        W1[start:].addmm_(coeffs, vectors, alpha=-1.0)
+        if allw:
+            lo, hi = params.scale * (0 - params.zero), params.scale * (maxq - params.zero)
+            final[i] = torch.minimum(torch.maximum(w, lo), hi)
+        else:
+            final[i] = W1[i]
+    if i2 < Wt.shape[0]:
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, err_block, alpha=-1.0)
+        Wt[i2:].addmm_(P[i1:i2, i2:].T, final)
+        if R is not None:
+            Wt[i2:].addmm_(R[i1:i2, i2:].T, W0t[i1:i2] - final)
