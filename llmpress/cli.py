@@ -129,6 +129,23 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
 
 @app.command()
 @_user_errors
+def export(
+    folder: Path = typer.Argument(..., help="An llmpress output folder."),
+    fmt: str = typer.Option(..., "--format", "-f", help="dense | compressed-tensors | gptq"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (must not exist unless --overwrite)."),
+    dtype: str = typer.Option("float16", help="float16 | bfloat16 | float32: dense weights, scales and the rest of the model."),
+    overwrite: bool = typer.Option(False, help="Replace an existing llmpress export folder."),
+) -> None:
+    """Write a compressed model in a format other tools load: dequantized dense weights,
+    compressed-tensors `pack-quantized` (transformers, vLLM), or GPTQ (AutoGPTQ v1 layout)."""
+    from .io.export import export as run_export
+
+    path = run_export(folder, out_dir, fmt, dtype=dtype, overwrite=overwrite)
+    out.print(f"exported {folder} as {fmt} to {path}", markup=False, highlight=False)
+
+
+@app.command()
+@_user_errors
 def recipes() -> None:
     """List the shipped recipe presets."""
     import yaml

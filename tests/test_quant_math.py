@@ -156,3 +156,25 @@ def test_mse_range_search_lowers_the_grid_error():
     err = lambda p: (fake_quantize(w, p, 3) - w).abs().pow(2.4).sum()
     assert err(searched) < 0.9 * err(plain)
     assert (searched.scale <= plain.scale + 1e-6).all()   # the search only ever shrinks the range
+
+
+@pytest.mark.parametrize("kw", [
+    dict(bits=3, group_size=64), dict(bits=3, group_size=64, act_order=True),
+    dict(bits=3, group_size=64, act_order=True, static_groups=True), dict(bits=4, group_size=-1, act_order=True),
+    dict(bits=2, group_size=48, act_order=True),
+])
+def test_packed_error_equals_the_solver_accounted_loss(kw):
+    """OBS bookkeeping: Σ e_j² / 2 over the processed columns equals ½·tr(ΔW H_λ ΔWᵀ) of the
+    packed, dequantized weights. Any mismatch between the codes, scales, zeros and g_idx the
+    layer stores and what the solver compensated for breaks it."""
+    g = torch.Generator().manual_seed(1)
+    rows, cols, tokens = 96, 320, 4000
+    X = torch.randn(tokens, cols, generator=g) @ (torch.randn(cols, cols, generator=g) / cols ** 0.5)
+    X[:, :7] *= 5
+    W = torch.randn(rows, cols, generator=g)
+    H = 2 * X.T @ X / tokens
+    result = gptq_quantize(W, H, **kw)
+    delta = (QuantLinear.from_quantized(result, None, torch.float32).dequantize(torch.float32) - W).double()
+    H_damped = H.double() + result.metrics["damp"] * torch.diagonal(H.double()).mean() * torch.eye(cols, dtype=torch.float64)
+    accounted = result.metrics["gptq_loss"]
+    assert abs(float(((delta @ H_damped) * delta).sum()) / 2 - accounted) <= 1e-5 * accounted

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..compress.quant.grid import group_count
 from ..compress.quant.result import QuantizedWeight
+from ..kernels import cpu_int4
+from ..kernels.dispatch import uniform_linear
 from ..kernels.packing import SUPPORTED_BITS, pack_codes, packed_words
 from ..kernels.reference import dequantize_uniform
 
@@ -53,6 +54,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw) if has_g_idx else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.compute_dtype = dtype
+        self._int4_reason: str | None = None      # caches of the CPU int4 path (kernels/dispatch)
+        self._int4_pack = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -95,7 +98,21 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return uniform_linear(self, x)
+
+    def cpu_int4_reason(self) -> str | None:
+        """Why the CPU int4 kernel cannot run this layer (None: it can)."""
+        if self._int4_reason is None:
+            self._int4_reason = cpu_int4.unsupported_reason(self) or ""
+        return self._int4_reason or None
+
+    def cpu_int4_pack(self) -> cpu_int4.Int4Pack:
+        """This layer in torch's int4 layout, converted on first use and kept while the packed
+        tensors are unchanged."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version, self.qzeros._version)
+        if self._int4_pack is None or self._int4_pack[0] != key:
+            self._int4_pack = (key, cpu_int4.pack_for_cpu(self))
+        return self._int4_pack[1]
 
     def stored_bits(self) -> int:
         """Bits this module stores for its weight: codes, scales, zeros and g_idx (bias excluded)."""

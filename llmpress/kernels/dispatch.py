@@ -1,0 +1,82 @@
+"""Which kernel computes a packed layer's ``x · Wᵀ``: the fastest correct path for the layer and
+the input's device, with the torch reference as the oracle and the fallback.
+
+- ``reference``: dequantize with torch, then a dense matmul in the input's dtype. Exact to the
+  format; every other path is tested against it.
+- ``cpu-int4``: torch's packed int4 CPU GEMM (``kernels.cpu_int4``), bf16 activations. ``auto``
+  takes it on CPU for 4-bit layers it fits when the input has at most ``CPU_INT4_MAX_ROWS`` rows
+  (decoding); larger inputs (prefill, the fp32 perplexity protocol) stay on the fp32 reference.
+- ``triton``: the Triton kernels (``kernels.triton_uniform``) on CUDA devices.
+
+``set_backend``/``use_backend`` force a path (``auto`` by default); a path that cannot run the
+layer falls back to the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from . import cpu_int4
+
+BACKENDS = ("auto", "reference", "cpu-int4", "triton")
+CPU_INT4_MAX_ROWS = 16
+_backend = os.environ.get("LLMPRESS_KERNEL", "auto")
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _triton_ready() -> bool:
+    try:
+        from . import triton_uniform
+    except ImportError:
+        return False
+    return triton_uniform.available()
+
+
+def select_path(layer, x: torch.Tensor) -> str:
+    """The path ``layer(x)`` takes under the current backend."""
+    backend = _backend
+    if backend == "reference":
+        return "reference"
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.device.type == "cuda" and backend in ("auto", "triton") and _triton_ready():
+        return "triton"
+    small = backend == "cpu-int4" or rows <= CPU_INT4_MAX_ROWS
+    if x.device.type == "cpu" and backend in ("auto", "cpu-int4") and small and layer.cpu_int4_reason() is None:
+        return "cpu-int4"
+    return "reference"
+
+
+def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    path = select_path(layer, x)
+    bias = layer.bias
+    if path == "cpu-int4":
+        return cpu_int4.int4_linear(x, layer.cpu_int4_pack(), bias)
+    if path == "triton":
+        from . import triton_uniform
+
+        return triton_uniform.uniform_linear(layer, x)
+    weight = layer.dequantize(x.dtype)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
