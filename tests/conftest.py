@@ -8,6 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run on the CPU through the interpreter; it must be chosen before triton is imported.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 # Tests share the converted model and built corpora through one cache across processes.
 os.environ.setdefault("LLMPRESS_CACHE", str(Path.home() / ".cache" / "llmpress"))
 # Under pytest-xdist every worker gets one thread: two workers of two threads on two cores only

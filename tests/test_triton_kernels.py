@@ -1,0 +1,80 @@
+"""Triton kernels under the interpreter against the torch reference, and the GPU build check.
+
+Every output buffer is poisoned with NaN before the kernel runs, so an element a kernel forgets to
+write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmpress.compress.quant.gptq import gptq_quantize
+from llmpress.layers import QuantLinear
+
+triton_uniform = pytest.importorskip("llmpress.kernels.triton_uniform")
+if triton_uniform.triton is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+N, K = 40, 200        # neither a multiple of the kernels' blocks; groups of 64 and 128 are ragged
+CASES = [(bits, group, act_order) for bits in (2, 3, 4, 8) for group in (32, 64, 128, -1)
+         for act_order in ((False, True) if group > 0 else (False,))]
+
+
+def _layer(bits, group, act_order, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g)
+    X = torch.randn(3 * K, K, generator=g) * torch.linspace(0.1, 4, K)[torch.randperm(K, generator=g)]
+    result = gptq_quantize(W, 2 * X.T @ X / X.shape[0], bits=bits, group_size=group, act_order=act_order)
+    assert (result.g_idx is not None) == act_order
+    return QuantLinear.from_quantized(result, None, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("bits", "group", "act_order"), CASES)
+def test_triton_kernels_equal_the_reference(bits, group, act_order, dtype):
+    layer = _layer(bits, group, act_order, seed=bits * 1000 + group)
+    reference = layer.dequantize(torch.float32)
+
+    dense = triton_uniform.dequantize(layer, dtype, out=torch.full((N, K), float("nan"), dtype=dtype))
+    assert torch.equal(dense, reference.to(dtype))
+
+    x = torch.randn(20, K).to(dtype)
+    expected = x.double() @ reference.double().T
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -10      # fp32 accumulation, then the output dtype
+    scale = expected.abs().max()
+    y = triton_uniform.matmul(layer, x, out=torch.full((20, N), float("nan"), dtype=dtype))
+    assert ((y.double() - expected).abs() <= tolerance * scale).all()
+    for rows in (1, 3, 8):
+        workspace = torch.full((4, 8, N), float("nan"))
+        y = triton_uniform.gemv(layer, x[:rows], workspace=workspace)
+        assert y.dtype == dtype
+        assert ((y.double() - expected[:rows]).abs() <= tolerance * scale).all(), rows
+
+
+def test_gemv_rejects_what_it_cannot_hold():
+    layer = _layer(4, 32, False, seed=0)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        triton_uniform.gemv(layer, torch.randn(9, K))
+    with pytest.raises(ValueError, match="workspace"):
+        triton_uniform.gemv(layer, torch.randn(2, K), workspace=torch.zeros(1, 1, N))
+
+
+def test_kernels_compile_for_sm80_and_sm90():
+    """A separate process without the interpreter: every Triton kernel variant to PTX and cubin for
+    sm_80 and sm_90, and every .cu file through nvcc (reported as skipped where nvcc is absent)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "llmpress.kernels.compile_check"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for capability in (80, 90):
+        assert sum(line.startswith(f"triton sm_{capability} ") for line in lines) == 18
+        nvcc = [line for line in lines if line.startswith(f"nvcc sm_{capability} gemv_int4.cu")]
+        assert len(nvcc) == 1 and ("bytes" in nvcc[0] or "skipped: nvcc is not installed" in nvcc[0])
+    if not any("bytes" in line for line in lines if line.startswith("nvcc")):
+        print("nvcc is not installed: the CUDA source was not compiled")
