@@ -28,6 +28,7 @@ class ArchMap:
     residual_linear: str | None = None
     attention: str | None = None          # the attention submodule of a block
     attention_output: str | None = None   # its last linear, whose output the attention returns
+    attention_norm: str | None = None     # the norm whose output only the attention reads
     transposed_weights: bool = False   # GPT-2's Conv1D stores weight as [in, out]
 
     @property
@@ -53,6 +54,7 @@ _LLAMA = ArchMap(
     residual_linear="mlp.down_proj",
     attention="self_attn",
     attention_output="self_attn.o_proj",
+    attention_norm="input_layernorm",
 )
 
 # Gemma 2/3 normalise each sublayer's output before the residual add, so no linear feeds the
@@ -68,6 +70,7 @@ _GEMMA = ArchMap(
     residual_linear=None,
     attention="self_attn",
     attention_output="self_attn.o_proj",
+    attention_norm="input_layernorm",
 )
 
 _OPT = ArchMap(
@@ -94,6 +97,7 @@ _GPT2 = ArchMap(
     residual_linear="mlp.c_proj",
     attention="attn",
     attention_output="attn.c_proj",
+    attention_norm="ln_1",
     transposed_weights=True,
 )
 
@@ -121,7 +125,7 @@ def arch_for(model: nn.Module) -> ArchMap:
         # post-LN OPT (350m): the residual sum passes through a LayerNorm inside the block.
         from dataclasses import replace
 
-        arch = replace(arch, residual_linear=None)
+        arch = replace(arch, residual_linear=None, attention_norm=None)
     return arch
 
 

@@ -53,8 +53,9 @@ def output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tenso
 
 def compress_linear(
     stage: StageBase, linear: nn.Module, stats: dict, *, transposed: bool, dtype: torch.dtype
-) -> tuple[nn.Module, dict[str, float]]:
-    """The compressed module and its metrics (errors relative to the original weight)."""
+) -> tuple[nn.Module, dict[str, float], torch.Tensor]:
+    """The compressed module, its metrics (errors relative to the original weight), and its
+    dequantized fp32 ``[out, in]`` weight (the pipeline computes with it during calibration)."""
     weight = linear_weight(linear, transposed)
     if not torch.isfinite(weight).all():
         from ..errors import ModelLoadError
@@ -62,7 +63,8 @@ def compress_linear(
         raise ModelLoadError("the weight has NaN or Inf entries; refusing to quantize a broken checkpoint")
     result = SOLVERS[type(stage)](stage, weight, stats)
     module = QuantLinear.from_quantized(result, linear.bias, dtype)
-    delta = module.dequantize(torch.float32) - weight
+    dense = module.dequantize(torch.float32)
+    delta = dense - weight
     metrics = dict(result.metrics)
     metrics["weight_error"] = float(delta.norm() / weight.norm()) if weight.norm() > 0 else 0.0
     if "hessian" in stats:
@@ -70,4 +72,4 @@ def compress_linear(
     if "input_drift" in stats:
         metrics["input_drift"] = stats["input_drift"]
     metrics["bits_per_weight"] = module.stored_bits() / weight.numel()
-    return module, metrics
+    return module, metrics, dense

@@ -298,7 +298,8 @@ def compress_blocks(
                     reference.close()
             if need_outputs and not outputs_done:   # a block with nothing to compress
                 run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
-            if need_outputs and not torch.isfinite(hidden).all():
+            # one reduction instead of a 37M-element mask: a NaN or ±Inf anywhere makes the sum non-finite
+            if need_outputs and not torch.isfinite(hidden.sum(dtype=torch.float64)):
                 raise LlmpressError(
                     f"block {i} of the compressed model produced NaN/Inf activations on the calibration "
                     "data; try more bits, a smaller group_size or a larger damp"
@@ -355,14 +356,25 @@ class _CachedAttention(nn.Module):
         return cached if self.arity is None else (cached,) + (None,) * (self.arity - 1)
 
 
-def _dense_proxy(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    """A plain linear with the compressed module's dequantized weight: the same function, without
-    dequantizing again on every calibration batch."""
-    weight = module.dequantize(dtype)
-    proxy = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, dtype=dtype)
+class _SkippedNorm(nn.Module):
+    """Stands in for the norm that only feeds a cached attention: once the cache is verified its
+    output is never read, so it returns its input instead of normalizing ~150 MB per stage."""
+
+    def __init__(self, real: nn.Module, attention: _CachedAttention):
+        super().__init__()
+        self.real, self.attention = real, attention
+
+    def forward(self, x, *args, **kwargs):
+        return x if self.attention.verified else self.real(x, *args, **kwargs)
+
+
+def _dense_proxy(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A plain linear with the compressed module's dequantized weight (fp32 ``[out, in]``): the same
+    function, without dequantizing again on every calibration batch."""
+    proxy = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
     proxy.weight = nn.Parameter(weight, requires_grad=False)
     if module.bias is not None:
-        proxy.bias = nn.Parameter(module.bias.to(dtype), requires_grad=False)
+        proxy.bias = nn.Parameter(module.bias.to(weight.dtype), requires_grad=False)
     return proxy
 
 
@@ -375,6 +387,7 @@ def _compress_block(
     outputs_done = False
     attention = None          # the cached attention stub, once the attention is compressed
     real_attention = block.get_submodule(arch.attention) if arch.attention else None
+    real_norm = block.get_submodule(arch.attention_norm) if arch.attention_norm else None
 
     def run(**kw) -> None:
         nonlocal attention
@@ -387,6 +400,8 @@ def _compress_block(
                 # This architecture's attention returns more than its output linear computes:
                 # use the real module from here on (slower, equally exact).
                 set_submodule(block, arch.attention, real_attention)
+                if real_norm is not None:
+                    set_submodule(block, arch.attention_norm, real_norm)
                 attention = None
                 if kw.get("stats") is not None:
                     kw["stats"].reset()
@@ -443,12 +458,12 @@ def _compress_block(
             elif "fp_inputs" in stage.needs:
                 raise LlmpressError(f"{prefix}.{name}: no full-precision inputs were recorded for it")
             try:
-                module, metrics = compress_linear(
+                module, metrics, dense = compress_linear(
                     stage, linear, module_stats, transposed=arch.transposed_weights, dtype=dtype
                 )
             except LlmpressError as e:
                 raise type(e)(f"{prefix}.{name}: {e}") from None
-            proxy = _dense_proxy(module, torch.float32)
+            proxy = _dense_proxy(module, dense)
             if residual:
                 for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
                     # Per token (OPT flattens tokens before its MLP): h += X Ŵᵀ + b.
@@ -466,6 +481,8 @@ def _compress_block(
                 kept[name].close()
                 attention = _CachedAttention(real_attention, outputs)
                 set_submodule(block, arch.attention, attention)
+                if real_norm is not None:
+                    set_submodule(block, arch.attention_norm, _SkippedNorm(real_norm, attention))
             modules[name] = module
             records.append(ModuleRecord(
                 name=f"{prefix}.{name}", block=index, method=stage.method, bits=stage.bits,
@@ -478,6 +495,8 @@ def _compress_block(
         outputs_done = True
     if attention is not None:
         set_submodule(block, arch.attention, real_attention)
+        if real_norm is not None:
+            set_submodule(block, arch.attention_norm, real_norm)
     for name, module in modules.items():   # the packed modules are what is saved and kept
         set_submodule(block, name, module)
     return records, modules, outputs_done

@@ -7,6 +7,8 @@ the input's device, with the torch reference as the oracle and the fallback.
   takes it on CPU for 4-bit layers it fits when the input has at most ``CPU_INT4_MAX_ROWS`` rows
   (decoding); larger inputs (prefill, the fp32 perplexity protocol) stay on the fp32 reference.
 - ``triton``: the Triton kernels (``kernels.triton_uniform``) on CUDA devices.
+- ``cuda``: the CUDA C++ 4-bit GEMV (``kernels/csrc``) for fp16 inputs of up to 8 rows on CUDA,
+  built on first use; only when asked for (no GPU has been available to measure it against Triton).
 
 ``set_backend``/``use_backend`` force a path (``auto`` by default); a path that cannot run the
 layer falls back to the reference.
@@ -21,7 +23,7 @@ import torch
 
 from . import cpu_int4
 
-BACKENDS = ("auto", "reference", "cpu-int4", "triton")
+BACKENDS = ("auto", "reference", "cpu-int4", "triton", "cuda")
 CPU_INT4_MAX_ROWS = 16
 _backend = os.environ.get("LLMPRESS_KERNEL", "auto")
 
@@ -61,6 +63,9 @@ def select_path(layer, x: torch.Tensor) -> str:
     if backend == "reference":
         return "reference"
     rows = x.numel() // max(x.shape[-1], 1)
+    if (backend == "cuda" and x.device.type == "cuda" and layer.bits == 4 and rows <= 8
+            and x.dtype == torch.float16 and layer.in_features % 8 == 0):
+        return "cuda"
     if x.device.type == "cuda" and backend in ("auto", "triton") and _triton_ready():
         return "triton"
     small = backend == "cpu-int4" or rows <= CPU_INT4_MAX_ROWS
@@ -74,6 +79,11 @@ def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
     bias = layer.bias
     if path == "cpu-int4":
         return cpu_int4.int4_linear(x, layer.cpu_int4_pack(), bias)
+    if path == "cuda":
+        from . import cuda_ext
+
+        y = cuda_ext.gemv_int4(layer, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], layer.out_features)
+        return y if bias is None else y + bias.to(y.dtype)
     if path == "triton":
         from . import triton_uniform
 
