@@ -8,6 +8,6 @@
 
 __version__ = "0.1.0"
 
-from .api import CompressResult, compress, load, perplexity
+from .api import CompressResult, compress, evaluate, load, perplexity
 
-__all__ = ["CompressResult", "__version__", "compress", "load", "perplexity"]
+__all__ = ["CompressResult", "__version__", "compress", "evaluate", "load", "perplexity"]

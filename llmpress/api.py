@@ -260,4 +260,17 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_c
     return load_dense(folder, dtype=dtype, trust_remote_code=trust_remote_code), load_tokenizer(folder, trust_remote_code)
 
 
-__all__ = ["CompressResult", "ModelLoadError", "PerplexityResult", "compress", "load", "perplexity"]
+def evaluate(model, tokenizer, tasks: list[str] | str, *, output: str | Path | None = None, **kwargs) -> dict[str, Any]:
+    """lm-eval tasks on a loaded model object (see ``llmpress.eval.harness.evaluate_tasks`` for
+    ``num_fewshot``, ``limit``, ``batch_size``, ``include_path``); with ``output``, also writes the
+    results JSON there and a Markdown table beside it."""
+    from .eval.harness import evaluate_tasks, write_results
+
+    task_list = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    results = evaluate_tasks(model, tokenizer, task_list, **kwargs)
+    if output is not None:
+        write_results(results, Path(output))
+    return results
+
+
+__all__ = ["CompressResult", "ModelLoadError", "PerplexityResult", "compress", "evaluate", "load", "perplexity"]

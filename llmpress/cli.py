@@ -51,11 +51,19 @@ def compress(
     resume: bool = typer.Option(False, help="Continue a killed run in --out (same model, recipe and data)."),
     overwrite: bool = typer.Option(False, help="Replace an existing llmpress output folder."),
     ppl_windows: int = typer.Option(0, min=0, help="After compressing, measure ppl[wiki/test, 2048xN] of the dense and compressed model (0: skip)."),
+    eval_tasks: str | None = typer.Option(None, help="After compressing, run these lm-eval tasks on the compressed model (comma-separated; results beside it)."),
+    eval_limit: float | None = typer.Option(None, help="lm-eval --limit for --eval-tasks (examples per task, or a fraction)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint (off by default)."),
 ) -> None:
     """Compress MODEL with a recipe, block by block, into an output folder."""
     from . import api
+
+    tasks = _task_list(eval_tasks)
+    if tasks:   # fail on a missing lm-eval or an unknown task before the long part
+        from .eval.harness import check_tasks
+
+        check_tasks(tasks)
 
     result = api.compress(
         model, recipe, out=out_dir, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -75,7 +83,28 @@ def compress(
         # markup=False: rich would read "[wiki/test, 2048x8]" as a style tag and drop it
         out.print(f"dense      {before}", markup=False, highlight=False)
         out.print(f"compressed {after}", markup=False, highlight=False)
+    if tasks:
+        packed, tok = api.load(result.out)
+        _run_tasks(packed, tok, tasks, result.out / "llmpress-eval.json", limit=_limit(eval_limit))
     out.print(f"saved to {result.out}", markup=False, highlight=False)
+
+
+def _task_list(tasks: str | None) -> list[str]:
+    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
+
+
+def _limit(limit: float | None) -> int | float | None:
+    return int(limit) if limit is not None and limit >= 1 else limit
+
+
+def _run_tasks(model, tokenizer, tasks, output: Path | None, **kw) -> None:
+    from .eval.harness import evaluate_tasks, results_table, write_results
+
+    results = evaluate_tasks(model, tokenizer, tasks, **kw)
+    out.print(results_table(results), markup=False, highlight=False)
+    if output is not None:
+        json_path, md_path = write_results(results, output)
+        out.print(f"lm-eval results: {json_path} and {md_path}", markup=False, highlight=False)
 
 
 @app.command(name="eval")
@@ -85,13 +114,32 @@ def eval_(
     dataset: str = typer.Option("wiki/test", help="Evaluation text (same specs as --calib)."),
     seqlen: int = typer.Option(2048, min=2, help="Window length in tokens."),
     windows: int | None = typer.Option(None, min=1, help="Use the first N windows (default: all)."),
+    tasks: str | None = typer.Option(None, help="Run lm-eval tasks instead (comma-separated), e.g. llmpress_wiki_lastword,llmpress_wiki_cloze,llmpress_wiki_ppl or piqa,arc_easy."),
+    num_fewshot: int | None = typer.Option(None, min=0, help="lm-eval: few-shot examples per task."),
+    limit: float | None = typer.Option(None, help="lm-eval: examples per task (or a fraction below 1)."),
+    batch_size: int = typer.Option(8, min=1, help="lm-eval: batch size."),
+    include_path: Path | None = typer.Option(None, help="lm-eval: a folder of extra task YAMLs."),
+    output: Path | None = typer.Option(None, help="lm-eval: write the results JSON here (and a .md table beside it); default: beside an llmpress model."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     trust_remote_code: bool = typer.Option(False),
 ) -> None:
-    """Measure perplexity, printed with its protocol: ppl[DATASET, SEQLENxN] = value."""
+    """Measure perplexity, printed with its protocol: ppl[DATASET, SEQLENxN] = value; or, with
+    --tasks, zero-shot accuracy through lm-eval on the loaded model (offline with the llmpress_wiki_* tasks)."""
     from . import api
 
+    task_list = _task_list(tasks)
+    if task_list:
+        from .eval.harness import check_tasks
+
+        check_tasks(task_list, include_path)
     model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
+    if task_list:
+        folder = Path(model).expanduser()
+        if output is None and folder.is_dir() and (folder / "llmpress-state.json").exists():
+            output = folder / "llmpress-eval.json"
+        _run_tasks(model_obj, tok, task_list, output, num_fewshot=num_fewshot, limit=_limit(limit),
+                   batch_size=batch_size, include_path=include_path)
+        return
     result = api.perplexity(model_obj, tok, dataset, seqlen=seqlen, windows=windows, progress=progress)
     out.print(f"{result}   ({result.seconds:.0f} s)", markup=False, highlight=False)
 
