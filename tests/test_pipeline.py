@@ -85,11 +85,11 @@ def test_residual_output_shortcut_equals_a_real_forward(tiny_model_factory, tmp_
             assert torch.allclose(fast[k].float(), slow[k].float(), rtol=1e-3, atol=1e-4), k
 
 
-def test_resume_after_a_crash_gives_identical_tensors(tiny_model_factory, tmp_path, monkeypatch):
-    folder = tiny_model_factory("llama")
-    recipe = _gptq(bits=3)
+def crash_then_resume(folder, recipe, tmp_path, monkeypatch) -> list[int]:
+    """Compress ``folder`` whole, and again with a crash at block 2 then ``--resume``; checks that
+    the crashed folder is not presented as complete and the resumed one equals the whole run
+    tensor for tensor. Returns the blocks the resumed run compressed."""
     llmpress.compress(folder, recipe, out=tmp_path / "whole", nsamples=4, seqlen=32, progress=False)
-
     real = pipeline._compress_block
 
     def crash_on_block_2(index, *args, **kwargs):
@@ -103,15 +103,19 @@ def test_resume_after_a_crash_gives_identical_tensors(tiny_model_factory, tmp_pa
     assert not (tmp_path / "part" / "config.json").exists()       # not presented as complete
     with pytest.raises(llmpress.api.ModelLoadError, match="incomplete"):
         llmpress.load(tmp_path / "part")
-    monkeypatch.setattr(pipeline, "_compress_block", real)
     calls = []
     monkeypatch.setattr(pipeline, "_compress_block", lambda i, *a, **k: calls.append(i) or real(i, *a, **k))
     llmpress.compress(folder, recipe, out=tmp_path / "part", nsamples=4, seqlen=32, progress=False, resume=True)
-    assert calls == [2]                                            # blocks 0 and 1 were not redone
     whole, resumed = _shards(tmp_path / "whole"), _shards(tmp_path / "part")
     assert whole.keys() == resumed.keys()
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
+    return calls
+
+
+def test_resume_after_a_crash_gives_identical_tensors(tiny_model_factory, tmp_path, monkeypatch):
+    calls = crash_then_resume(tiny_model_factory("llama"), _gptq(bits=3), tmp_path, monkeypatch)
+    assert calls == [2]                                            # blocks 0 and 1 were not redone
 
 
 def test_resume_refuses_a_different_recipe(tiny_model_factory, tmp_path):

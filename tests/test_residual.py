@@ -150,20 +150,8 @@ def test_cross_statistics_pair_the_two_streams_token_for_token(tiny_model_factor
 
 
 def test_resume_continues_both_streams(tiny_model_factory, tmp_path, monkeypatch):
-    folder = tiny_model_factory("llama")
-    kw = dict(nsamples=4, seqlen=32, progress=False)
-    llmpress.compress(folder, _recipe("gptaq"), out=tmp_path / "whole", **kw)
-    real = pipeline._compress_block
+    """A resumed GPTAQ run advances the full-precision stream through the finished blocks'
+    original weights: its tensors equal an uninterrupted run's."""
+    from .test_pipeline import crash_then_resume
 
-    def crash_on_block_2(index, *args, **kwargs):
-        if index == 2:
-            raise RuntimeError("simulated crash")
-        return real(index, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_compress_block", crash_on_block_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        llmpress.compress(folder, _recipe("gptaq"), out=tmp_path / "part", **kw)
-    monkeypatch.setattr(pipeline, "_compress_block", real)
-    llmpress.compress(folder, _recipe("gptaq"), out=tmp_path / "part", resume=True, **kw)
-    whole, part = _shards(tmp_path / "whole"), _shards(tmp_path / "part")
-    assert whole.keys() == part.keys() and all(torch.equal(whole[k], part[k]) for k in whole)
+    assert crash_then_resume(tiny_model_factory("llama"), _recipe("gptaq"), tmp_path, monkeypatch) == [2]

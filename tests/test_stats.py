@@ -64,3 +64,15 @@ def test_spilled_tensors_round_trip_and_the_arena_is_reused(budget):
     assert len(arena._all) == (1 if budget else 2)     # the second round reused the first's files
     assert files <= {id(f) for f in arena._all}
     arena.close()
+
+
+def test_reset_keeps_the_hooks_removable():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with InputStats({"a": model[0]}, stop_when_seen=False) as stats:
+        stats.begin_batch()
+        model(torch.randn(2, 4))
+        stats.reset()
+        stats.begin_batch()
+        model(torch.randn(3, 4))
+    assert stats.tokens["a"] == 3                       # only what came after the reset
+    assert not model[0]._forward_pre_hooks              # and no hook left behind

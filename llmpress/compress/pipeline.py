@@ -265,10 +265,12 @@ def compress_blocks(
             prefix = f"{arch.blocks}.{i}"
             plan = plans[i]
             need_outputs = data_needed and i < last_data_block
-            fp_linears = plan.fp_linears if i not in io.finished else []
             advance_fp = fp_hidden is not None and i < last_fp_block
-            if i in io.finished and not advance_fp:
+            if i in io.finished:
                 bar.describe(f"block {i + 1}/{len(blocks)} · resumed")
+                if advance_fp:   # the full-precision stream goes through the original weights
+                    io.materialize(block, prefix)
+                    record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, [], arena, write_outputs=True)
                 io.load_finished(i, block, prefix, io.finished[i])
                 if need_outputs:
                     run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
@@ -277,17 +279,9 @@ def compress_blocks(
                 continue
             io.materialize(block, prefix)
             reference = None
-            if fp_linears or advance_fp:
+            if plan.fp_linears or advance_fp:
                 bar.describe(f"block {i + 1} · full-precision stream")
-                reference = record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, fp_linears, arena, advance_fp)
-            if i in io.finished:   # resumed, after its original weights advanced the fp stream
-                bar.describe(f"block {i + 1}/{len(blocks)} · resumed")
-                io.load_finished(i, block, prefix, io.finished[i])
-                if need_outputs:
-                    run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
-                io.release(block)
-                bar.advance()
-                continue
+                reference = record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, plan.fp_linears, arena, advance_fp)
             try:
                 block_records, modules, outputs_done = _compress_block(
                     i, block, prefix, plan, arch, hidden, kwargs[i] if kwargs else None, batch_size, dtype, bar,

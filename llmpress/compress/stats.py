@@ -132,35 +132,17 @@ class SpilledTensors:
         self.meta.clear()
 
 
-class InputStats:
-    """Accumulates ``Σ x xᵀ`` (fp32) of each watched linear's input over calibration batches.
+class _InputHooks:
+    """Forward pre-hooks on ``modules`` that find, per batch, which of them read the very same
+    input tensor: ``owner[name]`` is the first module seen with that input."""
 
-    ``keep_inputs`` names linears whose raw inputs are also kept, per batch in order (spilled to
-    disk past ``spill_budget``). ``stop_when_seen``: raise :class:`StopForward` as soon as every
-    distinct input of the watched linears has been seen in a forward.
-    """
-
-    def __init__(self, modules: dict[str, nn.Module], *, keep_inputs=(), stop_when_seen: bool = True,
-                 spill_budget: int = 32 << 20, spill_arena: SpillArena | None = None,
-                 reference: InputRecorder | None = None):
+    def __init__(self, modules: dict[str, nn.Module]):
         self.modules = modules
-        self.reference = reference
-        self.crosses: dict[str, torch.Tensor] = {}
-        self.drift: dict[str, float] = {}          # Σ ‖x̃ − x‖² per owner
-        self.keep = set(keep_inputs)
-        self.stop_when_seen = stop_when_seen
-        self.spill_budget = spill_budget
-        self.owner: dict[str, str] = {}             # linear -> linear whose accumulator it shares
-        self.sums: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {}
-        self.spill_arena = spill_arena
-        self.kept: dict[str, SpilledTensors] = {n: SpilledTensors(spill_budget, spill_arena) for n in self.keep}
+        self.owner: dict[str, str] = {}
         self._seen: dict[str, torch.Tensor] = {}
-        self._batches = 0
-        self._batch = -1
         self._handles = []
 
-    def __enter__(self) -> InputStats:
+    def __enter__(self):
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
@@ -171,12 +153,52 @@ class InputStats:
         self._handles.clear()
         return False
 
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0]
+            if name not in self.owner:
+                self.owner[name] = next((o for o, t in self._seen.items() if t is x), name)
+            self._seen[name] = x
+            self.on_input(name, x)
+        return hook
+
+    def on_input(self, name: str, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class InputStats(_InputHooks):
+    """Accumulates ``Σ x xᵀ`` (fp32) of each watched linear's input over calibration batches.
+
+    ``keep_inputs`` names linears whose raw inputs are also kept, per batch in order (spilled to
+    disk past ``spill_budget``). ``stop_when_seen``: raise :class:`StopForward` as soon as every
+    distinct input of the watched linears has been seen in a forward.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], *, keep_inputs=(), stop_when_seen: bool = True,
+                 spill_budget: int = 32 << 20, spill_arena: SpillArena | None = None,
+                 reference: InputRecorder | None = None):
+        super().__init__(modules)
+        self.reference = reference
+        self.crosses: dict[str, torch.Tensor] = {}
+        self.drift: dict[str, float] = {}          # Σ ‖x̃ − x‖² per owner
+        self.keep = set(keep_inputs)
+        self.stop_when_seen = stop_when_seen
+        self.spill_budget = spill_budget
+        self.sums: dict[str, torch.Tensor] = {}     # per owner: the linears sharing an input share it
+        self.tokens: dict[str, int] = {}
+        self.spill_arena = spill_arena
+        self.kept: dict[str, SpilledTensors] = {n: SpilledTensors(spill_budget, spill_arena) for n in self.keep}
+        self._batches = 0
+        self._batch = -1
+
     def reset(self) -> None:
         """Forget everything collected (a stage that must be run again from its first batch)."""
         for kept in self.kept.values():
             kept.close()
+        handles = self._handles       # the hooks stay registered: __exit__ must still remove them
         self.__init__(self.modules, keep_inputs=self.keep, stop_when_seen=self.stop_when_seen,
                       spill_budget=self.spill_budget, spill_arena=self.spill_arena, reference=self.reference)
+        self._handles = handles
 
     def begin_batch(self) -> None:
         if self._seen:
@@ -190,26 +212,20 @@ class InputStats:
         owners = {self.owner[n] for n in self.modules}
         return owners <= set(self._seen) and all(n in self._seen for n in self.keep)
 
-    def _hook(self, name: str):
-        def hook(_module, args):
-            x = args[0]
-            if name not in self.owner:
-                self.owner[name] = next((o for o, t in self._seen.items() if t is x), name)
-            self._seen[name] = x
-            if self.owner[name] == name:
-                flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-                if name not in self.sums:
-                    self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32)
-                    self.tokens[name] = 0
-                gram_update(self.sums[name], flat)
-                self.tokens[name] += flat.shape[0]
-                if self.reference is not None and name in self.reference.owner:
-                    self._cross_update(name, flat)
-            if name in self.keep:
-                self.kept[name].append(x)
-            if self.stop_when_seen and self._all_inputs_seen():
-                raise StopForward
-        return hook
+    def on_input(self, name: str, x: torch.Tensor) -> None:
+        if self.owner[name] == name:
+            flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32)
+                self.tokens[name] = 0
+            gram_update(self.sums[name], flat)
+            self.tokens[name] += flat.shape[0]
+            if self.reference is not None and name in self.reference.owner:
+                self._cross_update(name, flat)
+        if name in self.keep:
+            self.kept[name].append(x)
+        if self.stop_when_seen and self._all_inputs_seen():
+            raise StopForward
 
     def _cross_update(self, name: str, flat: torch.Tensor) -> None:
         """``ΔX·Xᵀ += (x̃ − x)ᵀ x``: this batch's full-precision-stream input minus its own."""
@@ -252,7 +268,7 @@ class InputStats:
         return {n: full[self.owner[n]] for n in self.modules}
 
 
-class InputRecorder:
+class InputRecorder(_InputHooks):
     """Keeps the inputs of some linears, batch by batch, once per distinct input tensor.
 
     It records the full-precision stream of a block for GPTAQ/ResComp: the original block runs
@@ -263,39 +279,18 @@ class InputRecorder:
 
     def __init__(self, modules: dict[str, nn.Module], *, spill_budget: int = 32 << 20,
                  spill_arena: SpillArena | None = None):
-        self.modules = modules
-        self.owner: dict[str, str] = {}
+        super().__init__(modules)
         self.kept: dict[str, SpilledTensors] = {}
         self.spill_budget, self.spill_arena = spill_budget, spill_arena
-        self._seen: dict[str, torch.Tensor] = {}
-        self._handles = []
-
-    def __enter__(self) -> InputRecorder:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._seen.clear()
-        return False
 
     def begin_batch(self) -> None:
         self._seen.clear()
 
-    def _hook(self, name: str):
-        def hook(_module, args):
-            x = args[0]
-            if name not in self.owner:
-                self.owner[name] = next((o for o, t in self._seen.items() if t is x), name)
-            self._seen[name] = x
-            if self.owner[name] == name:
-                if name not in self.kept:
-                    self.kept[name] = SpilledTensors(self.spill_budget, self.spill_arena)
-                self.kept[name].append(x.to(torch.float32))
-        return hook
+    def on_input(self, name: str, x: torch.Tensor) -> None:
+        if self.owner[name] == name:
+            if name not in self.kept:
+                self.kept[name] = SpilledTensors(self.spill_budget, self.spill_arena)
+            self.kept[name].append(x.to(torch.float32))
 
     def inputs(self, name: str, batch: int) -> torch.Tensor:
         """Batch ``batch`` of linear ``name``'s recorded input (a fresh tensor)."""

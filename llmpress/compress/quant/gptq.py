@@ -174,7 +174,8 @@ def gptq_quantize(
     if static is not None:
         for g, p in enumerate(static):
             scales[:, g], zeros[:, g] = p.scale, p.zero
-    order = perm.tolist() if perm is not None else None
+    grid = _ColumnGrid(group_size, bits, sym, mse, static, perm.tolist() if perm is not None else None,
+                       scales, zeros, position_group)
 
     if cross is not None:
         P, R = cross
@@ -189,24 +190,12 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         diag = torch.diagonal(U1).tolist()
         if cross is not None:
-            _residual_block(
-                Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, scales, zeros, position_group,
-                row_params, static, order, group_size, bits, sym, mse, allw, maxq,
-            )
+            _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, row_params, bits, allw, maxq)
             loss += float(err_block.double().pow(2).sum()) / 2
             continue
         for i in range(i2 - i1):
             j = i1 + i
-            if grouped:
-                if static is not None:
-                    g = (order[j] if order is not None else j) // group_size
-                    params = static[g]
-                elif j % group_size == 0:
-                    g = j // group_size
-                    # fitted on the outer, lazily updated weights (reference behaviour, see above)
-                    params = fit_grid(Wt[j:j + group_size].T, bits, sym, mse)
-                    scales[:, g], zeros[:, g] = params.scale, params.zero
-                position_group[j] = g
+            params = grid.at(j, Wt, params)
             w = W1[i]
             q = quantize_codes(w, params, bits)
             codes_t[j] = q
@@ -230,10 +219,40 @@ def gptq_quantize(
     )
 
 
-def _residual_block(
-    Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, scales, zeros, position_group,
-    row_params, static, order, group_size, bits, sym, mse, allw, maxq,
-) -> None:
+@dataclass
+class _ColumnGrid:
+    """The grid of each processed column: static groups (looked up through the act-order
+    permutation), or dynamic groups fitted when the loop reaches a group's first column, on the
+    outer, lazily updated weights (reference behaviour, see the module docstring)."""
+
+    group_size: int
+    bits: int
+    sym: bool
+    mse: bool
+    static: list | None
+    order: list[int] | None
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    position_group: torch.Tensor
+
+    def at(self, j: int, Wt: torch.Tensor, current):
+        """The parameters for processed column ``j`` (``current`` when they do not change)."""
+        if self.group_size <= 0:
+            return current
+        if self.static is not None:
+            g = (self.order[j] if self.order is not None else j) // self.group_size
+            current = self.static[g]
+        elif j % self.group_size == 0:
+            g = j // self.group_size
+            current = fit_grid(Wt[j:j + self.group_size].T, self.bits, self.sym, self.mse)
+            self.scales[:, g], self.zeros[:, g] = current.scale, current.zero
+        else:
+            g = j // self.group_size
+        self.position_group[j] = g
+        return current
+
+
+def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, row_params, bits, allw, maxq) -> None:
     """One lazy block of GPTAQ (``R is None``) or GPTAQ+ResComp, on transposed weights ``Wt``.
 
     Per column ``j`` with current value ``w``, code value ``q`` and ``e = (w − q)/U_jj``, the later
@@ -244,20 +263,11 @@ def _residual_block(
     U1, P1 = U[i1:i2, i1:i2], P[i1:i2, i1:i2]
     R1 = R[i1:i2, i1:i2] if R is not None else None
     diag = torch.diagonal(U1).tolist()
-    grouped = group_size > 0
     params = row_params
     final = torch.empty_like(W1)      # what the lazy update multiplies P (and R) with
     for i in range(i2 - i1):
         j = i1 + i
-        if grouped:
-            if static is not None:
-                g = (order[j] if order is not None else j) // group_size
-                params = static[g]
-            elif j % group_size == 0:
-                g = j // group_size
-                params = fit_grid(Wt[j:j + group_size].T, bits, sym, mse)
-                scales[:, g], zeros[:, g] = params.scale, params.zero
-            position_group[j] = g
+        params = grid.at(j, Wt, params)
         w = W1[i].clone()
         q = quantize_codes(w, params, bits)
         codes_t[j] = q
