@@ -8,6 +8,7 @@ benchmark model is compressed with 32x512 calibration windows to save time.
 
     python bench/kernels.py                   # CPU decode table, updates BENCHMARKS.md
     python bench/kernels.py --model DIR       # an existing compressed folder
+    python bench/kernels.py --gpu             # GPU: Triton GEMV/GEMM vs torch fp16 on 7B-class shapes
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,6 +50,45 @@ def decode_rate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> t
     return best, out[0, prompt.shape[1]:]
 
 
+def gpu_table(repeats: int = 50) -> str:
+    """Triton GEMV (batch 1, 8) and fused GEMM (batch 64) for 7B-class layer shapes, 4-bit g128
+    with act-order g_idx, against torch's fp16 matmul of the dequantized weight, on CUDA."""
+    from llmpress.compress.quant.result import QuantizedWeight
+    from llmpress.kernels import triton_uniform
+    from llmpress.layers import QuantLinear
+
+    def cuda_ms(fn) -> float:
+        for _ in range(5):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(repeats):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    lines = [f"{torch.cuda.get_device_name()}; 4-bit, groups of 128, act-order g_idx; fp16 activations; "
+             f"median of {repeats} CUDA-event timings.", "",
+             "| N x K | batch | Triton (ms) | torch fp16 matmul (ms) | speed-up |", "|---|---|---|---|---|"]
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        g = torch.Generator().manual_seed(0)
+        q = QuantizedWeight(codes=torch.randint(0, 16, (n, k), generator=g), scales=torch.rand(n, k // 128) * 0.01,
+                            zeros=torch.randint(0, 16, (n, k // 128), generator=g).float(),
+                            g_idx=(torch.randperm(k, generator=g) // 128).to(torch.int32), bits=4, group_size=128,
+                            sym=False)
+        layer = QuantLinear.from_quantized(q, None, torch.float16).cuda()
+        dense = layer.dequantize(torch.float16)
+        for batch in (1, 8, 64):
+            x = torch.randn(batch, k, dtype=torch.float16, device="cuda")
+            kernel = partial(triton_uniform.gemv if batch <= 8 else triton_uniform.matmul, layer, x)
+            t_kernel, t_dense = cuda_ms(kernel), cuda_ms(partial(torch.matmul, x, dense.T))
+            lines.append(f"| {n} x {k} | {batch} | {t_kernel:.4f} | {t_dense:.4f} | {t_dense / t_kernel:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from quality import update_benchmarks
 
@@ -60,7 +101,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-update", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="the GPU GEMV/GEMM table instead (needs CUDA and triton)")
     args = ap.parse_args()
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("not run: no CUDA device")
+        body = gpu_table()
+        print(body)
+        if not args.no_update:
+            update_benchmarks("kernels-gpu", body, "python bench/kernels.py --gpu")
+        return
 
     folder = Path(args.model) if args.model else OUT / "kernels-gptq-w4-g64"
     if not (folder / "config.json").exists():
