@@ -50,6 +50,12 @@ def decode_rate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> t
     return best, out[0, prompt.shape[1]:]
 
 
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading greedy tokens two generations share (one flip changes all that follows)."""
+    differ = (a != b).nonzero()
+    return int(differ[0, 0]) if len(differ) else len(a)
+
+
 def gpu_table(repeats: int = 50) -> str:
     """Triton GEMV (batch 1, 8) and fused GEMM (batch 64) for 7B-class layer shapes, 4-bit g128
     with act-order g_idx, against torch's fp16 matmul of the dequantized weight, on CUDA."""
@@ -124,11 +130,14 @@ def main() -> None:
     rows = []
     rate, dense_tokens = decode_rate(dense.eval(), prompt, args.new_tokens, args.repeats)
     rows.append(("dense fp32", "torch F.linear", rate, None))
-    for backend, label in (("auto", "CPU int4 (bf16 activations)"), ("reference", "torch reference (dequantize + fp32)")):
-        with use_backend(backend):
-            rate_q, tokens = decode_rate(packed.eval(), prompt, args.new_tokens, args.repeats)
-        agree = int((tokens == dense_tokens).sum())
-        rows.append((f"GPTQ W4 g64 ({backend})", label, rate_q, agree))
+    # The reference path is the oracle, not a contender: one timed run is enough (it is ~20x slower).
+    with use_backend("reference"):
+        rate_ref, ref_tokens = decode_rate(packed.eval(), prompt, args.new_tokens, 1)
+    with use_backend("auto"):
+        rate_q, tokens = decode_rate(packed.eval(), prompt, args.new_tokens, args.repeats)
+    rows.append(("GPTQ W4 g64 (auto)", "CPU int4 (bf16 activations)", rate_q, _common_prefix(tokens, ref_tokens)))
+    rows.append(("GPTQ W4 g64 (reference)", "torch reference (dequantize + fp32), 1 run", rate_ref,
+                 args.new_tokens))
 
     base = rows[0][2]
     lines = [
@@ -136,7 +145,7 @@ def main() -> None:
         f"prompt; decode tokens/s = {args.new_tokens - 1} / (t({args.new_tokens} new) - t(1 new)), best of "
         f"{args.repeats}; {threads} threads; same process. Packed model: `gptq-w4-g64` (act-order, g_idx).",
         "",
-        "| model | matmul path | decode tokens/s | vs dense fp32 | greedy tokens equal to dense |",
+        "| model | matmul path | decode tokens/s | vs dense fp32 | greedy prefix equal to the reference path |",
         "|---|---|---|---|---|",
     ]
     for name, path, rate, agree in rows:
