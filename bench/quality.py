@@ -56,21 +56,37 @@ for _bits in (3, 2, 4):
          ["rescomp_form=delta", "alpha=1.0", "alpha2=1.0"], None),
     ]
 
-SUITES = {"quality": FOUNDATION, "residual": RESIDUAL}
+# Issue #4, why ResComp lands above GPTAQ at W2: the reference code's 2-bit mode ('org' feeds
+# each column's code, not its compensated value, into ResComp's term for the later blocks), the
+# run-to-run spread at W2 (other calibration seeds), and the delta form. The 5th element holds
+# keyword arguments for `llmpress.compress` (the calibration seed).
+RESIDUAL_W2 = [
+    ("ResComp W2 g64 a=0.25 allw", "rescomp-w2-g64", ["rescomp_mode=allw"], None),
+    ("GPTAQ W2 g64 a=0.25 seed 1", "gptaq-w2-g64", [], None, {"seed": 1}),
+    ("ResComp W2 g64 a=0.25 seed 1", "rescomp-w2-g64", [], None, {"seed": 1}),
+    ("ResComp[delta] W2 g64 a=0.25", "rescomp-w2-g64", ["rescomp_form=delta"], None),
+    ("GPTAQ W2 g64 a=0.25 seed 2", "gptaq-w2-g64", [], None, {"seed": 2}),
+    ("ResComp W2 g64 a=0.25 seed 2", "rescomp-w2-g64", [], None, {"seed": 2}),
+    ("GPTQ W2 g64 seed 1", "gptq-w2-g64", [], None, {"seed": 1}),
+]
+
+SUITES = {"quality": FOUNDATION, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2}
 
 
 def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) -> dict:
     """In a fresh process: compress (timed, peak RSS read right after), then evaluate."""
     import llmpress
 
-    name, recipe, settings, reference = SUITES[suite][index]
-    result = {"name": name, "recipe": recipe, "settings": settings, "reference": reference}
+    name, recipe, settings, reference, *extra = SUITES[suite][index]
+    kwargs = extra[0] if extra else {}
+    result = {"name": name, "recipe": recipe, "settings": settings, "reference": reference,
+              "seed": kwargs.get("seed", 0)}
     model = "smollm2-135m"
     if recipe is not None:
         out = OUT / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
         start = time.perf_counter()
         res = llmpress.compress(model, recipe, out=out, settings=settings, nsamples=nsamples, seqlen=seqlen,
-                                overwrite=True, progress=False)
+                                overwrite=True, progress=False, **kwargs)
         result["compress_s"] = time.perf_counter() - start
         result["compress_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["bits_per_weight"] = res.summary["mean bits per weight (codes+scales+zeros)"]
@@ -85,7 +101,8 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
     dense = next((r for r in rows if r["recipe"] is None), None)
     protocol = rows[0]["protocol"] if rows else "ppl[wiki/test, 2048x40]"
     lines = [
-        f"Model `smollm2-135m`; {protocol}; calibration wiki/train {nsamples}x{seqlen} seed 0; "
+        f"Model `smollm2-135m`; {protocol}; calibration wiki/train {nsamples}x{seqlen} seed 0 "
+        "(unless the name gives another); "
         "asymmetric grids; fp32 on CPU (2 cores). Each row is its own process: time and peak RSS are "
         "the compress job's alone (model load, calibration, solve, save).",
         "",
@@ -122,7 +139,8 @@ def update_benchmarks(section: str, body: str, command: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=sorted(SUITES), default="quality",
-                    help="quality: RTN and GPTQ (issue #2); residual: GPTQ vs GPTAQ vs ResComp (issue #4)")
+                    help="quality: RTN and GPTQ (issue #2); residual: GPTQ vs GPTAQ vs ResComp (issue #4); "
+                         "residual-w2: the W2 investigation of issue #4")
     ap.add_argument("--only", default=None, help="run the configurations whose name this regex searches")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--nsamples", type=int, default=128)

@@ -18,6 +18,7 @@ from .compress.arch import arch_for, set_submodule
 from .compress.calibration import calibration_windows, text_fingerprint
 from .compress.pipeline import BlockIO, ModuleRecord, compress_blocks, peak_rss_mb
 from .compress.recipe import Recipe, load_recipe
+from .compress.rotate.fuse import ResidualRotation, randomized_hadamard_rotation
 from .errors import ModelLoadError
 from .eval.perplexity import PerplexityResult, perplexity
 from .io.checkpoint import (
@@ -78,6 +79,7 @@ class _Job:
     store: LazyWeights
     rest_names: list[str]
     streaming: bool
+    rotation: ResidualRotation | None = None
 
 
 def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code) -> _Job:
@@ -92,15 +94,23 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
         windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
         calib_info = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                       "hash": text_fingerprint(windows)}
+    rotation = None
+    if recipe.rotation is not None:
+        stage = recipe.rotation
+        rotation = randomized_hadamard_rotation(arch, config, seed=stage.seed, heads=stage.heads, online=stage.online)
     store = LazyWeights(folder)   # opens every shard: a corrupt file fails here
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in skeleton.state_dict() if not (tied and n == "lm_head.weight")]
+    if rotation is not None and tied:
+        # The head absorbs the final norm's scale, the embeddings do not: they must be untied.
+        config.tie_word_embeddings = False
+        skeleton.config.tie_word_embeddings = False
     return _Job(
         model_spec=str(model), recipe=recipe, out=Path(out).expanduser(), folder=folder, config=config,
         skeleton=skeleton, tokenizer=tokenizer, windows=windows, calib=calib_info,
         fingerprint=_fingerprint(str(model), config, recipe, calib_info and calib_info["hash"]),
         store=store, rest_names=[n for n in names if not n.startswith(arch.blocks + ".")],
-        streaming=store.has_all(names),
+        streaming=store.has_all(names), rotation=rotation,
     )
 
 
@@ -144,13 +154,21 @@ def compress(
 def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model: bool,
          trust_remote_code: bool) -> CompressResult:
     out, store, arch = job.out, job.store, arch_for(job.skeleton)
+    rotation = job.rotation
+    rotate_rest = rotation.rotate_rest if rotation is not None else (lambda tensors: tensors)
     after_capture = None
     if job.streaming:
         model_obj = job.skeleton
-        model_obj.load_state_dict(store.read(job.rest_names), assign=True, strict=False)
+        model_obj.load_state_dict(rotate_rest(store.read(job.rest_names)), assign=True, strict=False)
         tie_output_embeddings(model_obj)
         rest = None   # read again when the last shard is written
-        materialize = store.materialize
+        if rotation is None:
+            materialize = store.materialize
+        else:
+            def materialize(block: nn.Module, prefix: str) -> None:
+                rotation.unwrap(block)   # the source checkpoint's layout
+                store.materialize(block, prefix)
+                rotation.rotate_block(block)
         release = (lambda block: None) if keep_model else store.release
         if not keep_model:
             def after_capture(model: nn.Module = model_obj) -> None:
@@ -161,7 +179,12 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         # fall back to holding the whole model in memory.
         model_obj = load_dense(job.folder, trust_remote_code=trust_remote_code)
         wanted = set(job.rest_names)
-        rest = {n: t for n, t in model_obj.state_dict().items() if n in wanted}
+        rest = rotate_rest({n: t for n, t in model_obj.state_dict().items() if n in wanted})
+        if rotation is not None:
+            model_obj.config.tie_word_embeddings = False
+            model_obj.load_state_dict(rest, assign=True, strict=False)
+            for block in model_obj.get_submodule(arch.blocks):
+                rotation.rotate_block(block)
         materialize = release = lambda *a: None
 
     n_blocks = len(model_obj.get_submodule(arch.blocks))
@@ -173,6 +196,8 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         resumed_records += [ModuleRecord(**r) for r in entry["records"]]
 
     def load_finished(index: int, block: nn.Module, prefix: str, entry: dict) -> None:
+        if rotation is not None:
+            rotation.wrap(block)
         for name, spec in entry["modules"].items():
             set_submodule(block, name, build_module(f"{prefix}.{name}", spec, torch.float32))
         shard = shard_name(index, total_shards)
@@ -189,13 +214,15 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
 
     io = BlockIO(materialize=materialize, release=release, finished=state.finished,
                  load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture)
-    records = compress_blocks(model_obj, arch, job.recipe, job.windows, io, batch_size=batch_size, progress=progress)
+    block_arch = rotation.compress_arch() if rotation is not None else arch
+    records = compress_blocks(model_obj, block_arch, job.recipe, job.windows, io, batch_size=batch_size,
+                              progress=progress)
     records = sorted(resumed_records + records, key=lambda r: (r.block, r.name))
     kept_model = model_obj.eval() if keep_model else None
     del model_obj
 
     if rest is None:
-        rest = store.read(job.rest_names)
+        rest = rotate_rest(store.read(job.rest_names))
     save_tensors_atomic(rest, out / shard_name(n_blocks, total_shards))
     weight_map = {n: shard_name(n_blocks, total_shards) for n in rest}
     modules: dict[str, dict] = {}
@@ -212,7 +239,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     summary = _summary(out, records, job, seconds)
     write_report(out, records, summary)
     extra = {
-        "transforms": [],
+        "transforms": [rotation.manifest(n_blocks)] if rotation is not None else [],
         "recipe": job.recipe.model_dump(mode="json"),
         "calibration": job.calib,
         "base_model": job.model_spec,
@@ -239,6 +266,7 @@ def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float) 
         "recipe": job.recipe.name,
         "calibration": f"{c['source']} {c['nsamples']}x{c['seqlen']} seed {c['seed']} (hash {c['hash']})"
         if c else "none (data-free)",
+        "rotation": _describe_rotation(job.rotation),
         "compressed modules": len(records),
         "mean bits per weight (codes+scales+zeros)": round(sum(bpw) / len(bpw), 4) if bpw else None,
         "size on disk (MB)": round(size / 1e6, 2),
@@ -246,6 +274,17 @@ def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float) 
         "peak RSS (MB)": round(peak_rss_mb(), 1),
         "llmpress": __version__,
     }
+
+
+def _describe_rotation(rotation: ResidualRotation | None) -> str:
+    if rotation is None:
+        return "none"
+    parts = [f"{rotation.method} seed {rotation.seed}: residual stream"]
+    if rotation.head is not None:
+        parts.append("within heads")
+    if rotation.online_size:
+        parts.append(f"online Hadamard ({rotation.online_size}) before {rotation.arch.rotation.online_input}")
+    return ", ".join(parts)
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

@@ -46,3 +46,16 @@ def test_dense_perplexity_matches_data_md(dense_ppl):
     # data.md: dense ppl[wiki/test, 2048x40] = 16.87; the first 2 windows are harder text.
     assert 10 < dense_ppl.ppl < 40, str(dense_ppl)
     assert dense_ppl.protocol == f"ppl[wiki/test, 2048x{WINDOWS}]"
+
+
+def test_rotated_smollm2_has_the_same_logits(real_model_folder, tmp_path):
+    """RHT on widths 576 (= 36·16, a Paley factor), 1536 (= 12·128) and heads of 64."""
+    import torch
+
+    llmpress.compress(real_model_folder, "rht-only", out=tmp_path / "rot", progress=False)
+    dense, _ = llmpress.load(real_model_folder)
+    rotated, _ = llmpress.load(tmp_path / "rot")
+    ids = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = dense(input_ids=ids).logits, rotated(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()

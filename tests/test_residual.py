@@ -50,6 +50,7 @@ def test_residual_projection_rows_solve_the_trailing_system():
 @pytest.mark.parametrize("kw", [
     dict(bits=3, group_size=-1), dict(bits=3, group_size=64, act_order=True),
     dict(bits=2, group_size=32, act_order=True, static_groups=True),
+    dict(bits=3, group_size=96, block_size=64),   # a group that spans two lazy blocks
 ])
 def test_identical_streams_reduce_gptaq_and_rescomp_to_gptq(kw):
     W, _X, _, H, _ = _problem()

@@ -17,6 +17,24 @@ from ..errors import ModelLoadError
 
 
 @dataclass(frozen=True)
+class RotationMap:
+    """Where a residual-stream rotation goes in a block (QuaRot's computational invariance).
+
+    ``norm_readers``: each RMSNorm and the linears that read its output (its scale is folded into
+    them, then they are rotated on their input side); ``residual_writers``: the linears whose
+    output joins the residual stream (rotated on their output side); ``value``/``attn_output``:
+    the per-head pair rotated within heads; ``online_input``: the linear whose input needs an
+    online Hadamard (after the gated product, where no weight can absorb it).
+    """
+
+    norm_readers: tuple[tuple[str, tuple[str, ...]], ...]
+    residual_writers: tuple[str, ...]
+    value: str
+    attn_output: str
+    online_input: str
+
+
+@dataclass(frozen=True)
 class ArchMap:
     family: str
     blocks: str
@@ -30,6 +48,7 @@ class ArchMap:
     attention_output: str | None = None   # its last linear, whose output the attention returns
     attention_norm: str | None = None     # the norm whose output only the attention reads
     transposed_weights: bool = False   # GPT-2's Conv1D stores weight as [in, out]
+    rotation: RotationMap | None = None   # None: rotations are not supported for this family
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -55,10 +74,17 @@ _LLAMA = ArchMap(
     attention="self_attn",
     attention_output="self_attn.o_proj",
     attention_norm="input_layernorm",
+    rotation=RotationMap(
+        norm_readers=(("input_layernorm", _LLAMA_GROUPS[0]), ("post_attention_layernorm", _LLAMA_GROUPS[2])),
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+        value="self_attn.v_proj",
+        attn_output="self_attn.o_proj",
+        online_input="mlp.down_proj",
+    ),
 )
 
 # Gemma 2/3 normalise each sublayer's output before the residual add, so no linear feeds the
-# residual stream directly; their RMSNorm scales by (1 + weight), which matters to rotations.
+# residual stream directly and no weight can absorb a residual rotation: no RotationMap.
 _GEMMA = ArchMap(
     family="gemma",
     blocks="model.layers",

@@ -117,8 +117,28 @@ class GPTQStage(UniformQuantStage):
         return frozenset({"hessian", "fp_inputs"}) if self.residual != "none" else frozenset({"hessian"})
 
 
-Stage = Annotated[RTNStage | GPTQStage, Field(discriminator="method")]
-STAGE_TYPES: dict[str, type[StageBase]] = {"rtn": RTNStage, "gptq": GPTQStage}
+class RotationStage(BaseModel):
+    """A transform: rotations fused into the weights (QuaRot's computational invariance), so the
+    full-precision function is unchanged and the quantizers that follow see incoherent weights.
+    It runs before every layer stage, on the whole model."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    kind: ClassVar[str] = "transform"
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    seed: int = 0            # the random sign flips
+    heads: bool = True       # also rotate within attention heads (v_proj output, o_proj input)
+    online: bool = True      # an online Hadamard before down_proj (off: stock-HF exportable packed weights)
+
+
+class RHTStage(RotationStage):
+    """Fixed randomized Hadamard rotations of every width (compress/rotate/hadamard.py)."""
+
+    method: Literal["rht"] = "rht"
+
+
+Stage = Annotated[RTNStage | GPTQStage | RHTStage, Field(discriminator="method")]
+STAGE_TYPES: dict[str, type[BaseModel]] = {"rtn": RTNStage, "gptq": GPTQStage, "rht": RHTStage}
 
 
 class Recipe(BaseModel):
@@ -128,12 +148,25 @@ class Recipe(BaseModel):
     description: str = ""
     stages: list[Stage] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _transforms_first(self):
+        kinds = [s.kind for s in self.stages]
+        if kinds.count("transform") > 1:
+            raise ValueError("a recipe holds at most one rotation stage")
+        if "transform" in kinds and kinds.index("transform") != 0:
+            raise ValueError("the rotation stage must come first: it changes the weights every later stage sees")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     @property
     def layer_stages(self) -> list[StageBase]:
         return [s for s in self.stages if s.kind == "layer"]
+
+    @property
+    def rotation(self) -> RotationStage | None:
+        return next((s for s in self.stages if s.kind == "transform"), None)
 
 
 # -- loading -----------------------------------------------------------------------------------

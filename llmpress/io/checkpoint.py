@@ -27,8 +27,8 @@ from torch import nn
 
 from .. import __version__
 from ..compress.arch import set_submodule
-from ..errors import ModelLoadError, OutputError
-from ..layers import LAYER_FORMATS
+from ..errors import LlmpressError, ModelLoadError, OutputError
+from ..layers import LAYER_FORMATS, OnlineHadamard
 from ..paths import atomic_write_text
 from .models import LazyWeights, empty_model, load_config, tie_output_embeddings
 
@@ -186,6 +186,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     manifest = read_manifest(folder)
     config = load_config(folder)
     model = empty_model(config, dtype=dtype)
+    apply_transforms(model, manifest.get("transforms", []), dtype)
     for name, entry in manifest["modules"].items():
         try:
             model.get_submodule(name)
@@ -210,6 +211,32 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
         raise ModelLoadError(f"{folder}: no weights for {leftover[0]} (and {len(leftover) - 1} more)")
     _check_codes(model)
     return model.eval()
+
+
+def apply_transforms(model: nn.Module, transforms: Any, dtype: torch.dtype) -> None:
+    """Rebuild the structure the manifest's transforms add (the online Hadamard wrappers); fused
+    rotations need nothing, they live in the weights."""
+    if not isinstance(transforms, list):
+        raise ModelLoadError("the manifest's `transforms` is not a list")
+    for t in transforms:
+        online = t.get("online_hadamard") if isinstance(t, dict) else None
+        if not online:
+            continue
+        size, names = online.get("size"), online.get("modules")
+        if not isinstance(size, int) or size <= 0 or not isinstance(names, list):
+            raise ModelLoadError("manifest: an online_hadamard transform has no valid `size` and `modules`")
+        for name in names:
+            try:
+                linear = model.get_submodule(str(name))
+            except AttributeError:
+                raise ModelLoadError(f"manifest: online Hadamard on {name}, which this architecture does not have") from None
+            if getattr(linear, "in_features", None) != size:
+                raise ModelLoadError(f"manifest: online Hadamard of size {size} on {name}, whose input is not that wide")
+            try:
+                wrapper = OnlineHadamard(size, linear, dtype=dtype, device="meta")
+            except LlmpressError as e:
+                raise ModelLoadError(f"manifest: {e}") from None
+            set_submodule(model, str(name), wrapper)
 
 
 def _check_codes(model: nn.Module) -> None:

@@ -34,7 +34,7 @@ from .. import __version__
 from ..compress.arch import set_submodule
 from ..errors import LlmpressError, OutputError
 from ..kernels.packing import pack_codes, unpack_codes
-from ..layers import QuantLinear
+from ..layers import OnlineHadamard, QuantLinear
 from .checkpoint import is_llmpress_output, load_compressed, read_manifest
 from .models import load_tokenizer
 
@@ -64,6 +64,10 @@ def export(src: str | Path, out: str | Path, fmt: str, *, dtype: str = "float16"
         name, kind = next(iter(foreign.items()))
         raise ExportError(f"{name} is stored in llmpress's {kind!r} format, which {fmt} cannot express; "
                           "use --format dense")
+    online = [t for t in manifest.get("transforms", []) if isinstance(t, dict) and t.get("online_hadamard")]
+    if fmt != "dense" and online:
+        raise ExportError(f"this model applies an online Hadamard before its down projections, which {fmt} "
+                          "cannot express; use --format dense, or compress with the rotation's `online: false`")
     model = load_compressed(src, dtype=torch.float32)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if fmt == "compressed-tensors":
@@ -116,6 +120,9 @@ def _dense_tensors(model: nn.Module, quantized: dict[str, QuantLinear], dtype: t
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.to(torch.float32), requires_grad=False)
         set_submodule(model, name, linear)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, OnlineHadamard):   # the online rotation folds back into the weight
+            set_submodule(model, name, module.fold())
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in _plain_state(model).items()}
 
 

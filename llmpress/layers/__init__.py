@@ -1,8 +1,10 @@
 """Compressed modules a saved model is rebuilt from: one module type per storage format."""
 
+from .online_hadamard import OnlineHadamard
 from .quant_linear import QuantLinear
 
-# format name in the manifest -> module type
+# format name in the manifest -> module type (OnlineHadamard is a transform: the manifest lists
+# it under `transforms`, around a module of one of these formats or a plain linear)
 LAYER_FORMATS = {QuantLinear.format_name: QuantLinear}
 
-__all__ = ["LAYER_FORMATS", "QuantLinear"]
+__all__ = ["LAYER_FORMATS", "OnlineHadamard", "QuantLinear"]

@@ -168,14 +168,13 @@ def gptq_quantize(
     zeros = torch.zeros(rows, n_groups)
     position_group = torch.zeros(cols, dtype=torch.int64)   # group of each processed position
     loss = 0.0
-    params = row_params
-    if params is not None:
-        scales[:, 0], zeros[:, 0] = params.scale, params.zero
+    if row_params is not None:
+        scales[:, 0], zeros[:, 0] = row_params.scale, row_params.zero
     if static is not None:
         for g, p in enumerate(static):
             scales[:, g], zeros[:, g] = p.scale, p.zero
     grid = _ColumnGrid(group_size, bits, sym, mse, static, perm.tolist() if perm is not None else None,
-                       scales, zeros, position_group)
+                       scales, zeros, position_group, row_params)
 
     if cross is not None:
         P, R = cross
@@ -190,12 +189,12 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         diag = torch.diagonal(U1).tolist()
         if cross is not None:
-            _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, row_params, bits, allw, maxq)
+            _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, bits, allw, maxq)
             loss += float(err_block.double().pow(2).sum()) / 2
             continue
         for i in range(i2 - i1):
             j = i1 + i
-            params = grid.at(j, Wt, params)
+            params = grid.at(j, Wt)
             w = W1[i]
             q = quantize_codes(w, params, bits)
             codes_t[j] = q
@@ -234,25 +233,26 @@ class _ColumnGrid:
     scales: torch.Tensor
     zeros: torch.Tensor
     position_group: torch.Tensor
+    current: object = None   # the parameters in force; carried across lazy blocks
 
-    def at(self, j: int, Wt: torch.Tensor, current):
-        """The parameters for processed column ``j`` (``current`` when they do not change)."""
+    def at(self, j: int, Wt: torch.Tensor):
+        """The parameters for processed column ``j`` (columns are visited in order)."""
         if self.group_size <= 0:
-            return current
+            return self.current
         if self.static is not None:
             g = (self.order[j] if self.order is not None else j) // self.group_size
-            current = self.static[g]
+            self.current = self.static[g]
         elif j % self.group_size == 0:
             g = j // self.group_size
-            current = fit_grid(Wt[j:j + self.group_size].T, self.bits, self.sym, self.mse)
-            self.scales[:, g], self.zeros[:, g] = current.scale, current.zero
+            self.current = fit_grid(Wt[j:j + self.group_size].T, self.bits, self.sym, self.mse)
+            self.scales[:, g], self.zeros[:, g] = self.current.scale, self.current.zero
         else:
             g = j // self.group_size
         self.position_group[j] = g
-        return current
+        return self.current
 
 
-def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, row_params, bits, allw, maxq) -> None:
+def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, bits, allw, maxq) -> None:
     """One lazy block of GPTAQ (``R is None``) or GPTAQ+ResComp, on transposed weights ``Wt``.
 
     Per column ``j`` with current value ``w``, code value ``q`` and ``e = (w − q)/U_jj``, the later
@@ -263,11 +263,10 @@ def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, row_
     U1, P1 = U[i1:i2, i1:i2], P[i1:i2, i1:i2]
     R1 = R[i1:i2, i1:i2] if R is not None else None
     diag = torch.diagonal(U1).tolist()
-    params = row_params
     final = torch.empty_like(W1)      # what the lazy update multiplies P (and R) with
     for i in range(i2 - i1):
         j = i1 + i
-        params = grid.at(j, Wt, params)
+        params = grid.at(j, Wt)
         w = W1[i].clone()
         q = quantize_codes(w, params, bits)
         codes_t[j] = q

@@ -1,0 +1,72 @@
+"""``OnlineHadamard``: a linear whose input is rotated at run time by a randomized Hadamard.
+
+Where a rotation cannot be folded into any weight (the input of ``down_proj`` follows the gated
+product ``act(gate)·up``), the linear's weight holds ``W·R`` and this module computes
+``x R = (x ⊙ s) H / √n`` before it, so the function is unchanged and the linear sees
+incoherent inputs. It wraps the linear (``<name>.linear``, dense or compressed), so compressors
+and kernels see a plain linear.
+
+Stored tensors: ``<name>.signs`` (the ±1 vector ``s``) and the wrapped linear's own. The
+Hadamard factors are rebuilt from the width (``compress/rotate/hadamard.py``), never stored.
+On CUDA with ``fast-hadamard-transform`` installed, the power-of-two part runs through its
+kernel; otherwise through small Kronecker-factored matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..compress.rotate.hadamard import apply_hadamard, hadamard_factors
+
+try:   # optional CUDA kernel (`pip install llmpress[fast-hadamard]`)
+    from fast_hadamard_transform import hadamard_transform as _fast_hadamard
+except ImportError:   # pragma: no cover - not installable on the CPU machines we test on
+    _fast_hadamard = None
+
+
+class OnlineHadamard(nn.Module):
+    format_name = "online_hadamard"
+
+    def __init__(self, size: int, linear: nn.Module | None = None, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.size = size
+        self.register_buffer("signs", torch.ones(size, dtype=dtype, device=device))
+        self._factors = hadamard_factors(size)
+        self.linear = linear
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.signs.to(x.dtype)
+        if _fast_hadamard is not None and x.is_cuda and len(self._factors) >= 1:
+            return self._rotate_fast(x)
+        return apply_hadamard(x, self._factors)
+
+    def _rotate_fast(self, x: torch.Tensor) -> torch.Tensor:   # pragma: no cover - CUDA only
+        first = self._factors[0]
+        k = first.shape[0] if first.shape[0] & (first.shape[0] - 1) else 1   # the non-power-of-two factor
+        p = self.size // k
+        y = x.reshape(-1, k, p)
+        if k > 1:
+            y = torch.einsum("ij,bip->bjp", first.to(x), y) / k ** 0.5
+        y = _fast_hadamard(y.reshape(-1, p).contiguous(), p ** -0.5)
+        return y.reshape(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.rotate(x))
+
+    def fold(self) -> nn.Linear:
+        """A plain linear with the same function, ``W Rᵀ`` (for exports to stock formats); the
+        wrapped linear must be a plain one (dequantize first)."""
+        inner = self.linear
+        transposed = tuple(f.T for f in self._factors)
+        with torch.no_grad():
+            weight = apply_hadamard(inner.weight.double(), transposed) * self.signs.double()
+        out = nn.Linear(self.size, inner.out_features, bias=inner.bias is not None, device="meta")
+        out.weight = nn.Parameter(weight.to(inner.weight.dtype), requires_grad=False)
+        if inner.bias is not None:
+            out.bias = nn.Parameter(inner.bias.detach().clone(), requires_grad=False)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, factors={[f.shape[0] for f in self._factors]}"

@@ -1,0 +1,163 @@
+"""Rotations: Hadamard constructions, fused rotations that leave the function unchanged, the
+online Hadamard module, and their save/load/export paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmpress
+from llmpress.compress.recipe import parse_recipe
+from llmpress.compress.rotate.hadamard import (
+    HadamardError,
+    apply_hadamard,
+    hadamard_factors,
+    hadamard_matrix,
+    paley,
+    randomized_hadamard,
+)
+from llmpress.errors import LlmpressError, RecipeError
+from llmpress.layers import OnlineHadamard, QuantLinear
+
+# Widths the supported models use: SmolLM2 (576, 1536, head 64), Qwen2.5 (896, 4864), Llama
+# (4096, 11008, 14336), tiny test models (64, 160, 16).
+WIDTHS = (16, 64, 160, 576, 896, 1536, 4096, 4864, 11008)
+
+
+@pytest.mark.parametrize("order", [12, 20, 28, 36, 44, 60, 76, 108, 140])
+def test_paley_constructions_are_hadamard(order):
+    h = paley(order)
+    assert h is not None and set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(h @ h.T, order * torch.eye(order, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", WIDTHS)
+def test_hadamard_of_every_width_is_orthogonal_and_the_fast_transform_equals_it(n):
+    factors = hadamard_factors(n)
+    assert max(f.shape[0] for f in factors) <= max(128, factors[0].shape[0])   # never one n × n factor
+    x = torch.randn(3, n, dtype=torch.float64)
+    if n <= 4864:
+        h = hadamard_matrix(n)
+        assert (h @ h.T - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-6
+        assert (apply_hadamard(x, factors) - x @ h).abs().max() < 1e-10
+        q = randomized_hadamard(n, seed=1)
+        assert (q @ q.T - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-6
+    # an orthogonal map keeps norms; applying Hᵀ undoes it
+    y = apply_hadamard(x, factors)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-10)
+    back = apply_hadamard(y, tuple(f.T for f in factors))
+    assert (back - x).abs().max() < 1e-10
+
+
+def test_a_width_without_a_hadamard_gets_a_clear_error():
+    with pytest.raises(HadamardError, match="no Hadamard matrix known for width 6"):
+        hadamard_factors(6)
+
+
+# -- fused rotations on tiny random models ---------------------------------------------------------
+
+def _rotation(**kw):
+    return {"method": "rht", "seed": 0, **kw}
+
+
+def _recipe(*layer_stages, **rotation):
+    return parse_recipe({"name": "t", "stages": [_rotation(**rotation), *layer_stages]})
+
+
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory, tiny_model_factory):
+    """A tiny model of ``arch`` whose norm scales and biases are random (a fresh model's norms
+    are all ones, which would hide a norm that is folded wrong)."""
+    made = {}
+
+    def make(arch: str):
+        if arch in made:
+            return made[arch]
+        model, tok = llmpress.load(tiny_model_factory(arch))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        folder = tmp_path_factory.mktemp(f"perturbed-{arch}")
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        made[arch] = folder
+        return folder
+
+    return make
+
+
+def _logits(model, seed=0):
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("options", [{}, {"online": False, "heads": False}])
+def test_rotated_full_precision_model_has_the_same_logits(arch, options, perturbed, tmp_path):
+    folder = perturbed(arch)
+    llmpress.compress(folder, _recipe(**options), out=tmp_path / "rot", progress=False)
+    dense, _ = llmpress.load(folder)
+    rotated, _ = llmpress.load(tmp_path / "rot")
+    a, b = _logits(dense), _logits(rotated)
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    # ... and the weights really changed
+    name = "model.layers.0.mlp.down_proj" + (".linear" if options.get("online", True) else "")
+    assert not torch.allclose(rotated.get_submodule(name).weight, dense.get_submodule("model.layers.0.mlp.down_proj").weight)
+    assert isinstance(rotated.get_submodule("model.layers.0.mlp.down_proj"), OnlineHadamard) == options.get("online", True)
+    assert not rotated.config.tie_word_embeddings
+
+
+def test_rotation_then_gptq_reloads_exactly_and_resumes(perturbed, tmp_path, monkeypatch):
+    from .test_pipeline import crash_then_resume
+
+    folder = perturbed("llama")
+    recipe = _recipe({"method": "gptq", "bits": 3, "group_size": 32})
+    result = llmpress.compress(folder, recipe, out=tmp_path / "q", nsamples=4, seqlen=32, progress=False,
+                               keep_model=True)
+    reloaded, _ = llmpress.load(tmp_path / "q")
+    wrapper = reloaded.get_submodule("model.layers.1.mlp.down_proj")
+    assert isinstance(wrapper, OnlineHadamard) and isinstance(wrapper.linear, QuantLinear)
+    assert (_logits(result.model) - _logits(reloaded)).abs().max() <= 1e-5
+    assert "model.layers.1.mlp.down_proj.linear" in {r.name for r in result.records}
+    crash_then_resume(folder, recipe, tmp_path / "resume", monkeypatch)
+
+
+def test_dense_export_folds_the_online_hadamard_into_plain_weights(perturbed, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.io.export import ExportError, export
+
+    folder = perturbed("qwen2")
+    llmpress.compress(folder, _recipe({"method": "rtn", "bits": 4, "group_size": 32}), out=tmp_path / "q",
+                      progress=False)
+    export(tmp_path / "q", tmp_path / "dense", "dense", dtype="float32")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    ours, _ = llmpress.load(tmp_path / "q")
+    assert (_logits(plain) - _logits(ours)).abs().max() <= 1e-4
+    with pytest.raises(ExportError, match="online Hadamard"):
+        export(tmp_path / "q", tmp_path / "ct", "compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_unsupported_family_and_misplaced_rotation_are_refused(tiny_model_factory, tmp_path):
+    with pytest.raises(LlmpressError, match="supported: llama"):
+        llmpress.compress(tiny_model_factory("gemma2"), _recipe(), out=tmp_path / "g", progress=False)
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(RecipeError, match="must come first"):
+        parse_recipe({"stages": [{"method": "rtn", "bits": 4}, _rotation()]})
+
+
+def test_tampered_online_hadamard_manifest_is_refused(perturbed, tmp_path):
+    import json
+
+    folder = perturbed("llama")
+    llmpress.compress(folder, _recipe(), out=tmp_path / "rot", progress=False)
+    cfg_path = tmp_path / "rot" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["transforms"][0]["online_hadamard"]["size"] = 7
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(llmpress.api.ModelLoadError, match="not that wide"):
+        llmpress.load(tmp_path / "rot")
