@@ -101,7 +101,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     store = LazyWeights(folder)   # opens every shard: a corrupt file fails here
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in skeleton.state_dict() if not (tied and n == "lm_head.weight")]
-    if rotation is not None and tied:
+    if rotation is not None and rotation.unties and tied:
         # The head absorbs the final norm's scale, the embeddings do not: they must be untied.
         config.tie_word_embeddings = False
         skeleton.config.tie_word_embeddings = False
@@ -181,7 +181,8 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         wanted = set(job.rest_names)
         rest = rotate_rest({n: t for n, t in model_obj.state_dict().items() if n in wanted})
         if rotation is not None:
-            model_obj.config.tie_word_embeddings = False
+            if rotation.unties:
+                model_obj.config.tie_word_embeddings = False
             model_obj.load_state_dict(rest, assign=True, strict=False)
             for block in model_obj.get_submodule(arch.blocks):
                 rotation.rotate_block(block)

@@ -19,6 +19,8 @@ from llmpress.compress.rotate.hadamard import (
 from llmpress.errors import LlmpressError, RecipeError
 from llmpress.layers import OnlineHadamard, QuantLinear
 
+from .conftest import TINY_ARCHS
+
 # Widths the supported models use: SmolLM2 (576, 1536, head 64), Qwen2.5 (896, 4864), Llama
 # (4096, 11008, 14336), tiny test models (64, 160, 16).
 WIDTHS = (16, 64, 160, 576, 896, 1536, 4096, 4864, 11008)
@@ -77,7 +79,7 @@ def perturbed(tmp_path_factory, tiny_model_factory):
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "norm" in name or name.endswith("bias"):
+                if "norm" in name or ".ln_" in name or name.endswith("bias"):
                     p.add_(torch.randn(p.shape, generator=g) * 0.3)
         folder = tmp_path_factory.mktemp(f"perturbed-{arch}")
         model.save_pretrained(folder)
@@ -94,7 +96,14 @@ def _logits(model, seed=0):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+# (block 0's online linear, whether the residual stream is rotated and the head untied)
+ONLINE = {"llama": "model.layers.0.mlp.down_proj", "mistral": "model.layers.0.mlp.down_proj",
+          "qwen2": "model.layers.0.mlp.down_proj", "qwen3": "model.layers.0.mlp.down_proj",
+          "gemma2": "model.layers.0.mlp.down_proj", "gemma3": "model.layers.0.mlp.down_proj",
+          "opt": "model.decoder.layers.0.fc2", "gpt2": "transformer.h.0.mlp.c_proj"}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("options", [{}, {"online": False, "heads": False}])
 def test_rotated_full_precision_model_has_the_same_logits(arch, options, perturbed, tmp_path):
     folder = perturbed(arch)
@@ -103,11 +112,15 @@ def test_rotated_full_precision_model_has_the_same_logits(arch, options, perturb
     rotated, _ = llmpress.load(tmp_path / "rot")
     a, b = _logits(dense), _logits(rotated)
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
-    # ... and the weights really changed
-    name = "model.layers.0.mlp.down_proj" + (".linear" if options.get("online", True) else "")
-    assert not torch.allclose(rotated.get_submodule(name).weight, dense.get_submodule("model.layers.0.mlp.down_proj").weight)
-    assert isinstance(rotated.get_submodule("model.layers.0.mlp.down_proj"), OnlineHadamard) == options.get("online", True)
-    assert not rotated.config.tie_word_embeddings
+    # ... and the weights really changed where the family allows it
+    online = options.get("online", True)
+    residual = not arch.startswith("gemma")
+    assert isinstance(rotated.get_submodule(ONLINE[arch]), OnlineHadamard) == online
+    if online or residual:
+        inner = rotated.get_submodule(ONLINE[arch] + (".linear" if online else ""))
+        assert not torch.allclose(inner.weight, dense.get_submodule(ONLINE[arch]).weight)
+    if residual:
+        assert not rotated.config.tie_word_embeddings
 
 
 def test_rotation_then_gptq_reloads_exactly_and_resumes(perturbed, tmp_path, monkeypatch):
@@ -142,9 +155,15 @@ def test_dense_export_folds_the_online_hadamard_into_plain_weights(perturbed, tm
     assert not (tmp_path / "ct").exists()
 
 
-def test_unsupported_family_and_misplaced_rotation_are_refused(tiny_model_factory, tmp_path):
-    with pytest.raises(LlmpressError, match="supported: llama"):
-        llmpress.compress(tiny_model_factory("gemma2"), _recipe(), out=tmp_path / "g", progress=False)
+def test_unsupported_model_and_misplaced_rotation_are_refused(tiny_model_factory, tmp_path, monkeypatch):
+    import dataclasses
+
+    from llmpress import api
+
+    original = api.arch_for
+    monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), rotation=None))
+    with pytest.raises(LlmpressError, match="rotations are not supported for the llama family"):
+        llmpress.compress(tiny_model_factory("llama"), _recipe(), out=tmp_path / "g", progress=False)
     assert not (tmp_path / "g").exists()
     with pytest.raises(RecipeError, match="must come first"):
         parse_recipe({"stages": [{"method": "rtn", "bits": 4}, _rotation()]})

@@ -18,13 +18,17 @@ from ..errors import ModelLoadError
 
 @dataclass(frozen=True)
 class RotationMap:
-    """Where a residual-stream rotation goes in a block (QuaRot's computational invariance).
+    """Where rotations go in a block (QuaRot's computational invariance).
 
-    ``norm_readers``: each RMSNorm and the linears that read its output (its scale is folded into
+    ``norm_readers``: each pre-norm and the linears that read its output (its scale is folded into
     them, then they are rotated on their input side); ``residual_writers``: the linears whose
-    output joins the residual stream (rotated on their output side); ``value``/``attn_output``:
-    the per-head pair rotated within heads; ``online_input``: the linear whose input needs an
-    online Hadamard (after the gated product, where no weight can absorb it).
+    output joins the residual stream (rotated on their output side); both empty when the
+    residual stream cannot be rotated (Gemma's post-norms sit between a writer and the stream).
+    ``norm_kind``: ``rms`` or ``layer`` (LayerNorm: the stream rotation must then keep the mean,
+    and the norm's bias is carried into the rotated basis). ``value``/``attn_output``: the
+    per-head pair rotated within heads; ``value_part`` = (i, k): the value rows are the i-th of k
+    equal slices of that linear's outputs (GPT-2's fused c_attn). ``online_input``: the linear
+    whose input needs an online Hadamard (after the MLP's non-linearity, which absorbs nothing).
     """
 
     norm_readers: tuple[tuple[str, tuple[str, ...]], ...]
@@ -32,6 +36,12 @@ class RotationMap:
     value: str
     attn_output: str
     online_input: str
+    norm_kind: str = "rms"
+    value_part: tuple[int, int] = (0, 1)
+
+    @property
+    def residual(self) -> bool:
+        return bool(self.residual_writers)
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,8 @@ _LLAMA = ArchMap(
 )
 
 # Gemma 2/3 normalise each sublayer's output before the residual add, so no linear feeds the
-# residual stream directly and no weight can absorb a residual rotation: no RotationMap.
+# residual stream directly and no weight can absorb a residual rotation: heads and the online
+# Hadamard only.
 _GEMMA = ArchMap(
     family="gemma",
     blocks="model.layers",
@@ -97,6 +108,8 @@ _GEMMA = ArchMap(
     attention="self_attn",
     attention_output="self_attn.o_proj",
     attention_norm="input_layernorm",
+    rotation=RotationMap(norm_readers=(), residual_writers=(), value="self_attn.v_proj",
+                         attn_output="self_attn.o_proj", online_input="mlp.down_proj"),
 )
 
 _OPT = ArchMap(
@@ -110,6 +123,12 @@ _OPT = ArchMap(
     residual_linear="fc2",
     attention="self_attn",
     attention_output="self_attn.out_proj",
+    rotation=RotationMap(
+        norm_readers=(("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                      ("final_layer_norm", ("fc1",))),
+        residual_writers=("self_attn.out_proj", "fc2"),
+        value="self_attn.v_proj", attn_output="self_attn.out_proj", online_input="fc2", norm_kind="layer",
+    ),
 )
 
 _GPT2 = ArchMap(
@@ -125,6 +144,12 @@ _GPT2 = ArchMap(
     attention_output="attn.c_proj",
     attention_norm="ln_1",
     transposed_weights=True,
+    rotation=RotationMap(
+        norm_readers=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+        residual_writers=("attn.c_proj", "mlp.c_proj"),
+        value="attn.c_attn", value_part=(2, 3), attn_output="attn.c_proj", online_input="mlp.c_proj",
+        norm_kind="layer",
+    ),
 )
 
 ARCHITECTURES: dict[str, ArchMap] = {
@@ -151,7 +176,9 @@ def arch_for(model: nn.Module) -> ArchMap:
         # post-LN OPT (350m): the residual sum passes through a LayerNorm inside the block.
         from dataclasses import replace
 
-        arch = replace(arch, residual_linear=None, attention_norm=None)
+        # No residual-stream rotation either (the stream passes through a norm): heads and online only.
+        rotation = replace(arch.rotation, norm_readers=(), residual_writers=())
+        arch = replace(arch, residual_linear=None, attention_norm=None, rotation=rotation)
     return arch
 
 

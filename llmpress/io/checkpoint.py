@@ -29,6 +29,7 @@ from .. import __version__
 from ..compress.arch import set_submodule
 from ..errors import LlmpressError, ModelLoadError, OutputError
 from ..layers import LAYER_FORMATS, OnlineHadamard
+from ..layers.online_hadamard import input_width
 from ..paths import atomic_write_text
 from .models import LazyWeights, empty_model, load_config, tie_output_embeddings
 
@@ -230,7 +231,7 @@ def apply_transforms(model: nn.Module, transforms: Any, dtype: torch.dtype) -> N
                 linear = model.get_submodule(str(name))
             except AttributeError:
                 raise ModelLoadError(f"manifest: online Hadamard on {name}, which this architecture does not have") from None
-            if getattr(linear, "in_features", None) != size:
+            if input_width(linear) != size:
                 raise ModelLoadError(f"manifest: online Hadamard of size {size} on {name}, whose input is not that wide")
             try:
                 wrapper = OnlineHadamard(size, linear, dtype=dtype, device="meta")

@@ -25,6 +25,17 @@ except ImportError:   # pragma: no cover - not installable on the CPU machines w
     _fast_hadamard = None
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def input_width(module: nn.Module) -> int | None:
+    """The input width of a linear (``nn.Linear``, GPT-2's ``Conv1D`` or a compressed one)."""
+    if is_conv1d(module):
+        return module.weight.shape[0]
+    return getattr(module, "in_features", None)
+
+
 class OnlineHadamard(nn.Module):
     format_name = "online_hadamard"
 
@@ -55,18 +66,17 @@ class OnlineHadamard(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.rotate(x))
 
-    def fold(self) -> nn.Linear:
-        """A plain linear with the same function, ``W Rᵀ`` (for exports to stock formats); the
-        wrapped linear must be a plain one (dequantize first)."""
+    def fold(self) -> nn.Module:
+        """The wrapped module with ``W Rᵀ`` as its weight: the same function with no online
+        transform (for exports to stock formats); it must hold a plain weight (dequantize first)."""
         inner = self.linear
-        transposed = tuple(f.T for f in self._factors)
+        transposed = is_conv1d(inner)   # GPT-2's Conv1D stores [in, out]
+        weight = inner.weight.detach()
+        w = weight.T if transposed else weight
         with torch.no_grad():
-            weight = apply_hadamard(inner.weight.double(), transposed) * self.signs.double()
-        out = nn.Linear(self.size, inner.out_features, bias=inner.bias is not None, device="meta")
-        out.weight = nn.Parameter(weight.to(inner.weight.dtype), requires_grad=False)
-        if inner.bias is not None:
-            out.bias = nn.Parameter(inner.bias.detach().clone(), requires_grad=False)
-        return out
+            w = apply_hadamard(w.double(), tuple(f.T for f in self._factors)) * self.signs.double()
+            inner.weight.data = (w.T.contiguous() if transposed else w).to(weight.dtype)
+        return inner
 
     def extra_repr(self) -> str:
         return f"size={self.size}, factors={[f.shape[0] for f in self._factors]}"

@@ -9,6 +9,13 @@ an orthogonal ``Q``, so the whole residual stream can live in a rotated basis:
 - before ``down_proj`` (R4): its weight absorbs ``R``, and an :class:`OnlineHadamard` applies
   ``x R`` at run time, since the gated product in front of it absorbs nothing.
 
+LayerNorm families (OPT, GPT-2) subtract the mean: ``LN(x Q) = LN(x) Q`` holds when ``Q`` also
+maps the all-ones direction to itself, so their ``Q`` is the randomized Hadamard followed by the
+Householder reflection that restores that direction (:func:`mean_preserving`). A norm's bias is
+folded into the biases of the linears reading it, or, where one has none (the head), kept in the
+norm as ``(β/γ) Q``. Gemma's post-norms sit between the writers and the stream, so its stream is
+not rotated: heads and the online Hadamard only (as for post-LN OPT).
+
 Everything is computed in float64 and cast back to the weights' dtype. Weights use the
 ``[out, in]`` layout (``y = x Wᵀ + b``). This works block by block on materialised blocks, so it
 streams like the rest of the pipeline; the pure functions take and return tensors.
@@ -24,7 +31,7 @@ from torch import nn
 from ...errors import LlmpressError
 from ...layers.online_hadamard import OnlineHadamard
 from ..arch import ARCHITECTURES, ArchMap, set_submodule
-from .hadamard import random_signs, randomized_hadamard
+from .hadamard import hadamard_matrix, random_signs, randomized_hadamard
 
 
 class RotationError(LlmpressError):
@@ -46,13 +53,21 @@ def rotate_output(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tens
     return w, b
 
 
-def rotate_heads_output(weight: torch.Tensor, bias: torch.Tensor | None, head: torch.Tensor):
-    """Each head's rows of ``W`` ``[heads·d, in]`` become ``Rᵀ W_h`` (and ``b_h R``)."""
+def rotate_heads_output(weight: torch.Tensor, bias: torch.Tensor | None, head: torch.Tensor,
+                        part: tuple[int, int] = (0, 1)):
+    """Each head's rows of ``W`` ``[heads·d, in]`` become ``Rᵀ W_h`` (and ``b_h R``); with
+    ``part = (i, k)`` only the i-th of k equal row slices holds the heads (a fused q|k|v)."""
     d = head.shape[0]
-    w = weight.double().reshape(-1, d, weight.shape[1])
-    w = torch.einsum("ji,hjn->hin", head, w).reshape(weight.shape).to(weight.dtype)
-    b = None if bias is None else (bias.double().reshape(-1, d) @ head).reshape(bias.shape).to(bias.dtype)
-    return w, b
+    size = weight.shape[0] // part[1]
+    rows = slice(part[0] * size, (part[0] + 1) * size)
+    w_all = weight.clone()
+    w = weight[rows].double().reshape(-1, d, weight.shape[1])
+    w_all[rows] = torch.einsum("ji,hjn->hin", head, w).reshape(size, weight.shape[1]).to(weight.dtype)
+    b_all = None
+    if bias is not None:
+        b_all = bias.clone()
+        b_all[rows] = (bias[rows].double().reshape(-1, d) @ head).reshape(size).to(bias.dtype)
+    return w_all, b_all
 
 
 def rotate_heads_input(weight: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
@@ -62,14 +77,34 @@ def rotate_heads_input(weight: torch.Tensor, head: torch.Tensor) -> torch.Tensor
     return w.reshape(weight.shape).to(weight.dtype)
 
 
+def _get_weight(linear: nn.Module, transposed: bool) -> torch.Tensor:
+    return linear.weight.data.T if transposed else linear.weight.data
+
+
+def _set_weight(linear: nn.Module, weight: torch.Tensor, transposed: bool) -> None:
+    linear.weight.data = weight.T.contiguous() if transposed else weight
+
+
+def mean_preserving(q: torch.Tensor) -> torch.Tensor:
+    """``R Q`` with ``R`` the Householder reflection taking ``Q u`` back to ``u = 1/√n``: still
+    orthogonal, and ``(x R Q)`` keeps the mean of ``x`` (what LayerNorm subtracts)."""
+    n = q.shape[0]
+    u = torch.full((n,), n ** -0.5, dtype=torch.float64)
+    v = q @ u - u
+    if float(v.norm()) < 1e-12:
+        return q
+    reflect = torch.eye(n, dtype=torch.float64) - 2 * torch.outer(v, v) / (v @ v)
+    return reflect @ q
+
+
 @dataclass
 class ResidualRotation:
-    """The rotations of one model: ``q`` on the residual stream, ``head`` within heads, and the
-    online Hadamard (``online_signs``) before ``RotationMap.online_input``. ``method`` and ``seed``
-    say how they were made (the manifest records them)."""
+    """The rotations of one model: ``q`` on the residual stream (None where the family cannot
+    rotate it), ``head`` within heads, and the online Hadamard (``online_signs``) before
+    ``RotationMap.online_input``. ``method`` and ``seed`` say how they were made."""
 
     arch: ArchMap
-    q: torch.Tensor               # [hidden, hidden] float64, orthogonal
+    q: torch.Tensor | None        # [hidden, hidden] float64, orthogonal
     head: torch.Tensor | None     # [head_dim, head_dim] float64, orthogonal
     online_signs: torch.Tensor | None   # [intermediate] ±1; the online R is diag(s)·H/√n
     method: str = "rht"
@@ -79,52 +114,80 @@ class ResidualRotation:
     def online_size(self) -> int | None:
         return None if self.online_signs is None else self.online_signs.numel()
 
+    @property
+    def unties(self) -> bool:
+        """The head absorbs the final norm, the embeddings do not: tied ones must be untied."""
+        return self.q is not None
+
     # -- the parts outside the blocks ------------------------------------------------------
 
     def rotate_rest(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embeddings, final norm and head (``lm_head.weight`` is added when it was tied)."""
+        if self.q is None:
+            return tensors
         a = self.arch
         out = dict(tensors)
-        embed_key, norm_key, head_key = f"{a.embeddings[0]}.weight", f"{a.final_norm}.weight", f"{a.head}.weight"
-        embed = tensors[embed_key]
-        head = tensors.get(head_key, embed)
+        norm_key, head_key = f"{a.final_norm}.weight", f"{a.head}.weight"
+        head = tensors.get(head_key, tensors[f"{a.embeddings[0]}.weight"])
+        for name in a.embeddings:
+            e = tensors[f"{name}.weight"]
+            out[f"{name}.weight"] = (e.double() @ self.q).to(e.dtype)
         gamma = tensors[norm_key]
-        out[embed_key] = (embed.double() @ self.q).to(embed.dtype)
         out[head_key] = rotate_input(head, self.q, gamma)
         out[norm_key] = torch.ones_like(gamma)
+        beta = tensors.get(f"{a.final_norm}.bias")
+        if beta is not None:   # the head has no bias to take it: keep it in the norm, rotated
+            out[f"{a.final_norm}.bias"] = _bias_in_rotated_basis(beta, gamma, self.q, a.final_norm)
         return out
 
     # -- one block -------------------------------------------------------------------------
 
     def rotate_block(self, block: nn.Module) -> None:
         """Rotate a materialised block in place and wrap its online linear (plain structure in)."""
-        rot = self.arch.rotation
+        rot, t = self.arch.rotation, self.arch.transposed_weights
         with torch.no_grad():
-            for norm_name, readers in rot.norm_readers:
-                norm = block.get_submodule(norm_name)
-                for name in readers:
-                    lin = block.get_submodule(name)
-                    lin.weight.data = rotate_input(lin.weight.data, self.q, norm.weight.data)
-                norm.weight.data = torch.ones_like(norm.weight.data)
+            if self.q is not None:
+                for norm_name, readers in rot.norm_readers:
+                    self._fold_norm(block, norm_name, readers)
             if self.head is not None:
                 v = block.get_submodule(rot.value)
-                w, b = rotate_heads_output(v.weight.data, None if v.bias is None else v.bias.data, self.head)
-                v.weight.data = w
+                w, b = rotate_heads_output(_get_weight(v, t), None if v.bias is None else v.bias.data, self.head,
+                                           part=rot.value_part)
+                _set_weight(v, w, t)
                 if b is not None:
                     v.bias.data = b
                 o = block.get_submodule(rot.attn_output)
-                o.weight.data = rotate_heads_input(o.weight.data, self.head)
+                _set_weight(o, rotate_heads_input(_get_weight(o, t), self.head), t)
             if self.online_signs is not None:
                 lin = block.get_submodule(rot.online_input)
                 r = randomized_hadamard_from_signs(self.online_signs)
-                lin.weight.data = (lin.weight.data.double() @ r).to(lin.weight.dtype)
-            for name in rot.residual_writers:
-                lin = block.get_submodule(name)
-                w, b = rotate_output(lin.weight.data, None if lin.bias is None else lin.bias.data, self.q)
-                lin.weight.data = w
-                if b is not None:
-                    lin.bias.data = b
+                w = _get_weight(lin, t)
+                _set_weight(lin, (w.double() @ r).to(w.dtype), t)
+            if self.q is not None:
+                for name in rot.residual_writers:
+                    lin = block.get_submodule(name)
+                    w, b = rotate_output(_get_weight(lin, t), None if lin.bias is None else lin.bias.data, self.q)
+                    _set_weight(lin, w, t)
+                    if b is not None:
+                        lin.bias.data = b
         self.wrap(block)
+
+    def _fold_norm(self, block: nn.Module, norm_name: str, readers: tuple[str, ...]) -> None:
+        t = self.arch.transposed_weights
+        norm = block.get_submodule(norm_name)
+        gamma = norm.weight.data
+        beta = getattr(norm, "bias", None)
+        beta = None if beta is None else beta.data
+        linears = [block.get_submodule(n) for n in readers]
+        if beta is not None and all(lin.bias is not None for lin in linears):
+            for lin in linears:   # LN(x)·Wᵀ + b = n(x)·(W diag γ)ᵀ + (b + W β)
+                lin.bias.data = (lin.bias.data.double() + _get_weight(lin, t).double() @ beta.double()).to(lin.bias.dtype)
+            norm.bias.data = torch.zeros_like(beta)
+        elif beta is not None:
+            norm.bias.data = _bias_in_rotated_basis(beta, gamma, self.q, norm_name)
+        for lin in linears:
+            _set_weight(lin, rotate_input(_get_weight(lin, t), self.q, gamma), t)
+        norm.weight.data = torch.ones_like(gamma)
 
     def wrap(self, block: nn.Module) -> None:
         """Insert the :class:`OnlineHadamard` around the online linear (idempotent)."""
@@ -160,7 +223,7 @@ class ResidualRotation:
 
     def manifest(self, n_blocks: int) -> dict:
         entry = {"kind": "rotation", "method": self.method, "seed": self.seed,
-                 "residual": True, "heads": self.head is not None}
+                 "residual": self.q is not None, "heads": self.head is not None}
         if self.online_signs is not None:
             name = self.arch.rotation.online_input
             entry["online_hadamard"] = {
@@ -170,36 +233,47 @@ class ResidualRotation:
         return entry
 
 
-def randomized_hadamard_from_signs(signs: torch.Tensor) -> torch.Tensor:
-    from .hadamard import hadamard_matrix
+def _bias_in_rotated_basis(beta: torch.Tensor, gamma: torch.Tensor, q: torch.Tensor, where: str) -> torch.Tensor:
+    """``(β/γ) Q``: a LayerNorm bias that stays in the norm once its scale went into the readers."""
+    if bool((gamma == 0).any()):
+        raise RotationError(f"cannot rotate: {where} has zero scales and a bias that no linear can absorb")
+    return ((beta.double() / gamma.double()) @ q).to(beta.dtype)
 
+
+def randomized_hadamard_from_signs(signs: torch.Tensor) -> torch.Tensor:
     return signs.double()[:, None] * hadamard_matrix(signs.numel())
 
 
 def model_dims(config) -> tuple[int, int, int]:
-    """``(hidden, head_dim, intermediate)`` from a transformers config."""
+    """``(hidden, head_dim, intermediate)`` from a transformers config (Llama, OPT, GPT-2 names)."""
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    return hidden, head_dim, config.intermediate_size
+    inter = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+             or getattr(config, "n_inner", None) or 4 * hidden)
+    return hidden, head_dim, inter
 
 
-def check_rotatable(arch: ArchMap) -> None:
+def check_rotatable(arch: ArchMap, config) -> None:
     if arch.rotation is None:
         supported = sorted(k for k, a in ARCHITECTURES.items() if a.rotation is not None)
-        raise RotationError(
-            f"rotations are not supported for the {arch.family} family (its norms cannot absorb them); "
-            f"supported: {', '.join(supported)}"
-        )
+        raise RotationError(f"rotations are not supported for the {arch.family} family; supported: {', '.join(supported)}")
+    if arch.family == "opt" and getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+        raise RotationError("rotations are not supported for OPT models that project their embeddings "
+                            "(word_embed_proj_dim differs from hidden_size)")
 
 
 def randomized_hadamard_rotation(arch: ArchMap, config, *, seed: int, heads: bool = True,
                                  online: bool = True) -> ResidualRotation:
     """QuaRot's rotations with seeded randomized Hadamards of every width the model uses."""
-    check_rotatable(arch)
+    check_rotatable(arch, config)
     hidden, head_dim, inter = model_dims(config)
+    q = None
+    if arch.rotation.residual:
+        q = randomized_hadamard(hidden, seed)
+        if arch.rotation.norm_kind == "layer":
+            q = mean_preserving(q)
     return ResidualRotation(
-        arch=arch,
-        q=randomized_hadamard(hidden, seed),
+        arch=arch, q=q,
         head=randomized_hadamard(head_dim, seed + 1) if heads else None,
         online_signs=random_signs(inter, seed + 2) if online else None,
         method="rht", seed=seed,
