@@ -70,7 +70,47 @@ RESIDUAL_W2 = [
     ("GPTQ W2 g64 seed 1", "gptq-w2-g64", [], None, {"seed": 1}),
 ]
 
-SUITES = {"quality": FOUNDATION, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2}
+# Issue #5: no rotation vs randomized Hadamard (RHT) vs HARP, each with RTN and GPTQ presets
+# (act-order, true-sequential). "rht+gptq-w3-g64" is the preset with a rotation stage in front.
+ROTATION = []
+for _bits, _group in ((3, 64), (2, 64), (4, -1)):
+    _tag = f"W{_bits}" + (f" g{_group}" if _group > 0 else " per-row")
+    _base = f"w{_bits}" + (f"-g{_group}" if _group > 0 else "")
+    for _quant in ("rtn", "gptq"):
+        ROTATION += [(f"{q} {_tag}", r, [], None) for q, r in (
+            (_quant.upper(), f"{_quant}-{_base}"),
+            (f"RHT+{_quant.upper()}", f"rht+{_quant}-{_base}"),
+            (f"HARP+{_quant.upper()}", f"harp+{_quant}-{_base}"),
+        )]
+
+SUITES = {"quality": FOUNDATION, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2, "rotation": ROTATION}
+
+
+def bench_recipe(name: str):
+    """A preset name, or ``<rotation>+<preset>``: the preset with that rotation stage in front."""
+    from llmpress.compress.recipe import load_recipe, parse_recipe
+
+    rotation, plus, preset = name.rpartition("+")
+    if not plus:
+        return name
+    base = load_recipe(preset)
+    data = base.model_dump(mode="json")
+    data["name"] = name
+    data["stages"] = [{"method": rotation}, *data["stages"]]
+    return parse_recipe(data, name)
+
+
+def measured_before(name_recipe_settings: tuple, windows: int, nsamples: int, seqlen: int) -> dict | None:
+    """The latest row of any suite's log with the same recipe, settings, seed and protocol."""
+    recipe, settings, seed = name_recipe_settings
+    for log in sorted(OUT.glob("*.jsonl")):
+        for line in reversed(log.read_text().splitlines()):
+            row = json.loads(line)
+            if (row["recipe"], row["settings"], row.get("seed", 0)) == (recipe, settings, seed) and \
+                    row["protocol"] == f"ppl[wiki/test, 2048x{windows}]" and \
+                    (row.get("nsamples", 128), row.get("seqlen", 512)) == (nsamples, seqlen):
+                return row
+    return None
 
 
 def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) -> dict:
@@ -80,12 +120,12 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
     name, recipe, settings, reference, *extra = SUITES[suite][index]
     kwargs = extra[0] if extra else {}
     result = {"name": name, "recipe": recipe, "settings": settings, "reference": reference,
-              "seed": kwargs.get("seed", 0)}
+              "seed": kwargs.get("seed", 0), "nsamples": nsamples, "seqlen": seqlen}
     model = "smollm2-135m"
     if recipe is not None:
         out = OUT / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
         start = time.perf_counter()
-        res = llmpress.compress(model, recipe, out=out, settings=settings, nsamples=nsamples, seqlen=seqlen,
+        res = llmpress.compress(model, bench_recipe(recipe), out=out, settings=settings, nsamples=nsamples, seqlen=seqlen,
                                 overwrite=True, progress=False, **kwargs)
         result["compress_s"] = time.perf_counter() - start
         result["compress_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -105,6 +145,8 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
         "(unless the name gives another); "
         "asymmetric grids; fp32 on CPU (2 cores). Each row is its own process: time and peak RSS are "
         "the compress job's alone (model load, calibration, solve, save).",
+        *(["† measured in an earlier run of the same protocol (`--reuse`), taken from bench/out/*.jsonl."]
+          if any(r.get("reused") for r in rows) else []),
         "",
         f"| configuration | recipe and settings | {protocol} | reference | vs reference | ppl / dense | "
         "bits/weight | compress time (s) | peak RSS (MB) |",
@@ -117,7 +159,7 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
         recipe = "–" if r["recipe"] is None else f"`{r['recipe']}`" + (
             " " + " ".join(f"`--set {s}`" for s in r["settings"]) if r["settings"] else "")
         lines.append(
-            f"| {r['name']} | {recipe} | {r['ppl']:.2f} | {ref if ref else '–'} | {vs} | {ratio} | "
+            f"| {r['name']}{' †' if r.get('reused') else ''} | {recipe} | {r['ppl']:.2f} | {ref if ref else '–'} | {vs} | {ratio} | "
             f"{r.get('bits_per_weight') or '–'} | {r.get('compress_s', 0):.0f} | "
             f"{r.get('compress_rss_mb', 0):.0f} |"
         )
@@ -148,6 +190,9 @@ def main() -> None:
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-update", action="store_true", help="print the table without editing BENCHMARKS.md")
     ap.add_argument("--skip-dense", action="store_true", help="do not run the dense baseline again")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a configuration measured before (same recipe, settings, seed and protocol, in any "
+                         "suite's log) from the log instead of running it again; the table marks it")
     ap.add_argument("--from-log", action="store_true",
                     help="only rebuild the table from bench/out/quality.jsonl (the latest row of each name)")
     args = ap.parse_args()
@@ -165,6 +210,14 @@ def main() -> None:
             continue
         if args.skip_dense and name == "dense":
             continue
+        if args.reuse:
+            _n, recipe, settings, _ref, *extra = configs[i]
+            seed = extra[0].get("seed", 0) if extra else 0
+            before = measured_before((recipe, settings, seed), args.windows, args.nsamples, args.seqlen)
+            if before is not None:
+                rows.append({**before, "name": name, "reused": True})
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: measured before, ppl {before['ppl']:.2f}", flush=True)
+                continue
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         proc = subprocess.run(
             [sys.executable, __file__, "--suite", args.suite, "--one", str(i), "--windows", str(args.windows),

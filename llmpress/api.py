@@ -18,7 +18,7 @@ from .compress.arch import arch_for, set_submodule
 from .compress.calibration import calibration_windows, text_fingerprint
 from .compress.pipeline import BlockIO, ModuleRecord, compress_blocks, peak_rss_mb
 from .compress.recipe import Recipe, load_recipe
-from .compress.rotate.fuse import ResidualRotation, randomized_hadamard_rotation
+from .compress.rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
 from .errors import ModelLoadError
 from .eval.perplexity import PerplexityResult, perplexity
 from .io.checkpoint import (
@@ -80,6 +80,7 @@ class _Job:
     rest_names: list[str]
     streaming: bool
     rotation: ResidualRotation | None = None
+    harp: dict[str, Any] | None = None   # the HARP fit's summary, when one ran
 
 
 def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code) -> _Job:
@@ -90,7 +91,9 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     arch = arch_for(skeleton)
     tokenizer = load_tokenizer(folder, trust_remote_code)
     windows = calib_info = None
-    if any(s.needs for s in recipe.layer_stages):
+    if recipe.rotation is not None and recipe.rotation.method == "harp":
+        recipe.harp_grid()   # a missing grid fails before anything runs
+    if any(s.needs for s in recipe.layer_stages) or (recipe.rotation is not None and recipe.rotation.needs):
         windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
         calib_info = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                       "hash": text_fingerprint(windows)}
@@ -98,6 +101,9 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     if recipe.rotation is not None:
         stage = recipe.rotation
         rotation = randomized_hadamard_rotation(arch, config, seed=stage.seed, heads=stage.heads, online=stage.online)
+        if stage.method == "harp" and rotation.q is None:
+            raise RotationError(f"HARP learns the residual-stream rotation, which the {arch.family} family cannot "
+                                "take (a norm sits between its writers and the stream); use `method: rht`")
     store = LazyWeights(folder)   # opens every shard: a corrupt file fails here
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in skeleton.state_dict() if not (tied and n == "lm_head.weight")]
@@ -154,6 +160,11 @@ def compress(
 def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model: bool,
          trust_remote_code: bool) -> CompressResult:
     out, store, arch = job.out, job.store, arch_for(job.skeleton)
+    n_blocks = len(job.skeleton.get_submodule(arch.blocks))
+    total_shards = n_blocks + 1
+    state = RunState.load(out, job.fingerprint, total_shards)   # refuses another run's folder
+    if job.recipe.rotation is not None and job.recipe.rotation.method == "harp":
+        job.rotation = _harp_rotation(job, progress=progress, trust_remote_code=trust_remote_code)
     rotation = job.rotation
     rotate_rest = rotation.rotate_rest if rotation is not None else (lambda tensors: tensors)
     after_capture = None
@@ -188,9 +199,6 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
                 rotation.rotate_block(block)
         materialize = release = lambda *a: None
 
-    n_blocks = len(model_obj.get_submodule(arch.blocks))
-    total_shards = n_blocks + 1
-    state = RunState.load(out, job.fingerprint, total_shards)
     state.save()
     resumed_records: list[ModuleRecord] = []
     for entry in state.finished.values():
@@ -251,6 +259,66 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
                           model=kept_model)
 
 
+HARP_FILE = "llmpress-harp.safetensors"
+
+
+def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> ResidualRotation:
+    """Fit HARP's residual rotation (or, on ``--resume``, read the one fitted before: a refit
+    need not be bit-identical, and the finished blocks were rotated with the first)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from .compress.rotate.fuse import mean_preserving
+    from .compress.rotate.harp import collect_proxy_terms, fit_harp
+    from .io.checkpoint import save_tensors_atomic
+    from .report import plot_harp
+
+    stage, base, arch = job.recipe.rotation, job.rotation, job.rotation.arch
+    path = job.out / HARP_FILE
+    if path.exists():
+        q = load_file(str(path))["q"].to(torch.float64)
+        return replace(base, q=q, method="harp")
+    bits, group_size, sym = job.recipe.harp_grid()
+    with _Status(progress) as status:
+        status("HARP statistics: dense forward on the calibration windows")
+        model = load_dense(job.folder, trust_remote_code=trust_remote_code)
+        terms = collect_proxy_terms(model, arch, job.windows[: stage.fit_samples], base, progress=status)
+        del model
+        result = fit_harp(terms, base.q.shape[0], bits=bits, group_size=group_size, sym=sym, seed=stage.seed,
+                          steps=stage.steps, lr=stage.lr, refresh=stage.refresh,
+                          groups_per_step=stage.groups_per_step, progress=status)
+    q = mean_preserving(result.q) if arch.rotation.norm_kind == "layer" else result.q
+    save_tensors_atomic({"q": q}, path)
+    plot_harp(result.history, job.out / "llmpress-harp.png")
+    job.harp = {"steps": stage.steps, "seconds": round(result.seconds, 1), "proxy start": round(result.initial, 6),
+                "proxy end": round(result.final, 6)}
+    return replace(base, q=q, method="harp")
+
+
+class _Status:
+    """A one-line rich status for work without a block count (the HARP fit)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self._status = enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status("")
+            self._status.__enter__()
+        return self
+
+    def __call__(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(text)
+
+    def __exit__(self, *exc):
+        if self._status is not None:
+            self._status.__exit__(*exc)
+
+
 def _shard_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
@@ -268,6 +336,7 @@ def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float) 
         "calibration": f"{c['source']} {c['nsamples']}x{c['seqlen']} seed {c['seed']} (hash {c['hash']})"
         if c else "none (data-free)",
         "rotation": _describe_rotation(job.rotation),
+        **({"HARP fit": job.harp} if job.harp else {}),
         "compressed modules": len(records),
         "mean bits per weight (codes+scales+zeros)": round(sum(bpw) / len(bpw), 4) if bpw else None,
         "size on disk (MB)": round(size / 1e6, 2),

@@ -62,3 +62,25 @@ def plot_errors(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def plot_harp(history: list[tuple[int, float]], path: Path) -> None:
+    """The HARP proxy loss over the fit (step 0 is the randomized Hadamard it starts from)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot([h[0] for h in history], [h[1] for h in history], marker=".")
+    ax.axhline(history[0][1], color="grey", lw=0.8, ls="--", label="randomized Hadamard (start)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("proxy quantization error")
+    ax.set_title("llmpress: HARP fit")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

@@ -180,3 +180,79 @@ def test_tampered_online_hadamard_manifest_is_refused(perturbed, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(llmpress.api.ModelLoadError, match="not that wide"):
         llmpress.load(tmp_path / "rot")
+
+
+# -- HARP ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [64, 160, 576])
+def test_harp_starts_at_the_randomized_hadamard_and_stays_orthogonal(n):
+    from llmpress.compress.rotate.harp import ButterflyOrthogonal
+
+    q = ButterflyOrthogonal(n, seed=5)
+    assert (q.matrix() - randomized_hadamard(n, seed=5)).abs().max() < 1e-6
+    with torch.no_grad():
+        for theta in q.thetas:
+            theta.normal_(0, 0.5)
+    m = q.matrix()
+    assert (m @ m.T - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-6
+    x = torch.randn(4, n)
+    assert torch.allclose(q(x).double(), x.double() @ m, atol=1e-5)
+
+
+def test_harp_fit_lowers_the_proxy_of_a_single_matrix():
+    from llmpress.compress.rotate.harp import ProxyTerm, fit_harp
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g) * torch.linspace(0.2, 3, 64)   # uneven columns
+    x = torch.randn(512, 64, generator=g)
+    term = ProxyTerm("model.layers.0.mlp.up_proj", w, reader=True, hessian=x.T @ x)
+    result = fit_harp([term], 64, bits=3, group_size=16, sym=False, seed=0, steps=40, lr=0.03, refresh=1)
+    assert result.final < 0.97 * result.initial          # it learns something...
+    assert result.history[0][1] == result.initial         # ...starting from the RHT
+    assert (result.q @ result.q.T - torch.eye(64, dtype=torch.float64)).abs().max() < 1e-6
+
+
+def test_harp_rotation_keeps_the_function(perturbed, tmp_path, tiny_model_factory):
+    folder = perturbed("llama")
+    recipe = parse_recipe({"stages": [{"method": "harp", "steps": 3, "refresh": 1, "bits": 3, "group_size": 32}]})
+    llmpress.compress(folder, recipe, out=tmp_path / "h", nsamples=4, seqlen=32, progress=False)
+    dense, _ = llmpress.load(folder)
+    rotated, _ = llmpress.load(tmp_path / "h")
+    a = _logits(dense)
+    assert (a - _logits(rotated)).abs().max() <= 1e-4 * a.abs().max()
+    assert (tmp_path / "h" / "llmpress-harp.safetensors").exists()
+    assert (tmp_path / "h" / "llmpress-harp.png").exists()
+    with pytest.raises(LlmpressError, match="gemma family cannot"):
+        llmpress.compress(tiny_model_factory("gemma2"), recipe, out=tmp_path / "g", nsamples=4, seqlen=32,
+                          progress=False)
+    with pytest.raises(RecipeError, match="needs `bits`"):
+        llmpress.compress(folder, parse_recipe({"stages": [{"method": "harp"}]}), out=tmp_path / "x", progress=False)
+
+
+def test_resume_reuses_the_harp_fit(perturbed, tmp_path, monkeypatch):
+    from llmpress.compress import pipeline
+    from llmpress.compress.rotate import harp
+
+    folder = perturbed("llama")
+    recipe = parse_recipe({"stages": [{"method": "harp", "steps": 3, "refresh": 1},
+                                      {"method": "rtn", "bits": 3, "group_size": 32}]})
+    real = pipeline._compress_block
+
+    def crash_on_block_1(index, *args, **kwargs):
+        if index == 1:
+            raise RuntimeError("simulated crash")
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_compress_block", crash_on_block_1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        llmpress.compress(folder, recipe, out=tmp_path / "h", nsamples=4, seqlen=32, progress=False)
+    monkeypatch.setattr(pipeline, "_compress_block", real)
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("the resumed run fitted HARP again")
+
+    monkeypatch.setattr(harp, "fit_harp", no_refit)
+    result = llmpress.compress(folder, recipe, out=tmp_path / "h", nsamples=4, seqlen=32, progress=False,
+                               resume=True, keep_model=True)
+    reloaded, _ = llmpress.load(tmp_path / "h")
+    assert (_logits(result.model) - _logits(reloaded)).abs().max() <= 1e-5

@@ -110,7 +110,9 @@ class GPTQStage(UniformQuantStage):
     alpha: float = Field(0.25, ge=0)      # GPTAQ's coefficient (its code: 0.25; its paper: none, i.e. 1)
     alpha2: float = Field(0.25, ge=0)     # ResComp's coefficient (its code: 0.25)
     rescomp_form: Literal["paper", "delta"] = "paper"
-    rescomp_mode: Literal["auto", "org", "allw"] = "auto"   # auto: org at 2 bits, else allw (its code)
+    # allw: ResComp's consistent mode. auto: its code's rule (org at 2 bits, else allw), whose 'org'
+    # lazy update over-compensates and made ResComp worse than GPTAQ at W2 (docs/algorithms.md).
+    rescomp_mode: Literal["auto", "org", "allw"] = "allw"
 
     @property
     def needs(self) -> frozenset[str]:
@@ -137,8 +139,32 @@ class RHTStage(RotationStage):
     method: Literal["rht"] = "rht"
 
 
-Stage = Annotated[RTNStage | GPTQStage | RHTStage, Field(discriminator="method")]
-STAGE_TYPES: dict[str, type[BaseModel]] = {"rtn": RTNStage, "gptq": GPTQStage, "rht": RHTStage}
+class HARPStage(RotationStage):
+    """A learned residual-stream rotation, initialised at the RHT of the same seed and fitted on
+    the proxy quantization error of the grid that follows (compress/rotate/harp.py)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    method: Literal["harp"] = "harp"
+    steps: int = Field(100, ge=0)        # Adam steps (the paper: 1200 on a GPU)
+    lr: float = Field(0.03, gt=0)        # the paper's lr for both processors
+    refresh: int = Field(10, ge=1)       # steps between refreshes of the quantized target (paper: 1)
+    groups_per_step: int | None = Field(8, ge=1)   # input groups whose quadratic term a step samples
+    fit_samples: int = Field(32, ge=1)   # calibration windows whose Hessians weigh the proxy
+    # The grid of the proxy; by default that of the first quantizer stage.
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int | None) -> int | None:
+        if v is not None and v not in ALLOWED_BITS:
+            raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {v}")
+        return v
+
+
+Stage = Annotated[RTNStage | GPTQStage | RHTStage | HARPStage, Field(discriminator="method")]
+STAGE_TYPES: dict[str, type[BaseModel]] = {"rtn": RTNStage, "gptq": GPTQStage, "rht": RHTStage, "harp": HARPStage}
 
 
 class Recipe(BaseModel):
@@ -167,6 +193,17 @@ class Recipe(BaseModel):
     @property
     def rotation(self) -> RotationStage | None:
         return next((s for s in self.stages if s.kind == "transform"), None)
+
+    def harp_grid(self) -> tuple[int, int, bool]:
+        """``(bits, group_size, sym)`` the HARP proxy fits against."""
+        stage = self.rotation
+        quant = next((s for s in self.layer_stages if isinstance(s, UniformQuantStage)), None)
+        bits = stage.bits if stage.bits is not None else getattr(quant, "bits", None)
+        if bits is None:
+            raise RecipeError("a harp stage with no quantizer after it needs `bits` (and `group_size`) for its proxy")
+        group = stage.group_size if stage.group_size is not None else getattr(quant, "group_size", -1)
+        sym = stage.sym if stage.sym is not None else getattr(quant, "sym", False)
+        return bits, group, sym
 
 
 # -- loading -----------------------------------------------------------------------------------
