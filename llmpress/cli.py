@@ -170,6 +170,15 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
     calib = manifest.get("calibration")
     out.print(f"recipe: {recipe}; base model: {manifest.get('base_model')}; llmpress {manifest.get('llmpress_version')}")
     out.print(f"calibration: {json.dumps(calib) if calib else 'none (data-free)'}")
+    for t in manifest.get("transforms") or []:
+        if isinstance(t, dict) and t.get("kind") == "rotation":
+            parts = [f"{t.get('method')} seed {t.get('seed')}"]
+            parts += ["residual stream"] if t.get("residual") else []
+            parts += ["within heads"] if t.get("heads") else []
+            online = t.get("online_hadamard")
+            if online:
+                parts.append(f"online Hadamard ({online.get('size')}) on {len(online.get('modules', []))} modules")
+            out.print("rotation: " + ", ".join(parts))
     if total_weights:
         out.print(f"compressed linears: {len(manifest['modules'])}, mean {total_bits / total_weights:.3f} bits per weight")
     out.print(f"size on disk: {size / 1e6:.2f} MB")

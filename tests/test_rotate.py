@@ -172,8 +172,14 @@ def test_unsupported_model_and_misplaced_rotation_are_refused(tiny_model_factory
 def test_tampered_online_hadamard_manifest_is_refused(perturbed, tmp_path):
     import json
 
+    from .test_cli import _run
+
     folder = perturbed("llama")
     llmpress.compress(folder, _recipe(), out=tmp_path / "rot", progress=False)
+    result, _ = _run("inspect", tmp_path / "rot")
+    assert result.exit_code == 0
+    assert "rotation: rht seed 0, residual stream, within heads, online Hadamard (160) on 3 modules" in " ".join(
+        result.output.split())   # rich wraps long lines
     cfg_path = tmp_path / "rot" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"]["transforms"][0]["online_hadamard"]["size"] = 7
