@@ -31,7 +31,7 @@ from torch import nn
 from ...errors import LlmpressError
 from ...layers.online_hadamard import OnlineHadamard
 from ..arch import ARCHITECTURES, ArchMap, set_submodule
-from .hadamard import hadamard_matrix, random_signs, randomized_hadamard
+from .hadamard import random_signs, randomized_hadamard, signed_hadamard
 
 
 class RotationError(LlmpressError):
@@ -160,7 +160,7 @@ class ResidualRotation:
                 _set_weight(o, rotate_heads_input(_get_weight(o, t), self.head), t)
             if self.online_signs is not None:
                 lin = block.get_submodule(rot.online_input)
-                r = randomized_hadamard_from_signs(self.online_signs)
+                r = signed_hadamard(self.online_signs)
                 w = _get_weight(lin, t)
                 _set_weight(lin, (w.double() @ r).to(w.dtype), t)
             if self.q is not None:
@@ -238,10 +238,6 @@ def _bias_in_rotated_basis(beta: torch.Tensor, gamma: torch.Tensor, q: torch.Ten
     if bool((gamma == 0).any()):
         raise RotationError(f"cannot rotate: {where} has zero scales and a bias that no linear can absorb")
     return ((beta.double() / gamma.double()) @ q).to(beta.dtype)
-
-
-def randomized_hadamard_from_signs(signs: torch.Tensor) -> torch.Tensor:
-    return signs.double()[:, None] * hadamard_matrix(signs.numel())
 
 
 def model_dims(config) -> tuple[int, int, int]:

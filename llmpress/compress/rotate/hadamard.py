@@ -126,6 +126,11 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
 
 
+def signed_hadamard(signs: torch.Tensor) -> torch.Tensor:
+    """``diag(s) · H / √n`` for a ±1 vector ``s`` (float64, orthogonal)."""
+    return signs.double()[:, None] * hadamard_matrix(signs.numel())
+
+
 def randomized_hadamard(n: int, seed: int) -> torch.Tensor:
     """``Q = diag(s) · H / √n``, orthogonal (float64): ``x Q`` flips signs, then mixes."""
-    return random_signs(n, seed)[:, None] * hadamard_matrix(n)
+    return signed_hadamard(random_signs(n, seed))

@@ -33,7 +33,8 @@ from torch import nn
 
 from ...errors import LlmpressError
 from ..quant.grid import fake_quantize, fit_grid
-from .hadamard import apply_hadamard, hadamard_factors, random_signs
+from .fuse import rotate_heads_input
+from .hadamard import apply_hadamard, hadamard_factors, random_signs, signed_hadamard
 
 MAX_RADIX = 8
 
@@ -200,11 +201,9 @@ def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation,
         for name in rot.residual_writers:
             w = weight(block.get_submodule(name))
             if name == rot.attn_output and rotation.head is not None:
-                from .fuse import rotate_heads_input
                 w = rotate_heads_input(w, rotation.head)
             if name == rot.online_input and rotation.online_signs is not None:
-                from .fuse import randomized_hadamard_from_signs
-                w = w @ randomized_hadamard_from_signs(rotation.online_signs)
+                w = w @ signed_hadamard(rotation.online_signs)
             terms.append(ProxyTerm(f"{prefix}.{name}", w.T.contiguous().float(), reader=False,
                                    h_diag=diags[(i, name)]))
     return terms
