@@ -68,6 +68,9 @@ RESIDUAL_W2 = [
     ("GPTAQ W2 g64 a=0.25 seed 2", "gptaq-w2-g64", [], None, {"seed": 2}),
     ("ResComp W2 g64 a=0.25 seed 2", "rescomp-w2-g64", [], None, {"seed": 2}),
     ("GPTQ W2 g64 seed 1", "gptq-w2-g64", [], None, {"seed": 1}),
+    ("ResComp W2 g64 a=0.25 allw seed 1", "rescomp-w2-g64", ["rescomp_mode=allw"], None, {"seed": 1}),
+    ("ResComp W2 g64 a=0.25 allw seed 2", "rescomp-w2-g64", ["rescomp_mode=allw"], None, {"seed": 2}),
+    ("ResComp W2 g64 a=1 allw", "rescomp-w2-g64", ["alpha=1.0", "alpha2=1.0", "rescomp_mode=allw"], None),
 ]
 
 # Issue #5: no rotation vs randomized Hadamard (RHT) vs HARP, each with RTN and GPTQ presets
@@ -83,7 +86,19 @@ for _bits, _group in ((3, 64), (2, 64), (4, -1)):
             (f"HARP+{_quant.upper()}", f"harp+{_quant}-{_base}"),
         )]
 
-SUITES = {"quality": FOUNDATION, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2, "rotation": ROTATION}
+# Issue #7: plain SVD vs whitened SVD (SVD-LLM) vs ROCKET at the same removed fraction of the
+# decoder linears' stored bits; the table adds bytes on disk and CPU decode speed.
+FACTOR = [("dense", None, [], None)]
+for _pct in (30, 20, 50):
+    FACTOR += [
+        (f"SVD -{_pct}%", "svd-30", [f"ratio={_pct / 100}"], None),
+        (f"SVD-LLM -{_pct}%", "svdllm-30", [f"ratio={_pct / 100}"], None),
+        (f"ROCKET -{_pct}%", f"rocket-{_pct}", [], None),
+    ]
+
+SUITES = {"quality": FOUNDATION, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2, "rotation": ROTATION,
+          "factor": FACTOR}
+MEASURE_DECODE = {"factor"}   # suites whose rows also time CPU decoding
 
 
 def bench_recipe(name: str):
@@ -134,7 +149,44 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
     m, tok = llmpress.load(model)
     ppl = llmpress.perplexity(m, tok, "wiki/test", seqlen=2048, windows=windows)
     result.update(ppl=ppl.ppl, protocol=ppl.protocol, eval_s=ppl.seconds)
+    if recipe is not None:
+        result["linear_bytes_ratio"] = decoder_linear_bytes_ratio(m, model)
+    if suite in MEASURE_DECODE:
+        import torch
+        from kernels import decode_rate
+
+        from llmpress.compress.calibration import load_text, tokenize
+
+        prompt = tokenize(tok, load_text("wiki/test"))[:32].unsqueeze(0)
+        torch.set_num_threads(1)   # one core: comparable rows even while another job runs
+        result["decode_tok_s"] = decode_rate(m, prompt, 64, 2)[0]
     return result
+
+
+def decoder_linear_bytes_ratio(model, folder: Path) -> float:
+    """Bytes the saved decoder linears take (weights, codes, factors; biases excluded) over their
+    dense fp32 size, read from the safetensors files."""
+    from safetensors import safe_open
+    from torch import nn
+
+    from llmpress.layers import LAYER_FORMATS
+
+    kinds = (nn.Linear, *LAYER_FORMATS.values())
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and ".layers." in n}
+    dense = sum(m.in_features * m.out_features * 4 for m in linears.values())
+    stored = 0
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in list(f.keys()):
+                owner, _, field = key.rpartition(".")
+                if owner in linears and field != "bias":
+                    stored += _nbytes(f, key)
+    return stored / dense
+
+
+def _nbytes(f, key: str) -> int:
+    t = f.get_tensor(key)
+    return t.numel() * t.element_size()
 
 
 def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
@@ -152,6 +204,13 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
         "bits/weight | compress time (s) | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    extra = [(k, title, fmt) for k, title, fmt in (
+        ("linear_bytes_ratio", "decoder-linear bytes / dense", "{:.3f}"),
+        ("decode_tok_s", "CPU decode tok/s (1 thread)", "{:.1f}"),
+    ) if any(k in r for r in rows)]
+    if extra:
+        lines[-2] += "".join(f" {title} |" for _, title, _ in extra)
+        lines[-1] += "---|" * len(extra)
     for r in rows:
         ref = r.get("reference")
         vs = f"{(r['ppl'] / ref - 1) * 100:+.1f}%" if ref else "–"
@@ -162,6 +221,7 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
             f"| {r['name']}{' †' if r.get('reused') else ''} | {recipe} | {r['ppl']:.2f} | {ref if ref else '–'} | {vs} | {ratio} | "
             f"{r.get('bits_per_weight') or '–'} | {r.get('compress_s', 0):.0f} | "
             f"{r.get('compress_rss_mb', 0):.0f} |"
+            + "".join(f" {fmt.format(r[k]) if k in r else '–'} |" for k, _, fmt in extra)
         )
     return "\n".join(lines)
 

@@ -81,6 +81,7 @@ class _Job:
     streaming: bool
     rotation: ResidualRotation | None = None
     harp: dict[str, Any] | None = None   # the HARP fit's summary, when one ran
+    allocation: dict[str, Any] | None = None   # the allocator's summary, when the recipe has one
 
 
 def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code) -> _Job:
@@ -165,6 +166,8 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     state = RunState.load(out, job.fingerprint, total_shards)   # refuses another run's folder
     if job.recipe.rotation is not None and job.recipe.rotation.method == "harp":
         job.rotation = _harp_rotation(job, progress=progress, trust_remote_code=trust_remote_code)
+    if job.recipe.allocator is not None:
+        _allocate(job, progress=progress, trust_remote_code=trust_remote_code)
     rotation = job.rotation
     rotate_rest = rotation.rotate_rest if rotation is not None else (lambda tensors: tensors)
     after_capture = None
@@ -296,6 +299,63 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> Res
     return replace(base, q=q, method="harp")
 
 
+ALLOCATION_FILE = "llmpress-allocation.json"
+
+
+def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
+    """Profile every selected linear, solve the knapsack, and write the plan into the recipe's
+    allocator stage (per-module ``rank``/``nnz`` overrides; dense layers ignored). The plan is saved
+    in the output folder first, so ``--resume`` reuses it instead of profiling again."""
+    import re
+
+    from .compress.factor.rocket import Candidate, allocate, candidates, profile_layer
+    from .compress.pipeline import profile_blocks
+    from .paths import atomic_write_text
+    from .report import plot_allocation
+
+    index, stage = next((i, s) for i, s in enumerate(job.recipe.stages) if s.kind == "allocator")
+    path = job.out / ALLOCATION_FILE
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        choice = {n: None if c is None else Candidate(**c) for n, c in saved["choice"].items()}
+        job.allocation = saved["summary"]
+    else:
+        start = time.perf_counter()
+        model = load_dense(job.folder, trust_remote_code=trust_remote_code)
+        value_bits = torch.finfo(next(model.parameters()).dtype).bits
+        dense_bits: dict[str, int] = {}
+
+        def score(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> list[Candidate]:
+            dense_bits[name] = weight.numel() * value_bits
+            return candidates(profile_layer(weight, hessian), value_bits, stage.removed_grid, stage.kappas, stage.lam)
+
+        tables = profile_blocks(model, arch_for(model), job.windows, stage.selects, score, progress=progress)
+        del model
+        plan = allocate(tables, dense_bits, stage.target, stage.buckets, stage.safety_cap)
+        choice = plan.choice
+        job.allocation = {
+            "target removed": stage.target, "removed (stored bits)": round(plan.removed, 4),
+            "layers kept dense": sum(c is None for c in choice.values()),
+            "layers with sparse coefficients": sum(c is not None and c.nnz is not None for c in choice.values()),
+            "error cap": None if plan.cap is None else round(plan.cap, 4),
+            "profile (s)": round(time.perf_counter() - start, 1),
+        }
+        atomic_write_text(path, json.dumps({
+            "summary": job.allocation,
+            "choice": {n: None if c is None else c.__dict__ for n, c in choice.items()},
+        }, indent=1))
+        plot_allocation({n: 0.0 if c is None else c.removed for n, c in choice.items()}, stage.target,
+                        job.out / "llmpress-allocation.png")
+    overrides, ignore = dict(stage.overrides), list(stage.ignore)
+    for name, c in choice.items():
+        pattern = f"^{re.escape(name)}$"
+        if c is None:
+            ignore.append(pattern)
+        else:
+            overrides[pattern] = {"rank": c.rank, "nnz": c.nnz}
+    job.recipe.stages[index] = stage.model_copy(update={"overrides": overrides, "ignore": ignore})
+
+
 class _Status:
     """A one-line rich status for work without a block count (the HARP fit)."""
 
@@ -337,6 +397,7 @@ def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float) 
         if c else "none (data-free)",
         "rotation": _describe_rotation(job.rotation),
         **({"HARP fit": job.harp} if job.harp else {}),
+        **({"allocation": job.allocation} if job.allocation else {}),
         "compressed modules": len(records),
         "mean bits per weight (codes+scales+zeros)": round(sum(bpw) / len(bpw), 4) if bpw else None,
         "size on disk (MB)": round(size / 1e6, 2),

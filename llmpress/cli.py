@@ -153,7 +153,7 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
 
     manifest = read_manifest(folder)
     table = Table(title=f"{folder}")
-    for col in ("module", "format", "bits", "group", "act-order g_idx", "bits/weight"):
+    for col in ("module", "format", "bits", "group", "act-order g_idx", "rank / atoms per output", "bits/weight"):
         table.add_column(col)
     total_bits = total_weights = 0
     for name, entry in manifest["modules"].items():
@@ -163,7 +163,11 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
         total_bits += bits
         total_weights += weights
         p = entry["params"]
-        table.add_row(name, entry["format"], str(p["bits"]), str(p["group_size"]), str(p["has_g_idx"]), f"{bits / weights:.3f}")
+        if entry["format"] == "factor":
+            layout = ("–", "–", "–", f"{p['rank']} / " + ("dense" if p["nnz"] is None else str(p["nnz"])))
+        else:
+            layout = (str(p["bits"]), str(p["group_size"]), str(p["has_g_idx"]), "–")
+        table.add_row(name, entry["format"], *layout, f"{bits / weights:.3f}")
     out.print(table)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     recipe = manifest.get("recipe", {}).get("name", "?")

@@ -57,11 +57,7 @@ def plot_errors(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("llmpress: per-layer compression error")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_figure(fig, path)
 
 
 def plot_harp(history: list[tuple[int, float]], path: Path) -> None:
@@ -79,6 +75,39 @@ def plot_harp(history: list[tuple[int, float]], path: Path) -> None:
     ax.set_title("llmpress: HARP fit")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+def plot_allocation(removed: dict[str, float], target: float, path: Path) -> None:
+    """The removed fraction the allocator chose per block, one line per linear (0: kept dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_linear: dict[str, list[tuple[int, float]]] = {}
+    for name, frac in removed.items():
+        parts = name.split(".")
+        block = next((int(p) for p in parts if p.isdigit()), 0)
+        linear = ".".join(parts[parts.index(str(block)) + 1:]) if str(block) in parts else name
+        by_linear.setdefault(linear, []).append((block, frac))
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    for linear, pts in by_linear.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=linear)
+    ax.axhline(target, color="grey", lw=0.8, ls="--", label=f"target {target:.0%}")
+    ax.set_xlabel("block")
+    ax.set_ylabel("fraction of stored bits removed")
+    ax.set_title("llmpress: budget allocation per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write the PNG atomically and free the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

@@ -7,11 +7,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..layers import QuantLinear
+from ..errors import LlmpressError
+from ..layers import FactorLinear, QuantLinear
+from .factor.lowrank import Factors, rank_for_ratio, svd_factors, whitened_svd_factors
+from .factor.rocket import rocket_factors
 from .quant.gptq import Residual, gptq_quantize
 from .quant.result import QuantizedWeight
 from .quant.rtn import rtn_quantize
-from .recipe import GPTQStage, RTNStage, StageBase
+from .recipe import GPTQStage, LowRankStage, RocketStage, RTNStage, StageBase
 
 
 def _rtn(stage: RTNStage, weight: torch.Tensor, stats: dict) -> QuantizedWeight:
@@ -35,7 +38,21 @@ def _gptq(stage: GPTQStage, weight: torch.Tensor, stats: dict) -> QuantizedWeigh
     )
 
 
+def _lowrank(stage: LowRankStage, weight: torch.Tensor, stats: dict) -> Factors:
+    rank = rank_for_ratio(weight.shape[1], weight.shape[0], stage.ratio)
+    if stage.method == "svd":
+        return svd_factors(weight, rank)
+    return whitened_svd_factors(weight, stats["hessian"], rank)
+
+
+def _rocket(stage: RocketStage, weight: torch.Tensor, stats: dict) -> Factors:
+    if stage.rank is None:
+        raise LlmpressError("no rank was allocated to this module (the ROCKET plan is missing)")
+    return rocket_factors(weight, stats["hessian"], stage.rank, stage.nnz, stage.lam)
+
+
 SOLVERS: dict[type[StageBase], Callable[..., QuantizedWeight]] = {RTNStage: _rtn, GPTQStage: _gptq}
+FACTORIZERS: dict[type[StageBase], Callable[..., Factors]] = {LowRankStage: _lowrank, RocketStage: _rocket}
 
 
 def linear_weight(linear: nn.Module, transposed: bool) -> torch.Tensor:
@@ -61,8 +78,12 @@ def compress_linear(
         from ..errors import ModelLoadError
 
         raise ModelLoadError("the weight has NaN or Inf entries; refusing to quantize a broken checkpoint")
-    result = SOLVERS[type(stage)](stage, weight, stats)
-    module = QuantLinear.from_quantized(result, linear.bias, dtype)
+    if type(stage) in FACTORIZERS:
+        result = FACTORIZERS[type(stage)](stage, weight, stats)
+        module = FactorLinear.from_factors(result, linear.bias, dtype)
+    else:
+        result = SOLVERS[type(stage)](stage, weight, stats)
+        module = QuantLinear.from_quantized(result, linear.bias, dtype)
     dense = module.dequantize(torch.float32)
     delta = dense - weight
     metrics = dict(result.metrics)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from ..errors import LlmpressError
 from .arch import ArchMap, blocks_of, set_submodule
-from .compressors import compress_linear
+from .compressors import compress_linear, linear_weight
 from .recipe import Recipe, StageBase
 from .stats import InputRecorder, InputStats, SpillArena, StopForward
 
@@ -43,8 +44,8 @@ class ModuleRecord:
     name: str
     block: int
     method: str
-    bits: int
-    group_size: int
+    bits: int | None          # None: not a quantizer (factorizations)
+    group_size: int | None
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -187,7 +188,7 @@ def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
 class Progress:
     """A rich progress bar over blocks that names the module being compressed."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, title: str = "compress"):
         self.enabled = enabled
         self._bar = None
         if enabled:
@@ -195,7 +196,7 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
-                TextColumn("[bold]compress"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
             )
             self._task = self._bar.add_task("", total=total)
@@ -303,6 +304,34 @@ def compress_blocks(
             records.extend(block_records)
             bar.advance()
     return records
+
+
+@torch.no_grad()
+def profile_blocks(
+    model: nn.Module, arch: ArchMap, windows: torch.Tensor, select: Callable[[str], bool],
+    score: Callable[[str, torch.Tensor, torch.Tensor], Any], *, batch_size: int = 8, progress: bool = True,
+) -> dict[str, Any]:
+    """``score(name, weight, hessian)`` for every selected linear of the unchanged model, block by
+    block on the full-precision stream (the profiling pass of an allocator: its candidates must be
+    known for every layer before any layer is compressed)."""
+    limit_heap_fragmentation()
+    blocks = blocks_of(model, arch)
+    hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
+    results: dict[str, Any] = {}
+    with Progress(len(blocks), progress, title="profile") as bar:
+        for i, block in enumerate(blocks):
+            prefix = f"{arch.blocks}.{i}"
+            names = [n for n in arch.linears if select(f"{prefix}.{n}")]
+            bar.describe(f"block {i + 1} · statistics")
+            with InputStats({n: block.get_submodule(n) for n in names}, stop_when_seen=False) as stats:
+                run_block(block, hidden, kwargs[i], batch_size, stats=stats, write_outputs=i < len(blocks) - 1)
+            hessians = stats.hessians() if names else {}
+            for n in names:
+                bar.describe(f"block {i + 1} · {n} · candidates")
+                weight = linear_weight(block.get_submodule(n), arch.transposed_weights)
+                results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessians[n])
+            bar.advance()
+    return results
 
 
 class _ZeroOutput(nn.Module):
@@ -442,7 +471,7 @@ def _compress_block(
             del stats
         for name in members:
             stage = plan.assignment[name]
-            bar.describe(f"block {index + 1} · {name} · {stage.method} w{stage.bits}")
+            bar.describe(f"block {index + 1} · {name} · {stage.label}")
             linear = block.get_submodule(name)
             start = time.perf_counter()
             module_stats = {"hessian": hessians[name]} if name in hessians else {}
@@ -479,8 +508,8 @@ def _compress_block(
                     set_submodule(block, arch.attention_norm, _SkippedNorm(real_norm, attention))
             modules[name] = module
             records.append(ModuleRecord(
-                name=f"{prefix}.{name}", block=index, method=stage.method, bits=stage.bits,
-                group_size=stage.group_size, seconds=time.perf_counter() - start, metrics=metrics,
+                name=f"{prefix}.{name}", block=index, method=stage.method, bits=getattr(stage, "bits", None),
+                group_size=getattr(stage, "group_size", None), seconds=time.perf_counter() - start, metrics=metrics,
             ))
         del hessians, kept, crosses
     if not outputs_done and need_outputs:

@@ -80,6 +80,10 @@ class UniformQuantStage(StageBase):
             raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {v}")
         return v
 
+    @property
+    def label(self) -> str:
+        return f"{self.method} w{self.bits}" + (f" g{self.group_size}" if self.group_size > 0 else "")
+
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int) -> int:
@@ -117,6 +121,62 @@ class GPTQStage(UniformQuantStage):
     @property
     def needs(self) -> frozenset[str]:
         return frozenset({"hessian", "fp_inputs"}) if self.residual != "none" else frozenset({"hessian"})
+
+
+class LowRankStage(StageBase):
+    """A uniform low-rank factorization of every selected linear: ``svd`` truncates the weight's
+    SVD (data-free), ``svdllm`` the SVD of the activation-whitened weight (SVD-LLM)."""
+
+    method: Literal["svd", "svdllm"]
+    ratio: float = Field(gt=0, lt=1)     # the fraction of each linear's parameters removed
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"}) if self.method == "svdllm" else frozenset()
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} -{self.ratio:.0%}"
+
+
+class RocketStage(StageBase):
+    """ROCKET: whitened sparse-dictionary factorization, with the removed fraction of each linear
+    chosen by a knapsack over the candidates' measured errors (compress/factor/rocket.py).
+
+    The allocator fills ``rank``/``nnz`` per module (as ``overrides``) and leaves the linears it
+    keeps dense out (``ignore``); the recipe saved with the model holds that plan."""
+
+    kind: ClassVar[str] = "allocator"
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    method: Literal["rocket"] = "rocket"
+    target: float = Field(gt=0, lt=1)    # the fraction of the selected linears' stored bits removed
+    removed_grid: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 15)])
+    kappas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0])   # k/s; 1: dense coefficients
+    lam: float = Field(0.5, ge=0)        # score = |C0| · a^lam
+    buckets: int = Field(50_000, ge=100)   # resolution of the knapsack's size axis
+    safety_cap: bool = True              # the paper's per-layer error cap α·ē before the knapsack
+    rank: int | None = Field(None, ge=1)   # set per module by the allocation
+    nnz: int | None = Field(None, ge=1)
+
+    @field_validator("removed_grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < r < 1 for r in v):
+            raise ValueError("removed_grid holds fractions strictly between 0 and 1")
+        return sorted(set(v))
+
+    @field_validator("kappas")
+    @classmethod
+    def _kappas(cls, v: list[float]) -> list[float]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("kappas are ratios k/s of at least 1")
+        return sorted(set(v))
+
+    @property
+    def label(self) -> str:
+        if self.rank is None:
+            return "rocket"
+        return f"rocket k={self.rank}" + (f" s={self.nnz}" if self.nnz else "")
 
 
 class RotationStage(BaseModel):
@@ -163,8 +223,12 @@ class HARPStage(RotationStage):
         return v
 
 
-Stage = Annotated[RTNStage | GPTQStage | RHTStage | HARPStage, Field(discriminator="method")]
-STAGE_TYPES: dict[str, type[BaseModel]] = {"rtn": RTNStage, "gptq": GPTQStage, "rht": RHTStage, "harp": HARPStage}
+Stage = Annotated[RTNStage | GPTQStage | LowRankStage | RocketStage | RHTStage | HARPStage,
+                  Field(discriminator="method")]
+STAGE_TYPES: dict[str, type[BaseModel]] = {
+    "rtn": RTNStage, "gptq": GPTQStage, "svd": LowRankStage, "svdllm": LowRankStage, "rocket": RocketStage,
+    "rht": RHTStage, "harp": HARPStage,
+}
 
 
 class Recipe(BaseModel):
@@ -181,6 +245,11 @@ class Recipe(BaseModel):
             raise ValueError("a recipe holds at most one rotation stage")
         if "transform" in kinds and kinds.index("transform") != 0:
             raise ValueError("the rotation stage must come first: it changes the weights every later stage sees")
+        if kinds.count("allocator") > 1:
+            raise ValueError("a recipe holds at most one allocator stage (one global budget)")
+        if "allocator" in kinds and "transform" in kinds:
+            raise ValueError("an allocator stage after a rotation is not supported yet (its profiling pass "
+                             "reads the unrotated model)")
         return self
 
     def to_yaml(self) -> str:
@@ -188,7 +257,13 @@ class Recipe(BaseModel):
 
     @property
     def layer_stages(self) -> list[StageBase]:
-        return [s for s in self.stages if s.kind == "layer"]
+        """The stages that compress linears, allocators included (they run as layer stages once
+        their plan is made)."""
+        return [s for s in self.stages if s.kind in ("layer", "allocator")]
+
+    @property
+    def allocator(self) -> StageBase | None:
+        return next((s for s in self.stages if s.kind == "allocator"), None)
 
     @property
     def rotation(self) -> RotationStage | None:

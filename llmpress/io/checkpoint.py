@@ -246,6 +246,9 @@ def _check_codes(model: nn.Module) -> None:
         g_idx = getattr(module, "g_idx", None)
         if g_idx is not None and g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= module.n_groups):
             raise ModelLoadError(f"{name}: g_idx points outside the {module.n_groups} groups")
+        index = getattr(module, "coef_index", None)
+        if index is not None and index.numel() and (index.min() < 0 or index.max() >= module.rank):
+            raise ModelLoadError(f"{name}: coef_index points outside the {module.rank} atoms")
         scales = getattr(module, "scales", None)
         if scales is not None and not torch.isfinite(scales).all():
             raise ModelLoadError(f"{name}: scales contain NaN or Inf")

@@ -34,7 +34,7 @@ from .. import __version__
 from ..compress.arch import set_submodule
 from ..errors import LlmpressError, OutputError
 from ..kernels.packing import pack_codes, unpack_codes
-from ..layers import OnlineHadamard, QuantLinear
+from ..layers import LAYER_FORMATS, OnlineHadamard, QuantLinear
 from .checkpoint import is_llmpress_output, load_compressed, read_manifest
 from .models import load_tokenizer
 
@@ -81,7 +81,8 @@ def export(src: str | Path, out: str | Path, fmt: str, *, dtype: str = "float16"
     try:
         torch_dtype = DTYPES[dtype]
         if fmt == "dense":
-            tensors, qconfig = _dense_tensors(model, quantized, torch_dtype), None
+            compressed = {n: m for n, m in model.named_modules() if isinstance(m, tuple(LAYER_FORMATS.values()))}
+            tensors, qconfig = _dense_tensors(model, compressed, torch_dtype), None
         elif fmt == "compressed-tensors":
             tensors, qconfig = _compressed_tensors(model, quantized, torch_dtype)
         else:
@@ -112,8 +113,9 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 # -- dense -----------------------------------------------------------------------------------
 
-def _dense_tensors(model: nn.Module, quantized: dict[str, QuantLinear], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    for name, module in quantized.items():
+def _dense_tensors(model: nn.Module, compressed: dict[str, nn.Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every compressed module as a plain linear holding the weight it computes with."""
+    for name, module in compressed.items():
         weight = module.dequantize(torch.float32)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         linear.weight = nn.Parameter(weight, requires_grad=False)

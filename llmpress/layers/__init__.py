@@ -1,10 +1,11 @@
 """Compressed modules a saved model is rebuilt from: one module type per storage format."""
 
+from .factor_linear import FactorLinear
 from .online_hadamard import OnlineHadamard
 from .quant_linear import QuantLinear
 
 # format name in the manifest -> module type (OnlineHadamard is a transform: the manifest lists
 # it under `transforms`, around a module of one of these formats or a plain linear)
-LAYER_FORMATS = {QuantLinear.format_name: QuantLinear}
+LAYER_FORMATS = {QuantLinear.format_name: QuantLinear, FactorLinear.format_name: FactorLinear}
 
-__all__ = ["LAYER_FORMATS", "OnlineHadamard", "QuantLinear"]
+__all__ = ["LAYER_FORMATS", "FactorLinear", "OnlineHadamard", "QuantLinear"]

@@ -1,0 +1,1 @@
+"""Factorization compressors (low-rank, ROCKET) and the shared knapsack allocator."""

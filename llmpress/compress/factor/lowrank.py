@@ -1,0 +1,76 @@
+"""Low-rank factors ``Wᵀ ≈ A C`` and the storage they cost; truncated SVD and SVD-LLM.
+
+Orientation follows ROCKET: for ``W [out, in]``, the dictionary ``A`` is ``[in, k]`` and the
+coefficients ``C`` are ``[k, out]``; the layer computes ``y = (x A) C``. ``C`` is dense, or
+column-sparse with the same number ``nnz`` of atoms per output (stored as values + indices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .whiten import unwhiten, whiten, whitening_factor
+
+
+@dataclass
+class Factors:
+    dictionary: torch.Tensor          # A [in, k]
+    coef: torch.Tensor                # C [k, out]; zero outside ``mask`` when sparse
+    mask: torch.Tensor | None = None  # [k, out] bool, exactly ``nnz`` True per column; None: dense
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.dictionary.shape[1]
+
+    @property
+    def nnz(self) -> int | None:
+        return None if self.mask is None else int(self.mask[:, 0].sum())
+
+    def weight(self) -> torch.Tensor:
+        """``(A C)ᵀ`` ``[out, in]``."""
+        return (self.dictionary @ self.coef).T
+
+
+def index_bits(rank: int) -> int:
+    """The integer width of the stored atom indices (int16 while it can hold them)."""
+    return 16 if rank <= torch.iinfo(torch.int16).max else 32
+
+
+def factor_bits(in_features: int, out_features: int, rank: int, nnz: int | None, value_bits: int) -> int:
+    """Bits stored for the factors: the dense dictionary, then C dense or as values + indices."""
+    dictionary = in_features * rank * value_bits
+    if nnz is None:
+        return dictionary + out_features * rank * value_bits
+    return dictionary + out_features * nnz * (value_bits + index_bits(rank))
+
+
+def rank_for_ratio(in_features: int, out_features: int, removed: float) -> int:
+    """SVD-LLM's rank for a removed parameter fraction: ``k(m + n) ≤ (1 − ρ) m n``."""
+    return max(1, int((1.0 - removed) * in_features * out_features // (in_features + out_features)))
+
+
+def _balanced(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_k √Σ_k, √Σ_k V_kᵀ, Σ)`` of ``target``: the best rank-k pair, magnitudes balanced so fp16
+    storage loses neither factor."""
+    u, s, vt = torch.linalg.svd(target, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vt[:rank], s
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> Factors:
+    """Plain truncated SVD of ``Wᵀ`` (the data-free baseline)."""
+    a, c, s = _balanced(weight.to(torch.float64).T, rank)
+    kept = float((s[:rank] ** 2).sum() / (s ** 2).sum()) if s.numel() else 1.0
+    return Factors(a, c, metrics={"energy_kept": kept})
+
+
+def whitened_svd_factors(weight: torch.Tensor, hessian: torch.Tensor, rank: int) -> Factors:
+    """SVD-LLM: the truncated SVD of ``Lᵀ Wᵀ``, the dictionary mapped back with ``L⁻ᵀ``; optimal for
+    the layer's output error on the calibration inputs among rank-k matrices."""
+    factor, damp = whitening_factor(hessian)
+    d, c, s = _balanced(whiten(weight, factor), rank)
+    err = float((s[rank:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt()) if s.numel() else 0.0
+    return Factors(unwhiten(d, factor), c, metrics={"whitened_error": err, "damp": damp})

@@ -1,0 +1,228 @@
+"""Factorization compressors: the knapsack, whitening, SVD/SVD-LLM/ROCKET factors, FactorLinear,
+and ROCKET end to end on a tiny model (budget, bytes on disk, reload, resume)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from llmpress.compress.factor import knapsack, rocket
+from llmpress.compress.factor.lowrank import Factors, factor_bits, svd_factors, whitened_svd_factors
+from llmpress.compress.factor.whiten import whiten, whitening_factor
+from llmpress.errors import RecipeError
+from llmpress.layers import FactorLinear
+
+
+def _brute_force(costs, sizes, capacity):
+    best = (np.inf, None)
+    for pick in itertools.product(*(range(len(c)) for c in costs)):
+        size = sum(s[j] for s, j in zip(sizes, pick))
+        cost = sum(c[j] for c, j in zip(costs, pick))
+        if size <= capacity and cost < best[0] - 1e-12:
+            best = (cost, pick)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    layers = int(rng.integers(2, 6))
+    costs = [rng.random(int(rng.integers(1, 5))) for _ in range(layers)]
+    sizes = [rng.integers(0, 20, len(c)) for c in costs]
+    capacity = int(rng.integers(0, 20 * layers))
+    cost, pick = _brute_force(costs, sizes, capacity)
+    if pick is None:
+        with pytest.raises(knapsack.InfeasibleBudget):
+            knapsack.solve_mckp(costs, sizes, capacity)
+        return
+    got = knapsack.solve_mckp(costs, sizes, capacity)
+    assert sum(s[j] for s, j in zip(sizes, got)) <= capacity
+    assert sum(c[j] for c, j in zip(costs, got)) == pytest.approx(cost, abs=1e-12)
+
+
+def test_discretized_allocation_respects_the_real_budget():
+    rng = np.random.default_rng(0)
+    costs = [rng.random(6) for _ in range(30)]
+    sizes = [rng.random(6) * 1e6 for _ in range(30)]
+    budget = sum(float(np.median(s)) for s in sizes)
+    pick = knapsack.allocate(costs, sizes, budget, buckets=500)
+    assert sum(s[j] for s, j in zip(sizes, pick)) <= budget
+    # the coarse solution is within the finer one's reach: never better than the fine optimum
+    fine = knapsack.allocate(costs, sizes, budget, buckets=20_000)
+    assert sum(c[j] for c, j in zip(costs, fine)) <= sum(c[j] for c, j in zip(costs, pick)) + 1e-12
+
+
+def _layer(seed=0, out=48, inp=40, tokens=400):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    mix = torch.randn(inp, inp, generator=g, dtype=torch.float64) * (torch.rand(inp, generator=g, dtype=torch.float64) * 3)
+    x = torch.randn(tokens, inp, generator=g, dtype=torch.float64) @ mix   # correlated inputs
+    return w, x
+
+
+def test_whitened_error_equals_the_output_error():
+    w, x = _layer()
+    approx = w + 0.1 * torch.randn_like(w)
+    factor, damp = whitening_factor(x.T @ x)
+    assert damp == 0.0
+    out_err = (x @ (w - approx).T).pow(2).sum()
+    whitened = (whiten(w, factor) - whiten(approx, factor)).pow(2).sum()
+    assert float(whitened) == pytest.approx(float(out_err), rel=1e-9)
+
+
+def test_full_rank_factors_reconstruct_the_weight():
+    w, x = _layer()
+    full = min(w.shape)
+    torch.testing.assert_close(svd_factors(w, full).weight(), w, rtol=0, atol=1e-10)
+    torch.testing.assert_close(whitened_svd_factors(w, x.T @ x, full).weight(), w, rtol=0, atol=1e-9)
+    d, c, mask, err = rocket.fit(rocket.profile_layer(w, x.T @ x), full, None)
+    assert mask is None and err < 1e-7
+    factor, _ = whitening_factor(x.T @ x)
+    torch.testing.assert_close(Factors(rocket.unwhiten(d, factor), c).weight(), w, rtol=0, atol=1e-9)
+
+
+def test_whitened_svd_beats_plain_svd_on_the_output_error():
+    w, x = _layer(1)
+    for rank in (5, 15, 30):
+        errors = [(x @ (w - f.weight()).T).norm() for f in (svd_factors(w, rank), whitened_svd_factors(w, x.T @ x, rank))]
+        assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("rank,nnz", [(30, 10), (24, 12), (36, 4)])
+def test_rocket_sparse_fit_reports_its_real_error(rank, nnz):
+    w, x = _layer(2)
+    profile = rocket.profile_layer(w, x.T @ x)
+    d, c, mask, err = rocket.fit(profile, rank, nnz)
+    assert (mask.sum(dim=0) == nnz).all()              # exactly nnz atoms per output column
+    assert (c[~mask] == 0).all()
+    direct = (profile.xw - d @ c).norm() / profile.xw.norm()
+    assert err == pytest.approx(float(direct), rel=1e-6)
+    # the closed-form dictionary is least squares for the mask: no other dictionary does better
+    worse = (profile.xw - (d + 1e-3 * torch.randn_like(d)) @ c).norm() / profile.xw.norm()
+    assert float(worse) > err
+
+
+def test_rocket_candidates_fit_their_budget():
+    w, x = _layer(3, out=64, inp=48)
+    for c in rocket.candidates(rocket.profile_layer(w, x.T @ x), value_bits=32):
+        assert c.bits == factor_bits(48, 64, c.rank, c.nnz, 32)
+        assert c.bits <= (1 - c.removed) * w.numel() * 32
+        assert 0 <= c.error < 1
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_factor_linear_forward_equals_its_dense_weight(sparse):
+    w, x = _layer(4)
+    profile = rocket.profile_layer(w, x.T @ x)
+    d, c, mask, _ = rocket.fit(profile, 30, 8 if sparse else None)
+    factors = Factors(rocket.unwhiten(d, profile.factor), c, mask)
+    bias = torch.randn(w.shape[0])
+    layer = FactorLinear.from_factors(factors, bias, torch.float32)
+    torch.testing.assert_close(layer.dequantize().double(), factors.weight(), rtol=0, atol=1e-5)
+    inputs = torch.randn(3, 7, w.shape[1])
+    torch.testing.assert_close(layer(inputs), inputs @ layer.dequantize().T + bias, rtol=1e-5, atol=1e-5)
+    assert layer.stored_bits() == factor_bits(w.shape[1], w.shape[0], 30, 8 if sparse else None, 32)
+    if sparse:
+        assert layer.coef_index.dtype == torch.int16 and layer.coef_values.shape == (w.shape[0], 8)
+
+
+def _decoder_linear_bytes(folder, names):
+    total = 0
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in list(f.keys()):
+                if any(key.startswith(n + ".") for n in names) and not key.endswith(".bias"):
+                    t = f.get_tensor(key)
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def test_rocket_end_to_end_budget_bytes_reload_and_resume(tiny_model_factory, tmp_path):
+    import llmpress
+
+    folder = tiny_model_factory("llama")
+    dense, _ = llmpress.load(folder)
+    linears = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    dense_bytes = sum(dense.get_submodule(n).weight.numel() * 4 for n in linears)
+    out = tmp_path / "rocket"
+    res = llmpress.compress(folder, "rocket-30", out=out, nsamples=8, seqlen=64, progress=False, keep_model=True)
+    alloc = res.summary["allocation"]
+    assert alloc["removed (stored bits)"] >= 0.30
+    assert _decoder_linear_bytes(out, linears) <= 0.70 * dense_bytes
+    assert (out / "llmpress-allocation.png").exists()
+    loaded, _ = llmpress.load(out)
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, res.model(ids).logits, rtol=0, atol=0)
+    assert any(isinstance(m, FactorLinear) and m.nnz is not None for m in loaded.modules()) or \
+        alloc["layers with sparse coefficients"] == 0
+    # the dense export loads in stock transformers and computes the same function
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.io.export import export
+
+    exported = export(out, tmp_path / "dense", "dense", dtype="float32")
+    stock = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, res.model(ids).logits, rtol=1e-4, atol=1e-4)
+    # --resume reuses the saved plan: same modules, same tensors
+    plan = json.loads((out / "llmpress-allocation.json").read_text())
+    again = llmpress.compress(folder, "rocket-30", out=out, nsamples=8, seqlen=64, progress=False, resume=True)
+    assert again.summary["allocation"] == plan["summary"]
+    reloaded, _ = llmpress.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, res.model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", ["svd-30", "svdllm-30"])
+def test_uniform_low_rank_presets_remove_their_share(tiny_model_factory, tmp_path, recipe):
+    import llmpress
+
+    folder = tiny_model_factory("llama")
+    dense, _ = llmpress.load(folder)
+    linears = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    dense_bytes = sum(dense.get_submodule(n).weight.numel() * 4 for n in linears)
+    out = tmp_path / recipe
+    res = llmpress.compress(folder, recipe, out=out, nsamples=8, seqlen=64, progress=False, keep_model=True)
+    assert _decoder_linear_bytes(out, linears) <= 0.70 * dense_bytes
+    loaded, _ = llmpress.load(out)
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, res.model(ids).logits, rtol=0, atol=0)
+
+
+def test_recipe_errors_are_clear():
+    from llmpress.compress.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match="ratio"):
+        parse_recipe({"stages": [{"method": "svd", "ratio": 1.5}]})
+    with pytest.raises(RecipeError, match="allocator stage after a rotation"):
+        parse_recipe({"stages": [{"method": "rht"}, {"method": "rocket", "target": 0.3}]})
+    with pytest.raises(RecipeError, match="kappas"):
+        parse_recipe({"stages": [{"method": "rocket", "target": 0.3, "kappas": [0.5]}]})
+
+
+def test_a_tampered_atom_index_is_refused(tiny_model_factory, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import llmpress
+    from llmpress.errors import ModelLoadError
+
+    out = tmp_path / "rocket"
+    llmpress.compress(tiny_model_factory("llama"), "rocket-50", out=out, nsamples=8, seqlen=64, progress=False)
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        keys = [k for k in tensors if k.endswith("coef_index")]
+        if keys:
+            tensors[keys[0]][0, 0] = 32000
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+            break
+    else:
+        pytest.skip("the allocation chose no sparse coefficients")
+    with pytest.raises(ModelLoadError, match="coef_index"):
+        llmpress.load(out)
