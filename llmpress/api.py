@@ -308,29 +308,22 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
     in the output folder first, so ``--resume`` reuses it instead of profiling again."""
     import re
 
-    from .compress.factor.rocket import Candidate, allocate, candidates, profile_layer
-    from .compress.pipeline import profile_blocks
+    from .compress.factor.rocket import Candidate, allocate
     from .paths import atomic_write_text
     from .report import plot_allocation
 
     index, stage = next((i, s) for i, s in enumerate(job.recipe.stages) if s.kind == "allocator")
     path = job.out / ALLOCATION_FILE
     if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        choice = {n: None if c is None else Candidate(**c) for n, c in saved["choice"].items()}
-        job.allocation = saved["summary"]
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            choice = {str(n): None if c is None else Candidate(**c) for n, c in saved["choice"].items()}
+            job.allocation = dict(saved["summary"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{path} is damaged; delete it (or the folder) and run again") from None
     else:
         start = time.perf_counter()
-        model = load_dense(job.folder, trust_remote_code=trust_remote_code)
-        value_bits = torch.finfo(next(model.parameters()).dtype).bits
-        dense_bits: dict[str, int] = {}
-
-        def score(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> list[Candidate]:
-            dense_bits[name] = weight.numel() * value_bits
-            return candidates(profile_layer(weight, hessian), value_bits, stage.removed_grid, stage.kappas, stage.lam)
-
-        tables = profile_blocks(model, arch_for(model), job.windows, stage.selects, score, progress=progress)
-        del model
+        tables, dense_bits = _rocket_profile(job, stage, progress=progress, trust_remote_code=trust_remote_code)
         plan = allocate(tables, dense_bits, stage.target, stage.buckets, stage.safety_cap)
         choice = plan.choice
         job.allocation = {
@@ -354,6 +347,43 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
         else:
             overrides[pattern] = {"rank": c.rank, "nnz": c.nnz}
     job.recipe.stages[index] = stage.model_copy(update={"overrides": overrides, "ignore": ignore})
+
+
+def _rocket_profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
+    """``(candidate tables, dense bits)`` per selected linear. They depend on the model, the
+    calibration windows and the candidate grid, not on the target, so they are cached (under
+    ``cache_dir()/profiles``) and a second budget on the same model skips the profiling pass."""
+    from .compress.factor.rocket import Candidate, candidates, profile_layer
+    from .compress.pipeline import profile_blocks
+    from .paths import atomic_write_text, cache_dir
+
+    key = hashlib.sha256(json.dumps({
+        "model": str(job.folder), "config": job.config.to_dict(), "calibration": job.calib,
+        "grid": [stage.removed_grid, stage.kappas, stage.lam], "select": [stage.targets, stage.ignore],
+        "version": __version__,
+    }, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_dir() / "profiles" / f"rocket-{key}.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            tables = {n: [Candidate(**c) for c in t] for n, t in saved["tables"].items()}
+            return tables, {n: int(b) for n, b in saved["dense_bits"].items()}
+        except (ValueError, KeyError, TypeError):
+            pass   # a damaged cache entry: profile again and replace it
+    model = load_dense(job.folder, trust_remote_code=trust_remote_code)
+    value_bits = torch.finfo(next(model.parameters()).dtype).bits
+    dense_bits: dict[str, int] = {}
+
+    def score(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> list[Candidate]:
+        dense_bits[name] = weight.numel() * value_bits
+        return candidates(profile_layer(weight, hessian), value_bits, stage.removed_grid, stage.kappas, stage.lam)
+
+    tables = profile_blocks(model, arch_for(model), job.windows, stage.selects, score, progress=progress)
+    del model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},
+                                        "dense_bits": dense_bits}))
+    return tables, dense_bits
 
 
 class _Status:

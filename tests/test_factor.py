@@ -226,3 +226,21 @@ def test_a_tampered_atom_index_is_refused(tiny_model_factory, tmp_path):
         pytest.skip("the allocation chose no sparse coefficients")
     with pytest.raises(ModelLoadError, match="coef_index"):
         llmpress.load(out)
+
+
+def test_a_second_budget_reuses_the_cached_profile(tiny_model_factory, tmp_path, monkeypatch):
+    import llmpress
+    from llmpress.compress import pipeline
+
+    folder = tiny_model_factory("qwen2")
+    first = llmpress.compress(folder, "rocket-20", out=tmp_path / "a", nsamples=8, seqlen=64, progress=False)
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("profiled again")
+
+    monkeypatch.setattr(pipeline, "profile_blocks", no_profiling)
+    second = llmpress.compress(folder, "rocket-50", out=tmp_path / "b", nsamples=8, seqlen=64, progress=False)
+    assert second.summary["allocation"]["removed (stored bits)"] >= 0.5
+    assert first.summary["allocation"]["removed (stored bits)"] >= 0.2
+    with pytest.raises(AssertionError, match="profiled again"):   # other calibration: a new profile
+        llmpress.compress(folder, "rocket-50", out=tmp_path / "c", nsamples=8, seqlen=64, seed=1, progress=False)
