@@ -304,11 +304,12 @@ ALLOCATION_FILE = "llmpress-allocation.json"
 
 def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
     """Profile every selected linear, solve the knapsack, and write the plan into the recipe's
-    allocator stage (per-module ``rank``/``nnz`` overrides; dense layers ignored). The plan is saved
-    in the output folder first, so ``--resume`` reuses it instead of profiling again."""
+    allocator stage (each module's chosen settings as ``overrides``; dense layers ``ignore``d). The
+    plan is saved in the output folder first, so ``--resume`` reuses it instead of profiling again."""
     import re
+    from collections import Counter
 
-    from .compress.factor.rocket import Candidate, allocate
+    from .compress.factor.knapsack import Option, allocate_layers
     from .paths import atomic_write_text
     from .report import plot_allocation
 
@@ -317,19 +318,19 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
     if path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            choice = {str(n): None if c is None else Candidate(**c) for n, c in saved["choice"].items()}
+            choice = {str(n): None if c is None else Option(**c) for n, c in saved["choice"].items()}
             job.allocation = dict(saved["summary"])
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ModelLoadError(f"{path} is damaged; delete it (or the folder) and run again") from None
     else:
         start = time.perf_counter()
-        tables, dense_bits = _rocket_profile(job, stage, progress=progress, trust_remote_code=trust_remote_code)
-        plan = allocate(tables, dense_bits, stage.target, stage.buckets, stage.safety_cap)
+        tables, dense_bits = _profile(job, stage, progress=progress, trust_remote_code=trust_remote_code)
+        plan = allocate_layers(tables, dense_bits, stage.target, stage.buckets, stage.safety_cap)
         choice = plan.choice
+        kinds = Counter(_option_kind(c) for c in choice.values())
         job.allocation = {
             "target removed": stage.target, "removed (stored bits)": round(plan.removed, 4),
-            "layers kept dense": sum(c is None for c in choice.values()),
-            "layers with sparse coefficients": sum(c is not None and c.nnz is not None for c in choice.values()),
+            "layers": dict(sorted(kinds.items())),
             "error cap": None if plan.cap is None else round(plan.cap, 4),
             "profile (s)": round(time.perf_counter() - start, 1),
         }
@@ -345,38 +346,50 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
         if c is None:
             ignore.append(pattern)
         else:
-            overrides[pattern] = {"rank": c.rank, "nnz": c.nnz}
+            overrides[pattern] = dict(c.settings)
     job.recipe.stages[index] = stage.model_copy(update={"overrides": overrides, "ignore": ignore})
 
 
-def _rocket_profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
-    """``(candidate tables, dense bits)`` per selected linear. They depend on the model, the
-    calibration windows and the candidate grid, not on the target, so they are cached (under
+def _option_kind(option) -> str:
+    """A short name for what a layer became, for the run summary."""
+    if option is None:
+        return "dense"
+    settings = option.settings
+    if "family" in settings:
+        return str(settings["family"])
+    return "sparse coefficients" if settings.get("nnz") is not None else "low rank"
+
+
+def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
+    """``(options, dense bits)`` per selected linear. They depend on the model, the calibration
+    windows and the stage's option grid, not on the target, so they are cached (under
     ``cache_dir()/profiles``) and a second budget on the same model skips the profiling pass."""
-    from .compress.factor.rocket import Candidate, candidates, profile_layer
+    from .compress.compressors import PROFILERS
+    from .compress.factor.knapsack import Option
     from .compress.pipeline import profile_blocks
     from .paths import atomic_write_text, cache_dir
 
+    grid = stage.model_dump(exclude={"target", "buckets", "safety_cap", "overrides", "description"})
     key = hashlib.sha256(json.dumps({
-        "model": str(job.folder), "config": job.config.to_dict(), "calibration": job.calib,
-        "grid": [stage.removed_grid, stage.kappas, stage.lam], "select": [stage.targets, stage.ignore],
+        "model": str(job.folder), "config": job.config.to_dict(), "calibration": job.calib, "stage": grid,
         "version": __version__,
     }, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = cache_dir() / "profiles" / f"rocket-{key}.json"
+    path = cache_dir() / "profiles" / f"{stage.method}-{key}.json"
     if path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            tables = {n: [Candidate(**c) for c in t] for n, t in saved["tables"].items()}
+            tables = {n: [Option(**c) for c in t] for n, t in saved["tables"].items()}
             return tables, {n: int(b) for n, b in saved["dense_bits"].items()}
         except (ValueError, KeyError, TypeError):
             pass   # a damaged cache entry: profile again and replace it
     model = load_dense(job.folder, trust_remote_code=trust_remote_code)
     value_bits = torch.finfo(next(model.parameters()).dtype).bits
     dense_bits: dict[str, int] = {}
+    options_of = PROFILERS[type(stage)]
 
-    def score(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> list[Candidate]:
+    def score(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> list[Option]:
         dense_bits[name] = weight.numel() * value_bits
-        return candidates(profile_layer(weight, hessian), value_bits, stage.removed_grid, stage.kappas, stage.lam)
+        return options_of(stage, weight, hessian, value_bits)
 
     tables = profile_blocks(model, arch_for(model), job.windows, stage.selects, score, progress=progress)
     del model

@@ -8,13 +8,16 @@ import torch
 from torch import nn
 
 from ..errors import LlmpressError
-from ..layers import FactorLinear, QuantLinear
-from .factor.lowrank import Factors, rank_for_ratio, svd_factors, whitened_svd_factors
-from .factor.rocket import rocket_factors
+from ..layers import FactorLinear, QuantLinear, TTLinear
+from .factor import rocket
+from .factor.knapsack import Option
+from .factor.lowrank import rank_for_ratio, svd_factors, whitened_svd_factors
+from .factor.mix import mix_options
+from .factor.tt import tt_factorize
 from .quant.gptq import Residual, gptq_quantize
 from .quant.result import QuantizedWeight
 from .quant.rtn import rtn_quantize
-from .recipe import GPTQStage, LowRankStage, RocketStage, RTNStage, StageBase
+from .recipe import FactorMixStage, GPTQStage, LowRankStage, RocketStage, RTNStage, StageBase, TTStage
 
 
 def _rtn(stage: RTNStage, weight: torch.Tensor, stats: dict) -> QuantizedWeight:
@@ -38,21 +41,65 @@ def _gptq(stage: GPTQStage, weight: torch.Tensor, stats: dict) -> QuantizedWeigh
     )
 
 
-def _lowrank(stage: LowRankStage, weight: torch.Tensor, stats: dict) -> Factors:
-    rank = rank_for_ratio(weight.shape[1], weight.shape[0], stage.ratio)
-    if stage.method == "svd":
-        return svd_factors(weight, rank)
-    return whitened_svd_factors(weight, stats["hessian"], rank)
+# Factorizations build their module directly: (stage, weight, stats, bias, dtype) -> (module, metrics).
+Built = tuple[nn.Module, dict[str, float]]
 
 
-def _rocket(stage: RocketStage, weight: torch.Tensor, stats: dict) -> Factors:
+def _lowrank_module(weight: torch.Tensor, stats: dict, ratio: float, whitened: bool, bias, dtype) -> Built:
+    rank = rank_for_ratio(weight.shape[1], weight.shape[0], ratio)
+    factors = whitened_svd_factors(weight, stats["hessian"], rank) if whitened else svd_factors(weight, rank)
+    return FactorLinear.from_factors(factors, bias, dtype), factors.metrics
+
+
+def _tt_module(weight: torch.Tensor, stats: dict, ratio: float, order: int, aware: bool, bias, dtype) -> Built:
+    try:
+        cores = tt_factorize(weight, ratio, order, stats["hessian"] if aware else None)
+    except ValueError as e:
+        raise LlmpressError(str(e)) from None
+    return TTLinear.from_cores(cores, tuple(weight.shape), bias, dtype), {}
+
+
+def _lowrank(stage: LowRankStage, weight, stats, bias, dtype) -> Built:
+    return _lowrank_module(weight, stats, stage.ratio, stage.method == "svdllm", bias, dtype)
+
+
+def _tt(stage: TTStage, weight, stats, bias, dtype) -> Built:
+    return _tt_module(weight, stats, stage.ratio, stage.order, stage.aware, bias, dtype)
+
+
+def _rocket(stage: RocketStage, weight, stats, bias, dtype) -> Built:
     if stage.rank is None:
         raise LlmpressError("no rank was allocated to this module (the ROCKET plan is missing)")
-    return rocket_factors(weight, stats["hessian"], stage.rank, stage.nnz, stage.lam)
+    factors = rocket.rocket_factors(weight, stats["hessian"], stage.rank, stage.nnz, stage.lam)
+    return FactorLinear.from_factors(factors, bias, dtype), factors.metrics
+
+
+def _mix(stage: FactorMixStage, weight, stats, bias, dtype) -> Built:
+    if stage.family is None or stage.ratio is None:
+        raise LlmpressError("no family was allocated to this module (the factor-mix plan is missing)")
+    if stage.family == "lowrank":
+        return _lowrank_module(weight, stats, stage.ratio, True, bias, dtype)
+    return _tt_module(weight, stats, stage.ratio, stage.order, True, bias, dtype)
 
 
 SOLVERS: dict[type[StageBase], Callable[..., QuantizedWeight]] = {RTNStage: _rtn, GPTQStage: _gptq}
-FACTORIZERS: dict[type[StageBase], Callable[..., Factors]] = {LowRankStage: _lowrank, RocketStage: _rocket}
+BUILDERS: dict[type[StageBase], Callable[..., Built]] = {
+    LowRankStage: _lowrank, TTStage: _tt, RocketStage: _rocket, FactorMixStage: _mix,
+}
+
+
+# Allocators' profiling: (stage, weight, hessian, value_bits) -> the layer's options.
+def _rocket_options(stage: RocketStage, weight, hessian, value_bits: int) -> list[Option]:
+    return rocket.candidates(rocket.profile_layer(weight, hessian), value_bits, stage.removed_grid, stage.kappas, stage.lam)
+
+
+def _mix_options(stage: FactorMixStage, weight, hessian, value_bits: int) -> list[Option]:
+    return mix_options(weight, hessian, value_bits, stage.removed_grid, stage.families, stage.order)
+
+
+PROFILERS: dict[type[StageBase], Callable[..., list[Option]]] = {
+    RocketStage: _rocket_options, FactorMixStage: _mix_options,
+}
 
 
 def linear_weight(linear: nn.Module, transposed: bool) -> torch.Tensor:
@@ -78,15 +125,15 @@ def compress_linear(
         from ..errors import ModelLoadError
 
         raise ModelLoadError("the weight has NaN or Inf entries; refusing to quantize a broken checkpoint")
-    if type(stage) in FACTORIZERS:
-        result = FACTORIZERS[type(stage)](stage, weight, stats)
-        module = FactorLinear.from_factors(result, linear.bias, dtype)
+    if type(stage) in BUILDERS:
+        module, metrics = BUILDERS[type(stage)](stage, weight, stats, linear.bias, dtype)
+        metrics = dict(metrics)
     else:
         result = SOLVERS[type(stage)](stage, weight, stats)
         module = QuantLinear.from_quantized(result, linear.bias, dtype)
+        metrics = dict(result.metrics)
     dense = module.dequantize(torch.float32)
     delta = dense - weight
-    metrics = dict(result.metrics)
     metrics["weight_error"] = float(delta.norm() / weight.norm()) if weight.norm() > 0 else 0.0
     if "hessian" in stats:
         metrics["output_error"] = output_error(delta, weight, stats["hessian"])

@@ -139,24 +139,35 @@ class LowRankStage(StageBase):
         return f"{self.method} -{self.ratio:.0%}"
 
 
-class RocketStage(StageBase):
-    """ROCKET: whitened sparse-dictionary factorization, with the removed fraction of each linear
-    chosen by a knapsack over the candidates' measured errors (compress/factor/rocket.py).
+class TTStage(StageBase):
+    """Tensor-train (TT-matrix) factorization of every selected linear at a uniform removed
+    fraction: data-free TT-SVD, or ``aware`` (ours): TT-SVD in a Kronecker-factored whitened space."""
 
-    The allocator fills ``rank``/``nnz`` per module (as ``overrides``) and leaves the linears it
-    keeps dense out (``ignore``); the recipe saved with the model holds that plan."""
+    method: Literal["tt"] = "tt"
+    ratio: float = Field(gt=0, lt=1)     # the fraction of each linear's parameters removed
+    order: int = Field(3, ge=2, le=4)    # the number of cores d
+    aware: bool = False
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"}) if self.aware else frozenset()
+
+    @property
+    def label(self) -> str:
+        return f"tt{'-aware' if self.aware else ''} d={self.order} -{self.ratio:.0%}"
+
+
+class AllocatorStage(StageBase):
+    """A global budget: a profiling pass scores every selected linear's options, one knapsack
+    (compress/factor/knapsack.py) picks one per linear, and the plan becomes per-module
+    ``overrides`` (``ignore`` for the linears kept dense); the recipe saved with the model holds it."""
 
     kind: ClassVar[str] = "allocator"
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
-    method: Literal["rocket"] = "rocket"
     target: float = Field(gt=0, lt=1)    # the fraction of the selected linears' stored bits removed
     removed_grid: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 15)])
-    kappas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0])   # k/s; 1: dense coefficients
-    lam: float = Field(0.5, ge=0)        # score = |C0| · a^lam
     buckets: int = Field(50_000, ge=100)   # resolution of the knapsack's size axis
-    safety_cap: bool = True              # the paper's per-layer error cap α·ē before the knapsack
-    rank: int | None = Field(None, ge=1)   # set per module by the allocation
-    nnz: int | None = Field(None, ge=1)
+    safety_cap: bool = False             # ROCKET's per-layer error cap α·ē before the knapsack
 
     @field_validator("removed_grid")
     @classmethod
@@ -164,6 +175,18 @@ class RocketStage(StageBase):
         if not v or any(not 0 < r < 1 for r in v):
             raise ValueError("removed_grid holds fractions strictly between 0 and 1")
         return sorted(set(v))
+
+
+class RocketStage(AllocatorStage):
+    """ROCKET: whitened sparse-dictionary factorization, with the removed fraction of each linear
+    chosen by the knapsack over the candidates' measured errors (compress/factor/rocket.py)."""
+
+    method: Literal["rocket"] = "rocket"
+    kappas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0])   # k/s; 1: dense coefficients
+    lam: float = Field(0.5, ge=0)        # score = |C0| · a^lam
+    safety_cap: bool = True              # the paper's
+    rank: int | None = Field(None, ge=1)   # set per module by the allocation
+    nnz: int | None = Field(None, ge=1)
 
     @field_validator("kappas")
     @classmethod
@@ -177,6 +200,22 @@ class RocketStage(StageBase):
         if self.rank is None:
             return "rocket"
         return f"rocket k={self.rank}" + (f" s={self.nnz}" if self.nnz else "")
+
+
+class FactorMixStage(AllocatorStage):
+    """One budget over several factorization families: each linear is kept dense, or takes
+    whitened low rank (SVD-LLM) or activation-aware TT at one of the removed fractions, whichever
+    the knapsack finds cheapest in relative output error."""
+
+    method: Literal["factor-mix"] = "factor-mix"
+    families: list[Literal["lowrank", "tt"]] = Field(default_factory=lambda: ["lowrank", "tt"], min_length=1)
+    order: int = Field(3, ge=2, le=4)    # TT cores
+    family: Literal["lowrank", "tt"] | None = None   # set per module by the allocation
+    ratio: float | None = Field(None, gt=0, lt=1)
+
+    @property
+    def label(self) -> str:
+        return "factor-mix" if self.family is None else f"{self.family} -{self.ratio:.0%}"
 
 
 class RotationStage(BaseModel):
@@ -223,10 +262,13 @@ class HARPStage(RotationStage):
         return v
 
 
-Stage = Annotated[RTNStage | GPTQStage | LowRankStage | RocketStage | RHTStage | HARPStage,
-                  Field(discriminator="method")]
+Stage = Annotated[
+    RTNStage | GPTQStage | LowRankStage | TTStage | RocketStage | FactorMixStage | RHTStage | HARPStage,
+    Field(discriminator="method"),
+]
 STAGE_TYPES: dict[str, type[BaseModel]] = {
-    "rtn": RTNStage, "gptq": GPTQStage, "svd": LowRankStage, "svdllm": LowRankStage, "rocket": RocketStage,
+    "rtn": RTNStage, "gptq": GPTQStage, "svd": LowRankStage, "svdllm": LowRankStage, "tt": TTStage,
+    "rocket": RocketStage, "factor-mix": FactorMixStage,
     "rht": RHTStage, "harp": HARPStage,
 }
 

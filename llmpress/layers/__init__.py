@@ -3,9 +3,10 @@
 from .factor_linear import FactorLinear
 from .online_hadamard import OnlineHadamard
 from .quant_linear import QuantLinear
+from .tt_linear import TTLinear
 
 # format name in the manifest -> module type (OnlineHadamard is a transform: the manifest lists
 # it under `transforms`, around a module of one of these formats or a plain linear)
-LAYER_FORMATS = {QuantLinear.format_name: QuantLinear, FactorLinear.format_name: FactorLinear}
+LAYER_FORMATS = {layer.format_name: layer for layer in (QuantLinear, FactorLinear, TTLinear)}
 
-__all__ = ["LAYER_FORMATS", "FactorLinear", "OnlineHadamard", "QuantLinear"]
+__all__ = ["LAYER_FORMATS", "FactorLinear", "OnlineHadamard", "QuantLinear", "TTLinear"]

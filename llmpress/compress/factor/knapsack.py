@@ -14,7 +14,8 @@ close to the budget may be missed; ``buckets`` sets the resolution).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -86,3 +87,67 @@ def allocate(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float]],
     """:func:`solve_mckp` on real-valued sizes (bits, parameters) under a real budget."""
     d = discretize(sizes, budget, buckets)
     return solve_mckp(costs, d.sizes, d.capacity)
+
+
+# -- per-layer allocation ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Option:
+    """One way to compress one layer: the fraction of its stored bits removed, the error it adds
+    (relative output error), the bits it stores, and the stage settings that produce it."""
+
+    removed: float
+    error: float
+    bits: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Allocation:
+    choice: dict[str, Option | None]   # None: the layer stays dense
+    cap: float | None
+    dense_bits: int
+    stored_bits: int
+
+    @property
+    def removed(self) -> float:
+        return 1.0 - self.stored_bits / self.dense_bits
+
+
+SAFETY_ALPHAS = tuple(round(1.0 + 0.1 * i, 1) for i in range(11))
+
+
+def safety_cap(tables: dict[str, list[Option]], dense_bits: dict[str, int], target: float) -> float | None:
+    """ROCKET's per-layer cap: ``ē`` is the mean error at the option nearest the target; the cap
+    is ``α·ē`` with the smallest α in 1.0..2.0 whose greedy rule ("every layer takes its largest
+    removal with error ≤ α·ē") removes at least the target. None when no α does (the reference
+    code crashes there): the knapsack then runs uncapped."""
+    nearest = [min(t, key=lambda c: abs(c.removed - target)).error for t in tables.values() if t]
+    if not nearest:
+        return None
+    mean = sum(nearest) / len(nearest)
+    total = sum(dense_bits.values())
+    for alpha in SAFETY_ALPHAS:
+        saved = sum(
+            max((dense_bits[n] - c.bits for c in t if c.error <= alpha * mean), default=0)
+            for n, t in tables.items()
+        )
+        if saved >= target * total:
+            return alpha * mean
+    return None
+
+
+def allocate_layers(tables: dict[str, list[Option]], dense_bits: dict[str, int], target: float,
+                    buckets: int = 50_000, cap: bool = False) -> Allocation:
+    """One option per layer (dense, or one of its options) minimising the summed error with the
+    stored bits at most ``(1 − target)`` of the dense layers'."""
+    limit = safety_cap(tables, dense_bits, target) if cap else None
+    names = list(tables)
+    options = [[None, *(c for c in tables[n] if limit is None or c.error <= limit)] for n in names]
+    costs = [[0.0 if c is None else c.error for c in opts] for opts in options]
+    sizes = [[dense_bits[n] if c is None else c.bits for c in opts] for n, opts in zip(names, options)]
+    total = sum(dense_bits[n] for n in names)
+    picked = allocate(costs, sizes, (1.0 - target) * total, buckets)
+    choice = {n: options[i][j] for i, (n, j) in enumerate(zip(names, picked))}
+    stored = sum(dense_bits[n] if c is None else c.bits for n, c in choice.items())
+    return Allocation(choice, limit, total, stored)

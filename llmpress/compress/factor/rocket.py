@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .knapsack import Option
 from .lowrank import Factors, factor_bits, index_bits
 from .whiten import unwhiten, whiten, whitening_factor
 
@@ -67,16 +68,6 @@ def profile_layer(weight: torch.Tensor, hessian: torch.Tensor) -> LayerProfile:
     xw = whiten(weight, factor)
     u, s, vt = torch.linalg.svd(xw, full_matrices=False)
     return LayerProfile(factor, damp, xw, u, s, vt, unwhiten(u, factor).norm(dim=0))
-
-
-@dataclass(frozen=True)
-class Candidate:
-    removed: float
-    kappa: float
-    rank: int
-    nnz: int | None    # None: dense C
-    error: float       # ‖Xw − D C‖ / ‖Xw‖
-    bits: int
 
 
 def budget_shape(in_features: int, out_features: int, removed: float, kappa: float,
@@ -131,9 +122,10 @@ def fit(profile: LayerProfile, rank: int, nnz: int | None, lam: float = LAMBDA) 
 
 
 def candidates(profile: LayerProfile, value_bits: int, removed_grid=REMOVED_GRID, kappas=KAPPA_GRID,
-               lam: float = LAMBDA) -> list[Candidate]:
-    """For every removed fraction, the best κ's ``(k, s)`` and its real error and size. Scored in
-    float32 (twice as fast; the errors compared are ~1e-2 apart, float32 resolves ~1e-6)."""
+               lam: float = LAMBDA) -> list[Option]:
+    """For every removed fraction, the best κ's ``(k, s)`` with its real error (``‖Xw − D C‖ /
+    ‖Xw‖``) and stored bits; settings ``{"rank": k, "nnz": s or None}``. Scored in float32 (twice
+    as fast; the errors compared are ~1e-2 apart, float32 resolves ~1e-6)."""
     profile = profile.to(torch.float32)
     d_in, d_out = profile.shape
     dense_rank = None
@@ -150,7 +142,7 @@ def candidates(profile: LayerProfile, value_bits: int, removed_grid=REMOVED_GRID
                 continue   # the indices cost more than the extra atoms give: never better than κ = 1
             *_, err = fit(profile, rank, nnz, lam)
             if best is None or err < best.error:
-                best = Candidate(removed, kappa, rank, nnz, err, factor_bits(d_in, d_out, rank, nnz, value_bits))
+                best = Option(removed, err, factor_bits(d_in, d_out, rank, nnz, value_bits), {"rank": rank, "nnz": nnz})
         if best is not None:
             out.append(best)
     return out
@@ -162,58 +154,3 @@ def rocket_factors(weight: torch.Tensor, hessian: torch.Tensor, rank: int, nnz: 
     profile = profile_layer(weight, hessian)
     d, c, mask, err = fit(profile, rank, nnz, lam)
     return Factors(unwhiten(d, profile.factor), c, mask, metrics={"whitened_error": err, "damp": profile.damp})
-
-
-# -- allocation ----------------------------------------------------------------------------------
-
-SAFETY_ALPHAS = tuple(round(1.0 + 0.1 * i, 1) for i in range(11))
-
-
-def _safety_cap(tables: dict[str, list[Candidate]], dense_bits: dict[str, int], target: float) -> float | None:
-    """The paper's per-layer cap: ``ē`` is the mean error at the option nearest the target; the cap
-    is ``α·ē`` with the smallest α in 1.0..2.0 whose greedy rule ("every layer takes its largest
-    removal with error ≤ α·ē") removes at least the target. None when no α does (the code crashes
-    there, pitfall 6): the knapsack then runs uncapped."""
-    nearest = [min(t, key=lambda c: abs(c.removed - target)).error for t in tables.values() if t]
-    if not nearest:
-        return None
-    mean = sum(nearest) / len(nearest)
-    total = sum(dense_bits.values())
-    for alpha in SAFETY_ALPHAS:
-        saved = sum(
-            max((dense_bits[n] - c.bits for c in t if c.error <= alpha * mean), default=0)
-            for n, t in tables.items()
-        )
-        if saved >= target * total:
-            return alpha * mean
-    return None
-
-
-@dataclass
-class Allocation:
-    choice: dict[str, Candidate | None]   # None: the layer stays dense
-    cap: float | None
-    dense_bits: int
-    stored_bits: int
-
-    @property
-    def removed(self) -> float:
-        return 1.0 - self.stored_bits / self.dense_bits
-
-
-def allocate(tables: dict[str, list[Candidate]], dense_bits: dict[str, int], target: float,
-             buckets: int = 50_000, safety_cap: bool = True) -> Allocation:
-    """One option per layer (dense, or a candidate) minimising the summed relative error with the
-    stored bits at most ``(1 − target)`` of the dense layers' (the shared knapsack)."""
-    from .knapsack import allocate as knapsack
-
-    cap = _safety_cap(tables, dense_bits, target) if safety_cap else None
-    names = list(tables)
-    options = [[None, *(c for c in tables[n] if cap is None or c.error <= cap)] for n in names]
-    costs = [[0.0 if c is None else c.error for c in opts] for opts in options]
-    sizes = [[dense_bits[n] if c is None else c.bits for c in opts] for n, opts in zip(names, options)]
-    total = sum(dense_bits[n] for n in names)
-    picked = knapsack(costs, sizes, (1.0 - target) * total, buckets)
-    choice = {n: options[i][j] for i, (n, j) in enumerate(zip(names, picked))}
-    stored = sum(dense_bits[n] if c is None else c.bits for n, c in choice.items())
-    return Allocation(choice, cap, total, stored)

@@ -1,0 +1,57 @@
+"""Options for one budget over several factorization families (the ``factor-mix`` allocator).
+
+Every option of every family is scored by the same measure, the relative output error
+``‖X ΔWᵀ‖ / ‖X Wᵀ‖`` on the calibration inputs, so the knapsack compares like with like.
+Low rank is SVD-LLM's whitened truncation (its error follows from the singular values, so the
+whole grid costs one SVD); TT is the activation-aware TT-SVD (one per grid point).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .knapsack import Option
+from .lowrank import factor_bits, rank_for_ratio
+from .tt import relative_output_error, tt_factorize, tt_full, tt_params, tt_plan, tt_ranks
+from .whiten import whiten, whitening_factor
+
+
+def lowrank_options(weight: torch.Tensor, hessian: torch.Tensor, value_bits: int, grid) -> list[Option]:
+    factor, _ = whitening_factor(hessian)
+    s = torch.linalg.svdvals(whiten(weight, factor))
+    energy = s.pow(2)
+    total = float(energy.sum())
+    out, inp = weight.shape
+    options = []
+    for removed in grid:
+        rank = rank_for_ratio(inp, out, removed)
+        if rank >= min(out, inp):
+            continue
+        err = (float(energy[rank:].sum()) / total) ** 0.5 if total > 0 else 0.0
+        options.append(Option(removed, err, factor_bits(inp, out, rank, None, value_bits),
+                              {"family": "lowrank", "ratio": removed}))
+    return options
+
+
+def tt_options(weight: torch.Tensor, hessian: torch.Tensor, value_bits: int, grid, order: int) -> list[Option]:
+    out, inp = weight.shape
+    options = []
+    for removed in grid:
+        plan = tt_plan(out, inp, removed, order)
+        if plan is None:
+            continue
+        out_modes, in_modes, rank = plan
+        cores = tt_factorize(weight, removed, order, hessian)
+        err = relative_output_error(tt_full(cores, (out, inp)) - weight.to(torch.float64), weight, hessian)
+        bits = tt_params(out_modes, in_modes, tt_ranks(out_modes, in_modes, rank)) * value_bits
+        options.append(Option(removed, err, bits, {"family": "tt", "ratio": removed}))
+    return options
+
+
+def mix_options(weight: torch.Tensor, hessian: torch.Tensor, value_bits: int, grid, families, order: int) -> list[Option]:
+    options = []
+    if "lowrank" in families:
+        options += lowrank_options(weight, hessian, value_bits, grid)
+    if "tt" in families:
+        options += tt_options(weight, hessian, value_bits, grid, order)
+    return options

@@ -1,0 +1,236 @@
+"""Tensor-train matrices (TT-matrix / MPO) for linear weights: mode choice, TT-SVD, ranks for a
+budget, and the activation-aware variant.
+
+A weight ``W [M, N]`` (out, in) with ``M' = Π m_k ≥ M`` and ``N' = Π n_k ≥ N`` (zero-padded where
+the dimension has an awkward prime factor) is stored as cores ``G_k [r_{k−1}, m_k, n_k, r_k]``,
+``r_0 = r_d = 1``:
+
+    W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] · G_2[:, i_2, j_2, :] ··· G_d[:, i_d, j_d, :]
+
+with row-major multi-indices (``i_1`` most significant). TT-SVD (Oseledets 2011) computes the
+cores by sequential truncated SVDs of the interleaved tensor ``[m_1 n_1, …, m_d n_d]`` in float64.
+
+The activation-aware variant is ours (the TT-LLM paper's TT path is data-free): the calibration
+Gram is approximated by a Kronecker product aligned with the input modes, ``H ≈ H_1 ⊗ … ⊗ H_d``
+(nearest Kronecker product, Van Loan–Pitsianis, applied mode by mode), so its Cholesky factor
+``L = L_1 ⊗ … ⊗ L_d`` whitens each core's input mode separately: TT-SVD runs on ``W L`` and every
+core is mapped back with ``L_k⁻¹`` on its input mode, which keeps the TT structure and the ranks.
+Plain SVD-LLM whitening would not: ``TT(W L) L⁻¹`` is not a TT of the same ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+
+import torch
+
+from .whiten import whitening_factor
+
+# -- modes -----------------------------------------------------------------------------------------
+
+def _factorizations(n: int, d: int, smallest: int = 2):
+    """Non-decreasing ``d``-tuples of factors ≥ ``smallest`` whose product is ``n``."""
+    if d == 1:
+        if n >= smallest:
+            yield (n,)
+        return
+    f = smallest
+    while f ** d <= n:
+        if n % f == 0:
+            for rest in _factorizations(n // f, d - 1, f):
+                yield (f, *rest)
+        f += 1
+
+
+def balanced_modes(n: int, d: int, max_ratio: float = 2.0, max_pad: float = 0.125) -> tuple[int, ...]:
+    """``d`` modes whose product is ``n`` or the smallest ``n' ≥ n`` (at most ``max_pad`` larger)
+    that has a balanced factorization (largest / smallest ≤ ``max_ratio``); otherwise the most
+    balanced one found. Sorted descending, so the first cores are the larger ones."""
+    if d < 1 or n < 1:
+        raise ValueError(f"cannot split {n} into {d} modes")
+    if d == 1:
+        return (n,)
+    best = None
+    for padded in range(n, n + max(1, int(n * max_pad)) + 1):
+        here = min(((m[-1] / m[0], m) for m in _factorizations(padded, d)), default=None)
+        if here is None:
+            continue
+        if here[0] <= max_ratio:
+            return tuple(sorted(here[1], reverse=True))
+        if best is None or here[0] < best[0] - 1e-12:
+            best = here
+    if best is None:
+        raise ValueError(f"{n} has no split into {d} modes of at least 2")
+    return tuple(sorted(best[1], reverse=True))
+
+
+def bond_caps(out_modes: tuple[int, ...], in_modes: tuple[int, ...]) -> list[int]:
+    """The largest useful rank of each of the ``d − 1`` bonds."""
+    sizes = [m * n for m, n in zip(out_modes, in_modes)]
+    return [min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1:])) for k in range(len(sizes) - 1)]
+
+
+def tt_ranks(out_modes, in_modes, rank: int) -> list[int]:
+    """``[1, r_1, …, r_{d−1}, 1]`` for a uniform rank, capped per bond."""
+    return [1, *(min(rank, c) for c in bond_caps(out_modes, in_modes)), 1]
+
+
+def tt_params(out_modes, in_modes, ranks: list[int]) -> int:
+    return sum(ranks[k] * m * n * ranks[k + 1] for k, (m, n) in enumerate(zip(out_modes, in_modes)))
+
+
+def rank_for_budget(out_modes, in_modes, budget: float) -> int | None:
+    """The largest uniform rank whose cores hold at most ``budget`` values (None: not even rank 1)."""
+    top = max(bond_caps(out_modes, in_modes), default=1)
+    if tt_params(out_modes, in_modes, tt_ranks(out_modes, in_modes, 1)) > budget:
+        return None
+    lo, hi = 1, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tt_params(out_modes, in_modes, tt_ranks(out_modes, in_modes, mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# -- TT-SVD --------------------------------------------------------------------------------------
+
+def _interleaved(weight: torch.Tensor, out_modes, in_modes) -> torch.Tensor:
+    """``W`` zero-padded to ``[M', N']`` as the tensor ``[m_1 n_1, …, m_d n_d]``."""
+    d = len(out_modes)
+    rows, cols = math.prod(out_modes), math.prod(in_modes)
+    padded = weight.new_zeros(rows, cols)
+    padded[: weight.shape[0], : weight.shape[1]] = weight
+    t = padded.reshape(*out_modes, *in_modes)
+    t = t.permute(*[i for k in range(d) for i in (k, d + k)])
+    return t.reshape(*(m * n for m, n in zip(out_modes, in_modes)))
+
+
+def tt_svd(weight: torch.Tensor, out_modes, in_modes, rank: int) -> list[torch.Tensor]:
+    """Cores ``[r_{k−1}, m_k, n_k, r_k]`` (float64) of ``W`` truncated to a uniform rank."""
+    ranks = tt_ranks(out_modes, in_modes, rank)
+    rest = _interleaved(weight.to(torch.float64), out_modes, in_modes)
+    cores = []
+    for k, (m, n) in enumerate(zip(out_modes[:-1], in_modes[:-1])):
+        rest = rest.reshape(ranks[k] * m * n, -1)
+        u, s, vt = torch.linalg.svd(rest, full_matrices=False)
+        r = ranks[k + 1]
+        cores.append(u[:, :r].reshape(ranks[k], m, n, r))
+        rest = s[:r, None] * vt[:r]
+    cores.append(rest.reshape(ranks[-2], out_modes[-1], in_modes[-1], 1))
+    return cores
+
+
+def tt_full(cores: list[torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """The dense ``[M, N]`` matrix of the cores (sliced to ``shape`` when padded)."""
+    d = len(cores)
+    out_modes = [c.shape[1] for c in cores]
+    in_modes = [c.shape[2] for c in cores]
+    t = cores[0]
+    for core in cores[1:]:
+        t = torch.tensordot(t, core, dims=([t.dim() - 1], [0]))
+    t = t.reshape(*[s for c in cores for s in c.shape[1:3]])           # [m1, n1, m2, n2, ...]
+    t = t.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))
+    full = t.reshape(math.prod(out_modes), math.prod(in_modes))
+    return full if shape is None else full[: shape[0], : shape[1]]
+
+
+def tt_forward(x: torch.Tensor, cores: list[torch.Tensor], out_features: int) -> torch.Tensor:
+    """``x Wᵀ`` through the cores, one small contraction per core, never forming ``W``.
+
+    The state is ``[B, (output modes done), r, (input modes left)]``; core k contracts ``(r, n_k)``.
+    """
+    in_modes = [c.shape[2] for c in cores]
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    padded = math.prod(in_modes)
+    flat = x.reshape(-1, n_in)
+    if padded != n_in:
+        flat = torch.nn.functional.pad(flat, (0, padded - n_in))
+    batch = flat.shape[0]
+    state = flat.reshape(batch, 1, 1, padded)           # [B, P=1, r0=1, rest]
+    done = 1
+    for core in cores:
+        r, m, n, r_next = core.shape
+        rest = state.shape[-1] // n
+        state = state.reshape(batch, done, r, n, rest)
+        state = torch.einsum("bprnq,rmns->bpmsq", state, core)
+        done *= m
+        state = state.reshape(batch, done, r_next, rest)
+    y = state.reshape(batch, done)[:, :out_features]
+    return y.reshape(*lead, out_features)
+
+
+# -- activation-aware ------------------------------------------------------------------------------
+
+def kronecker_factors(hessian: torch.Tensor, modes: tuple[int, ...]) -> list[torch.Tensor]:
+    """``[H_1, …, H_d]`` with ``H ≈ H_1 ⊗ … ⊗ H_d``: the nearest Kronecker product (rank-1 SVD of
+    the rearranged matrix), split off one mode at a time; each factor symmetric positive definite
+    up to a common sign, which is fixed."""
+    factors = []
+    h = hessian.to(torch.float64)
+    for k, n in enumerate(modes[:-1]):
+        rest = h.shape[0] // n
+        rearranged = h.reshape(n, rest, n, rest).permute(0, 2, 1, 3).reshape(n * n, rest * rest)
+        u, s, vt = torch.linalg.svd(rearranged, full_matrices=False)
+        a = (u[:, 0] * s[0].sqrt()).reshape(n, n)
+        b = (vt[0] * s[0].sqrt()).reshape(rest, rest)
+        if a.trace() < 0:
+            a, b = -a, -b
+        factors.append((a + a.T) / 2)
+        h = (b + b.T) / 2
+    factors.append(h)
+    return factors
+
+
+def padded_gram(hessian: torch.Tensor, size: int) -> torch.Tensor:
+    """The Gram of inputs zero-padded to ``size``; the padded inputs get the mean diagonal (they are
+    always zero, so their weights are free; this keeps the Kronecker factors definite)."""
+    n = hessian.shape[0]
+    if size == n:
+        return hessian.to(torch.float64)
+    h = torch.zeros(size, size, dtype=torch.float64)
+    h[:n, :n] = hessian.to(torch.float64)
+    h[n:, n:] = torch.eye(size - n, dtype=torch.float64) * float(hessian.diagonal().mean())
+    return h
+
+
+def aware_tt_svd(weight: torch.Tensor, hessian: torch.Tensor, out_modes, in_modes, rank: int) -> list[torch.Tensor]:
+    """TT-SVD in the Kronecker-factored whitened space, cores mapped back mode by mode."""
+    gram = padded_gram(hessian, math.prod(in_modes))
+    lowers = [whitening_factor(f)[0] for f in kronecker_factors(gram, tuple(in_modes))]
+    whitening = reduce(torch.kron, lowers)
+    padded = weight.new_zeros(weight.shape[0], math.prod(in_modes), dtype=torch.float64)
+    padded[:, : weight.shape[1]] = weight.to(torch.float64)
+    cores = tt_svd(padded @ whitening, out_modes, in_modes, rank)
+    eye = [torch.eye(f.shape[0], dtype=torch.float64) for f in lowers]
+    inverses = [torch.linalg.solve_triangular(f, e, upper=False) for f, e in zip(lowers, eye)]
+    return [torch.einsum("rmjs,jk->rmks", core, inv) for core, inv in zip(cores, inverses)]
+
+
+def relative_output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``‖X ΔWᵀ‖ / ‖X Wᵀ‖`` from ``H ∝ XᵀX`` (not squared, like the factorizations' costs)."""
+    h = hessian.to(torch.float64)
+    num = ((delta.to(torch.float64) @ h) * delta.to(torch.float64)).sum()
+    den = ((weight.to(torch.float64) @ h) * weight.to(torch.float64)).sum()
+    return float((num / den).clamp_min(0).sqrt()) if den > 0 else 0.0
+
+
+def tt_plan(out_features: int, in_features: int, removed: float, order: int):
+    """``(out_modes, in_modes, rank)`` of a TT-matrix storing at most ``(1 − removed)`` of the dense
+    weight's values, or None when even rank 1 is too big."""
+    out_modes, in_modes = balanced_modes(out_features, order), balanced_modes(in_features, order)
+    rank = rank_for_budget(out_modes, in_modes, (1.0 - removed) * out_features * in_features)
+    return None if rank is None else (out_modes, in_modes, rank)
+
+
+def tt_factorize(weight: torch.Tensor, removed: float, order: int, hessian: torch.Tensor | None = None):
+    """The cores of ``W`` for a removed fraction: data-free, or activation-aware with ``hessian``."""
+    plan = tt_plan(weight.shape[0], weight.shape[1], removed, order)
+    if plan is None:
+        raise ValueError(f"no TT of order {order} removes only {removed:.0%} of a {tuple(weight.shape)} weight")
+    out_modes, in_modes, rank = plan
+    if hessian is None:
+        return tt_svd(weight, out_modes, in_modes, rank)
+    return aware_tt_svd(weight, hessian, out_modes, in_modes, rank)

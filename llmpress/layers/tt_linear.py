@@ -1,0 +1,78 @@
+"""``TTLinear``: a linear stored as tensor-train (TT-matrix) cores (compress/factor/tt.py).
+
+Stored tensors (``<module>.<name>`` in safetensors): ``core0`` … ``core{d−1}``, each
+``[r_{k−1}, m_k, n_k, r_k]`` in the model's dtype, and ``bias`` when the original linear had one.
+The manifest holds ``out_modes``, ``in_modes`` and ``ranks``; ``Π m_k ≥ out_features`` and
+``Π n_k ≥ in_features`` (zero padding, sliced at forward). The forward contracts one core at a
+time and never forms the dense weight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compress.factor.tt import tt_forward, tt_full
+
+
+class TTLinear(nn.Module):
+    format_name = "tt"
+
+    def __init__(self, in_features: int, out_features: int, *, out_modes: list[int], in_modes: list[int],
+                 ranks: list[int], bias: bool, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        d = len(out_modes)
+        if not (2 <= d == len(in_modes) == len(ranks) - 1) or ranks[0] != 1 or ranks[-1] != 1 or min(ranks) < 1:
+            raise ValueError(f"modes {out_modes}/{in_modes} and ranks {ranks} do not describe a TT-matrix")
+        if math.prod(out_modes) < out_features or math.prod(in_modes) < in_features or min(out_modes + in_modes) < 1:
+            raise ValueError(f"modes {out_modes}/{in_modes} do not cover a {out_features}x{in_features} weight")
+        self.in_features, self.out_features = in_features, out_features
+        self.out_modes, self.in_modes, self.ranks = list(out_modes), list(in_modes), list(ranks)
+        for k in range(d):
+            shape = (ranks[k], out_modes[k], in_modes[k], ranks[k + 1])
+            self.register_buffer(f"core{k}", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.compute_dtype = dtype
+
+    @property
+    def cores(self) -> list[torch.Tensor]:
+        return [getattr(self, f"core{k}") for k in range(len(self.out_modes))]
+
+    @classmethod
+    def from_cores(cls, cores: list[torch.Tensor], shape: tuple[int, int], bias: torch.Tensor | None,
+                   dtype: torch.dtype) -> TTLinear:
+        layer = cls(shape[1], shape[0], out_modes=[c.shape[1] for c in cores], in_modes=[c.shape[2] for c in cores],
+                    ranks=[1, *(c.shape[3] for c in cores)], bias=bias is not None, dtype=dtype)
+        for mine, core in zip(layer.cores, cores):
+            mine.copy_(core.to(dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(dtype))
+        return layer
+
+    def format_params(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "out_modes": self.out_modes,
+                "in_modes": self.in_modes, "ranks": self.ranks, "bias": self.bias is not None}
+
+    @classmethod
+    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> TTLinear:
+        ints = {k: [int(v) for v in params[k]] for k in ("out_modes", "in_modes", "ranks")}
+        return cls(int(params["in_features"]), int(params["out_features"]), **ints, bias=bool(params["bias"]),
+                   dtype=dtype, device="meta")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``[out, in]`` weight the cores represent (for calibration and export)."""
+        return tt_full([c.to(dtype or self.compute_dtype) for c in self.cores], (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tt_forward(x, [c.to(x.dtype) for c in self.cores], self.out_features)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def stored_bits(self) -> int:
+        return sum(c.numel() * torch.finfo(c.dtype).bits for c in self.cores)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, modes={self.out_modes}x{self.in_modes}, ranks={self.ranks}"
