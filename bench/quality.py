@@ -96,9 +96,20 @@ for _pct in (30, 20, 50):
         (f"ROCKET -{_pct}%", f"rocket-{_pct}", [], None),
     ]
 
+# Issue #8: tensor-train (data-free and activation-aware) vs whitened low rank vs one budget
+# over {dense, low rank, TT} at 10/20/30% of the decoder linears' stored bits removed.
+TT = [("dense", None, [], None)]
+for _pct in (10, 20, 30):
+    TT += [
+        (f"TT -{_pct}%", "tt-30", [f"ratio={_pct / 100}"], None),
+        (f"TT aware -{_pct}%", "tt-aware-20", [f"ratio={_pct / 100}"], None),
+        (f"SVD-LLM -{_pct}%", "svdllm-30", [f"ratio={_pct / 100}"], None),
+        (f"mixed -{_pct}%", "tt-mixed-30", [f"target={_pct / 100}"], None),
+    ]
+
 SUITES = {"quality": FOUNDATION, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2, "rotation": ROTATION,
-          "factor": FACTOR}
-MEASURE_DECODE = {"factor"}   # suites whose rows also time CPU decoding
+          "factor": FACTOR, "tt": TT}
+MEASURE_DECODE = {"factor", "tt"}   # suites whose rows also time CPU decoding
 
 
 def bench_recipe(name: str):

@@ -153,7 +153,7 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
 
     manifest = read_manifest(folder)
     table = Table(title=f"{folder}")
-    for col in ("module", "format", "bits", "group", "act-order g_idx", "rank / atoms per output", "bits/weight"):
+    for col in ("module", "format", "bits", "group", "act-order g_idx", "factors", "bits/weight"):
         table.add_column(col)
     total_bits = total_weights = 0
     for name, entry in manifest["modules"].items():
@@ -164,7 +164,9 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
         total_weights += weights
         p = entry["params"]
         if entry["format"] == "factor":
-            layout = ("–", "–", "–", f"{p['rank']} / " + ("dense" if p["nnz"] is None else str(p["nnz"])))
+            layout = ("–", "–", "–", f"rank {p['rank']}, " + ("dense C" if p["nnz"] is None else f"{p['nnz']} atoms/output"))
+        elif entry["format"] == "tt":
+            layout = ("–", "–", "–", f"TT {p['out_modes']}x{p['in_modes']} ranks {p['ranks'][1:-1]}")
         else:
             layout = (str(p["bits"]), str(p["group_size"]), str(p["has_g_idx"]), "–")
         table.add_row(name, entry["format"], *layout, f"{bits / weights:.3f}")
