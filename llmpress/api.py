@@ -108,6 +108,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     store = LazyWeights(folder)   # opens every shard: a corrupt file fails here
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in skeleton.state_dict() if not (tied and n == "lm_head.weight")]
+    store.check_shapes({n: tuple(t.shape) for n, t in skeleton.state_dict().items() if n in names})
     if rotation is not None and rotation.unties and tied:
         # The head absorbs the final norm's scale, the embeddings do not: they must be untied.
         config.tie_word_embeddings = False

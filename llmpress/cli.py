@@ -132,6 +132,10 @@ def eval_(
         from .eval.harness import check_tasks
 
         check_tasks(task_list, include_path)
+    else:   # a bad text source fails before the model is loaded
+        from .compress.calibration import load_text
+
+        load_text(dataset)
     model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
     if task_list:
         folder = Path(model).expanduser()

@@ -83,3 +83,116 @@ def test_sigkill_at_a_random_block_then_resume_is_identical(deep_tiny_model, tmp
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not list(part.glob(".*tmp*"))                # no temporary file left behind
+
+
+# -- the bad-input table: every case ends in one line, exit code 2, and no folder that looks complete
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _case_missing_shard(model, tmp):
+    folder = _copy_model(model, tmp / "m")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return ["compress", folder, "--recipe", "rtn-w4", "--out", tmp / "o"]
+
+
+def _case_truncated_shard(model, tmp):
+    folder = _copy_model(model, tmp / "m")
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return ["compress", folder, "--recipe", "rtn-w4", "--out", tmp / "o"]
+
+
+def _case_mismatched_config(model, tmp):
+    folder = _copy_model(model, tmp / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    return ["compress", folder, "--recipe", "rtn-w4", "--out", tmp / "o"]
+
+
+def _recipe_case(text):
+    def case(model, tmp):
+        recipe = tmp / "r.yaml"
+        recipe.write_text(text)
+        return ["compress", model, "--recipe", recipe, "--out", tmp / "o"]
+    return case
+
+
+def _set_case(*settings, recipe="gptq-w4-g64"):
+    def case(model, tmp):
+        return ["compress", model, "--recipe", recipe, "--out", tmp / "o", *[a for s in settings for a in ("--set", s)]]
+    return case
+
+
+def _calib_case(text):
+    def case(model, tmp):
+        data = tmp / "calib.txt"
+        data.write_text(text)
+        return ["compress", model, "--recipe", "gptq-w4-g64", "--calib", data, "--out", tmp / "o",
+                "--nsamples", "4", "--seqlen", "32"]
+    return case
+
+
+def _case_output_under_a_file(model, tmp):
+    (tmp / "file").write_text("x")
+    return ["compress", model, "--recipe", "rtn-w4", "--out", tmp / "file" / "o"]
+
+
+def _case_incomplete_folder(command):
+    def case(model, tmp):
+        out = tmp / "o"
+        out.mkdir()
+        (out / STATE_FILE).write_text(json.dumps({"fingerprint": "x", "finished": {}}))
+        return [command, out] if command == "inspect" else [command, out, "--windows", "1"]
+    return case
+
+
+BAD_INPUTS = {
+    "missing shard": (_case_missing_shard, r"missing|no such|not found|cannot"),
+    "truncated shard": (_case_truncated_shard, r"corrupt|truncat|cannot read|invalid"),
+    "mismatched config": (_case_mismatched_config, r"shape|mismatch|size"),
+    "recipe typo": (_recipe_case("stages:\n  - method: gptq\n    bits: 4\n    grup_size: 64\n"), r"did you mean 'group_size'"),
+    "unknown method": (_recipe_case("stages:\n  - method: gpqt\n    bits: 4\n"), r"unknown method 'gpqt'.*did you mean 'gptq'"),
+    "wrong type": (_recipe_case("stages:\n  - method: gptq\n    bits: four\n"), r"bits"),
+    "bits outside 2-8": (_recipe_case("stages:\n  - method: rtn\n    bits: 5\n"), r"bits must be one of"),
+    "group size zero": (_set_case("group_size=0"), r"group_size must be"),
+    "damp out of range": (_set_case("damp=3"), r"damp"),
+    "not yaml": (_recipe_case("stages: [\n"), r"not valid YAML"),
+    "no stages": (_recipe_case("name: x\n"), r"stages"),
+    "rotation not first": (_recipe_case("stages:\n  - method: rtn\n    bits: 4\n  - method: rht\n"), r"must come first"),
+    "svd ratio above 1": (_set_case("ratio=1.5", recipe="svd-30"), r"ratio"),
+    "rocket target 0": (_set_case("target=0", recipe="rocket-30"), r"target"),
+    "tt order 7": (_set_case("order=7", recipe="tt-30"), r"order"),
+    "unknown --set key": (_set_case("bitz=3"), r"no stage of this recipe has that key.*did you mean 'bits'"),
+    "empty calibration file": (_calib_case(""), r"has 0 tokens"),
+    "too-short calibration": (_calib_case("just a few words here"), r"too short|not enough|tokens"),
+    "output under a file": (_case_output_under_a_file, r"cannot write|not a folder|exists"),
+    "incomplete folder to eval": (_case_incomplete_folder("eval"), r"incomplete"),
+    "incomplete folder to inspect": (_case_incomplete_folder("inspect"), r"incomplete"),
+    "unknown recipe name": (lambda m, t: ["compress", m, "--recipe", "gptq-w9", "--out", t / "o"], r"no recipe named"),
+    "unknown eval dataset": (lambda m, t: ["eval", m, "--dataset", "nosuch/split", "--windows", "1"], r"nosuch"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_table(case, tiny_model_factory, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmpress.cli import app
+
+    make, pattern = BAD_INPUTS[case]
+    args = [str(a) for a in make(tiny_model_factory("llama"), tmp_path)]
+    result = CliRunner().invoke(app, args)
+    stderr = (result.stderr or "").strip()
+    assert result.exit_code == 2, (case, result.exit_code, result.output, result.exception)
+    assert stderr.count("\n") == 0 and stderr.startswith("error:"), stderr
+    import re
+
+    assert re.search(pattern, stderr, re.IGNORECASE), stderr
+    assert not (tmp_path / "o" / "config.json").exists()

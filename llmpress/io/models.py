@@ -215,6 +215,23 @@ class LazyWeights:
                     out[k] = t.to(self.dtype) if t.is_floating_point() else t
         return out
 
+    def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Every stored tensor named in ``expected`` has that shape (read from the headers only): a
+        config that does not match its weights fails here, before any work."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in expected:
+            if n in self.weight_map:
+                by_file.setdefault(self.weight_map[n], []).append(n)
+        for file, keys in by_file.items():
+            with _open_safetensors(self.folder / file, safe_open) as f:
+                for k in keys:
+                    shape = tuple(f.get_slice(k).get_shape())
+                    if shape != tuple(expected[k]):
+                        raise ModelLoadError(f"tensor {k} in {self.folder / file} has shape {shape}, but config.json "
+                                             f"implies {tuple(expected[k])}: the config does not match the weights")
+
     def materialize(self, module: nn.Module, prefix: str) -> None:
         names = list(module.state_dict().keys())
         tensors = self.read([f"{prefix}.{n}" if prefix else n for n in names])
