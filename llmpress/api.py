@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .compress import distributed
 from .compress.arch import arch_for, set_submodule
 from .compress.calibration import calibration_windows, text_fingerprint
 from .compress.pipeline import BlockIO, ModuleRecord, compress_blocks, peak_rss_mb
 from .compress.recipe import Recipe, load_recipe
 from .compress.rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
-from .errors import ModelLoadError
+from .errors import ModelLoadError, RecipeError
 from .eval.perplexity import PerplexityResult, perplexity
 from .io.checkpoint import (
     RunState,
@@ -94,6 +95,9 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     windows = calib_info = None
     if recipe.rotation is not None and recipe.rotation.method == "harp":
         recipe.harp_grid()   # a missing grid fails before anything runs
+        if distributed.active():
+            raise RecipeError("the HARP fit does not run under torchrun yet; fit it in one process "
+                              "(the fitted rotation is reused with --resume)")
     if any(s.needs for s in recipe.layer_stages) or (recipe.rotation is not None and recipe.rotation.needs):
         windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
         calib_info = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
@@ -144,17 +148,21 @@ def compress(
     ``keep_model`` also returns the compressed model in memory (it then stays materialised).
     """
     start = time.perf_counter()
+    distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
     job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code)
-    # Everything the user gave has been checked: only now is the output folder touched.
+    # Everything the user gave has been checked: only now is the output folder touched (by rank 0).
+    main = distributed.is_main()
     fresh = not job.out.exists()
-    prepare_output(job.out, overwrite=overwrite, resume=resume)
-    (job.out / "config.json").unlink(missing_ok=True)   # a resumed folder is incomplete until the end
+    if main:
+        prepare_output(job.out, overwrite=overwrite, resume=resume)
+        (job.out / "config.json").unlink(missing_ok=True)   # a resumed folder is incomplete until the end
+    distributed.barrier()
     try:
-        return _run(job, start, batch_size=batch_size, progress=progress, keep_model=keep_model,
+        return _run(job, start, batch_size=batch_size, progress=progress and main, keep_model=keep_model,
                     trust_remote_code=trust_remote_code)
     except BaseException:
         # A run that failed before finishing any block leaves nothing worth resuming.
-        if fresh and not RunState.finished_blocks(job.out):
+        if main and fresh and not RunState.finished_blocks(job.out):
             shutil.rmtree(job.out, ignore_errors=True)
         raise
 
@@ -203,7 +211,9 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
                 rotation.rotate_block(block)
         materialize = release = lambda *a: None
 
-    state.save()
+    main = distributed.is_main()   # only rank 0 writes; every rank keeps the same state in memory
+    if main:
+        state.save()
     resumed_records: list[ModuleRecord] = []
     for entry in state.finished.values():
         resumed_records += [ModuleRecord(**r) for r in entry["records"]]
@@ -217,22 +227,28 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         LazyWeights(out, weight_map={f"{prefix}.{k}": shard for k in block.state_dict()}).materialize(block, prefix)
 
     def on_block_done(index: int, block: nn.Module, prefix: str, modules: dict, records: list) -> None:
-        tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
-        save_tensors_atomic(tensors, out / shard_name(index, total_shards))
         state.finished[index] = {
             "modules": {name: module_manifest(m) for name, m in modules.items()},
             "records": [r.__dict__ for r in records],
         }
-        state.save()
+        if main:
+            tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+            save_tensors_atomic(tensors, out / shard_name(index, total_shards))
+            state.save()
 
     io = BlockIO(materialize=materialize, release=release, finished=state.finished,
                  load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture)
     block_arch = rotation.compress_arch() if rotation is not None else arch
-    records = compress_blocks(model_obj, block_arch, job.recipe, job.windows, io, batch_size=batch_size,
+    windows = distributed.local_slice(job.windows) if job.windows is not None else None
+    records = compress_blocks(model_obj, block_arch, job.recipe, windows, io, batch_size=batch_size,
                               progress=progress)
     records = sorted(resumed_records + records, key=lambda r: (r.block, r.name))
     kept_model = model_obj.eval() if keep_model else None
     del model_obj
+    if not main:   # rank 0 writes the rest; the others wait until the folder is complete
+        distributed.barrier()
+        return CompressResult(out=out, records=records, seconds=time.perf_counter() - start,
+                              peak_rss_mb=peak_rss_mb(), model=kept_model)
 
     if rest is None:
         rest = rotate_rest(store.read(job.rest_names))
@@ -259,6 +275,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         "fingerprint": job.fingerprint,
     }
     write_manifest(out, job.config, modules, extra, weight_map)
+    distributed.barrier()
     return CompressResult(out=out, records=records, seconds=seconds, peak_rss_mb=peak_rss_mb(), summary=summary,
                           model=kept_model)
 
@@ -335,12 +352,13 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
             "error cap": None if plan.cap is None else round(plan.cap, 4),
             "profile (s)": round(time.perf_counter() - start, 1),
         }
-        atomic_write_text(path, json.dumps({
-            "summary": job.allocation,
-            "choice": {n: None if c is None else c.__dict__ for n, c in choice.items()},
-        }, indent=1))
-        plot_allocation({n: 0.0 if c is None else c.removed for n, c in choice.items()}, stage.target,
-                        job.out / "llmpress-allocation.png")
+        if distributed.is_main():
+            atomic_write_text(path, json.dumps({
+                "summary": job.allocation,
+                "choice": {n: None if c is None else c.__dict__ for n, c in choice.items()},
+            }, indent=1))
+            plot_allocation({n: 0.0 if c is None else c.removed for n, c in choice.items()}, stage.target,
+                            job.out / "llmpress-allocation.png")
     overrides, ignore = dict(stage.overrides), list(stage.ignore)
     for name, c in choice.items():
         pattern = f"^{re.escape(name)}$"
@@ -392,11 +410,13 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
         dense_bits[name] = weight.numel() * value_bits
         return options_of(stage, weight, hessian, value_bits)
 
-    tables = profile_blocks(model, arch_for(model), job.windows, stage.selects, score, progress=progress)
+    tables = profile_blocks(model, arch_for(model), distributed.local_slice(job.windows), stage.selects, score,
+                            progress=progress)
     del model
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},
-                                        "dense_bits": dense_bits}))
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},
+                                            "dense_bits": dense_bits}))
     return tables, dense_bits
 
 
@@ -442,6 +462,7 @@ def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float) 
         "rotation": _describe_rotation(job.rotation),
         **({"HARP fit": job.harp} if job.harp else {}),
         **({"allocation": job.allocation} if job.allocation else {}),
+        **({"ranks (torchrun)": distributed.world_size()} if distributed.active() else {}),
         "compressed modules": len(records),
         "mean bits per weight (codes+scales+zeros)": round(sum(bpw) / len(bpw), 4) if bpw else None,
         "size on disk (MB)": round(size / 1e6, 2),

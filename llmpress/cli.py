@@ -70,6 +70,10 @@ def compress(
         batch_size=batch_size, resume=resume, overwrite=overwrite, settings=set_, progress=progress,
         trust_remote_code=trust_remote_code,
     )
+    from .compress import distributed
+
+    if not distributed.is_main():   # under torchrun, rank 0 reports (and evaluates)
+        return
     table = Table(title=f"llmpress compress → {result.out}", show_header=False)
     for k, v in result.summary.items():
         table.add_row(k, str(v))

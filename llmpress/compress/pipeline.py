@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import LlmpressError
+from . import distributed
 from .arch import ArchMap, blocks_of, set_submodule
 from .compressors import compress_linear, linear_weight
 from .recipe import Recipe, StageBase
@@ -294,7 +295,7 @@ def compress_blocks(
             if need_outputs and not outputs_done:   # a block with nothing to compress
                 run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
             # one reduction instead of a 37M-element mask: a NaN or ±Inf anywhere makes the sum non-finite
-            if need_outputs and not torch.isfinite(hidden.sum(dtype=torch.float64)):
+            if need_outputs and distributed.any_rank(not torch.isfinite(hidden.sum(dtype=torch.float64))):
                 raise LlmpressError(
                     f"block {i} of the compressed model produced NaN/Inf activations on the calibration "
                     "data; try more bits, a smaller group_size or a larger damp"
@@ -325,6 +326,7 @@ def profile_blocks(
             bar.describe(f"block {i + 1} · statistics")
             with InputStats({n: block.get_submodule(n) for n in names}, stop_when_seen=False) as stats:
                 run_block(block, hidden, kwargs[i], batch_size, stats=stats, write_outputs=i < len(blocks) - 1)
+            stats.all_reduce()
             hessians = stats.hessians() if names else {}
             for n in names:
                 bar.describe(f"block {i + 1} · {n} · candidates")
@@ -332,6 +334,17 @@ def profile_blocks(
                 results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessians[n])
             bar.advance()
     return results
+
+
+def _receive_module(module: nn.Module | None, metrics: dict | None, owner: int, dtype: torch.dtype):
+    """Rank ``owner``'s compressed module and metrics, on every rank of a distributed run."""
+    from ..io.checkpoint import build_module, module_manifest
+
+    spec, metrics = distributed.broadcast_object((module_manifest(module), metrics) if module is not None else None, owner)
+    if module is None:
+        module = build_module("received", spec, dtype).to_empty(device="cpu")
+    distributed.broadcast_tensors(dict(module.state_dict()), owner)
+    return module, metrics
 
 
 class _ZeroOutput(nn.Module):
@@ -464,12 +477,13 @@ def _compress_block(
             with InputStats(watched, keep_inputs=keep, stop_when_seen=not residual, spill_budget=budget,
                             spill_arena=arena, reference=group_reference) as stats:
                 run(stats=stats, write_outputs=residual)
+            stats.all_reduce()   # a distributed run: every rank now holds the statistics of all samples
             if residual:
                 set_submodule(block, name, original)
             hessians, kept, crosses = stats.hessians(), stats.kept, stats.cross_terms()
             drift = stats.input_drift()
             del stats
-        for name in members:
+        for position, name in enumerate(members):
             stage = plan.assignment[name]
             bar.describe(f"block {index + 1} · {name} · {stage.label}")
             linear = block.get_submodule(name)
@@ -480,12 +494,18 @@ def _compress_block(
                 module_stats["input_drift"] = drift[name]
             elif "fp_inputs" in stage.needs:
                 raise LlmpressError(f"{prefix}.{name}: no full-precision inputs were recorded for it")
-            try:
-                module, metrics, dense = compress_linear(
-                    stage, linear, module_stats, transposed=arch.transposed_weights, dtype=dtype
-                )
-            except LlmpressError as e:
-                raise type(e)(f"{prefix}.{name}: {e}") from None
+            owner = distributed.owner_of(position)
+            if distributed.rank() == owner:
+                try:
+                    module, metrics, dense = compress_linear(
+                        stage, linear, module_stats, transposed=arch.transposed_weights, dtype=dtype
+                    )
+                except LlmpressError as e:
+                    raise type(e)(f"{prefix}.{name}: {e}") from None
+            if distributed.active():   # the solve ran on one rank: every rank takes its result
+                module, metrics = _receive_module(module if distributed.rank() == owner else None,
+                                                  metrics if distributed.rank() == owner else None, owner, dtype)
+                dense = module.dequantize(torch.float32)
             proxy = _dense_proxy(module, dense)
             if residual:
                 for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):

@@ -239,6 +239,20 @@ class InputStats(_InputHooks):
         self.crosses[name].addmm_(ref.T, flat)
         self.drift[name] += float(ref.pow(2).sum())
 
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of a distributed run (each saw a slice of the samples);
+        a no-op in one process."""
+        from . import distributed
+
+        if not distributed.active():
+            return
+        owners = sorted(self.sums)
+        distributed.all_reduce_sum([self.sums[o] for o in owners] + [self.crosses[o] for o in sorted(self.crosses)])
+        counts = distributed.all_reduce_numbers([float(self.tokens[o]) for o in owners])
+        self.tokens = {o: int(c) for o, c in zip(owners, counts)}
+        drift = sorted(self.drift)
+        self.drift = dict(zip(drift, distributed.all_reduce_numbers([self.drift[o] for o in drift])))
+
     def cross_terms(self) -> dict[str, torch.Tensor]:
         """``D = 2/N Σ (x̃ − x) xᵀ`` per watched linear that has a full-precision reference."""
         out = {}

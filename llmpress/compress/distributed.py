@@ -1,0 +1,111 @@
+"""Data-parallel calibration over ``torch.distributed`` (``torchrun --nproc-per-node N -m llmpress
+compress ...``): each rank runs the blocks on its slice of the calibration windows, statistics are
+summed over ranks before every solve, solves are spread over ranks and their results broadcast, so
+every rank ends each block with the same compressed modules. Rank 0 alone writes the output.
+
+gloo on CPU, NCCL on GPU. Outside torchrun every helper is a no-op, so the single-process path is
+the same code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Join the process group torchrun describes (idempotent)."""
+    if launched() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def local_slice(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's calibration windows: a contiguous slice (ranks differ by at most one window)."""
+    if not active():
+        return windows
+    n, size = windows.shape[0], world_size()
+    if n < size:
+        from ..errors import CalibrationError
+
+        raise CalibrationError(f"{n} calibration samples cannot be split over {size} ranks")
+    bounds = [n * r // size for r in range(size + 1)]
+    return windows[bounds[rank()]: bounds[rank() + 1]]
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum in place over ranks; the same list, in the same order, on every rank."""
+    if not active():
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_reduce_numbers(values: list[float]) -> list[float]:
+    if not active() or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (a failure one rank sees stops them all)."""
+    if not active():
+        return flag
+    return all_reduce_numbers([1.0 if flag else 0.0])[0] > 0
+
+
+def owner_of(index: int) -> int:
+    """The rank that solves the ``index``-th linear of a group."""
+    return index % world_size()
+
+
+def broadcast_object(obj, src: int):
+    if not active():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor], src: int) -> None:
+    """Overwrite ``tensors`` (same keys, shapes and dtypes on every rank) with rank ``src``'s."""
+    if not active():
+        return
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.dtype in (torch.int16, torch.bool, torch.int8, torch.uint8):   # gloo has no int16 broadcast
+            wide = t.to(torch.int32)
+            dist.broadcast(wide, src=src)
+            t.copy_(wide.to(t.dtype))
+        else:
+            dist.broadcast(t, src=src)
