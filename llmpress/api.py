@@ -83,6 +83,7 @@ class _Job:
     rotation: ResidualRotation | None = None
     harp: dict[str, Any] | None = None   # the HARP fit's summary, when one ran
     allocation: dict[str, Any] | None = None   # the allocator's summary, when the recipe has one
+    memory: str | None = None   # the memory plan's line, when the run calibrates
 
 
 def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code) -> _Job:
@@ -142,10 +143,13 @@ def compress(
     progress: bool = True,
     trust_remote_code: bool = False,
     keep_model: bool = False,
+    max_memory: int | str | None = None,
 ) -> CompressResult:
     """Compress ``model`` with ``recipe`` into the folder ``out`` (see ``llmpress compress --help``).
 
     ``keep_model`` also returns the compressed model in memory (it then stays materialised).
+    ``max_memory`` (bytes, or a size such as ``"8GB"``; default half the available RAM) bounds the
+    calibration activations held in RAM: streams beyond it are memory-mapped files.
     """
     start = time.perf_counter()
     distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
@@ -159,7 +163,7 @@ def compress(
     distributed.barrier()
     try:
         return _run(job, start, batch_size=batch_size, progress=progress and main, keep_model=keep_model,
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=trust_remote_code, max_memory=parse_size(max_memory))
     except BaseException:
         # A run that failed before finishing any block leaves nothing worth resuming.
         if main and fresh and not RunState.finished_blocks(job.out):
@@ -168,7 +172,7 @@ def compress(
 
 
 def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model: bool,
-         trust_remote_code: bool) -> CompressResult:
+         trust_remote_code: bool, max_memory: int | None = None) -> CompressResult:
     out, store, arch = job.out, job.store, arch_for(job.skeleton)
     n_blocks = len(job.skeleton.get_submodule(arch.blocks))
     total_shards = n_blocks + 1
@@ -240,8 +244,15 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
                  load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture)
     block_arch = rotation.compress_arch() if rotation is not None else arch
     windows = distributed.local_slice(job.windows) if job.windows is not None else None
+    def report(line: str) -> None:
+        job.memory = line
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(line, markup=False, highlight=False)
+
     records = compress_blocks(model_obj, block_arch, job.recipe, windows, io, batch_size=batch_size,
-                              progress=progress)
+                              progress=progress, max_memory=max_memory, report=report)
     records = sorted(resumed_records + records, key=lambda r: (r.block, r.name))
     kept_model = model_obj.eval() if keep_model else None
     del model_obj
@@ -466,6 +477,7 @@ def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float) 
         "compressed modules": len(records),
         "mean bits per weight (codes+scales+zeros)": round(sum(bpw) / len(bpw), 4) if bpw else None,
         "size on disk (MB)": round(size / 1e6, 2),
+        **({"memory plan": job.memory.removeprefix("memory plan: ")} if job.memory else {}),
         "time (s)": round(seconds, 1),
         "peak RSS (MB)": round(peak_rss_mb(), 1),
         "llmpress": __version__,
@@ -481,6 +493,19 @@ def _describe_rotation(rotation: ResidualRotation | None) -> str:
     if rotation.online_size:
         parts.append(f"online Hadamard ({rotation.online_size}) before {rotation.arch.rotation.online_input}")
     return ", ".join(parts)
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from ``1073741824``, ``"512MB"``, ``"8GB"``, ``"1.5GiB"`` (None stays None)."""
+    if size is None or isinstance(size, int):
+        return size
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(size), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise RecipeError(f"--max-memory: cannot read {size!r} as a size (e.g. 8GB, 512MB)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

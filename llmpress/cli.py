@@ -55,6 +55,7 @@ def compress(
     eval_limit: float | None = typer.Option(None, help="lm-eval --limit for --eval-tasks (examples per task, or a fraction)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint (off by default)."),
+    max_memory: str | None = typer.Option(None, help="RAM for calibration activations, e.g. 8GB (default: half the available RAM); beyond it they are memory-mapped files."),
 ) -> None:
     """Compress MODEL with a recipe, block by block, into an output folder."""
     from . import api
@@ -68,7 +69,7 @@ def compress(
     result = api.compress(
         model, recipe, out=out_dir, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
         batch_size=batch_size, resume=resume, overwrite=overwrite, settings=set_, progress=progress,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, max_memory=max_memory,
     )
     from .compress import distributed
 

@@ -232,3 +232,18 @@ def test_torchrun_two_ranks_equal_one_process(recipe, tiny_model_factory, tmp_pa
             torch.testing.assert_close(ma.dequantize(), mb.dequantize(), rtol=1e-3, atol=1e-3, msg=name)
     assert json.loads((tmp_path / "two" / "config.json").read_text())["quantization_config"]["fingerprint"] == \
         json.loads((tmp_path / "one" / "config.json").read_text())["quantization_config"]["fingerprint"]
+
+
+def test_activations_beyond_the_memory_budget_go_to_disk_and_change_nothing(tiny_model_factory, tmp_path):
+    from llmpress.api import parse_size
+
+    folder = tiny_model_factory("llama")
+    ram = llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / "ram", nsamples=8, seqlen=32, progress=False)
+    disk = llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / "disk", nsamples=8, seqlen=32, progress=False,
+                             max_memory="1KB")
+    assert "(RAM, RAM)" in ram.summary["memory plan"] and "(disk, disk)" in disk.summary["memory plan"]
+    a, b = _shards(tmp_path / "ram"), _shards(tmp_path / "disk")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert parse_size("1.5GiB") == 3 << 29 and parse_size("512MB") == 512 << 20 and parse_size(7) == 7
+    with pytest.raises(llmpress.errors.RecipeError, match="max-memory"):
+        parse_size("lots")

@@ -37,7 +37,7 @@ from . import distributed
 from .arch import ArchMap, blocks_of, set_submodule
 from .compressors import compress_linear, linear_weight
 from .recipe import Recipe, StageBase
-from .stats import InputRecorder, InputStats, SpillArena, StopForward
+from .stats import InputRecorder, InputStats, SpillArena, StopForward, disk_tensor
 
 
 @dataclass
@@ -96,27 +96,84 @@ class _Catcher(nn.Module):
         return hidden_states
 
 
+@dataclass
+class MemoryPlan:
+    """Where the calibration activations live, decided before the run from a memory budget.
+
+    The hidden-state streams ``[n, seqlen, hidden]`` fp32 (one, or two for GPTAQ-style stages) are
+    the only buffers that grow with the calibration set; a stream that does not fit in the budget
+    left after the resident parts is a memory-mapped file (``disk_tensor``) instead."""
+
+    budget: int               # bytes the run may hold (``--max-memory``)
+    stream_bytes: int
+    streams: int
+    resident: int             # the largest block's weights, three copies (original, proxy, packed)
+    on_disk: list[bool]       # per stream
+
+    @property
+    def predicted_peak(self) -> int:
+        """Activations kept in RAM, the attention cache (one stream's worth) and the block."""
+        in_ram = sum(self.stream_bytes for disk in self.on_disk if not disk)
+        return in_ram + self.stream_bytes + self.resident
+
+    def describe(self) -> str:
+        mb = 1 << 20
+        where = ", ".join("disk" if d else "RAM" for d in self.on_disk)
+        return (f"memory plan: {self.streams} activation stream(s) of {self.stream_bytes / mb:.0f} MB ({where}), "
+                f"block {self.resident / mb:.0f} MB; predicted peak above the process's base "
+                f"{self.predicted_peak / mb:.0f} MB of {self.budget / mb:.0f} MB budget")
+
+
+def plan_memory(n: int, seqlen: int, hidden_size: int, streams: int, block_bytes: int, budget: int) -> MemoryPlan:
+    stream = n * seqlen * hidden_size * 4
+    resident = 3 * block_bytes + stream   # the block, and the attention cache's stream
+    on_disk, left = [], budget - resident
+    for _ in range(streams):
+        fits = stream <= left
+        on_disk.append(not fits)
+        left -= stream if fits else 0
+    return MemoryPlan(budget, stream, streams, 3 * block_bytes, on_disk)
+
+
+def available_memory() -> int:
+    """``MemAvailable`` from /proc/meminfo (bytes), or 8 GiB where it cannot be read."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int
+    model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int, on_disk: bool = False,
 ) -> tuple[torch.Tensor, list[list[tuple[tuple, dict[str, Any]]]]]:
-    """Block 0's inputs ``[n, seqlen, hidden]`` and every block's other arguments, per batch."""
+    """Block 0's inputs ``[n, seqlen, hidden]`` (on disk with ``on_disk``) and every block's other
+    arguments, per batch."""
     blocks = blocks_of(model, arch)
     originals = list(blocks)
     sink: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in originals]
     hidden: list[torch.Tensor] = []
     for i in range(len(originals)):
         blocks[i] = _Catcher(i, i == len(originals) - 1, sink, hidden)
+    out = None
     try:
         for s, e in batch_ranges(windows.shape[0], batch_size):
             try:
                 model(input_ids=windows[s:e], use_cache=False)
             except StopForward:
                 pass
+            batch = hidden.pop()
+            if out is None:   # the width is known once the first batch has run
+                shape = (windows.shape[0], *batch.shape[1:])
+                out = disk_tensor(shape) if on_disk else torch.empty(shape, dtype=torch.float32)
+            out[s:e] = batch
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    return torch.cat(hidden), sink
+    return out, sink
 
 
 @torch.no_grad()
@@ -241,26 +298,41 @@ def compress_blocks(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    max_memory: int | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> list[ModuleRecord]:
-    """Run every layer-compressor stage of ``recipe`` over the decoder blocks, in order."""
+    """Run every layer-compressor stage of ``recipe`` over the decoder blocks, in order.
+
+    ``max_memory`` (bytes; default half the available RAM) decides whether the activation streams
+    stay in RAM or go to memory-mapped files; ``report`` receives the plan's one-line summary."""
     limit_heap_fragmentation()
     blocks = blocks_of(model, arch)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     plans = [plan_block(recipe, arch, f"{arch.blocks}.{i}") for i in range(len(blocks))]
     data_needed = any(p.needs_data for p in plans)
+    # GPTAQ-style stages also need the full-precision model's stream: one more copy of the
+    # hidden states, advanced by each original block before it is compressed.
+    last_fp_block = max((i for i, p in enumerate(plans) if p.fp_linears), default=-1)
     hidden = kwargs = None
+    memory = None
     if data_needed:
         if windows is None:
             raise LlmpressError("this recipe needs calibration data")
-        hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
+        width = _hidden_size(model)
+        block_bytes = sum(p.numel() * 4 for p in blocks[0].parameters())
+        memory = plan_memory(windows.shape[0], windows.shape[1], width, 2 if last_fp_block >= 0 else 1, block_bytes,
+                             max_memory if max_memory is not None else available_memory() // 2)
+        if report is not None:
+            report(memory.describe())
+        hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, on_disk=memory.on_disk[0])
     if io.after_capture is not None:
         io.after_capture()
     records: list[ModuleRecord] = []
     last_data_block = max((i for i, p in enumerate(plans) if p.needs_data), default=-1)
-    # GPTAQ-style stages also need the full-precision model's stream: one more copy of the
-    # hidden states, advanced by each original block before it is compressed.
-    last_fp_block = max((i for i, p in enumerate(plans) if p.fp_linears), default=-1)
-    fp_hidden = hidden.clone() if last_fp_block >= 0 else None
+    fp_hidden = None
+    if last_fp_block >= 0:
+        fp_hidden = disk_tensor(tuple(hidden.shape)) if memory.on_disk[1] else torch.empty_like(hidden)
+        fp_hidden.copy_(hidden)
 
     with Progress(len(blocks), progress) as bar, contextlib.closing(SpillArena()) as arena:
         for i, block in enumerate(blocks):
@@ -334,6 +406,14 @@ def profile_blocks(
                 results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessians[n])
             bar.advance()
     return results
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if config is not None and isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return 4096
 
 
 def _receive_module(module: nn.Module | None, metrics: dict | None, owner: int, dtype: torch.dtype):

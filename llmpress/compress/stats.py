@@ -8,6 +8,7 @@ sharing is known (after the first batch) the forward stops at the first linear o
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import torch
@@ -36,6 +37,21 @@ def symmetrize(acc: torch.Tensor) -> torch.Tensor:
     """The full symmetric matrix from an accumulator of which only the upper triangle is valid."""
     upper = torch.triu(acc)
     return upper + torch.triu(acc, 1).T
+
+
+def disk_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A zero tensor backed by a memory-mapped temporary file, unlinked at once (the mapping keeps
+    it alive until the tensor is freed): the OS pages it in and out instead of holding it in RAM."""
+    handle = tempfile.NamedTemporaryFile(prefix="llmpress-activations-", delete=False)
+    try:
+        numel = 1
+        for d in shape:
+            numel *= d
+        handle.truncate(numel * torch.empty((), dtype=dtype).element_size())
+        handle.close()
+        return torch.from_file(handle.name, shared=True, size=numel, dtype=dtype).view(*shape)
+    finally:
+        os.unlink(handle.name)
 
 
 class SpillArena:
