@@ -176,6 +176,9 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
             layout = ("–", "–", "–", f"rank {p['rank']}, " + ("dense C" if p["nnz"] is None else f"{p['nnz']} atoms/output"))
         elif entry["format"] == "tt":
             layout = ("–", "–", "–", f"TT {p['out_modes']}x{p['in_modes']} ranks {p['ranks'][1:-1]}")
+        elif entry["format"] == "bcq":
+            layout = (str(p["bits"]), f"{p['out_features'] // p['row_groups']}x{p['col_block']}", "–",
+                      f"binary-coded, {p['terms']} powers of two per scale")
         else:
             layout = (str(p["bits"]), str(p["group_size"]), str(p["has_g_idx"]), "–")
         table.add_row(name, entry["format"], *layout, f"{bits / weights:.3f}")

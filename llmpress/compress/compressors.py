@@ -8,16 +8,26 @@ import torch
 from torch import nn
 
 from ..errors import LlmpressError
-from ..layers import FactorLinear, QuantLinear, TTLinear
+from ..layers import BCQLinear, FactorLinear, QuantLinear, TTLinear
 from .factor import rocket
 from .factor.knapsack import Option
 from .factor.lowrank import rank_for_ratio, svd_factors, whitened_svd_factors
 from .factor.mix import mix_options
 from .factor.tt import tt_factorize
+from .quant.bcq import bcq_quantize
 from .quant.gptq import Residual, gptq_quantize
 from .quant.result import QuantizedWeight
 from .quant.rtn import rtn_quantize
-from .recipe import FactorMixStage, GPTQStage, LowRankStage, RocketStage, RTNStage, StageBase, TTStage
+from .recipe import (
+    FactorMixStage,
+    GPTQStage,
+    LowRankStage,
+    RocketStage,
+    RTNStage,
+    ShiftAddStage,
+    StageBase,
+    TTStage,
+)
 
 
 def _rtn(stage: RTNStage, weight: torch.Tensor, stats: dict) -> QuantizedWeight:
@@ -82,9 +92,19 @@ def _mix(stage: FactorMixStage, weight, stats, bias, dtype) -> Built:
     return _tt_module(weight, stats, stage.ratio, stage.order, True, bias, dtype)
 
 
+def _shiftadd(stage: ShiftAddStage, weight, stats, bias, dtype) -> Built:
+    try:
+        q = bcq_quantize(weight, stats.get("hessian") if stage.gptq else None, bits=stage.bits,
+                         col_block=stage.col_block, row_groups=stage.row_groups, rounds=stage.rounds,
+                         terms=stage.terms, damp=stage.damp, block_size=stage.block_size)
+    except ValueError as e:
+        raise LlmpressError(str(e)) from None
+    return BCQLinear.from_bcq(q, bias, dtype), q.metrics
+
+
 SOLVERS: dict[type[StageBase], Callable[..., QuantizedWeight]] = {RTNStage: _rtn, GPTQStage: _gptq}
 BUILDERS: dict[type[StageBase], Callable[..., Built]] = {
-    LowRankStage: _lowrank, TTStage: _tt, RocketStage: _rocket, FactorMixStage: _mix,
+    LowRankStage: _lowrank, TTStage: _tt, RocketStage: _rocket, FactorMixStage: _mix, ShiftAddStage: _shiftadd,
 }
 
 

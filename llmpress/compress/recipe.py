@@ -139,6 +139,30 @@ class LowRankStage(StageBase):
         return f"{self.method} -{self.ratio:.0%}"
 
 
+class ShiftAddStage(StageBase):
+    """ShiftAddLLM: binary-coded weights with power-of-two scales, solved inside GPTQ's column loop
+    (``gptq: false``: the weight objective only, the BCQ baseline); compress/quant/bcq.py."""
+
+    method: Literal["shiftadd"] = "shiftadd"
+    bits: int = Field(ge=1, le=4)
+    col_block: int = Field(8, ge=1)      # columns sharing a scale (the paper's Lat. layout: 8)
+    row_groups: int = Field(8, ge=1)     # row groups sharing a scale (out/8 rows each)
+    terms: int = Field(3, ge=1, le=4)    # powers of two per scale (the code's apot_nums)
+    rounds: int = Field(15, ge=0)        # alternating least-squares rounds per scale fit
+    gptq: bool = True
+    damp: float = Field(0.01, gt=0, le=1)
+    block_size: int = Field(128, ge=1)
+    true_sequential: bool = True
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"}) if self.gptq else frozenset()
+
+    @property
+    def label(self) -> str:
+        return f"shiftadd w{self.bits}" + ("" if self.gptq else " (bcq only)")
+
+
 class TTStage(StageBase):
     """Tensor-train (TT-matrix) factorization of every selected linear at a uniform removed
     fraction: data-free TT-SVD, or ``aware`` (ours): TT-SVD in a Kronecker-factored whitened space."""
@@ -263,11 +287,12 @@ class HARPStage(RotationStage):
 
 
 Stage = Annotated[
-    RTNStage | GPTQStage | LowRankStage | TTStage | RocketStage | FactorMixStage | RHTStage | HARPStage,
+    RTNStage | GPTQStage | ShiftAddStage | LowRankStage | TTStage | RocketStage | FactorMixStage | RHTStage
+    | HARPStage,
     Field(discriminator="method"),
 ]
 STAGE_TYPES: dict[str, type[BaseModel]] = {
-    "rtn": RTNStage, "gptq": GPTQStage, "svd": LowRankStage, "svdllm": LowRankStage, "tt": TTStage,
+    "rtn": RTNStage, "gptq": GPTQStage, "shiftadd": ShiftAddStage, "svd": LowRankStage, "svdllm": LowRankStage, "tt": TTStage,
     "rocket": RocketStage, "factor-mix": FactorMixStage,
     "rht": RHTStage, "harp": HARPStage,
 }

@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)        # the uniform-grid layers
+PACKABLE_BITS = (1, *SUPPORTED_BITS)  # 1: the sign planes of binary-coded layers
 
 
 def packed_words(count: int, bits: int) -> int:
@@ -26,8 +27,8 @@ def _layout(count: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2^bits)`` along the last dimension into int32 words."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
     codes = codes.to(torch.int64)
     if codes.numel() and (codes.min() < 0 or codes.max() >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits} bits")
@@ -48,8 +49,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: int32 words ``[..., W]`` to int64 codes ``[..., count]``."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
     *lead, nwords = packed.shape
     if nwords != packed_words(count, bits):
         raise ValueError(f"{nwords} words cannot hold {count} codes of {bits} bits")

@@ -1,0 +1,99 @@
+"""``BCQLinear``: binary-coded weights with power-of-two scales (ShiftAdd; compress/quant/bcq.py).
+
+Stored tensors (``<module>.<name>`` in safetensors):
+- ``sign_bits`` int32 ``[q, out, ceil(in/32)]``: one bit-plane per bit, bit ``c % 32`` of word
+  ``c // 32`` set where ``b_t[o, c] = +1``;
+- ``alpha_exp`` and ``alpha_sign`` int8 ``[q, row_groups, col_blocks, terms]``: each scale is
+  ``Σ_p sign_p · 2^exp_p`` for the block of ``out/row_groups`` rows × ``col_block`` columns;
+- ``bias`` when the original linear had one.
+``W = Σ_t α_t ⊙ b_t``. The forward uses the lookup-table GEMV (kernels/lut.py) for a few tokens
+and the dequantized weight (cached while the tensors are unchanged) otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compress.quant.bcq import BCQWeight, bcq_dense
+from ..kernels.lut import lut_gemv
+from ..kernels.packing import pack_codes, packed_words, unpack_codes
+
+LUT_MAX_TOKENS = 8   # decoding batches; prefill goes through the dequantized weight
+
+
+class BCQLinear(nn.Module):
+    format_name = "bcq"
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, col_block: int, row_groups: int,
+                 terms: int, bias: bool, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not 1 <= bits <= 8 or col_block < 1 or row_groups < 1 or out_features % row_groups or not 1 <= terms <= 8:
+            raise ValueError(f"bits {bits}, col_block {col_block}, row_groups {row_groups}, terms {terms} do not "
+                             f"describe a binary-coded {out_features}x{in_features} weight")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.col_block, self.row_groups, self.terms = bits, col_block, row_groups, terms
+        col_blocks = -(-in_features // col_block)
+        kw = {"device": device}
+        self.register_buffer("sign_bits", torch.zeros(bits, out_features, packed_words(in_features, 1), dtype=torch.int32, **kw))
+        self.register_buffer("alpha_exp", torch.zeros(bits, row_groups, col_blocks, terms, dtype=torch.int8, **kw))
+        self.register_buffer("alpha_sign", torch.zeros(bits, row_groups, col_blocks, terms, dtype=torch.int8, **kw))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+        self.compute_dtype = dtype
+        self._dense = None
+
+    @classmethod
+    def from_bcq(cls, q: BCQWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> BCQLinear:
+        bits, out_features, in_features = q.signs.shape
+        layer = cls(in_features, out_features, bits=bits, col_block=q.col_block, row_groups=q.alpha_exp.shape[1],
+                    terms=q.alpha_exp.shape[3], bias=bias is not None, dtype=dtype)
+        layer.sign_bits.copy_(pack_codes(q.signs.to(torch.int64), 1))
+        layer.alpha_exp.copy_(q.alpha_exp)
+        layer.alpha_sign.copy_(q.alpha_sign)
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(dtype))
+        return layer
+
+    def format_params(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "col_block": self.col_block, "row_groups": self.row_groups, "terms": self.terms,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> BCQLinear:
+        return cls(int(params["in_features"]), int(params["out_features"]), bits=int(params["bits"]),
+                   col_block=int(params["col_block"]), row_groups=int(params["row_groups"]),
+                   terms=int(params["terms"]), bias=bool(params["bias"]), dtype=dtype, device="meta")
+
+    def signs(self) -> torch.Tensor:
+        """``[q, out, in]`` bool, True where the bit-plane holds +1."""
+        return unpack_codes(self.sign_bits, 1, self.in_features).bool()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return bcq_dense(self.signs(), self.alpha_exp, self.alpha_sign, self.col_block).to(dtype or self.compute_dtype)
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        key = (self.sign_bits.data_ptr(), self.sign_bits._version, self.alpha_exp._version, self.alpha_sign._version, dtype)
+        if self._dense is None or self._dense[0] != key:
+            self._dense = (key, self.dequantize(dtype))
+        return self._dense[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] <= LUT_MAX_TOKENS and self.col_block % 8 == 0:
+            y = lut_gemv(flat, self.sign_bits, self.alpha_exp, self.alpha_sign, self.col_block, self.out_features)
+        else:
+            y = flat @ self._dense_weight(x.dtype).T
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def stored_bits(self) -> int:
+        """Sign bits plus the scales' exponents and signs (8 bits each)."""
+        return self.bits * self.out_features * self.in_features + (self.alpha_exp.numel() + self.alpha_sign.numel()) * 8
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"scales per {self.out_features // self.row_groups} rows x {self.col_block} cols, apot={self.terms}")
