@@ -104,3 +104,19 @@ def test_shiftadd_preset_saves_and_reloads_exactly(tiny_model_factory, tmp_path)
     for ids in (torch.randint(0, 1000, (1, 4)), torch.randint(0, 1000, (2, 24))):   # LUT and dense paths
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, res.model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_triton_lut_gemv_equals_the_torch_lut(rows, bits):
+    triton_bcq = pytest.importorskip("llmpress.kernels.triton_bcq")
+    if triton_bcq.triton is None:
+        pytest.skip("triton is not installed")
+    w, h = _problem(5, out=40, inp=100)   # ragged: 40 rows = 8 groups of 5; 100 inputs
+    layer = BCQLinear.from_bcq(bcq.bcq_quantize(w, h, bits=bits), None, torch.float32)
+    x = torch.randn(rows, 100)
+    expected = lut_gemv(x.double(), layer.sign_bits, layer.alpha_exp, layer.alpha_sign, layer.col_block, 40)
+    y = triton_bcq.bcq_gemv(layer, x, block_n=16)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        triton_bcq.bcq_gemv(layer, torch.randn(9, 100))

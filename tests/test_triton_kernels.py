@@ -74,6 +74,7 @@ def test_kernels_compile_for_sm80_and_sm90():
     lines = proc.stdout.splitlines()
     for capability in (80, 90):
         assert sum(line.startswith(f"triton sm_{capability} ") for line in lines) == 18
+        assert sum(line.startswith(f"triton-bcq sm_{capability} ") for line in lines) == 5
         nvcc = [line for line in lines if line.startswith(f"nvcc sm_{capability} gemv_int4.cu")]
         assert len(nvcc) == 1 and ("bytes" in nvcc[0] or "skipped: nvcc is not installed" in nvcc[0])
     if not any("bytes" in line for line in lines if line.startswith("nvcc")):

@@ -53,6 +53,31 @@ def triton_variants() -> list[tuple[str, dict]]:
     return variants
 
 
+_BCQ_SIGNATURES = {
+    "_lut_build": {"x_ptr": "*fp16", "lut_ptr": "*fp32", "K": "i32", "G": "i32", "x_stride": "i32"},
+    "_lut_gemv": {"lut_ptr": "*fp32", "bits_ptr": "*i32", "alpha_ptr": "*fp32", "y_ptr": "*fp32",
+                  **dict.fromkeys(("M", "N", "G", "n_words", "rows_per", "groups_per_block", "n_blocks",
+                                   "n_row_groups"), "i32")},
+}
+
+
+def bcq_variants() -> list[tuple[str, dict]]:
+    """The binary-coded LUT kernels: the table builder, and the GEMV for 1-4 bit-planes."""
+    return [("_lut_build", {})] + [("_lut_gemv", {"Q": q, "BLOCK_M": 8, "BLOCK_N": 64}) for q in (1, 2, 3, 4)]
+
+
+def compile_bcq(capability: int, kernel: str, constexprs: dict) -> int:
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import triton_bcq
+
+    signature = {**_BCQ_SIGNATURES[kernel], **dict.fromkeys(constexprs, "constexpr")}
+    src = ASTSource(fn=getattr(triton_bcq, kernel), signature=signature, constexprs=constexprs)
+    return len(triton_compile(src, target=GPUTarget("cuda", capability, 32)).asm["ptx"])
+
+
 def compile_triton(capability: int, kernel: str, flags: dict) -> int:
     """Compile one kernel variant; returns the size of its PTX."""
     from triton import compile as triton_compile
@@ -94,6 +119,9 @@ def main() -> int:
         for kernel, flags in triton_variants():
             size = compile_triton(capability, kernel, flags)
             print(f"triton sm_{capability} {kernel} {flags}: ptx {size} chars", flush=True)
+        for kernel, constexprs in bcq_variants():
+            size = compile_bcq(capability, kernel, constexprs)
+            print(f"triton-bcq sm_{capability} {kernel} {constexprs}: ptx {size} chars", flush=True)
     if not args.triton_only:
         for source in sorted(CSRC.glob("*.cu")):
             for capability in TARGETS:

@@ -24,6 +24,14 @@ from ..kernels.packing import pack_codes, packed_words, unpack_codes
 LUT_MAX_TOKENS = 8   # decoding batches; prefill goes through the dequantized weight
 
 
+def _triton_ready() -> bool:
+    try:
+        from ..kernels import triton_bcq
+    except ImportError:
+        return False
+    return triton_bcq.available()
+
+
 class BCQLinear(nn.Module):
     format_name = "bcq"
 
@@ -84,7 +92,12 @@ class BCQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= LUT_MAX_TOKENS and self.col_block % 8 == 0:
-            y = lut_gemv(flat, self.sign_bits, self.alpha_exp, self.alpha_sign, self.col_block, self.out_features)
+            if flat.is_cuda and _triton_ready():
+                from ..kernels.triton_bcq import bcq_gemv
+
+                y = bcq_gemv(self, flat)
+            else:
+                y = lut_gemv(flat, self.sign_bits, self.alpha_exp, self.alpha_sign, self.col_block, self.out_features)
         else:
             y = flat @ self._dense_weight(x.dtype).T
         y = y.reshape(*x.shape[:-1], self.out_features)

@@ -1,0 +1,90 @@
+"""Triton lookup-table GEMV for binary-coded weights (``layers/bcq_linear.py``), 1-8 rows.
+
+Two kernels, the torch oracle being ``kernels/lut.py``:
+- ``_lut_build``: per row and group of 8 inputs, the 256 signed sums ``Σ_t ±x_{8g+t}``;
+- ``_lut_gemv``: per block of outputs, for every group and bit-plane, the pattern byte of the
+  packed sign bits indexes the table and the entry is scaled by the block's ``α`` and summed.
+The scales are sums of powers of two; the kernel takes them decoded to fp32 (one multiply, the
+same value as the shifts and adds). Accumulation in fp32. On CPU the kernels run under
+``TRITON_INTERPRET=1``, which is how the tests check them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # optional: BCQLinear falls back to the torch LUT
+    triton = None
+
+from ..compress.quant.bcq import apot_value
+
+MAX_ROWS = 8
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lut_build(x_ptr, lut_ptr, K, G, x_stride):
+        m = tl.program_id(0)
+        g = tl.program_id(1)
+        t = tl.arange(0, 8)
+        cols = g * 8 + t
+        x = tl.load(x_ptr + m * x_stride + cols, mask=cols < K, other=0.0).to(tl.float32)
+        p = tl.arange(0, 256)
+        sign = ((p[:, None] >> t[None, :]) & 1).to(tl.float32) * 2.0 - 1.0
+        sums = tl.sum(sign * x[None, :], axis=1)
+        tl.store(lut_ptr + (m * G + g) * 256 + p, sums)
+
+    @triton.jit
+    def _lut_gemv(lut_ptr, bits_ptr, alpha_ptr, y_ptr, M, N, G, n_words, rows_per, groups_per_block, n_blocks,
+                  n_row_groups, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_n = offs_n < N
+        mask = (offs_m[:, None] < M) & mask_n[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        row_group = offs_n // rows_per
+        for g in range(G):
+            word = (g * 8) // 32
+            shift = (g * 8) % 32
+            block = g // groups_per_block
+            for plane in tl.static_range(Q):
+                w = tl.load(bits_ptr + (plane * N + offs_n) * n_words + word, mask=mask_n, other=0)
+                pattern = ((w.to(tl.uint32, bitcast=True) >> shift) & 255).to(tl.int32)
+                alpha = tl.load(alpha_ptr + (plane * n_row_groups + row_group) * n_blocks + block, mask=mask_n,
+                                other=0.0)
+                val = tl.load(lut_ptr + (offs_m[:, None] * G + g) * 256 + pattern[None, :], mask=mask, other=0.0)
+                acc += val * alpha[None, :]
+        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+def bcq_gemv(layer, x: torch.Tensor, block_n: int = 64) -> torch.Tensor:
+    """``x [M ≤ 8, K] → [M, N]`` (fp32 accumulation, returned in ``x``'s dtype, no bias)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    m, k = x.shape
+    if m > MAX_ROWS:
+        raise ValueError(f"the LUT GEMV takes at most {MAX_ROWS} rows, got {m}")
+    if layer.col_block % 8:
+        raise ValueError(f"the LUT GEMV needs scale blocks of a multiple of 8 columns, got {layer.col_block}")
+    n, q = layer.out_features, layer.bits
+    groups = -(-k // 8)
+    x = x.contiguous()
+    lut = torch.empty(m, groups, 256, dtype=torch.float32, device=x.device)
+    _lut_build[(m, groups)](x, lut, k, groups, x.stride(0))
+    alpha = apot_value(layer.alpha_exp, layer.alpha_sign).to(torch.float32).to(x.device).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    bits = layer.sign_bits.contiguous()
+    _lut_gemv[(triton.cdiv(n, block_n),)](
+        lut, bits, alpha, y, m, n, groups, bits.shape[2], n // layer.row_groups, layer.col_block // 8,
+        alpha.shape[2], layer.row_groups, Q=q, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+    )
+    return y.to(x.dtype)
