@@ -14,6 +14,7 @@ init and alternating refinement are Xu et al. 2018's.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -47,12 +48,15 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _patterns(q: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor([[1.0 if (p >> t) & 1 else -1.0 for t in range(q)] for p in range(2 ** q)], dtype=dtype)
+
+
 def level_table(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For scales ``alpha [..., q]``: the ``2^q`` levels ``[..., 2^q]`` and their sign patterns
     ``[2^q, q]`` (±1)."""
-    q = alpha.shape[-1]
-    patterns = torch.tensor([[1.0 if (p >> t) & 1 else -1.0 for t in range(q)] for p in range(2 ** q)],
-                            dtype=alpha.dtype)
+    patterns = _patterns(alpha.shape[-1], alpha.dtype)
     return alpha @ patterns.T, patterns
 
 
@@ -60,8 +64,11 @@ def nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Sign planes ``[..., n, q]`` (±1) of the level nearest each entry of ``w [..., n]`` under
     scales ``alpha [..., q]`` (broadcast over the last axis of ``w``)."""
     levels, patterns = level_table(alpha)                        # [..., 2^q]
-    best = (w.unsqueeze(-1) - levels.unsqueeze(-2)).abs().argmin(-1)   # [..., n]
-    return patterns[best]
+    # the nearest of the sorted levels: count the midpoints below each entry
+    levels, order = levels.sort(-1)
+    mids = (levels[..., 1:] + levels[..., :-1]) / 2
+    best = (w.unsqueeze(-1) > mids.unsqueeze(-2)).sum(-1)          # [..., n]
+    return patterns[order.gather(-1, best)]
 
 
 def fit_bcq(w: torch.Tensor, bits: int, rounds: int = 15, terms: int = 3) -> torch.Tensor:
