@@ -353,12 +353,14 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
             raise ModelLoadError(f"{path} is damaged; delete it (or the folder) and run again") from None
     else:
         start = time.perf_counter()
-        tables, dense_bits = _profile(job, stage, progress=progress, trust_remote_code=trust_remote_code)
-        plan = allocate_layers(tables, dense_bits, stage.target, stage.buckets, stage.safety_cap)
+        tables, dense_bits, value_bits = _profile(job, stage, progress=progress, trust_remote_code=trust_remote_code)
+        target = stage.removed_target(value_bits)
+        plan = allocate_layers(tables, dense_bits, target, stage.buckets, stage.safety_cap, stage.keep_dense)
         choice = plan.choice
         kinds = Counter(_option_kind(c) for c in choice.values())
         job.allocation = {
-            "target removed": stage.target, "removed (stored bits)": round(plan.removed, 4),
+            "target removed": round(target, 4), "removed (stored bits)": round(plan.removed, 4),
+            "bits per weight": round(plan.stored_bits / (plan.dense_bits / value_bits), 4),
             "layers": dict(sorted(kinds.items())),
             "error cap": None if plan.cap is None else round(plan.cap, 4),
             "profile (s)": round(time.perf_counter() - start, 1),
@@ -368,7 +370,7 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
                 "summary": job.allocation,
                 "choice": {n: None if c is None else c.__dict__ for n, c in choice.items()},
             }, indent=1))
-            plot_allocation({n: 0.0 if c is None else c.removed for n, c in choice.items()}, stage.target,
+            plot_allocation({n: 0.0 if c is None else c.removed for n, c in choice.items()}, target,
                             job.out / "llmpress-allocation.png")
     overrides, ignore = dict(stage.overrides), list(stage.ignore)
     for name, c in choice.items():
@@ -387,6 +389,8 @@ def _option_kind(option) -> str:
     settings = option.settings
     if "family" in settings:
         return str(settings["family"])
+    if "bits" in settings:
+        return f"{settings['bits']} bits"
     return "sparse coefficients" if settings.get("nnz") is not None else "low rank"
 
 
@@ -399,7 +403,7 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
     from .compress.pipeline import profile_blocks
     from .paths import atomic_write_text, cache_dir
 
-    grid = stage.model_dump(exclude={"target", "buckets", "safety_cap", "overrides", "description"})
+    grid = stage.model_dump(exclude={"target", "average_bits", "buckets", "safety_cap", "overrides"})
     key = hashlib.sha256(json.dumps({
         "model": str(job.folder), "config": job.config.to_dict(), "calibration": job.calib, "stage": grid,
         "version": __version__,
@@ -409,7 +413,8 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             tables = {n: [Option(**c) for c in t] for n, t in saved["tables"].items()}
-            return tables, {n: int(b) for n, b in saved["dense_bits"].items()}
+            # profiles run on the fp32 model (load_dense's default): entries from before the field existed are fp32
+            return tables, {n: int(b) for n, b in saved["dense_bits"].items()}, int(saved.get("value_bits", 32))
         except (ValueError, KeyError, TypeError):
             pass   # a damaged cache entry: profile again and replace it
     model = load_dense(job.folder, trust_remote_code=trust_remote_code)
@@ -427,8 +432,8 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},
-                                            "dense_bits": dense_bits}))
-    return tables, dense_bits
+                                            "dense_bits": dense_bits, "value_bits": value_bits}))
+    return tables, dense_bits, value_bits
 
 
 class _Status:

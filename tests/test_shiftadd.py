@@ -120,3 +120,43 @@ def test_triton_lut_gemv_equals_the_torch_lut(rows, bits):
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="at most 8 rows"):
         triton_bcq.bcq_gemv(layer, torch.randn(9, 100))
+
+
+def test_mixed_bits_meet_the_average_and_put_bits_where_the_error_is(tiny_model_factory, tmp_path):
+    import llmpress
+
+    res = llmpress.compress(tiny_model_factory("llama"), "shiftadd-mixed-2.2", out=tmp_path / "m", nsamples=8,
+                            seqlen=32, progress=False, keep_model=True)
+    alloc = res.summary["allocation"]
+    assert 2.0 < alloc["bits per weight"] <= 2.2 and set(alloc["layers"]) <= {"2 bits", "3 bits"}
+    assert alloc["layers"].get("3 bits", 0) >= 1
+    loaded, _ = llmpress.load(tmp_path / "m")
+    widths = {m.bits for m in loaded.modules() if isinstance(m, BCQLinear)}
+    assert widths == {2, 3}
+    weights = sum(m.in_features * m.out_features for m in loaded.modules() if isinstance(m, BCQLinear))
+    codes = sum(m.bits * m.in_features * m.out_features for m in loaded.modules() if isinstance(m, BCQLinear))
+    assert codes / weights <= 2.2
+
+
+def test_the_knapsack_bit_choice_beats_every_other_choice_on_its_objective():
+    """On measured per-layer errors, the allocation's summed error is the least of all choices
+    that fit the average (brute force over 6 layers)."""
+    import itertools
+
+    from llmpress.compress.factor.knapsack import Option, allocate_layers
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [int(s) for s in torch.randint(50, 200, (6,), generator=g)]
+    tables = {}
+    for i, n in enumerate(sizes):
+        e2 = float(torch.rand(1, generator=g)) * 10
+        tables[f"l{i}"] = [Option(1 - 2 / 32, e2, 2 * n, {"bits": 2}), Option(1 - 3 / 32, e2 * 0.3, 3 * n, {"bits": 3})]
+    dense = {f"l{i}": 32 * n for i, n in enumerate(sizes)}
+    plan = allocate_layers(tables, dense, 1 - 2.4 / 32, buckets=100_000)
+    got = sum(c.error for c in plan.choice.values())
+    best = min(
+        sum(tables[f"l{i}"][j].error for i, j in enumerate(pick))
+        for pick in itertools.product((0, 1), repeat=6)
+        if sum(tables[f"l{i}"][j].bits for i, j in enumerate(pick)) <= 2.4 * sum(sizes)
+    )
+    assert got == pytest.approx(best)

@@ -14,7 +14,7 @@ from .factor.knapsack import Option
 from .factor.lowrank import rank_for_ratio, svd_factors, whitened_svd_factors
 from .factor.mix import mix_options
 from .factor.tt import tt_factorize
-from .quant.bcq import bcq_quantize
+from .quant.bcq import bcq_dense, bcq_quantize
 from .quant.gptq import Residual, gptq_quantize
 from .quant.result import QuantizedWeight
 from .quant.rtn import rtn_quantize
@@ -24,6 +24,7 @@ from .recipe import (
     LowRankStage,
     RocketStage,
     RTNStage,
+    ShiftAddMixStage,
     ShiftAddStage,
     StageBase,
     TTStage,
@@ -105,6 +106,7 @@ def _shiftadd(stage: ShiftAddStage, weight, stats, bias, dtype) -> Built:
 SOLVERS: dict[type[StageBase], Callable[..., QuantizedWeight]] = {RTNStage: _rtn, GPTQStage: _gptq}
 BUILDERS: dict[type[StageBase], Callable[..., Built]] = {
     LowRankStage: _lowrank, TTStage: _tt, RocketStage: _rocket, FactorMixStage: _mix, ShiftAddStage: _shiftadd,
+    ShiftAddMixStage: _shiftadd,
 }
 
 
@@ -117,8 +119,21 @@ def _mix_options(stage: FactorMixStage, weight, hessian, value_bits: int) -> lis
     return mix_options(weight, hessian, value_bits, stage.removed_grid, stage.families, stage.order)
 
 
+def _shiftadd_options(stage: ShiftAddMixStage, weight, hessian, value_bits: int) -> list[Option]:
+    """Each bit width's GPTQ-BCQ solution, scored by its output error ``tr(ΔW H ΔWᵀ)`` (absolute:
+    the layer's share of the error, H the per-token Gram) and sized by its code bits."""
+    options = []
+    for bits in stage.bit_choices:
+        q = bcq_quantize(weight, hessian, bits=bits, col_block=stage.col_block, row_groups=stage.row_groups,
+                         rounds=stage.rounds, terms=stage.terms, damp=stage.damp, block_size=stage.block_size)
+        delta = bcq_dense(q.signs, q.alpha_exp, q.alpha_sign, q.col_block) - weight.to(torch.float64)
+        error = float(((delta @ hessian.to(torch.float64)) * delta).sum())
+        options.append(Option(1.0 - bits / value_bits, error, bits * weight.numel(), {"bits": bits}))
+    return options
+
+
 PROFILERS: dict[type[StageBase], Callable[..., list[Option]]] = {
-    RocketStage: _rocket_options, FactorMixStage: _mix_options,
+    RocketStage: _rocket_options, FactorMixStage: _mix_options, ShiftAddMixStage: _shiftadd_options,
 }
 
 

@@ -163,6 +163,43 @@ class ShiftAddStage(StageBase):
         return f"shiftadd w{self.bits}" + ("" if self.gptq else " (bcq only)")
 
 
+class ShiftAddMixStage(ShiftAddStage):
+    """ShiftAdd with its bit width chosen per linear under an average-bits budget: every linear's
+    GPTQ-BCQ solution is measured at each of ``bit_choices`` (its output error on the calibration
+    inputs) and the shared knapsack picks one per linear so that the code bits average at most
+    ``average_bits`` (the paper: 2.2)."""
+
+    kind: ClassVar[str] = "allocator"
+    method: Literal["shiftadd-mix"] = "shiftadd-mix"
+    bits: int = Field(2, ge=1, le=4)     # set per module by the allocation
+    average_bits: float = Field(2.2, gt=0)
+    bit_choices: list[int] = Field(default_factory=lambda: [2, 3], min_length=1)
+    buckets: int = Field(50_000, ge=100)
+    safety_cap: bool = False
+
+    @field_validator("bit_choices")
+    @classmethod
+    def _choices(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= b <= 4 for b in v):
+            raise ValueError("bit_choices are widths from 1 to 4")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _reachable(self):
+        if self.average_bits < min(self.bit_choices):
+            raise ValueError(f"average_bits {self.average_bits} is below the smallest choice {min(self.bit_choices)}")
+        return self
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"})
+
+    keep_dense: ClassVar[bool] = False   # every selected linear takes one of the bit widths
+
+    def removed_target(self, value_bits: int) -> float:
+        return 1.0 - self.average_bits / value_bits
+
+
 class TTStage(StageBase):
     """Tensor-train (TT-matrix) factorization of every selected linear at a uniform removed
     fraction: data-free TT-SVD, or ``aware`` (ours): TT-SVD in a Kronecker-factored whitened space."""
@@ -199,6 +236,12 @@ class AllocatorStage(StageBase):
         if not v or any(not 0 < r < 1 for r in v):
             raise ValueError("removed_grid holds fractions strictly between 0 and 1")
         return sorted(set(v))
+
+    keep_dense: ClassVar[bool] = True    # "leave this linear dense" is one of every linear's options
+
+    def removed_target(self, value_bits: int) -> float:
+        """The fraction of the dense layers' bits the knapsack must remove."""
+        return self.target
 
 
 class RocketStage(AllocatorStage):
@@ -287,12 +330,13 @@ class HARPStage(RotationStage):
 
 
 Stage = Annotated[
-    RTNStage | GPTQStage | ShiftAddStage | LowRankStage | TTStage | RocketStage | FactorMixStage | RHTStage
-    | HARPStage,
+    RTNStage | GPTQStage | ShiftAddStage | ShiftAddMixStage | LowRankStage | TTStage | RocketStage | FactorMixStage
+    | RHTStage | HARPStage,
     Field(discriminator="method"),
 ]
 STAGE_TYPES: dict[str, type[BaseModel]] = {
-    "rtn": RTNStage, "gptq": GPTQStage, "shiftadd": ShiftAddStage, "svd": LowRankStage, "svdllm": LowRankStage, "tt": TTStage,
+    "rtn": RTNStage, "gptq": GPTQStage, "shiftadd": ShiftAddStage, "shiftadd-mix": ShiftAddMixStage,
+    "svd": LowRankStage, "svdllm": LowRankStage, "tt": TTStage,
     "rocket": RocketStage, "factor-mix": FactorMixStage,
     "rht": RHTStage, "harp": HARPStage,
 }

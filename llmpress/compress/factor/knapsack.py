@@ -138,12 +138,13 @@ def safety_cap(tables: dict[str, list[Option]], dense_bits: dict[str, int], targ
 
 
 def allocate_layers(tables: dict[str, list[Option]], dense_bits: dict[str, int], target: float,
-                    buckets: int = 50_000, cap: bool = False) -> Allocation:
-    """One option per layer (dense, or one of its options) minimising the summed error with the
-    stored bits at most ``(1 − target)`` of the dense layers'."""
+                    buckets: int = 50_000, cap: bool = False, keep_dense: bool = True) -> Allocation:
+    """One option per layer (dense when ``keep_dense``, or one of its options) minimising the summed
+    error with the stored bits at most ``(1 − target)`` of the dense layers'."""
     limit = safety_cap(tables, dense_bits, target) if cap else None
     names = list(tables)
-    options = [[None, *(c for c in tables[n] if limit is None or c.error <= limit)] for n in names]
+    dense = [None] if keep_dense else []
+    options = [[*dense, *(c for c in tables[n] if limit is None or c.error <= limit)] for n in names]
     costs = [[0.0 if c is None else c.error for c in opts] for opts in options]
     sizes = [[dense_bits[n] if c is None else c.bits for c in opts] for n, opts in zip(names, options)]
     total = sum(dense_bits[n] for n in names)
