@@ -138,9 +138,10 @@ def plan_memory(n: int, seqlen: int, hidden_size: int, streams: int, block_bytes
 def available_memory() -> int:
     """``MemAvailable`` from /proc/meminfo (bytes), or 8 GiB where it cannot be read."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 8 << 30
