@@ -122,14 +122,26 @@ def _mix_options(stage: FactorMixStage, weight, hessian, value_bits: int) -> lis
 def _shiftadd_options(stage: ShiftAddMixStage, weight, hessian, value_bits: int) -> list[Option]:
     """Each bit width's GPTQ-BCQ solution, scored by its output error ``tr(ΔW H ΔWᵀ)`` (absolute:
     the layer's share of the error, H the per-token Gram) and sized by its code bits."""
+    heuristic = shiftadd_sensitivity(weight, hessian, stage.damp)
     options = []
     for bits in stage.bit_choices:
         q = bcq_quantize(weight, hessian, bits=bits, col_block=stage.col_block, row_groups=stage.row_groups,
                          rounds=stage.rounds, terms=stage.terms, damp=stage.damp, block_size=stage.block_size)
         delta = bcq_dense(q.signs, q.alpha_exp, q.alpha_sign, q.col_block) - weight.to(torch.float64)
         error = float(((delta @ hessian.to(torch.float64)) * delta).sum())
-        options.append(Option(1.0 - bits / value_bits, error, bits * weight.numel(), {"bits": bits}))
+        options.append(Option(1.0 - bits / value_bits, error, bits * weight.numel(), {"bits": bits},
+                              {"heuristic": heuristic}))
     return options
+
+
+def shiftadd_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> float:
+    """The reference code's ranking score ``‖W'‖_F·std(W')²`` with ``W' = W / diag(U)``, U the upper
+    Cholesky factor of the damped inverse Hessian (compared with our measured errors in the summary)."""
+    from .quant.gptq import damped_inverse_cholesky
+
+    upper, _ = damped_inverse_cholesky(hessian.to(torch.float64).clone(), damp)
+    scaled = weight.to(torch.float64) / torch.diagonal(upper)
+    return float(scaled.norm() * scaled.std() ** 2)
 
 
 PROFILERS: dict[type[StageBase], Callable[..., list[Option]]] = {

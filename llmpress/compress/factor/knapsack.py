@@ -100,6 +100,7 @@ class Option:
     error: float
     bits: int
     settings: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, float] = field(default_factory=dict)   # diagnostics for the summary, not settings
 
 
 @dataclass
