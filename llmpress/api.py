@@ -153,6 +153,7 @@ def compress(
     """
     start = time.perf_counter()
     distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
+    memory_budget = parse_size(max_memory)
     job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code)
     # Everything the user gave has been checked: only now is the output folder touched (by rank 0).
     main = distributed.is_main()
@@ -163,7 +164,7 @@ def compress(
     distributed.barrier()
     try:
         return _run(job, start, batch_size=batch_size, progress=progress and main, keep_model=keep_model,
-                    trust_remote_code=trust_remote_code, max_memory=parse_size(max_memory))
+                    trust_remote_code=trust_remote_code, max_memory=memory_budget)
     except BaseException:
         # A run that failed before finishing any block leaves nothing worth resuming.
         if main and fresh and not RunState.finished_blocks(job.out):
@@ -244,6 +245,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
                  load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture)
     block_arch = rotation.compress_arch() if rotation is not None else arch
     windows = distributed.local_slice(job.windows) if job.windows is not None else None
+
     def report(line: str) -> None:
         job.memory = line
         if progress:
@@ -413,9 +415,10 @@ def _option_kind(option) -> str:
 
 
 def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
-    """``(options, dense bits)`` per selected linear. They depend on the model, the calibration
-    windows and the stage's option grid, not on the target, so they are cached (under
-    ``cache_dir()/profiles``) and a second budget on the same model skips the profiling pass."""
+    """``(options, dense bits)`` per selected linear, and the value width they were sized with.
+    They depend on the model, the calibration windows and the stage's option grid, not on the
+    target, so they are cached (under ``cache_dir()/profiles``) and a second budget on the same
+    model skips the profiling pass."""
     from .compress.compressors import PROFILERS
     from .compress.factor.knapsack import Option
     from .compress.pipeline import profile_blocks

@@ -15,7 +15,7 @@ from .factor.lowrank import rank_for_ratio, svd_factors, whitened_svd_factors
 from .factor.mix import mix_options
 from .factor.tt import tt_factorize
 from .quant.bcq import bcq_dense, bcq_quantize
-from .quant.gptq import Residual, gptq_quantize
+from .quant.gptq import Residual, damped_inverse_cholesky, gptq_quantize
 from .quant.result import QuantizedWeight
 from .quant.rtn import rtn_quantize
 from .recipe import (
@@ -137,8 +137,6 @@ def _shiftadd_options(stage: ShiftAddMixStage, weight, hessian, value_bits: int)
 def shiftadd_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> float:
     """The reference code's ranking score ``‖W'‖_F·std(W')²`` with ``W' = W / diag(U)``, U the upper
     Cholesky factor of the damped inverse Hessian (compared with our measured errors in the summary)."""
-    from .quant.gptq import damped_inverse_cholesky
-
     upper, _ = damped_inverse_cholesky(hessian.to(torch.float64).clone(), damp)
     scaled = weight.to(torch.float64) / torch.diagonal(upper)
     return float(scaled.norm() * scaled.std() ** 2)

@@ -12,7 +12,16 @@ import torch
 
 from .knapsack import Option
 from .lowrank import factor_bits, rank_for_ratio
-from .tt import relative_output_error, tt_factorize, tt_full, tt_params, tt_plan, tt_ranks
+from .tt import (
+    aware_tt_svd,
+    balanced_modes,
+    kronecker_whitening,
+    rank_for_budget,
+    relative_output_error,
+    tt_full,
+    tt_params,
+    tt_ranks,
+)
 from .whiten import whiten, whitening_factor
 
 
@@ -35,13 +44,14 @@ def lowrank_options(weight: torch.Tensor, hessian: torch.Tensor, value_bits: int
 
 def tt_options(weight: torch.Tensor, hessian: torch.Tensor, value_bits: int, grid, order: int) -> list[Option]:
     out, inp = weight.shape
+    out_modes, in_modes = balanced_modes(out, order), balanced_modes(inp, order)
+    lowers = kronecker_whitening(hessian, in_modes)   # the same for every rank of this layer
     options = []
     for removed in grid:
-        plan = tt_plan(out, inp, removed, order)
-        if plan is None:
+        rank = rank_for_budget(out_modes, in_modes, (1.0 - removed) * out * inp)
+        if rank is None:
             continue
-        out_modes, in_modes, rank = plan
-        cores = tt_factorize(weight, removed, order, hessian)
+        cores = aware_tt_svd(weight, hessian, out_modes, in_modes, rank, lowers)
         err = relative_output_error(tt_full(cores, (out, inp)) - weight.to(torch.float64), weight, hessian)
         bits = tt_params(out_modes, in_modes, tt_ranks(out_modes, in_modes, rank)) * value_bits
         options.append(Option(removed, err, bits, {"family": "tt", "ratio": removed}))

@@ -196,10 +196,18 @@ def padded_gram(hessian: torch.Tensor, size: int) -> torch.Tensor:
     return h
 
 
-def aware_tt_svd(weight: torch.Tensor, hessian: torch.Tensor, out_modes, in_modes, rank: int) -> list[torch.Tensor]:
-    """TT-SVD in the Kronecker-factored whitened space, cores mapped back mode by mode."""
+def kronecker_whitening(hessian: torch.Tensor, in_modes) -> list[torch.Tensor]:
+    """``[L_1, …, L_d]``: the Cholesky factors of the Kronecker factors of the (padded) Gram."""
     gram = padded_gram(hessian, math.prod(in_modes))
-    lowers = [whitening_factor(f)[0] for f in kronecker_factors(gram, tuple(in_modes))]
+    return [whitening_factor(f)[0] for f in kronecker_factors(gram, tuple(in_modes))]
+
+
+def aware_tt_svd(weight: torch.Tensor, hessian: torch.Tensor, out_modes, in_modes, rank: int,
+                 lowers: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """TT-SVD in the Kronecker-factored whitened space, cores mapped back mode by mode (``lowers``:
+    :func:`kronecker_whitening` computed once for several ranks of the same layer)."""
+    if lowers is None:
+        lowers = kronecker_whitening(hessian, in_modes)
     whitening = reduce(torch.kron, lowers)
     padded = weight.new_zeros(weight.shape[0], math.prod(in_modes), dtype=torch.float64)
     padded[:, : weight.shape[1]] = weight.to(torch.float64)
