@@ -86,8 +86,8 @@ class _Job:
     memory: str | None = None   # the memory plan's line, when the run calibrates
 
 
-def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code) -> _Job:
-    recipe = load_recipe(recipe, settings) if isinstance(recipe, str) else recipe
+def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop=None) -> _Job:
+    recipe = load_recipe(recipe, settings, drop) if isinstance(recipe, str) else recipe
     folder = resolve_model(str(model))
     config = load_config(folder, trust_remote_code)
     skeleton = empty_model(config, trust_remote_code=trust_remote_code)
@@ -99,7 +99,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
         if distributed.active():
             raise RecipeError("the HARP fit does not run under torchrun yet; fit it in one process "
                               "(the fitted rotation is reused with --resume)")
-    if any(s.needs for s in recipe.layer_stages) or (recipe.rotation is not None and recipe.rotation.needs):
+    if any(s.needs for s in recipe.layer_stages) or any(s.needs for s in (recipe.rotation, recipe.correction) if s is not None):
         windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
         calib_info = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                       "hash": text_fingerprint(windows)}
@@ -143,18 +143,20 @@ def compress(
     progress: bool = True,
     trust_remote_code: bool = False,
     keep_model: bool = False,
+    drop: list[str] | None = None,
     max_memory: int | str | None = None,
 ) -> CompressResult:
     """Compress ``model`` with ``recipe`` into the folder ``out`` (see ``llmpress compress --help``).
 
     ``keep_model`` also returns the compressed model in memory (it then stays materialised).
+    ``drop`` removes the recipe's stages of those methods (ablations, e.g. ``["dac"]``).
     ``max_memory`` (bytes, or a size such as ``"8GB"``; default half the available RAM) bounds the
     calibration activations held in RAM: streams beyond it are memory-mapped files.
     """
     start = time.perf_counter()
     distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
     memory_budget = parse_size(max_memory)
-    job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code)
+    job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop)
     # Everything the user gave has been checked: only now is the output folder touched (by rank 0).
     main = distributed.is_main()
     fresh = not job.out.exists()

@@ -48,6 +48,7 @@ def compress(
     seed: int = typer.Option(0, help="Seed for drawing the calibration windows."),
     batch_size: int = typer.Option(8, min=1, help="Calibration windows per forward pass."),
     set_: list[str] | None = typer.Option(None, "--set", help="Override a stage setting, e.g. --set act_order=false (repeatable)."),
+    drop: list[str] | None = typer.Option(None, "--drop", help="Remove the recipe's stages of this method, e.g. --drop dac (ablations; repeatable)."),
     resume: bool = typer.Option(False, help="Continue a killed run in --out (same model, recipe and data)."),
     overwrite: bool = typer.Option(False, help="Replace an existing llmpress output folder."),
     ppl_windows: int = typer.Option(0, min=0, help="After compressing, measure ppl[wiki/test, 2048xN] of the dense and compressed model (0: skip)."),
@@ -69,7 +70,7 @@ def compress(
     result = api.compress(
         model, recipe, out=out_dir, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
         batch_size=batch_size, resume=resume, overwrite=overwrite, settings=set_, progress=progress,
-        trust_remote_code=trust_remote_code, max_memory=max_memory,
+        trust_remote_code=trust_remote_code, max_memory=max_memory, drop=drop,
     )
     from .compress import distributed
 
@@ -179,6 +180,9 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
         elif entry["format"] == "bcq":
             layout = (str(p["bits"]), f"{p['out_features'] // p['row_groups']}x{p['col_block']}", "–",
                       f"binary-coded, {p['terms']} powers of two per scale")
+        elif entry["format"] == "dual-scale":
+            layout = (str(p["bits"]), str(p["group_size"]), "–",
+                      "binary-coded, column scale " + ("stored" if p["column_scale"] else "absorbed upstream"))
         else:
             layout = (str(p["bits"]), str(p["group_size"]), str(p["has_g_idx"]), "–")
         table.add_row(name, entry["format"], *layout, f"{bits / weights:.3f}")

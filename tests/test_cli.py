@@ -133,3 +133,16 @@ def test_unreachable_hub_id_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result, stderr = _run("eval", "no-such-org/no-such-model", "--windows", "1")
     _assert_user_error(result, stderr, r"cannot fetch 'no-such-org/no-such-model' from the Hugging Face Hub")
+
+
+def test_drop_removes_a_stage_and_inspect_shows_dual_scale(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("llama")
+    result, stderr = _run("compress", model, "--recipe", "d2quant-w2-g64", "--drop", "harp", "--out", tmp_path / "x")
+    _assert_user_error(result, stderr, r"--drop harp: the recipe has no such stage")
+    assert not (tmp_path / "x").exists()
+    result, _ = _run("compress", model, "--recipe", "d2quant-w2-g64", "--drop", "dac", "--drop", "rht",
+                     "--out", tmp_path / "o", "--nsamples", "4", "--seqlen", "32", "--no-progress")
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["inspect", str(tmp_path / "o")], env={"COLUMNS": "250"})
+    assert "dual-scale" in result.output and "absorbed upstream" in result.output, result.output
+    assert "d2quant-w2-g64 [-dac, -rht]" in result.output

@@ -59,6 +59,11 @@ class ArchMap:
     attention_norm: str | None = None     # the norm whose output only the attention reads
     transposed_weights: bool = False   # GPT-2's Conv1D stores weight as [in, out]
     rotation: RotationMap | None = None   # None: rotations are not supported for this family
+    mlp_norm: str | None = None        # the norm whose output only the MLP's input linears read
+    mlp_inputs: tuple[str, ...] = ()   # those linears (a block correction's bias folds into them)
+    # (linear, linear before it): a per-input-column scale of the first is a per-output-row scale
+    # of the second (a gated MLP: down(act(gate x) ⊙ up x)); None where a non-linearity is between
+    column_scale_sink: tuple[str, str] | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -84,6 +89,9 @@ _LLAMA = ArchMap(
     attention="self_attn",
     attention_output="self_attn.o_proj",
     attention_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+    mlp_inputs=_LLAMA_GROUPS[2],
+    column_scale_sink=("mlp.down_proj", "mlp.up_proj"),
     rotation=RotationMap(
         norm_readers=(("input_layernorm", _LLAMA_GROUPS[0]), ("post_attention_layernorm", _LLAMA_GROUPS[2])),
         residual_writers=("self_attn.o_proj", "mlp.down_proj"),
@@ -108,6 +116,9 @@ _GEMMA = ArchMap(
     attention="self_attn",
     attention_output="self_attn.o_proj",
     attention_norm="input_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    mlp_inputs=_LLAMA_GROUPS[2],
+    column_scale_sink=("mlp.down_proj", "mlp.up_proj"),
     rotation=RotationMap(norm_readers=(), residual_writers=(), value="self_attn.v_proj",
                          attn_output="self_attn.o_proj", online_input="mlp.down_proj"),
 )
@@ -123,6 +134,8 @@ _OPT = ArchMap(
     residual_linear="fc2",
     attention="self_attn",
     attention_output="self_attn.out_proj",
+    mlp_norm="final_layer_norm",
+    mlp_inputs=("fc1",),
     rotation=RotationMap(
         norm_readers=(("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                       ("final_layer_norm", ("fc1",))),
@@ -143,6 +156,8 @@ _GPT2 = ArchMap(
     attention="attn",
     attention_output="attn.c_proj",
     attention_norm="ln_1",
+    mlp_norm="ln_2",
+    mlp_inputs=("mlp.c_fc",),
     transposed_weights=True,
     rotation=RotationMap(
         norm_readers=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
@@ -178,7 +193,7 @@ def arch_for(model: nn.Module) -> ArchMap:
 
         # No residual-stream rotation either (the stream passes through a norm): heads and online only.
         rotation = replace(arch.rotation, norm_readers=(), residual_writers=())
-        arch = replace(arch, residual_linear=None, attention_norm=None, rotation=rotation)
+        arch = replace(arch, residual_linear=None, attention_norm=None, rotation=rotation, mlp_norm=None)
     return arch
 
 

@@ -8,17 +8,19 @@ import torch
 from torch import nn
 
 from ..errors import LlmpressError
-from ..layers import BCQLinear, FactorLinear, QuantLinear, TTLinear
+from ..layers import BCQLinear, DualScaleLinear, FactorLinear, QuantLinear, TTLinear
 from .factor import rocket
 from .factor.knapsack import Option
 from .factor.lowrank import rank_for_ratio, svd_factors, whitened_svd_factors
 from .factor.mix import mix_options
 from .factor.tt import tt_factorize
 from .quant.bcq import bcq_dense, bcq_quantize
+from .quant.dsq import dsq_quantize, fit_column_scale
 from .quant.gptq import Residual, damped_inverse_cholesky, gptq_quantize
 from .quant.result import QuantizedWeight
 from .quant.rtn import rtn_quantize
 from .recipe import (
+    DSQStage,
     FactorMixStage,
     GPTQStage,
     LowRankStage,
@@ -35,20 +37,26 @@ def _rtn(stage: RTNStage, weight: torch.Tensor, stats: dict) -> QuantizedWeight:
     return rtn_quantize(weight, bits=stage.bits, group_size=stage.group_size, sym=stage.sym, mse=stage.mse)
 
 
+def _residual(stage: GPTQStage, stats: dict, column_scale: torch.Tensor | None = None) -> Residual | None:
+    """GPTAQ's (and ResComp's) residual statistics for ``stage``, in the inputs scaled by
+    ``column_scale`` when the weight is solved as ``W·diag(1/c)``."""
+    if stage.residual == "none":
+        return None
+    mode = stage.rescomp_mode
+    if mode == "auto":   # ResComp's rule: its 'allw' mode can diverge at 2 bits
+        mode = "org" if stage.bits == 2 else "allw"
+    cross = stats["cross"]
+    if column_scale is not None:
+        cross = column_scale[:, None] * cross * column_scale[None, :]
+    return Residual(cross, alpha=stage.alpha, rescomp=stage.residual == "rescomp", alpha2=stage.alpha2,
+                    form=stage.rescomp_form, mode=mode)
+
+
 def _gptq(stage: GPTQStage, weight: torch.Tensor, stats: dict) -> QuantizedWeight:
-    residual = None
-    if stage.residual != "none":
-        mode = stage.rescomp_mode
-        if mode == "auto":   # ResComp's rule: its 'allw' mode can diverge at 2 bits
-            mode = "org" if stage.bits == 2 else "allw"
-        residual = Residual(
-            stats["cross"], alpha=stage.alpha, rescomp=stage.residual == "rescomp", alpha2=stage.alpha2,
-            form=stage.rescomp_form, mode=mode,
-        )
     return gptq_quantize(
         weight, stats["hessian"], bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
         mse=stage.mse, act_order=stage.act_order, static_groups=stage.static_groups,
-        damp=stage.damp, block_size=stage.block_size, residual=residual,
+        damp=stage.damp, block_size=stage.block_size, residual=_residual(stage, stats),
     )
 
 
@@ -103,10 +111,45 @@ def _shiftadd(stage: ShiftAddStage, weight, stats, bias, dtype) -> Built:
     return BCQLinear.from_bcq(q, bias, dtype), q.metrics
 
 
+def _dsq(stage: DSQStage, weight, stats, bias, dtype) -> Built:
+    """Both forms hold the column scale ``c`` until the pipeline absorbs it upstream: the binary
+    module stores it (``column_scale``), the uniform one carries it as ``pending_column_scale``."""
+    hessian = stats["hessian"]
+    if stage.form == "binary":
+        q = dsq_quantize(weight, hessian, bits=stage.bits, group_size=stage.group_size, rounds=stage.rounds,
+                         gar=stage.act_order, damp=stage.damp, block_size=stage.block_size,
+                         residual=_residual(stage, stats))
+        return DualScaleLinear.from_dsq(q, bias, dtype), q.metrics
+    c = fit_column_scale(weight, stage.bits, stage.group_size, stage.sym, stage.rounds)
+    # W x = (W/c)(c ⊙ x): the scaled weight against the Hessian of the scaled inputs
+    q = gptq_quantize(
+        weight / c, c[:, None] * hessian * c[None, :], bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
+        mse=stage.mse, act_order=stage.act_order, static_groups=stage.static_groups, damp=stage.damp,
+        block_size=stage.block_size, residual=_residual(stage, stats, c),
+    )
+    module = QuantLinear.from_quantized(q, bias, dtype)
+    module.pending_column_scale = c
+    return module, q.metrics
+
+
+def column_scale(module: nn.Module) -> torch.Tensor | None:
+    """The per-input-column scale a compressed module still applies (DSQ's ``c``), or None."""
+    stored = getattr(module, "column_scale", None)
+    return stored.to(torch.float32) if stored is not None else getattr(module, "pending_column_scale", None)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The compressed module's function as a fp32 ``[out, in]`` weight on its original inputs (a
+    column scale still waiting to be absorbed upstream included)."""
+    dense = module.dequantize(torch.float32)
+    pending = getattr(module, "pending_column_scale", None)
+    return dense * pending if pending is not None else dense
+
+
 SOLVERS: dict[type[StageBase], Callable[..., QuantizedWeight]] = {RTNStage: _rtn, GPTQStage: _gptq}
 BUILDERS: dict[type[StageBase], Callable[..., Built]] = {
     LowRankStage: _lowrank, TTStage: _tt, RocketStage: _rocket, FactorMixStage: _mix, ShiftAddStage: _shiftadd,
-    ShiftAddMixStage: _shiftadd,
+    ShiftAddMixStage: _shiftadd, DSQStage: _dsq,
 }
 
 
@@ -177,7 +220,7 @@ def compress_linear(
         result = SOLVERS[type(stage)](stage, weight, stats)
         module = QuantLinear.from_quantized(result, linear.bias, dtype)
         metrics = dict(result.metrics)
-    dense = module.dequantize(torch.float32)
+    dense = dense_weight(module)
     delta = dense - weight
     metrics["weight_error"] = float(delta.norm() / weight.norm()) if weight.norm() > 0 else 0.0
     if "hessian" in stats:

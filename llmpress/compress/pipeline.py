@@ -35,8 +35,9 @@ from torch import nn
 from ..errors import LlmpressError
 from . import distributed
 from .arch import ArchMap, blocks_of, set_submodule
-from .compressors import compress_linear, linear_weight
-from .recipe import Recipe, StageBase
+from .compressors import column_scale, compress_linear, dense_weight, linear_weight
+from .correction import ShiftedNorm, absorb_column_scale, fold_shift_into_bias, mean_shift, norm_output_mean
+from .recipe import DACStage, DSQStage, Recipe, StageBase, UniformQuantStage
 from .stats import InputRecorder, InputStats, SpillArena, StopForward, disk_tensor
 
 
@@ -233,6 +234,22 @@ def record_fp_inputs(
     return recorder
 
 
+def check_column_scales(plan: BlockPlan, arch: ArchMap) -> None:
+    """The uniform DSQ form stores no column scale: refuse it where nothing can absorb it."""
+    for name, stage in plan.assignment.items():
+        if not (isinstance(stage, DSQStage) and stage.form == "uniform"):
+            continue
+        sink = arch.column_scale_sink
+        if sink is None or sink[0] != name:
+            raise LlmpressError(
+                f"dsq form 'uniform' on {name}: its column scale can only be absorbed into the up projection of a "
+                "gated MLP (down_proj, with no online Hadamard in front); use form 'binary' here")
+        sink_stage = plan.assignment.get(sink[1])
+        if sink_stage is not None and (not isinstance(sink_stage, UniformQuantStage) or isinstance(sink_stage, DSQStage)):
+            raise LlmpressError(f"dsq form 'uniform' on {name}: {sink[1]} must be dense or uniformly quantized "
+                                "(RTN/GPTQ) to absorb the column scale")
+
+
 def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
     assignment: dict[str, StageBase | None] = {}
     for name in arch.linears:
@@ -310,7 +327,10 @@ def compress_blocks(
     blocks = blocks_of(model, arch)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     plans = [plan_block(recipe, arch, f"{arch.blocks}.{i}") for i in range(len(blocks))]
-    data_needed = any(p.needs_data for p in plans)
+    for p in plans:
+        check_column_scales(p, arch)
+    correction = recipe.correction
+    data_needed = any(p.needs_data for p in plans) or correction is not None
     # GPTAQ-style stages also need the full-precision model's stream: one more copy of the
     # hidden states, advanced by each original block before it is compressed.
     last_fp_block = max((i for i, p in enumerate(plans) if p.fp_linears), default=-1)
@@ -330,6 +350,8 @@ def compress_blocks(
         io.after_capture()
     records: list[ModuleRecord] = []
     last_data_block = max((i for i, p in enumerate(plans) if p.needs_data), default=-1)
+    if correction is not None:
+        last_data_block = len(blocks) - 1
     fp_hidden = None
     if last_fp_block >= 0:
         fp_hidden = disk_tensor(tuple(hidden.shape)) if memory.on_disk[1] else torch.empty_like(hidden)
@@ -360,7 +382,7 @@ def compress_blocks(
             try:
                 block_records, modules, outputs_done = _compress_block(
                     i, block, prefix, plan, arch, hidden, kwargs[i] if kwargs else None, batch_size, dtype, bar,
-                    need_outputs, arena, reference,
+                    need_outputs, arena, reference, correction,
                 )
             finally:
                 if reference is not None:
@@ -421,11 +443,41 @@ def _receive_module(module: nn.Module | None, metrics: dict | None, owner: int, 
     """Rank ``owner``'s compressed module and metrics, on every rank of a distributed run."""
     from ..io.checkpoint import build_module, module_manifest
 
-    spec, metrics = distributed.broadcast_object((module_manifest(module), metrics) if module is not None else None, owner)
+    pending = getattr(module, "pending_column_scale", None) if module is not None else None
+    sent = (module_manifest(module), metrics, pending) if module is not None else None
+    spec, metrics, pending = distributed.broadcast_object(sent, owner)
     if module is None:
         module = build_module("received", spec, dtype).to_empty(device="cpu")
+        if pending is not None:
+            module.pending_column_scale = pending
     distributed.broadcast_tensors(dict(module.state_dict()), owner)
     return module, metrics
+
+
+@dataclass
+class _DAC:
+    """A block's deviation-aware correction in progress: the full-precision means of the MLP's
+    input norm (``teacher``), then the shift installed after it."""
+
+    norm: nn.Module
+    teacher: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+    @staticmethod
+    def plan(correction: DACStage | None, plan: BlockPlan, arch: ArchMap, block: nn.Module) -> _DAC | None:
+        """None where there is nothing to correct: no correction stage, or a block whose attention
+        output or MLP inputs are not compressed (the shift folds into the latter)."""
+        if correction is None:
+            return None
+        if arch.mlp_norm is None or not arch.mlp_inputs:
+            raise LlmpressError(f"the {correction.method} correction is not supported for the {arch.family} family")
+        compressed = {n for n, s in plan.assignment.items() if s is not None}
+        if arch.attention_output not in compressed or not set(arch.mlp_inputs) <= compressed:
+            return None
+        if any(arch.attention_output in g and set(g) & set(arch.mlp_inputs) for g in plan.groups):
+            raise LlmpressError("the dac correction needs true_sequential: the attention must be compressed "
+                                "before the MLP's inputs are calibrated")
+        return _DAC(block.get_submodule(arch.mlp_norm))
 
 
 class _ZeroOutput(nn.Module):
@@ -498,9 +550,10 @@ def _dense_proxy(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
 def _compress_block(
     index: int, block: nn.Module, prefix: str, plan: BlockPlan, arch: ArchMap, hidden, kwargs,
     batch_size: int, dtype: torch.dtype, bar: Progress, need_outputs: bool, arena: SpillArena | None = None,
-    reference: InputRecorder | None = None,
+    reference: InputRecorder | None = None, correction: DACStage | None = None,
 ) -> tuple[list[ModuleRecord], dict[str, nn.Module], bool]:
     records, modules = [], {}
+    absorb: list[tuple[str, str, torch.Tensor]] = []   # (linear, the linear that takes its column scale, c)
     outputs_done = False
     attention = None          # the cached attention stub, once the attention is compressed
     real_attention = block.get_submodule(arch.attention) if arch.attention else None
@@ -524,10 +577,20 @@ def _compress_block(
                     kw["stats"].reset()
         run_block(block, hidden, kwargs, batch_size, **kw)
 
+    dac = _DAC.plan(correction, plan, arch, block)
+    if dac is not None:
+        bar.describe(f"block {index + 1} · correction: full-precision norm means")
+        dac.teacher = norm_output_mean(dac.norm, run, correction.skip_first)
+
     for g, group in enumerate(plan.groups):
         members = [n for n in group if plan.assignment[n] is not None]
         if not members:
             continue
+        if dac is not None and dac.shift is None and set(group) & set(arch.mlp_inputs):
+            bar.describe(f"block {index + 1} · correction: mean shift of {arch.mlp_norm}")
+            dac.shift = mean_shift(dac.teacher, norm_output_mean(dac.norm, run, correction.skip_first),
+                                   correction.clip, correction.scale)
+            set_submodule(block, arch.mlp_norm, ShiftedNorm(dac.norm, dac.shift))
         data_members = [n for n in members if plan.assignment[n].needs]
         hessians: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
@@ -586,7 +649,7 @@ def _compress_block(
             if distributed.active():   # the solve ran on one rank: every rank takes its result
                 module, metrics = _receive_module(module if distributed.rank() == owner else None,
                                                   metrics if distributed.rank() == owner else None, owner, dtype)
-                dense = module.dequantize(torch.float32)
+                dense = dense_weight(module)
             proxy = _dense_proxy(module, dense)
             if residual:
                 for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
@@ -608,6 +671,9 @@ def _compress_block(
                 if real_norm is not None:
                     set_submodule(block, arch.attention_norm, _SkippedNorm(real_norm, attention))
             modules[name] = module
+            c = column_scale(module)
+            if c is not None and arch.column_scale_sink is not None and arch.column_scale_sink[0] == name:
+                absorb.append((name, arch.column_scale_sink[1], c))
             records.append(ModuleRecord(
                 name=f"{prefix}.{name}", block=index, method=stage.method, bits=getattr(stage, "bits", None),
                 group_size=getattr(stage, "group_size", None), seconds=time.perf_counter() - start, metrics=metrics,
@@ -621,6 +687,23 @@ def _compress_block(
         set_submodule(block, arch.attention, real_attention)
         if real_norm is not None:
             set_submodule(block, arch.attention_norm, real_norm)
+    # Exact rewrites once the block's outputs are computed (they change what the proxies compute).
+    by_name = {r.name: r for r in records}
+    for name, sink, c in absorb:
+        target = modules.get(sink, block.get_submodule(sink))
+        if absorb_column_scale(target, c, arch.transposed_weights):
+            module = modules[name]
+            if hasattr(module, "take_column_scale"):
+                module.take_column_scale()
+            module.__dict__.pop("pending_column_scale", None)
+            by_name[f"{prefix}.{name}"].metrics["bits_per_weight"] = module.stored_bits() / (
+                module.in_features * module.out_features)
+    if dac is not None and dac.shift is not None:
+        set_submodule(block, arch.mlp_norm, dac.norm)
+        relative = float(dac.shift.norm() / dac.teacher.norm().clamp_min(1e-30))
+        for name in arch.mlp_inputs:
+            fold_shift_into_bias(modules[name], dac.shift, arch.transposed_weights)
+            by_name[f"{prefix}.{name}"].metrics["dac_shift"] = relative
     for name, module in modules.items():   # the packed modules are what is saved and kept
         set_submodule(block, name, module)
     return records, modules, outputs_done

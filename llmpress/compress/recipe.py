@@ -123,6 +123,51 @@ class GPTQStage(UniformQuantStage):
         return frozenset({"hessian", "fp_inputs"}) if self.residual != "none" else frozenset({"hessian"})
 
 
+class DSQStage(GPTQStage):
+    """D²Quant's dual-scale quantizer (for ``down_proj``) inside the GPTQ/GPTAQ column loop:
+    ``binary``: the paper's binary-coded levels ``c_j·Σ±r_t`` (``DualScaleLinear``); ``uniform``: the
+    standard grid on ``W·diag(1/c)`` (``QuantLinear``). ``c`` is absorbed into ``up_proj``'s scales
+    when the architecture has a gated MLP; ``act_order`` means the reference's group-aware order in
+    the binary form (compress/quant/dsq.py)."""
+
+    method: Literal["dsq"] = "dsq"
+    form: Literal["binary", "uniform"] = "binary"
+    group_size: int = 128                # the reference's
+    rounds: int = Field(15, ge=0)        # alternating least-squares rounds per group
+
+    @model_validator(mode="after")
+    def _binary_bits(self):
+        if self.form == "binary" and self.bits > 4:
+            raise ValueError("the binary-coded form has 1 to 4 bit-planes")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"dsq-{self.form} w{self.bits}" + (f" g{self.group_size}" if self.group_size > 0 else "")
+
+
+class DACStage(BaseModel):
+    """A block correction (D²Quant's deviation-aware correction): once a block's attention is
+    compressed, the mean shift ``μ`` of the MLP's input norm (full-precision block minus the block
+    with compressed attention, on the compressed model's stream) is added after that norm, so the
+    MLP is calibrated with it in place; it is then folded exactly into the MLP's input linears'
+    biases (``b += Ŵ μ``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    kind: ClassVar[str] = "correction"
+    needs: ClassVar[frozenset[str]] = frozenset({"activations"})   # it runs the block on calibration data
+
+    method: Literal["dac"] = "dac"
+    clip: float = Field(10.0, gt=0)      # |μ| per channel is clipped to this (the reference's ±10)
+    scale: float = Field(1.0, ge=0)      # λ: μ is multiplied by it (the reference's 1)
+    skip_first: int = Field(1, ge=0)     # leading positions of each window left out of the means
+                                         # (the attention-sink position has outlier norms)
+
+    @property
+    def label(self) -> str:
+        return "dac"
+
+
 class LowRankStage(StageBase):
     """A uniform low-rank factorization of every selected linear: ``svd`` truncates the weight's
     SVD (data-free), ``svdllm`` the SVD of the activation-whitened weight (SVD-LLM)."""
@@ -330,15 +375,15 @@ class HARPStage(RotationStage):
 
 
 Stage = Annotated[
-    RTNStage | GPTQStage | ShiftAddStage | ShiftAddMixStage | LowRankStage | TTStage | RocketStage | FactorMixStage
-    | RHTStage | HARPStage,
+    RTNStage | GPTQStage | DSQStage | ShiftAddStage | ShiftAddMixStage | LowRankStage | TTStage | RocketStage | FactorMixStage
+    | RHTStage | HARPStage | DACStage,
     Field(discriminator="method"),
 ]
 STAGE_TYPES: dict[str, type[BaseModel]] = {
     "rtn": RTNStage, "gptq": GPTQStage, "shiftadd": ShiftAddStage, "shiftadd-mix": ShiftAddMixStage,
     "svd": LowRankStage, "svdllm": LowRankStage, "tt": TTStage,
     "rocket": RocketStage, "factor-mix": FactorMixStage,
-    "rht": RHTStage, "harp": HARPStage,
+    "rht": RHTStage, "harp": HARPStage, "dsq": DSQStage, "dac": DACStage,
 }
 
 
@@ -358,6 +403,8 @@ class Recipe(BaseModel):
             raise ValueError("the rotation stage must come first: it changes the weights every later stage sees")
         if kinds.count("allocator") > 1:
             raise ValueError("a recipe holds at most one allocator stage (one global budget)")
+        if kinds.count("correction") > 1:
+            raise ValueError("a recipe holds at most one block-correction stage")
         if "allocator" in kinds and "transform" in kinds:
             raise ValueError("an allocator stage after a rotation is not supported yet (its profiling pass "
                              "reads the unrotated model)")
@@ -375,6 +422,10 @@ class Recipe(BaseModel):
     @property
     def allocator(self) -> StageBase | None:
         return next((s for s in self.stages if s.kind == "allocator"), None)
+
+    @property
+    def correction(self) -> DACStage | None:
+        return next((s for s in self.stages if s.kind == "correction"), None)
 
     @property
     def rotation(self) -> RotationStage | None:
@@ -463,8 +514,26 @@ def apply_settings(data: dict, settings: list[str] | None) -> dict:
     return data
 
 
-def load_recipe(name_or_path: str, settings: list[str] | None = None) -> Recipe:
-    """A shipped preset by name, or a YAML file; ``settings`` are ``key=value`` overrides."""
+def drop_stages(data: dict, methods: list[str] | None) -> dict:
+    """Remove the stages of the named methods (``--drop``: ablations such as a preset without its
+    rotation or correction); a method the recipe does not have is an error."""
+    if not methods:
+        return data
+    stages = data.get("stages", [])
+    for method in methods:
+        if not any(isinstance(st, dict) and st.get("method") == method for st in stages):
+            present = [st.get("method") for st in stages if isinstance(st, dict)]
+            raise RecipeError(f"--drop {method}: the recipe has no such stage (its stages: {', '.join(map(str, present))})")
+        stages = [st for st in stages if not (isinstance(st, dict) and st.get("method") == method)]
+    if not stages:
+        raise RecipeError("--drop removed every stage of the recipe")
+    data["stages"] = stages
+    return data
+
+
+def load_recipe(name_or_path: str, settings: list[str] | None = None, drop: list[str] | None = None) -> Recipe:
+    """A shipped preset by name, or a YAML file; ``settings`` are ``key=value`` overrides and
+    ``drop`` the methods whose stages are removed."""
     shipped = shipped_recipes()
     path = Path(name_or_path).expanduser()
     if name_or_path in shipped:
@@ -478,7 +547,8 @@ def load_recipe(name_or_path: str, settings: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as e:
         raise RecipeError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
     if isinstance(data, dict):
-        data = apply_settings(data, settings)
-        if settings:   # the name says what was run: "gptq-w4 [group_size=32]"
-            data["name"] = f"{data.get('name', path.stem)} [{', '.join(settings)}]"
+        data = apply_settings(drop_stages(data, drop), settings)
+        changes = [*(settings or []), *(f"-{m}" for m in drop or [])]
+        if changes:   # the name says what was run: "gptq-w4 [group_size=32]", "d2quant-w2-g64 [-dac]"
+            data["name"] = f"{data.get('name', path.stem)} [{', '.join(changes)}]"
     return parse_recipe(data, source)

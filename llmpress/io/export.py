@@ -87,6 +87,7 @@ def export(src: str | Path, out: str | Path, fmt: str, *, dtype: str = "float16"
             tensors, qconfig = _compressed_tensors(model, quantized, torch_dtype)
         else:
             tensors, qconfig = _gptq_tensors(model, quantized, manifest)
+        tensors = _fit_stock_layout(model, tensors, torch_dtype)
         _save_sharded(tensors, tmp)
         _write_config(model, tmp, torch_dtype, qconfig)
         load_tokenizer(src).save_pretrained(tmp)
@@ -268,6 +269,31 @@ def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path) -> None:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def _fit_stock_layout(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Make the stock architecture hold every exported bias: the MLP biases a mean-shift correction
+    (``dac``) adds need ``mlp_bias`` (Llama's config has it; the other MLP biases are then zeros); a
+    bias no stock model has is an error, never silently dropped by the loader."""
+    import copy
+
+    from .models import empty_model
+
+    def stock_keys(config) -> dict[str, tuple]:
+        return {k: tuple(v.shape) for k, v in empty_model(copy.deepcopy(config)).state_dict().items()}
+
+    expected = stock_keys(model.config)
+    extra = [k for k in tensors if k.endswith(".bias") and k not in expected]   # packed formats add other names
+    if not extra:
+        return tensors
+    if all(k.endswith("_proj.bias") and ".mlp." in k for k in extra) and hasattr(model.config, "mlp_bias"):
+        model.config.mlp_bias = True
+        for k, shape in stock_keys(model.config).items():
+            if k not in tensors and k.endswith("_proj.bias") and ".mlp." in k:
+                tensors[k] = torch.zeros(shape, dtype=dtype)
+        return tensors
+    raise ExportError(f"{extra[0]} has no place in a stock {model.config.model_type} model (the dac correction "
+                      "adds MLP biases); keep the llmpress format, or compress with --drop dac")
 
 
 def _write_config(model: nn.Module, folder: Path, dtype: torch.dtype, qconfig: dict | None) -> None:

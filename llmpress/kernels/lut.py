@@ -25,14 +25,21 @@ def build_luts(x: torch.Tensor) -> torch.Tensor:
 
 def lut_gemv(x: torch.Tensor, sign_bits: torch.Tensor, alpha_exp: torch.Tensor, alpha_sign: torch.Tensor,
              col_block: int, out_features: int) -> torch.Tensor:
-    """``x [B, K] → [B, N]`` through the LUTs; ``sign_bits`` int32 ``[q, N, ceil(K/32)]``."""
+    """``x [B, K] → [B, N]`` through the LUTs; ``sign_bits`` int32 ``[q, N, ceil(K/32)]``, the
+    scales in APoT form ``[q, R, C, terms]``."""
+    return lut_gemv_scaled(x, sign_bits, apot_value(alpha_exp, alpha_sign).to(x.dtype), col_block, out_features)
+
+
+def lut_gemv_scaled(x: torch.Tensor, sign_bits: torch.Tensor, alpha: torch.Tensor, col_block: int,
+                    out_features: int) -> torch.Tensor:
+    """The same with float scales ``alpha [q, R, C]``: one per ``N/R`` rows × ``col_block`` columns."""
     q = sign_bits.shape[0]
     luts = build_luts(x)                                          # [B, G, 256]
     n_groups = luts.shape[1]
     words = sign_bits.to(torch.int64) & 0xFFFFFFFF                # [q, N, W]
     g = torch.arange(n_groups)
     patterns = (words[:, :, (g * 8) // 32] >> ((g * 8) % 32)) & 0xFF          # [q, N, G]
-    alpha = apot_value(alpha_exp, alpha_sign).to(x.dtype)         # [q, R, C]
+    alpha = alpha.to(x.dtype)                                     # [q, R, C]
     if col_block % 8:
         raise ValueError(f"the LUT path needs scale blocks of a multiple of 8 columns, got {col_block}")
     rows_per = out_features // alpha.shape[1]

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from ...errors import LlmpressError
-from .grid import dequantize_codes, fit_grid, group_count, quantize_codes
+from .grid import dequantize_codes, fit_grid, group_count, max_code, quantize_codes
 from .result import QuantizedWeight
 
 
@@ -113,6 +113,64 @@ def gptq_quantize(
 
     ``residual`` turns GPTQ into GPTAQ or GPTAQ+ResComp (see :class:`Residual`).
     """
+    W = weight.detach().to(torch.float32)
+    rows, cols = W.shape
+    n_groups = group_count(cols, group_size)
+    grouped = group_size > 0
+    row_params = None if grouped else fit_grid(W, bits, sym, mse)
+    static = None
+    if grouped and static_groups:
+        static = [fit_grid(W[:, g * group_size:(g + 1) * group_size], bits, sym, mse) for g in range(n_groups)]
+    perm = act_order_permutation(hessian) if act_order else None
+    scales = torch.zeros(rows, n_groups)
+    zeros = torch.zeros(rows, n_groups)
+    if row_params is not None:
+        scales[:, 0], zeros[:, 0] = row_params.scale, row_params.zero
+    if static is not None:
+        for g, p in enumerate(static):
+            scales[:, g], zeros[:, g] = p.scale, p.zero
+    grid = _ColumnGrid(group_size, bits, sym, mse, static, perm.tolist() if perm is not None else None,
+                       scales, zeros, torch.zeros(cols, dtype=torch.int64), row_params)
+    solved = solve_columns(W, hessian, grid, order=perm, damp=damp, block_size=block_size, residual=residual)
+    g_idx = None
+    if perm is not None and grouped and static is None:
+        g_idx = grid.position_group[torch.argsort(perm)].to(torch.int32)
+    return QuantizedWeight(
+        codes=solved.codes.to(torch.int64), scales=scales, zeros=zeros, g_idx=g_idx,
+        bits=bits, group_size=group_size, sym=sym, metrics=solved.metrics,
+    )
+
+
+def act_order_permutation(hessian: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing ``H_jj`` (dead columns count as 1, the value the solver gives them)."""
+    diag = torch.diagonal(hessian).to(torch.float32).clone()
+    diag[diag == 0] = 1.0
+    return torch.argsort(diag, descending=True)
+
+
+@dataclass
+class Solved:
+    """What the column loop returns: each weight's code ``[out, in]`` in the original column
+    order (whatever the column quantizer's codes mean) and the solve's metrics."""
+
+    codes: torch.Tensor
+    metrics: dict[str, float]
+
+
+def solve_columns(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid,
+    *,
+    order: torch.Tensor | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    residual: Residual | None = None,
+) -> Solved:
+    """GPTQ's column loop with any column quantizer ``grid``: ``grid.round(j, w, Wt)`` returns the
+    codes and values of processed column ``j`` (current values ``w``; ``Wt`` the transposed, lazily
+    updated weights, for fitting a group when its first column is reached) and ``grid.bounds(j)``
+    the range ResComp's ``allw`` mode clamps to. ``order`` permutes the columns (act-order)."""
     W = weight.detach().to(torch.float32).clone()
     H = hessian.detach().to(torch.float32).clone()
     rows, cols = W.shape
@@ -132,22 +190,13 @@ def gptq_quantize(
         else:
             C = None
     H[dead, dead] = 1.0
-    n_groups = group_count(cols, group_size)
-    grouped = group_size > 0
 
-    row_params = None if grouped else fit_grid(W, bits, sym, mse)
-    static = None
-    if grouped and static_groups:
-        static = [fit_grid(W[:, g * group_size:(g + 1) * group_size], bits, sym, mse) for g in range(n_groups)]
-
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
+    if order is not None:
+        W = W[:, order]
+        H = H[order][:, order]
         if residual is not None:
-            D = D[perm][:, perm]
-            C = C[perm][:, perm] if C is not None else None
+            D = D[order][:, order]
+            C = C[order][:, order] if C is not None else None
 
     U, used_damp = damped_inverse_cholesky(H, damp)
     del H
@@ -164,23 +213,11 @@ def gptq_quantize(
     Wt = W.T.contiguous()
     del W
     codes_t = torch.zeros(cols, rows)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
-    position_group = torch.zeros(cols, dtype=torch.int64)   # group of each processed position
     loss = 0.0
-    if row_params is not None:
-        scales[:, 0], zeros[:, 0] = row_params.scale, row_params.zero
-    if static is not None:
-        for g, p in enumerate(static):
-            scales[:, g], zeros[:, g] = p.scale, p.zero
-    grid = _ColumnGrid(group_size, bits, sym, mse, static, perm.tolist() if perm is not None else None,
-                       scales, zeros, position_group, row_params)
-
     if cross is not None:
         P, R = cross
         W0t = Wt.clone() if R is not None else None   # the layer's weights before any update
         allw = R is not None and residual.mode == "allw"
-        maxq = (1 << bits) - 1
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -189,33 +226,22 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         diag = torch.diagonal(U1).tolist()
         if cross is not None:
-            _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, bits, allw, maxq)
+            _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, allw)
             loss += float(err_block.double().pow(2).sum()) / 2
             continue
         for i in range(i2 - i1):
             j = i1 + i
-            params = grid.at(j, Wt)
             w = W1[i]
-            q = quantize_codes(w, params, bits)
-            codes_t[j] = q
-            err = (w - dequantize_codes(q, params)) / diag[i]
+            codes_t[j], value = grid.round(j, w, Wt)
+            err = (w - value) / diag[i]
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
             err_block[i] = err
         loss += float(err_block.double().pow(2).sum()) / 2
         Wt[i2:].addmm_(U[i1:i2, i2:].T, err_block, alpha=-1.0)
     codes = codes_t.T
-
-    g_idx = None
-    if perm is not None:
-        inverse = torch.argsort(perm)
-        codes = codes[:, inverse]
-        if grouped and static is None:
-            g_idx = position_group[inverse].to(torch.int32)
-    return QuantizedWeight(
-        codes=codes.to(torch.int64), scales=scales, zeros=zeros, g_idx=g_idx,
-        bits=bits, group_size=group_size, sym=sym,
-        metrics={"gptq_loss": float(loss), "damp": used_damp, "dead_inputs": int(dead.sum())},
-    )
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]
+    return Solved(codes, {"gptq_loss": float(loss), "damp": used_damp, "dead_inputs": int(dead.sum())})
 
 
 @dataclass
@@ -251,8 +277,19 @@ class _ColumnGrid:
         self.position_group[j] = g
         return self.current
 
+    def round(self, j: int, w: torch.Tensor, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and dequantized values of processed column ``j`` with current values ``w``."""
+        params = self.at(j, Wt)
+        q = quantize_codes(w, params, self.bits)
+        return q, dequantize_codes(q, params)
 
-def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, bits, allw, maxq) -> None:
+    def bounds(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest and largest value of the grid in force (after ``round(j, ...)``)."""
+        params = self.current
+        return params.scale * (0 - params.zero), params.scale * (max_code(self.bits) - params.zero)
+
+
+def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, allw) -> None:
     """One lazy block of GPTAQ (``R is None``) or GPTAQ+ResComp, on transposed weights ``Wt``.
 
     Per column ``j`` with current value ``w``, code value ``q`` and ``e = (w − q)/U_jj``, the later
@@ -266,11 +303,8 @@ def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, bits
     final = torch.empty_like(W1)      # what the lazy update multiplies P (and R) with
     for i in range(i2 - i1):
         j = i1 + i
-        params = grid.at(j, Wt)
         w = W1[i].clone()
-        q = quantize_codes(w, params, bits)
-        codes_t[j] = q
-        value = dequantize_codes(q, params)
+        codes_t[j], value = grid.round(j, w, Wt)
         err = (w - value) / diag[i]
         err_block[i] = err
         start = i + 1 if allw else i          # 'org' also moves column j itself onto its code
@@ -282,7 +316,7 @@ def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, bits
             vectors = torch.stack([err, w, W0t[j] - w])
         W1[start:].addmm_(coeffs, vectors, alpha=-1.0)
         if allw:
-            lo, hi = params.scale * (0 - params.zero), params.scale * (maxq - params.zero)
+            lo, hi = grid.bounds(j)
             final[i] = torch.minimum(torch.maximum(w, lo), hi)
         else:
             final[i] = W1[i]

@@ -1,0 +1,104 @@
+"""Block corrections and cross-layer absorption: small exact rewrites done while a block is compressed.
+
+- D²Quant's deviation-aware correction (DAC, research/algos-quant.md §4.3): the mean of the MLP's
+  input norm output shifts once the attention is quantized; the shift ``μ`` measured on the
+  calibration tokens is added after the norm (:class:`ShiftedNorm`) while the MLP is calibrated,
+  then folded into the MLP's input linears as a bias: ``Ŵ(n + μ) + b = Ŵn + (b + Ŵμ)``, exact, and
+  a saved model needs no custom norm module.
+- DSQ's column scale: ``down(act(gate x) ⊙ up x)`` with ``W_down = S·diag(c)`` equals ``S`` applied
+  after ``up_proj``'s output rows are scaled by ``c``, i.e. its per-row dequantization scales (and
+  bias): exact up to the fp16 rounding of the scaled scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import LlmpressError
+from . import distributed
+from .stats import StopForward
+
+
+class ShiftedNorm(nn.Module):
+    """``norm(x) + shift``: a norm with a measured mean correction, during calibration only."""
+
+    def __init__(self, norm: nn.Module, shift: torch.Tensor):
+        super().__init__()
+        self.norm, self.shift = norm, shift
+
+    def forward(self, x, *args, **kwargs):
+        out = self.norm(x, *args, **kwargs)
+        return out + self.shift.to(out.dtype)
+
+
+@torch.no_grad()
+def norm_output_mean(norm: nn.Module, run: Callable[[], None], skip_first: int) -> torch.Tensor:
+    """The mean over calibration tokens (all ranks) of ``norm``'s output, positions ``< skip_first``
+    of each window left out; ``run()`` runs the block over every batch, and the forward stops at
+    the norm."""
+    acc: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        kept = out[:, skip_first:] if out.dim() == 3 else out
+        flat = kept.reshape(-1, kept.shape[-1]).to(torch.float64)
+        acc.append(torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])]))
+        raise StopForward
+
+    handle = norm.register_forward_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    if not acc:
+        raise LlmpressError("the block correction saw no calibration tokens")
+    total = torch.stack(acc).sum(0)
+    distributed.all_reduce_sum([total])
+    if total[-1] <= 0:
+        raise LlmpressError("the block correction saw no calibration tokens (windows shorter than skip_first)")
+    return total[:-1] / total[-1]
+
+
+def mean_shift(teacher: torch.Tensor, student: torch.Tensor, clip: float, scale: float) -> torch.Tensor:
+    """DAC's ``μ = λ·clip(mean(T) − mean(S), ±clip)`` (fp32)."""
+    return (scale * (teacher - student).clamp(-clip, clip)).to(torch.float32)
+
+
+def _weight_of(module: nn.Module, transposed: bool) -> torch.Tensor:
+    """``[out, in]`` fp32 of a compressed module (its dequantized weight) or a plain linear."""
+    if hasattr(module, "dequantize"):
+        return module.dequantize(torch.float32)
+    w = module.weight.detach().to(torch.float32)
+    return w.T if transposed else w
+
+
+@torch.no_grad()
+def fold_shift_into_bias(module: nn.Module, shift: torch.Tensor, transposed: bool) -> None:
+    """``b ← b + Ŵ·shift`` on a compressed module (its ``bias`` buffer is created if absent)."""
+    if not hasattr(module, "dequantize"):
+        raise LlmpressError("the block correction folds into compressed linears only: compress the MLP's "
+                            "input linears in the same recipe")
+    add = _weight_of(module, transposed) @ shift.to(torch.float32)
+    dtype = getattr(module, "compute_dtype", torch.float32)
+    module.bias = (module.bias.to(torch.float32) + add if module.bias is not None else add).to(dtype)
+
+
+@torch.no_grad()
+def absorb_column_scale(sink: nn.Module, scale: torch.Tensor, transposed: bool) -> bool:
+    """Scale ``sink``'s output rows by ``scale``: a uniform module's fp16 scales (and bias), or a
+    plain linear's weight; False (nothing changed) for other formats."""
+    from ..layers import QuantLinear
+
+    if isinstance(sink, QuantLinear):
+        sink.scales.copy_((sink.scales.to(torch.float32) * scale[:, None]).to(sink.scales.dtype))
+    elif isinstance(sink, nn.Linear) or (transposed and hasattr(sink, "weight") and not hasattr(sink, "dequantize")):
+        w = sink.weight
+        w.copy_((w.to(torch.float32) * (scale[None, :] if transposed else scale[:, None])).to(w.dtype))
+    else:
+        return False
+    if sink.bias is not None:
+        sink.bias.copy_((sink.bias.to(torch.float32) * scale).to(sink.bias.dtype))
+    return True

@@ -1,0 +1,197 @@
+"""D²Quant's dual-scale quantizer (DSQ) for ``down_proj``, restated from research/algos-quant.md §4.2.
+
+Binary-coded form (the paper's): per input group of ``group_size`` columns each weight is
+``W[i, j] ≈ c_j · Σ_t r_t[i, g] · b_t[i, j]`` with ``b_t = ±1`` (``k = bits`` planes), ``k`` scales
+``r_t ≥ 0`` per (row, group) and one scale ``c_j > 0`` per input column. The levels are non-uniform
+(``±r₁ ± r₂ …``), so the format is binary-coded (``DualScaleLinear``). ``c`` multiplies
+``down_proj``'s *inputs*, i.e. ``up_proj``'s *outputs* in a gated MLP, so it is absorbed into
+``up_proj``'s scales and costs no bits (the pipeline does that once the block is done).
+
+The scales of a group are fitted when GPTQ's column loop reaches the group's first column, on the
+current (error-compensated) weights, by alternating least squares (15 rounds in the reference):
+rows (``r`` given ``c`` and codes, a ``k×k`` normal equation per row), columns (``c`` given the
+rest, one division per column), codes (the nearest of each row's ``2^k`` levels). Every column is
+then rounded to its nearest level and its error fed forward as in GPTQ/GPTAQ.
+
+Uniform form (the onnxsim reading, not the paper's format): ``W ≈ Q_g(W·diag(1/c))·diag(c)``,
+``c`` alternated with the standard group quantizer on the weights, after which GPTQ quantizes
+``W·diag(1/c)`` against the Hessian of the scaled inputs ``diag(c)·H·diag(c)``; ``down_proj`` keeps
+the standard packed format.
+
+Column order: the reference's GAR (group-aware reordering): columns by decreasing ``H_jj`` inside
+each group, groups by their largest ``H_jj``, so every group stays whole and needs no ``g_idx``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .bcq import nearest_codes
+from .gptq import Residual, solve_columns
+from .grid import fake_quantize, fit_grid
+
+MIN_COLUMN_SCALE = 1e-8   # the reference's clamp: a vanishing c would blow up when absorbed
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to fp16 values (how scales are stored), keeping them positive."""
+    tiny = torch.finfo(torch.float16).tiny
+    return x.to(torch.float16).to(x.dtype).clamp_min(tiny)
+
+
+def gar_permutation(hessian: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-aware reordering: within each group of ``group_size`` consecutive columns by
+    decreasing ``H_jj``, the groups by their largest ``H_jj`` (descending)."""
+    diag = torch.diagonal(hessian).to(torch.float64)
+    cols = diag.shape[0]
+    if group_size <= 0 or group_size >= cols:
+        return torch.argsort(diag, descending=True)
+    groups = [torch.arange(s, min(s + group_size, cols)) for s in range(0, cols, group_size)]
+    inside = [g[torch.argsort(diag[g], descending=True)] for g in groups]
+    by_max = torch.argsort(torch.stack([diag[g].max() for g in groups]), descending=True)
+    return torch.cat([inside[int(i)] for i in by_max])
+
+
+def fit_dual_scale(w: torch.Tensor, bits: int, rounds: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r [rows, bits], c [cols])`` for one group ``w [rows, cols]``, fp16-representable.
+
+    Init: ``c_j = mean_i |W_ij|``, then a greedy residual binary coding of ``W/c``; then
+    ``rounds`` of (rows, columns, codes) least squares."""
+    w = w.to(torch.float64)
+    c = w.abs().mean(0).clamp_min(MIN_COLUMN_SCALE)
+    residual = w / c
+    planes, scales = [], []
+    for _ in range(bits):
+        b = torch.where(residual >= 0, 1.0, -1.0).to(w.dtype)
+        a = residual.abs().mean(-1)
+        planes.append(b)
+        scales.append(a)
+        residual = residual - a.unsqueeze(-1) * b
+    r = torch.stack(scales, -1)                                   # [rows, k]
+    codes = torch.stack(planes, -1)                               # [rows, cols, k]
+    eye = torch.eye(bits, dtype=w.dtype)
+    for _ in range(rounds):
+        basis = codes * c.unsqueeze(-1)                           # [rows, cols, k]: c_j b_t[i, j]
+        gram = basis.transpose(-1, -2) @ basis
+        gram = gram + 1e-10 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[:, None, None] * eye
+        rhs = (basis.transpose(-1, -2) @ w.unsqueeze(-1)).squeeze(-1)
+        r = torch.linalg.solve(gram, rhs)
+        codes = codes * torch.where(r < 0, -1.0, 1.0).unsqueeze(1)   # a negative scale flips its plane
+        r = r.abs()
+        s = (codes * r.unsqueeze(1)).sum(-1)                      # [rows, cols]
+        c = ((w * s).sum(0).abs() / (s * s).sum(0).clamp_min(1e-30)).clamp_min(MIN_COLUMN_SCALE)
+        codes = nearest_codes(w / c, r)
+    r = r.sort(-1, descending=True).values
+    return _fp16(r), _fp16(c)
+
+
+def pattern_index(planes: torch.Tensor) -> torch.Tensor:
+    """The level's index ``Σ_t [b_t = +1]·2^t`` of sign planes ``[..., k]``."""
+    weights = 2 ** torch.arange(planes.shape[-1])
+    return ((planes > 0).to(torch.int64) * weights).sum(-1)
+
+
+@dataclass
+class _DualScaleGrid:
+    """DSQ as GPTQ's column quantizer (see ``solve_columns``): a group's ``r`` and ``c`` are fitted
+    when the loop reaches its first column; each column is rounded to its nearest level."""
+
+    bits: int
+    rounds: int
+    order: torch.Tensor             # processed position -> original column
+    group_size: int
+    r: torch.Tensor                 # [rows, k, n_groups]
+    c: torch.Tensor                 # [cols], original order
+    _group_of: list[int] = field(init=False)
+    _start: list[bool] = field(init=False)
+    _length: dict[int, int] = field(init=False)
+    current: tuple | None = None
+
+    def __post_init__(self):
+        groups = (self.order // self.group_size).tolist()
+        self._group_of = groups
+        self._start = [p == 0 or groups[p] != groups[p - 1] for p in range(len(groups))]
+        self._length = {}
+        for g in groups:
+            self._length[g] = self._length.get(g, 0) + 1
+
+    def round(self, j: int, w: torch.Tensor, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self._group_of[j]
+        if self._start[j]:
+            n = self._length[g]
+            r, c = fit_dual_scale(Wt[j:j + n].T, self.bits, self.rounds)
+            self.r[:, :, g] = r.to(self.r.dtype)
+            self.c[self.order[j:j + n]] = c.to(self.c.dtype)
+            self.current = (r.to(torch.float32), g)
+        r = self.current[0]
+        cj = float(self.c[self.order[j]])
+        planes = nearest_codes((w / cj).unsqueeze(-1), r).squeeze(-2)       # [rows, k]
+        return pattern_index(planes).to(w.dtype), cj * (planes * r).sum(-1)
+
+    def bounds(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        top = float(self.c[self.order[j]]) * self.current[0].sum(-1)
+        return -top, top
+
+
+@dataclass
+class DualScaleWeight:
+    """The binary-coded DSQ result, in the layout ``DualScaleLinear`` stores."""
+
+    signs: torch.Tensor          # [k, out, in] bool (True: +1)
+    scales: torch.Tensor         # [k, out, n_groups] fp16 values (r)
+    column_scale: torch.Tensor   # [in] fp16 values (c)
+    group_size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> int:
+        return self.signs.shape[0]
+
+
+def dual_scale_dense(signs: torch.Tensor, scales: torch.Tensor, group_size: int,
+                     column_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``[out, in]`` float32: ``c_j · Σ_t r_t[i, g(j)]·b_t[i, j]`` (``c = 1`` when absorbed)."""
+    inp = signs.shape[2]
+    r = scales.to(torch.float32).repeat_interleave(group_size, 2)[:, :, :inp]
+    dense = (r * (signs.to(torch.float32) * 2 - 1)).sum(0)
+    return dense * column_scale.to(torch.float32) if column_scale is not None else dense
+
+
+def dsq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int = 128, rounds: int = 15,
+    gar: bool = True, damp: float = 0.01, block_size: int = 128, residual: Residual | None = None,
+) -> DualScaleWeight:
+    """Binary-coded DSQ of ``weight [out, in]`` inside GPTQ's (or, with ``residual``, GPTAQ's)
+    column loop; ``gar``: the group-aware column order (else the natural order)."""
+    rows, cols = weight.shape
+    group_size = group_size if group_size > 0 else cols
+    n_groups = -(-cols // group_size)
+    order = gar_permutation(hessian, group_size) if gar else torch.arange(cols)
+    grid = _DualScaleGrid(bits, rounds, order, group_size, torch.zeros(rows, bits, n_groups), torch.ones(cols))
+    solved = solve_columns(weight, hessian, grid, order=order, damp=damp, block_size=block_size, residual=residual)
+    index = solved.codes.to(torch.int64)
+    signs = torch.stack([(index >> t) & 1 for t in range(bits)]).bool()
+    return DualScaleWeight(signs, grid.r.permute(1, 0, 2).contiguous(), grid.c, group_size, solved.metrics)
+
+
+def fit_column_scale(weight: torch.Tensor, bits: int, group_size: int, sym: bool = False, rounds: int = 15) -> torch.Tensor:
+    """The uniform form's ``c [in]``: alternate the group quantizer on ``W·diag(1/c)`` with the
+    per-column least-squares ``c_j = ⟨W_:j, Ŵn_:j⟩ / ‖Ŵn_:j‖²`` (``Ŵn`` the quantized normalised
+    weight), keeping the best ``c`` by weight error; starts from ``c = 1`` (plain RTN)."""
+    w = weight.to(torch.float32)
+    cols = w.shape[1]
+    group = group_size if group_size > 0 else cols
+    c = torch.ones(cols)
+    best_c, best_err = c, float("inf")
+    for _ in range(rounds + 1):
+        normalised = w / c
+        q = torch.cat([fake_quantize(normalised[:, s:s + group], fit_grid(normalised[:, s:s + group], bits, sym), bits)
+                       for s in range(0, cols, group)], 1)
+        err = float((q * c - w).pow(2).sum())
+        if err < best_err:
+            best_c, best_err = c, err
+        c = _fp16((w * q).sum(0) / (q * q).sum(0).clamp_min(1e-30)).clamp_min(MIN_COLUMN_SCALE)
+        c = torch.where((q * q).sum(0) > 0, c, torch.ones_like(c))
+    return best_c
