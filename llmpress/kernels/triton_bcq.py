@@ -67,24 +67,34 @@ if triton is not None:
 
 
 def bcq_gemv(layer, x: torch.Tensor, block_n: int = 64) -> torch.Tensor:
-    """``x [M ≤ 8, K] → [M, N]`` (fp32 accumulation, returned in ``x``'s dtype, no bias)."""
+    """``x [M ≤ 8, K] → [M, N]`` of a ``BCQLinear`` (fp32 accumulation, returned in ``x``'s dtype, no bias)."""
+    alpha = apot_value(layer.alpha_exp, layer.alpha_sign).to(torch.float32)
+    return scaled_gemv(x, layer.sign_bits, alpha, layer.col_block, layer.out_features, block_n)
+
+
+def scaled_gemv(x: torch.Tensor, sign_bits: torch.Tensor, alpha: torch.Tensor, col_block: int, out_features: int,
+                block_n: int = 64) -> torch.Tensor:
+    """``x [M ≤ 8, K] → [M, N]`` for sign planes ``[q, N, ceil(K/32)]`` and float scales
+    ``alpha [q, R, C]`` (one per ``N/R`` rows × ``col_block`` columns): the same contract as
+    ``kernels.lut.lut_gemv_scaled``."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"the LUT GEMV takes at most {MAX_ROWS} rows, got {m}")
-    if layer.col_block % 8:
-        raise ValueError(f"the LUT GEMV needs scale blocks of a multiple of 8 columns, got {layer.col_block}")
-    n, q = layer.out_features, layer.bits
+    if col_block % 8:
+        raise ValueError(f"the LUT GEMV needs scale blocks of a multiple of 8 columns, got {col_block}")
+    n, q = out_features, sign_bits.shape[0]
+    row_groups = alpha.shape[1]
     groups = -(-k // 8)
     x = x.contiguous()
     lut = torch.empty(m, groups, 256, dtype=torch.float32, device=x.device)
     _lut_build[(m, groups)](x, lut, k, groups, x.stride(0))
-    alpha = apot_value(layer.alpha_exp, layer.alpha_sign).to(torch.float32).to(x.device).contiguous()
+    alpha = alpha.to(torch.float32).to(x.device).contiguous()
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    bits = layer.sign_bits.contiguous()
+    bits = sign_bits.contiguous()
     _lut_gemv[(triton.cdiv(n, block_n),)](
-        lut, bits, alpha, y, m, n, groups, bits.shape[2], n // layer.row_groups, layer.col_block // 8,
-        alpha.shape[2], layer.row_groups, Q=q, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+        lut, bits, alpha, y, m, n, groups, bits.shape[2], n // row_groups, col_block // 8,
+        alpha.shape[2], row_groups, Q=q, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
     )
     return y.to(x.dtype)

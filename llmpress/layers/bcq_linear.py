@@ -24,7 +24,7 @@ from ..kernels.packing import pack_codes, packed_words, unpack_codes
 LUT_MAX_TOKENS = 8   # decoding batches; prefill goes through the dequantized weight
 
 
-def _triton_ready() -> bool:
+def triton_lut_ready() -> bool:
     try:
         from ..kernels import triton_bcq
     except ImportError:
@@ -92,7 +92,7 @@ class BCQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= LUT_MAX_TOKENS and self.col_block % 8 == 0:
-            if flat.is_cuda and _triton_ready():
+            if flat.is_cuda and triton_lut_ready():
                 from ..kernels.triton_bcq import bcq_gemv
 
                 y = bcq_gemv(self, flat)

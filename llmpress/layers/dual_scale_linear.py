@@ -8,8 +8,9 @@ Stored tensors (``<module>.<name>`` in safetensors):
   preceding linear (it is whenever that linear is ``up_proj`` of a gated MLP);
 - ``bias`` when the original linear had one.
 ``W[o, c] = column_scale[c] · Σ_t scales[t, o, c // group_size] · b_t[o, c]``. The forward uses the
-lookup-table GEMV (kernels/lut.py) for a few tokens and the dequantized weight (cached while the
-tensors are unchanged) otherwise.
+lookup-table GEMV for a few tokens (kernels/lut.py on CPU, the Triton kernel of kernels/triton_bcq.py
+on CUDA, with float scales) and the dequantized weight (cached while the tensors are unchanged)
+otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from ..compress.quant.dsq import DualScaleWeight, dual_scale_dense
 from ..kernels.lut import lut_gemv_scaled
 from ..kernels.packing import pack_codes, packed_words, unpack_codes
-from .bcq_linear import LUT_MAX_TOKENS
+from .bcq_linear import LUT_MAX_TOKENS, triton_lut_ready
 
 
 class DualScaleLinear(nn.Module):
@@ -90,10 +91,16 @@ class DualScaleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= LUT_MAX_TOKENS and self.group_size % 8 == 0 and not flat.is_cuda:
+        lut = flat.shape[0] <= LUT_MAX_TOKENS and self.group_size % 8 == 0
+        if lut and (not flat.is_cuda or triton_lut_ready()):
             if self.column_scale is not None:
                 flat = flat * self.column_scale.to(flat.dtype)
-            y = lut_gemv_scaled(flat, self.sign_bits, self.scales, self.group_size, self.out_features)
+            if flat.is_cuda:
+                from ..kernels.triton_bcq import scaled_gemv
+
+                y = scaled_gemv(flat, self.sign_bits, self.scales.float(), self.group_size, self.out_features)
+            else:
+                y = lut_gemv_scaled(flat, self.sign_bits, self.scales, self.group_size, self.out_features)
         else:
             y = flat @ self._dense_weight(x.dtype).T
         y = y.reshape(*x.shape[:-1], self.out_features)
