@@ -107,8 +107,23 @@ for _pct in (10, 20, 30):
         (f"mixed -{_pct}%", "tt-mixed-30", [f"target={_pct / 100}"], None),
     ]
 
+# Issue #6: the D²Quant ablation ladder, every rung from the same preset (MSE grid, GPTAQ α 0.25)
+# with parts removed by --drop; plain GPTQ and GPTAQ (min-max grid) rows from the residual suite.
+D2QUANT = []
+for _bits in (2, 3):
+    _preset = f"d2quant-w{_bits}-g64"
+    D2QUANT += [
+        (f"GPTQ W{_bits} g64", f"gptq-w{_bits}-g64", [], None),
+        (f"GPTAQ W{_bits} g64 a=0.25", f"gptaq-w{_bits}-g64", [], None),
+        (f"GPTAQ mse W{_bits} g64", _preset, [], None, {"drop": ["rht", "dsq", "dac"]}),
+        (f"+RHT W{_bits} g64", _preset, [], None, {"drop": ["dsq", "dac"]}),
+        (f"+RHT+DSQ W{_bits} g64", _preset, [], None, {"drop": ["dac"]}),
+        (f"+RHT+DAC W{_bits} g64", _preset, [], None, {"drop": ["dsq"]}),
+        (f"D2Quant W{_bits} g64 (RHT+DSQ+DAC)", _preset, [], None),
+    ]
+
 SUITES = {"quality": FOUNDATION, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2, "rotation": ROTATION,
-          "factor": FACTOR, "tt": TT}
+          "factor": FACTOR, "tt": TT, "d2quant": D2QUANT}
 MEASURE_DECODE = {"factor", "tt"}   # suites whose rows also time CPU decoding
 
 
@@ -128,11 +143,12 @@ def bench_recipe(name: str):
 
 def measured_before(name_recipe_settings: tuple, windows: int, nsamples: int, seqlen: int) -> dict | None:
     """The latest row of any suite's log with the same recipe, settings, seed and protocol."""
-    recipe, settings, seed = name_recipe_settings
+    recipe, settings, seed, *drop = name_recipe_settings
+    drop = drop[0] if drop else []
     for log in sorted(OUT.glob("*.jsonl")):
         for line in reversed(log.read_text().splitlines()):
             row = json.loads(line)
-            if (row["recipe"], row["settings"], row.get("seed", 0)) == (recipe, settings, seed) and \
+            if (row["recipe"], row["settings"], row.get("seed", 0), row.get("drop", [])) == (recipe, settings, seed, drop) and \
                     row["protocol"] == f"ppl[wiki/test, 2048x{windows}]" and \
                     (row.get("nsamples", 128), row.get("seqlen", 512)) == (nsamples, seqlen):
                 return row
@@ -147,6 +163,8 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
     kwargs = extra[0] if extra else {}
     result = {"name": name, "recipe": recipe, "settings": settings, "reference": reference,
               "seed": kwargs.get("seed", 0), "nsamples": nsamples, "seqlen": seqlen}
+    if kwargs.get("drop"):
+        result["drop"] = kwargs["drop"]
     model = "smollm2-135m"
     if recipe is not None:
         out = OUT / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
@@ -226,8 +244,8 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
         ref = r.get("reference")
         vs = f"{(r['ppl'] / ref - 1) * 100:+.1f}%" if ref else "–"
         ratio = f"{r['ppl'] / dense['ppl']:.3f}" if dense else "–"
-        recipe = "–" if r["recipe"] is None else f"`{r['recipe']}`" + (
-            " " + " ".join(f"`--set {s}`" for s in r["settings"]) if r["settings"] else "")
+        recipe = "–" if r["recipe"] is None else f"`{r['recipe']}`" + "".join(
+            f" `--set {s}`" for s in r["settings"]) + "".join(f" `--drop {d}`" for d in r.get("drop", []))
         lines.append(
             f"| {r['name']}{' †' if r.get('reused') else ''} | {recipe} | {r['ppl']:.2f} | {ref if ref else '–'} | {vs} | {ratio} | "
             f"{r.get('bits_per_weight') or '–'} | {r.get('compress_s', 0):.0f} | "
@@ -284,7 +302,8 @@ def main() -> None:
         if args.reuse:
             _n, recipe, settings, _ref, *extra = configs[i]
             seed = extra[0].get("seed", 0) if extra else 0
-            before = measured_before((recipe, settings, seed), args.windows, args.nsamples, args.seqlen)
+            drop = extra[0].get("drop", []) if extra else []
+            before = measured_before((recipe, settings, seed, drop), args.windows, args.nsamples, args.seqlen)
             if before is not None:
                 rows.append({**before, "name": name, "reused": True})
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: measured before, ppl {before['ppl']:.2f}", flush=True)

@@ -35,6 +35,7 @@ from .io.checkpoint import (
 )
 from .io.models import (
     LazyWeights,
+    as_stored,
     empty_model,
     load_config,
     load_dense,
@@ -189,7 +190,10 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     after_capture = None
     if job.streaming:
         model_obj = job.skeleton
-        model_obj.load_state_dict(rotate_rest(store.read(job.rest_names)), assign=True, strict=False)
+        # The head is read only when the model is kept: calibration stops before it (saves its
+        # vocabulary x hidden fp32 copy, 2 GB on an 8B model).
+        first = [n for n in job.rest_names if keep_model or job.rotation is not None or not n.startswith(arch.head + ".")]
+        model_obj.load_state_dict(rotate_rest(store.read(first)), assign=True, strict=False)
         tie_output_embeddings(model_obj)
         rest = None   # read again when the last shard is written
         if rotation is None:
@@ -219,6 +223,8 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         materialize = release = lambda *a: None
 
     main = distributed.is_main()   # only rank 0 writes; every rank keeps the same state in memory
+    # Untouched tensors are saved in the checkpoint's dtype (an fp16 model's embeddings stay fp16).
+    stored_dtypes = store.stored_dtypes(store.weight_map)
     if main:
         state.save()
     resumed_records: list[ModuleRecord] = []
@@ -240,7 +246,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         }
         if main:
             tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
-            save_tensors_atomic(tensors, out / shard_name(index, total_shards))
+            save_tensors_atomic(as_stored(tensors, stored_dtypes), out / shard_name(index, total_shards))
             state.save()
 
     io = BlockIO(materialize=materialize, release=release, finished=state.finished,
@@ -265,8 +271,9 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         return CompressResult(out=out, records=records, seconds=time.perf_counter() - start,
                               peak_rss_mb=peak_rss_mb(), model=kept_model)
 
-    if rest is None:
-        rest = rotate_rest(store.read(job.rest_names))
+    if rest is None:   # unrotated, the tensors go back as they were stored
+        rest = rotate_rest(store.read(job.rest_names)) if rotation is not None else store.read(job.rest_names, native=True)
+    rest = as_stored(rest, stored_dtypes)
     save_tensors_atomic(rest, out / shard_name(n_blocks, total_shards))
     weight_map = {n: shard_name(n_blocks, total_shards) for n in rest}
     modules: dict[str, dict] = {}

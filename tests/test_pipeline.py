@@ -61,6 +61,26 @@ def test_rtn_needs_no_calibration_and_reloads(tiny_model_factory, tmp_path):
     assert (_logits(result.model) - _logits(reloaded)).abs().max() <= 1e-5
 
 
+def test_untouched_tensors_keep_the_checkpoint_dtype(tiny_model_factory, tmp_path):
+    """An fp16 checkpoint's embeddings, norms and head are saved as fp16, not as the fp32 they are
+    computed in; rotated tensors (changed) stay fp32; both reload to the in-memory model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"), dtype=torch.float16).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny_model_factory("llama")).save_pretrained(src)
+    recipe = parse_recipe({"stages": [{"method": "rtn", "bits": 4, "group_size": 32}]})
+    result = llmpress.compress(src, recipe, out=tmp_path / "o", progress=False, keep_model=True)
+    saved = _shards(tmp_path / "o")
+    assert saved["model.embed_tokens.weight"].dtype == torch.float16
+    assert saved["model.layers.0.input_layernorm.weight"].dtype == torch.float16
+    reloaded, _ = llmpress.load(tmp_path / "o")
+    assert torch.equal(_logits(result.model), _logits(reloaded))
+    rotated = parse_recipe({"stages": [{"method": "rht"}, {"method": "rtn", "bits": 4, "group_size": 32}]})
+    llmpress.compress(src, rotated, out=tmp_path / "r", progress=False)
+    assert _shards(tmp_path / "r")["model.embed_tokens.weight"].dtype == torch.float32
+
+
 def _with_and_without(folder, tmp_path, monkeypatch, **arch_changes):
     """Shards of a GPTQ W3 run as shipped, and of one with the architecture map changed."""
     llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "default", nsamples=4, seqlen=32, progress=False)

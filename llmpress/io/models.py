@@ -167,6 +167,28 @@ def load_dense(folder: Path, dtype: torch.dtype = torch.float32, trust_remote_co
     return model.eval()
 
 
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def as_stored(tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """Each floating tensor back in its checkpoint dtype where that is lossless (an untouched
+    fp16/bf16 weight computed with in fp32); changed tensors (rotated, rescaled) keep fp32. Takes
+    the tensors out of ``tensors`` one by one and checks in slices, so memory does not double."""
+    out = {}
+    for name in list(tensors):
+        t = tensors.pop(name)
+        target = dtypes.get(name)
+        if target is not None and t.is_floating_point() and t.dtype != target:
+            narrow = t.to(target)
+            rows = max(1, (1 << 24) // max(1, t[0].numel())) if t.dim() > 1 else t.numel() or 1
+            flat_t, flat_n = (t, narrow) if t.dim() > 0 else (t.reshape(1), narrow.reshape(1))
+            if all(torch.equal(flat_n[i:i + rows].to(t.dtype), flat_t[i:i + rows]) for i in range(0, flat_t.shape[0], rows)):
+                t = narrow
+            del narrow
+        out[name] = t
+    return out
+
+
 class LazyWeights:
     """Reads a module's tensors from a safetensors folder when asked, and frees them after.
 
@@ -196,7 +218,8 @@ class LazyWeights:
     def has_all(self, names) -> bool:
         return all(n in self.weight_map for n in names)
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], native: bool = False) -> dict[str, torch.Tensor]:
+        """The named tensors, in ``self.dtype`` (``native``: as stored)."""
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
@@ -212,7 +235,24 @@ class LazyWeights:
                         t = f.get_tensor(k)
                     except Exception as e:  # noqa: BLE001
                         raise ModelLoadError(f"corrupt tensor {k} in {self.folder / file}: {e}") from None
-                    out[k] = t.to(self.dtype) if t.is_floating_point() else t
+                    out[k] = t.to(self.dtype) if t.is_floating_point() and not native else t
+        return out
+
+    def stored_dtypes(self, names) -> dict[str, torch.dtype]:
+        """The dtype each named tensor has in the checkpoint (headers only; unknown ones left out)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n in self.weight_map:
+                by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with _open_safetensors(self.folder / file, safe_open) as f:
+                for k in keys:
+                    dtype = _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype())
+                    if dtype is not None:
+                        out[k] = dtype
         return out
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
