@@ -84,7 +84,10 @@ def fit_dual_scale(w: torch.Tensor, bits: int, rounds: int = 15) -> tuple[torch.
         c = ((w * s).sum(0).abs() / (s * s).sum(0).clamp_min(1e-30)).clamp_min(MIN_COLUMN_SCALE)
         codes = nearest_codes(w / c, r)
     r = r.sort(-1, descending=True).values
-    return _fp16(r), _fp16(c)
+    # c·s with r/s is the same weight: choose s so that c has geometric mean 1, so absorbing it
+    # into up_proj's fp16 scales neither underflows nor overflows them.
+    s = c.log().mean().exp()
+    return _fp16(r * s), _fp16(c / s)
 
 
 def pattern_index(planes: torch.Tensor) -> torch.Tensor:
