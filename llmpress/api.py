@@ -206,7 +206,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         release = (lambda block: None) if keep_model else store.release
         if not keep_model:
             def after_capture(model: nn.Module = model_obj) -> None:
-                for name in (*arch.embeddings, arch.final_norm, arch.head):
+                for name in (*arch.embeddings, arch.head):   # the final norm stays: a correction reads it
                     store.release(model.get_submodule(name))
     else:
         # Key names differ from the skeleton's (old layouts transformers renames on load):
@@ -239,10 +239,13 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         shard = shard_name(index, total_shards)
         LazyWeights(out, weight_map={f"{prefix}.{k}": shard for k in block.state_dict()}).materialize(block, prefix)
 
+    final_shift: list[list[float]] = []   # the final norm's correction, once the last block has it
+
     def on_block_done(index: int, block: nn.Module, prefix: str, modules: dict, records: list) -> None:
         state.finished[index] = {
             "modules": {name: module_manifest(m) for name, m in modules.items()},
             "records": [r.__dict__ for r in records],
+            **({"final_shift": final_shift[-1]} if final_shift and index == n_blocks - 1 else {}),
         }
         if main:
             tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
@@ -250,7 +253,8 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
             state.save()
 
     io = BlockIO(materialize=materialize, release=release, finished=state.finished,
-                 load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture)
+                 load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture,
+                 on_final_shift=lambda shift: final_shift.append(shift.tolist()))
     block_arch = rotation.compress_arch() if rotation is not None else arch
     windows = distributed.local_slice(job.windows) if job.windows is not None else None
 
@@ -273,6 +277,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
 
     if rest is None:   # unrotated, the tensors go back as they were stored
         rest = rotate_rest(store.read(job.rest_names)) if rotation is not None else store.read(job.rest_names, native=True)
+    head_transform = _add_head_bias(rest, state, arch, job.skeleton, kept_model)
     rest = as_stored(rest, stored_dtypes)
     save_tensors_atomic(rest, out / shard_name(n_blocks, total_shards))
     weight_map = {n: shard_name(n_blocks, total_shards) for n in rest}
@@ -290,7 +295,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     summary = _summary(out, records, job, seconds)
     write_report(out, records, summary)
     extra = {
-        "transforms": [rotation.manifest(n_blocks)] if rotation is not None else [],
+        "transforms": ([rotation.manifest(n_blocks)] if rotation is not None else []) + head_transform,
         "recipe": job.recipe.model_dump(mode="json"),
         "calibration": job.calib,
         "base_model": job.model_spec,
@@ -300,6 +305,28 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     distributed.barrier()
     return CompressResult(out=out, records=records, seconds=seconds, peak_rss_mb=peak_rss_mb(), summary=summary,
                           model=kept_model)
+
+
+def _add_head_bias(rest: dict[str, torch.Tensor], state: RunState, arch, skeleton: nn.Module,
+                   kept_model: nn.Module | None) -> list[dict]:
+    """Fold the final norm's correction ``μ`` into the head: ``W(n + μ) = Wn + Wμ`` as a head bias
+    (added to ``rest``, and to the kept model); returns the manifest transform that tells the loader
+    to give a bias-less head one."""
+    shift = next((e["final_shift"] for e in state.finished.values() if "final_shift" in e), None)
+    if shift is None:
+        return []
+    mu = torch.tensor(shift, dtype=torch.float32)
+    head_key, bias_key = f"{arch.head}.weight", f"{arch.head}.bias"
+    weight = rest[head_key] if head_key in rest else rest[f"{arch.embeddings[0]}.weight"]   # tied: the embeddings
+    bias = weight.to(torch.float32) @ mu
+    if bias_key in rest:
+        bias = bias + rest[bias_key].to(torch.float32)
+    rest[bias_key] = bias
+    stock_bias = getattr(skeleton.get_submodule(arch.head), "bias", None) is not None   # before the kept model's
+    if kept_model is not None:                                                           # (it may be the skeleton)
+        head = kept_model.get_submodule(arch.head)
+        head.bias = nn.Parameter(bias.to(head.weight.dtype), requires_grad=False)
+    return [] if stock_bias else [{"kind": "head_bias", "module": arch.head}]
 
 
 HARP_FILE = "llmpress-harp.safetensors"

@@ -202,6 +202,8 @@ def test_d2quant_preset_saves_and_reloads_exactly(tiny_model_factory, tmp_path, 
     assert all(m.bias is not None for m in ups)             # the correction, folded
     shifts = [r.metrics["dac_shift"] for r in res.records if r.name.endswith("up_proj")]
     assert len(shifts) == len(downs) and all(s > 0 for s in shifts)
+    head = loaded.get_output_embeddings()
+    assert head.bias is not None and float(head.bias.abs().max()) > 0   # the final norm's correction
     for ids in (torch.randint(0, 1000, (1, 4)), torch.randint(0, 1000, (2, 24))):   # LUT and dense paths
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, res.model(ids).logits, rtol=0, atol=0)
@@ -228,8 +230,12 @@ def test_dense_export_keeps_the_correction_biases_or_refuses(tiny_model_factory,
 
     from llmpress.io.export import ExportError, export
 
+    llmpress.compress(tiny_model_factory("llama"), "d2quant-w3-g64", out=tmp_path / "h", nsamples=4, seqlen=32,
+                      progress=False)
+    with pytest.raises(ExportError, match="lm_head.bias.*--set final_norm=false"):   # no head bias in stock Llama
+        export(tmp_path / "h", tmp_path / "hd", "dense")
     res = llmpress.compress(tiny_model_factory("llama"), "d2quant-w3-g64", out=tmp_path / "l", nsamples=4, seqlen=32,
-                            progress=False, keep_model=True)
+                            progress=False, keep_model=True, settings=["final_norm=false"])
     export(res.out, tmp_path / "dense", "dense", dtype="float32")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
     assert loaded.config.mlp_bias is True
@@ -254,3 +260,24 @@ def test_triton_lut_gemv_with_float_scales_equals_the_torch_lut(rows):
     expected = lut_gemv_scaled(x.double(), layer.sign_bits, layer.scales.double(), 64, 24)
     y = triton_bcq.scaled_gemv(x, layer.sign_bits, layer.scales.float(), 64, 24, block_n=16)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_keeps_the_corrections(tiny_model_factory, tmp_path, monkeypatch):
+    """A crash inside the last block, and one after every block is done (the final norm's shift
+    then comes back from the run state): both resume to the uninterrupted run's tensors."""
+    from llmpress import api
+
+    from .test_pipeline import _shards, crash_then_resume
+
+    folder = tiny_model_factory("llama")
+    assert crash_then_resume(folder, "d2quant-w2-g64", tmp_path, monkeypatch) == [2]
+    monkeypatch.undo()
+    real = api.write_report
+    monkeypatch.setattr(api, "write_report", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash at the end")))
+    with pytest.raises(RuntimeError, match="crash at the end"):
+        llmpress.compress(folder, "d2quant-w2-g64", out=tmp_path / "late", nsamples=4, seqlen=32, progress=False)
+    monkeypatch.setattr(api, "write_report", real)
+    llmpress.compress(folder, "d2quant-w2-g64", out=tmp_path / "late", nsamples=4, seqlen=32, progress=False, resume=True)
+    whole, late = _shards(tmp_path / "whole"), _shards(tmp_path / "late")
+    assert "lm_head.bias" in whole and whole.keys() == late.keys()
+    assert all(torch.equal(whole[k], late[k]) for k in whole)

@@ -42,10 +42,7 @@ def norm_output_mean(norm: nn.Module, run: Callable[[], None], skip_first: int) 
     acc: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):
-        out = output[0] if isinstance(output, tuple) else output
-        kept = out[:, skip_first:] if out.dim() == 3 else out
-        flat = kept.reshape(-1, kept.shape[-1]).to(torch.float64)
-        acc.append(torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])]))
+        acc.append(_token_sum(output[0] if isinstance(output, tuple) else output, skip_first))
         raise StopForward
 
     handle = norm.register_forward_hook(hook)
@@ -53,6 +50,17 @@ def norm_output_mean(norm: nn.Module, run: Callable[[], None], skip_first: int) 
         run()
     finally:
         handle.remove()
+    return _mean(acc)
+
+
+def _token_sum(out: torch.Tensor, skip_first: int) -> torch.Tensor:
+    """``[sum over kept tokens..., count]`` (float64) of ``out [batch, seq, width]`` (or ``[tokens, width]``)."""
+    kept = out[:, skip_first:] if out.dim() == 3 else out
+    flat = kept.reshape(-1, kept.shape[-1]).to(torch.float64)
+    return torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
+
+
+def _mean(acc: list[torch.Tensor]) -> torch.Tensor:
     if not acc:
         raise LlmpressError("the block correction saw no calibration tokens")
     total = torch.stack(acc).sum(0)
@@ -60,6 +68,29 @@ def norm_output_mean(norm: nn.Module, run: Callable[[], None], skip_first: int) 
     if total[-1] <= 0:
         raise LlmpressError("the block correction saw no calibration tokens (windows shorter than skip_first)")
     return total[:-1] / total[-1]
+
+
+@torch.no_grad()
+def block_output_mean(block: nn.Module, norm: nn.Module, run: Callable[[], None], skip_first: int) -> torch.Tensor:
+    """The mean (all ranks) of ``norm`` applied to ``block``'s outputs over a ``run()``."""
+    acc: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        acc.append(_token_sum(norm(out), skip_first))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return _mean(acc)
+
+
+@torch.no_grad()
+def batches_mean(hidden: torch.Tensor, batch_size: int, norm: nn.Module, skip_first: int) -> torch.Tensor:
+    """The mean (all ranks) of ``norm(hidden)`` over ``[n, seq, width]`` hidden states, in batches."""
+    return _mean([_token_sum(norm(hidden[s:s + batch_size]), skip_first) for s in range(0, hidden.shape[0], batch_size)])
 
 
 def mean_shift(teacher: torch.Tensor, student: torch.Tensor, clip: float, scale: float) -> torch.Tensor:

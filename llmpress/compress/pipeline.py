@@ -36,7 +36,15 @@ from ..errors import LlmpressError
 from . import distributed
 from .arch import ArchMap, blocks_of, set_submodule
 from .compressors import column_scale, compress_linear, dense_weight, linear_weight
-from .correction import ShiftedNorm, absorb_column_scale, fold_shift_into_bias, mean_shift, norm_output_mean
+from .correction import (
+    ShiftedNorm,
+    absorb_column_scale,
+    batches_mean,
+    block_output_mean,
+    fold_shift_into_bias,
+    mean_shift,
+    norm_output_mean,
+)
 from .recipe import DACStage, DSQStage, Recipe, StageBase, UniformQuantStage
 from .stats import InputRecorder, InputStats, SpillArena, StopForward, disk_tensor
 
@@ -305,6 +313,7 @@ class BlockIO:
     load_finished: Any      # (index, block, prefix, entry) -> None: rebuild a finished block
     on_block_done: Any      # (index, block, prefix, modules, records) -> None
     after_capture: Any = None   # () -> None: e.g. free the embeddings, no longer needed
+    on_final_shift: Any = None  # (shift) -> None: the final norm's correction, before the last block is done
 
 
 def compress_blocks(
@@ -350,13 +359,18 @@ def compress_blocks(
         io.after_capture()
     records: list[ModuleRecord] = []
     last_data_block = max((i for i, p in enumerate(plans) if p.needs_data), default=-1)
+    final_norm = None
     if correction is not None:
         last_data_block = len(blocks) - 1
+        if correction.final_norm:   # the last block's outputs are needed too: the student's input
+            final_norm = model.get_submodule(arch.final_norm)
+            last_data_block = len(blocks)
     fp_hidden = None
     if last_fp_block >= 0:
         fp_hidden = disk_tensor(tuple(hidden.shape)) if memory.on_disk[1] else torch.empty_like(hidden)
         fp_hidden.copy_(hidden)
 
+    final_teacher: list[torch.Tensor | None] = [None]   # the last block fills it in
     with Progress(len(blocks), progress) as bar, contextlib.closing(SpillArena()) as arena:
         for i, block in enumerate(blocks):
             prefix = f"{arch.blocks}.{i}"
@@ -383,6 +397,7 @@ def compress_blocks(
                 block_records, modules, outputs_done = _compress_block(
                     i, block, prefix, plan, arch, hidden, kwargs[i] if kwargs else None, batch_size, dtype, bar,
                     need_outputs, arena, reference, correction,
+                    (final_norm, final_teacher) if i == len(blocks) - 1 and final_norm is not None else None,
                 )
             finally:
                 if reference is not None:
@@ -395,6 +410,11 @@ def compress_blocks(
                     f"block {i} of the compressed model produced NaN/Inf activations on the calibration "
                     "data; try more bits, a smaller group_size or a larger damp"
                 )
+            if final_norm is not None and i == len(blocks) - 1 and final_teacher[0] is not None:
+                bar.describe("final norm · correction")
+                student = batches_mean(hidden, batch_size, final_norm, correction.skip_first)
+                shift = mean_shift(final_teacher[0], student, correction.clip, correction.scale)
+                io.on_final_shift(shift)
             io.on_block_done(i, block, prefix, modules, block_records)
             io.release(block)
             records.extend(block_records)
@@ -462,6 +482,7 @@ class _DAC:
     norm: nn.Module
     teacher: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    folded: bool = False
 
     @staticmethod
     def plan(correction: DACStage | None, plan: BlockPlan, arch: ArchMap, block: nn.Module) -> _DAC | None:
@@ -478,6 +499,31 @@ class _DAC:
             raise LlmpressError("the dac correction needs true_sequential: the attention must be compressed "
                                 "before the MLP's inputs are calibrated")
         return _DAC(block.get_submodule(arch.mlp_norm))
+
+
+def column_scale_target(stage: StageBase | None, name: str, arch: ArchMap) -> str | None:
+    """The linear that absorbs the column scale ``stage`` gives ``name`` (DSQ on down_proj), if any."""
+    sink = arch.column_scale_sink
+    return sink[1] if isinstance(stage, DSQStage) and sink is not None and sink[0] == name else None
+
+
+def _absorb(block: nn.Module, name: str, sink: str, module: nn.Module, modules: dict, metrics: dict,
+            arch: ArchMap) -> bool:
+    """Move ``module``'s column scale into ``sink`` (its packed module and proxy, or the plain
+    linear in the block); False where the sink's format cannot take it (the scale then stays)."""
+    c = column_scale(module)
+    if c is None:
+        return False
+    target = modules.get(sink, block.get_submodule(sink))
+    if not absorb_column_scale(target, c, arch.transposed_weights):
+        return False
+    if hasattr(module, "take_column_scale"):
+        module.take_column_scale()
+    module.__dict__.pop("pending_column_scale", None)
+    if sink in modules:
+        set_submodule(block, sink, _dense_proxy(target, dense_weight(target)))
+    metrics["bits_per_weight"] = module.stored_bits() / (module.in_features * module.out_features)
+    return True
 
 
 class _ZeroOutput(nn.Module):
@@ -551,9 +597,12 @@ def _compress_block(
     index: int, block: nn.Module, prefix: str, plan: BlockPlan, arch: ArchMap, hidden, kwargs,
     batch_size: int, dtype: torch.dtype, bar: Progress, need_outputs: bool, arena: SpillArena | None = None,
     reference: InputRecorder | None = None, correction: DACStage | None = None,
+    final: tuple[nn.Module, list] | None = None,
 ) -> tuple[list[ModuleRecord], dict[str, nn.Module], bool]:
+    """Compress one block's linears group by group. ``final``: (the model's final norm, a one-slot
+    list) for the last block under a final-norm correction: the slot receives the teacher mean,
+    the final norm of this block's outputs with its attention compressed and its MLP not yet."""
     records, modules = [], {}
-    absorb: list[tuple[str, str, torch.Tensor]] = []   # (linear, the linear that takes its column scale, c)
     outputs_done = False
     attention = None          # the cached attention stub, once the attention is compressed
     real_attention = block.get_submodule(arch.attention) if arch.attention else None
@@ -586,6 +635,9 @@ def _compress_block(
         members = [n for n in group if plan.assignment[n] is not None]
         if not members:
             continue
+        if final is not None and final[1][0] is None and set(group) & set(arch.mlp_inputs):
+            bar.describe(f"block {index + 1} · correction: full-precision final-norm means")
+            final[1][0] = block_output_mean(block, final[0], run, correction.skip_first)
         if dac is not None and dac.shift is None and set(group) & set(arch.mlp_inputs):
             bar.describe(f"block {index + 1} · correction: mean shift of {arch.mlp_norm}")
             dac.shift = mean_shift(dac.teacher, norm_output_mean(dac.norm, run, correction.skip_first),
@@ -597,7 +649,11 @@ def _compress_block(
         drift: dict[str, float] = {}
         kept = {}
         last_group = g == len(plan.groups) - 1
-        residual = need_outputs and last_group and tuple(group) == (arch.residual_linear,) and bool(data_members)
+        # The output shortcut h + XŴᵀ does not hold once a column scale moves into up_proj (the
+        # block's outputs are then recomputed through the absorbed modules, as inference runs them).
+        absorbs = any(column_scale_target(plan.assignment[n], n, arch) for n in data_members)
+        residual = (need_outputs and last_group and tuple(group) == (arch.residual_linear,) and bool(data_members)
+                    and not absorbs)
         cache_attention = (
             not last_group and tuple(group) == (arch.attention_output,) and bool(data_members)
             and (need_outputs or any(plan.assignment[n] is not None for later in plan.groups[g + 1:] for n in later))
@@ -650,6 +706,9 @@ def _compress_block(
                 module, metrics = _receive_module(module if distributed.rank() == owner else None,
                                                   metrics if distributed.rank() == owner else None, owner, dtype)
                 dense = dense_weight(module)
+            sink = column_scale_target(stage, name, arch)
+            if sink is not None and _absorb(block, name, sink, module, modules, metrics, arch):
+                dense = dense_weight(module)   # the column scale went upstream: this module computes without it
             proxy = _dense_proxy(module, dense)
             if residual:
                 for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
@@ -671,13 +730,20 @@ def _compress_block(
                 if real_norm is not None:
                     set_submodule(block, arch.attention_norm, _SkippedNorm(real_norm, attention))
             modules[name] = module
-            c = column_scale(module)
-            if c is not None and arch.column_scale_sink is not None and arch.column_scale_sink[0] == name:
-                absorb.append((name, arch.column_scale_sink[1], c))
             records.append(ModuleRecord(
                 name=f"{prefix}.{name}", block=index, method=stage.method, bits=getattr(stage, "bits", None),
                 group_size=getattr(stage, "group_size", None), seconds=time.perf_counter() - start, metrics=metrics,
             ))
+        if dac is not None and dac.shift is not None and not dac.folded and set(arch.mlp_inputs) <= set(modules):
+            # Fold now, so that what follows (down_proj's statistics, the block's outputs) runs
+            # through the biases exactly as the saved model will.
+            set_submodule(block, arch.mlp_norm, dac.norm)
+            relative = float(dac.shift.norm() / dac.teacher.norm().clamp_min(1e-30))
+            for name in arch.mlp_inputs:
+                fold_shift_into_bias(modules[name], dac.shift, arch.transposed_weights)
+                set_submodule(block, name, _dense_proxy(modules[name], dense_weight(modules[name])))
+                next(r for r in records if r.name == f"{prefix}.{name}").metrics["dac_shift"] = relative
+            dac.folded = True
         del hessians, kept, crosses
     if not outputs_done and need_outputs:
         bar.describe(f"block {index + 1} · outputs")
@@ -687,23 +753,8 @@ def _compress_block(
         set_submodule(block, arch.attention, real_attention)
         if real_norm is not None:
             set_submodule(block, arch.attention_norm, real_norm)
-    # Exact rewrites once the block's outputs are computed (they change what the proxies compute).
-    by_name = {r.name: r for r in records}
-    for name, sink, c in absorb:
-        target = modules.get(sink, block.get_submodule(sink))
-        if absorb_column_scale(target, c, arch.transposed_weights):
-            module = modules[name]
-            if hasattr(module, "take_column_scale"):
-                module.take_column_scale()
-            module.__dict__.pop("pending_column_scale", None)
-            by_name[f"{prefix}.{name}"].metrics["bits_per_weight"] = module.stored_bits() / (
-                module.in_features * module.out_features)
-    if dac is not None and dac.shift is not None:
+    if dac is not None and not dac.folded:
         set_submodule(block, arch.mlp_norm, dac.norm)
-        relative = float(dac.shift.norm() / dac.teacher.norm().clamp_min(1e-30))
-        for name in arch.mlp_inputs:
-            fold_shift_into_bias(modules[name], dac.shift, arch.transposed_weights)
-            by_name[f"{prefix}.{name}"].metrics["dac_shift"] = relative
     for name, module in modules.items():   # the packed modules are what is saved and kept
         set_submodule(block, name, module)
     return records, modules, outputs_done

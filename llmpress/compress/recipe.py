@@ -151,7 +151,8 @@ class DACStage(BaseModel):
     compressed, the mean shift ``μ`` of the MLP's input norm (full-precision block minus the block
     with compressed attention, on the compressed model's stream) is added after that norm, so the
     MLP is calibrated with it in place; it is then folded exactly into the MLP's input linears'
-    biases (``b += Ŵ μ``)."""
+    biases (``b += Ŵ μ``). With ``final_norm`` the same for the model's final norm (teacher: the
+    last block with its MLP still full precision), folded into a bias of the head."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     kind: ClassVar[str] = "correction"
@@ -162,6 +163,7 @@ class DACStage(BaseModel):
     scale: float = Field(1.0, ge=0)      # λ: μ is multiplied by it (the reference's 1)
     skip_first: int = Field(1, ge=0)     # leading positions of each window left out of the means
                                          # (the attention-sink position has outlier norms)
+    final_norm: bool = True              # also correct the final norm (folded into a head bias)
 
     @property
     def label(self) -> str:

@@ -220,6 +220,9 @@ def apply_transforms(model: nn.Module, transforms: Any, dtype: torch.dtype) -> N
     if not isinstance(transforms, list):
         raise ModelLoadError("the manifest's `transforms` is not a list")
     for t in transforms:
+        if isinstance(t, dict) and t.get("kind") == "head_bias":
+            _give_bias(model, t.get("module"), dtype)
+            continue
         online = t.get("online_hadamard") if isinstance(t, dict) else None
         if not online:
             continue
@@ -238,6 +241,18 @@ def apply_transforms(model: nn.Module, transforms: Any, dtype: torch.dtype) -> N
             except LlmpressError as e:
                 raise ModelLoadError(f"manifest: {e}") from None
             set_submodule(model, str(name), wrapper)
+
+
+def _give_bias(model: nn.Module, name: Any, dtype: torch.dtype) -> None:
+    """The ``head_bias`` transform: the head (a linear without bias in the stock architecture)
+    carries the final norm's mean-shift correction as a bias."""
+    try:
+        head = model.get_submodule(str(name))
+    except AttributeError:
+        raise ModelLoadError(f"manifest: a head bias on {name}, which this architecture does not have") from None
+    if not isinstance(head, nn.Linear):
+        raise ModelLoadError(f"manifest: a head bias on {name}, which is not a linear")
+    head.bias = nn.Parameter(torch.empty(head.out_features, dtype=dtype, device="meta"), requires_grad=False)
 
 
 def _check_codes(model: nn.Module) -> None:

@@ -284,16 +284,19 @@ def _fit_stock_layout(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
 
     expected = stock_keys(model.config)
     extra = [k for k in tensors if k.endswith(".bias") and k not in expected]   # packed formats add other names
-    if not extra:
-        return tensors
-    if all(k.endswith("_proj.bias") and ".mlp." in k for k in extra) and hasattr(model.config, "mlp_bias"):
+    mlp = [k for k in extra if k.endswith("_proj.bias") and ".mlp." in k]
+    others = [k for k in extra if k not in mlp]
+    settable = hasattr(model.config, "mlp_bias")
+    if others or (mlp and not settable):
+        hint = "--set final_norm=false" if others and (settable or not mlp) else "--drop dac"
+        raise ExportError(f"{(others or mlp)[0]} has no place in a stock {model.config.model_type} model (a bias the "
+                          f"dac correction adds); keep the llmpress format, or compress with {hint}")
+    if mlp:
         model.config.mlp_bias = True
         for k, shape in stock_keys(model.config).items():
             if k not in tensors and k.endswith("_proj.bias") and ".mlp." in k:
                 tensors[k] = torch.zeros(shape, dtype=dtype)
-        return tensors
-    raise ExportError(f"{extra[0]} has no place in a stock {model.config.model_type} model (the dac correction "
-                      "adds MLP biases); keep the llmpress format, or compress with --drop dac")
+    return tensors
 
 
 def _write_config(model: nn.Module, folder: Path, dtype: torch.dtype, qconfig: dict | None) -> None:
