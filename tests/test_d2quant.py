@@ -74,6 +74,15 @@ def test_dsq_scales_are_fp16_and_levels_are_what_the_codes_say():
         assert torch.isclose((dense[5, j] / q.column_scale[j] - levels).abs().min(), torch.tensor(0.0), atol=1e-5)
 
 
+def test_dsq_fits_each_group_on_its_current_weights_whatever_the_lazy_block():
+    """Groups of 64 inside lazy blocks of 128: the second group of a block must be fitted on the
+    weights the first group's errors already moved (as with blocks of 64), not on stale ones."""
+    w, h = _problem(7, out=48, inp=256)
+    a = dsq_quantize(w, h, bits=2, group_size=64, block_size=128)
+    b = dsq_quantize(w, h, bits=2, group_size=64, block_size=64)
+    assert torch.equal(a.signs, b.signs) and torch.equal(a.scales, b.scales) and torch.equal(a.column_scale, b.column_scale)
+
+
 def test_gar_keeps_groups_whole_and_orders_by_the_hessian():
     diag = torch.tensor([1.0, 5.0, 2.0, 9.0, 0.5, 3.0, 4.0, 0.1])
     perm = gar_permutation(torch.diag(diag), 4)

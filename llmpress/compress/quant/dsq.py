@@ -120,11 +120,17 @@ class _DualScaleGrid:
         for g in groups:
             self._length[g] = self._length.get(g, 0) + 1
 
-    def round(self, j: int, w: torch.Tensor, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def round(self, j: int, w: torch.Tensor, Wt: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
         g = self._group_of[j]
         if self._start[j]:
+            # Fit on the group's current values: the block's rows carry every update so far, the
+            # rows past it the previous blocks' (the reference, with groups = blocks of 128, sees
+            # the same; with smaller groups the outer, stale rows would misfit c by up to a block).
             n = self._length[g]
-            r, c = fit_dual_scale(Wt[j:j + n].T, self.bits, self.rounds)
+            i1, W1 = block
+            inside = W1[j - i1:j - i1 + n]
+            current = torch.cat([inside, Wt[i1 + W1.shape[0]:j + n]]) if inside.shape[0] < n else inside
+            r, c = fit_dual_scale(current.T, self.bits, self.rounds)
             self.r[:, :, g] = r.to(self.r.dtype)
             self.c[self.order[j:j + n]] = c.to(self.c.dtype)
             self.current = (r.to(torch.float32), g)

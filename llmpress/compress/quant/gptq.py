@@ -167,10 +167,11 @@ def solve_columns(
     block_size: int = 128,
     residual: Residual | None = None,
 ) -> Solved:
-    """GPTQ's column loop with any column quantizer ``grid``: ``grid.round(j, w, Wt)`` returns the
-    codes and values of processed column ``j`` (current values ``w``; ``Wt`` the transposed, lazily
-    updated weights, for fitting a group when its first column is reached) and ``grid.bounds(j)``
-    the range ResComp's ``allw`` mode clamps to. ``order`` permutes the columns (act-order)."""
+    """GPTQ's column loop with any column quantizer ``grid``: ``grid.round(j, w, Wt, block)`` returns
+    the codes and values of processed column ``j`` (current values ``w``; for fitting a group when
+    its first column is reached, ``Wt`` the transposed, lazily updated weights and ``block`` the
+    current block ``(i1, W1)``, whose rows are fully updated) and ``grid.bounds(j)`` the range
+    ResComp's ``allw`` mode clamps to. ``order`` permutes the columns (act-order)."""
     W = weight.detach().to(torch.float32).clone()
     H = hessian.detach().to(torch.float32).clone()
     rows, cols = W.shape
@@ -232,7 +233,7 @@ def solve_columns(
         for i in range(i2 - i1):
             j = i1 + i
             w = W1[i]
-            codes_t[j], value = grid.round(j, w, Wt)
+            codes_t[j], value = grid.round(j, w, Wt, (i1, W1))
             err = (w - value) / diag[i]
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
             err_block[i] = err
@@ -277,8 +278,9 @@ class _ColumnGrid:
         self.position_group[j] = g
         return self.current
 
-    def round(self, j: int, w: torch.Tensor, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes and dequantized values of processed column ``j`` with current values ``w``."""
+    def round(self, j: int, w: torch.Tensor, Wt: torch.Tensor, block=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and dequantized values of processed column ``j`` with current values ``w`` (the
+        group is fitted on ``Wt``, the reference's choice; ``block`` is unused)."""
         params = self.at(j, Wt)
         q = quantize_codes(w, params, self.bits)
         return q, dequantize_codes(q, params)
@@ -304,7 +306,7 @@ def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, allw
     for i in range(i2 - i1):
         j = i1 + i
         w = W1[i].clone()
-        codes_t[j], value = grid.round(j, w, Wt)
+        codes_t[j], value = grid.round(j, w, Wt, (i1, W1))
         err = (w - value) / diag[i]
         err_block[i] = err
         start = i + 1 if allw else i          # 'org' also moves column j itself onto its code
