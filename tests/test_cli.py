@@ -143,6 +143,7 @@ def test_drop_removes_a_stage_and_inspect_shows_dual_scale(tiny_model_factory, t
     result, _ = _run("compress", model, "--recipe", "d2quant-w2-g64", "--drop", "dac", "--drop", "rht",
                      "--out", tmp_path / "o", "--nsamples", "4", "--seqlen", "32", "--no-progress")
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["inspect", str(tmp_path / "o")], env={"COLUMNS": "250"})
-    assert "dual-scale" in result.output and "absorbed upstream" in result.output, result.output
-    assert "d2quant-w2-g64 [-dac, -rht]" in result.output
+    result, _ = _run("inspect", tmp_path / "o")
+    words = result.output.split()   # the table may wrap its cells on a narrow terminal
+    assert result.exit_code == 0 and "dual-scale" in words and "absorbed" in words, result.output
+    assert "d2quant-w2-g64 [-dac, -rht]" in " ".join(words)
