@@ -122,9 +122,22 @@ for _bits in (2, 3):
         (f"D2Quant W{_bits} g64 (RHT+DSQ+DAC)", _preset, [], None),
     ]
 
+# Issue #9: ShiftAdd (binary coding, power-of-two scales, GPTQ's column loop) against RTN and GPTQ
+# at the same code bits, and the 2.2-bit allocation against uniform 2 bits; rows time CPU decoding.
+SHIFTADD = [
+    ("dense", None, [], None),
+    ("ShiftAdd W3", "shiftadd-w3", [], None),
+    ("ShiftAdd W2", "shiftadd-w2", [], None),
+    ("ShiftAdd mixed 2.2", "shiftadd-mixed-2.2", [], None),
+    ("RTN W3 g64", "rtn-w3-g64", [], None),
+    ("RTN W2 g64", "rtn-w2-g64", [], None),
+    ("GPTQ W3 g64", "gptq-w3-g64", [], None),
+    ("GPTQ W2 g64", "gptq-w2-g64", [], None),
+]
+
 SUITES = {"quality": FOUNDATION, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2, "rotation": ROTATION,
-          "factor": FACTOR, "tt": TT, "d2quant": D2QUANT}
-MEASURE_DECODE = {"factor", "tt"}   # suites whose rows also time CPU decoding
+          "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD}
+MEASURE_DECODE = {"factor", "tt", "shiftadd"}   # suites whose rows also time CPU decoding
 
 
 def bench_recipe(name: str):
