@@ -122,13 +122,18 @@ for _bits in (2, 3):
         (f"D2Quant W{_bits} g64 (RHT+DSQ+DAC)", _preset, [], None),
     ]
 
-# Issue #9: ShiftAdd (binary coding, power-of-two scales, GPTQ's column loop) against RTN and GPTQ
-# at the same code bits, and the 2.2-bit allocation against uniform 2 bits; rows time CPU decoding.
+# Issue #9: ShiftAdd (binary coding, power-of-two scales, GPTQ's column loop; the presets rotate
+# first) against RTN and GPTQ at the same code bits, the 2.2-bit allocation against uniform 2 bits,
+# and the paper's Lat. mode alone (no rotation); rows time CPU decoding.
 SHIFTADD = [
     ("dense", None, [], None),
     ("ShiftAdd W3", "shiftadd-w3", [], None),
     ("ShiftAdd W2", "shiftadd-w2", [], None),
     ("ShiftAdd mixed 2.2", "shiftadd-mixed-2.2", [], None),
+    ("ShiftAdd W3 no rotation", "shiftadd-w3", [], None, {"drop": ["rht"]}),
+    ("ShiftAdd W2 no rotation", "shiftadd-w2", [], None, {"drop": ["rht"]}),
+    ("RHT+GPTQ W3 g64", "rht-gptq-w3-g64", [], None),
+    ("RHT+GPTQ W2 g64", "rht-gptq-w2-g64", [], None),
     ("RTN W3 g64", "rtn-w3-g64", [], None),
     ("RTN W2 g64", "rtn-w2-g64", [], None),
     ("GPTQ W3 g64", "gptq-w3-g64", [], None),
@@ -158,13 +163,11 @@ def measured_before(name_recipe_settings: tuple, windows: int, nsamples: int, se
     """The latest row of any suite's log with the same recipe, settings, seed and protocol."""
     recipe, settings, seed, *drop = name_recipe_settings
     drop = drop[0] if drop else []
-    for log in sorted(OUT.glob("*.jsonl")):
-        for line in reversed(log.read_text().splitlines()):
-            row = json.loads(line)
-            if (row["recipe"], row["settings"], row.get("seed", 0), row.get("drop", [])) == (recipe, settings, seed, drop) and \
-                    row["protocol"] == f"ppl[wiki/test, 2048x{windows}]" and \
-                    (row.get("nsamples", 128), row.get("seqlen", 512)) == (nsamples, seqlen):
-                return row
+    for row in _logged_rows():
+        if (row["recipe"], row["settings"], row.get("seed", 0), row.get("drop", [])) == (recipe, settings, seed, drop) and \
+                row["protocol"] == f"ppl[wiki/test, 2048x{windows}]" and \
+                (row.get("nsamples", 128), row.get("seqlen", 512)) == (nsamples, seqlen):
+            return row
     return None
 
 
@@ -356,13 +359,17 @@ def main() -> None:
         update_benchmarks(args.suite, body, cmd)
 
 
-def _latest_dense() -> dict | None:
+def _logged_rows():
+    """Every suite's rows, latest first within each log (other scripts' logs in bench/out skipped)."""
     for log in sorted(OUT.glob("*.jsonl")):
         for line in reversed(log.read_text().splitlines()):
             row = json.loads(line)
-            if row["recipe"] is None:
-                return row
-    return None
+            if "recipe" in row and "protocol" in row:
+                yield row
+
+
+def _latest_dense() -> dict | None:
+    return next((row for row in _logged_rows() if row["recipe"] is None), None)
 
 
 if __name__ == "__main__":

@@ -212,14 +212,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         # Key names differ from the skeleton's (old layouts transformers renames on load):
         # fall back to holding the whole model in memory.
         model_obj = load_dense(job.folder, trust_remote_code=trust_remote_code)
-        wanted = set(job.rest_names)
-        rest = rotate_rest({n: t for n, t in model_obj.state_dict().items() if n in wanted})
-        if rotation is not None:
-            if rotation.unties:
-                model_obj.config.tie_word_embeddings = False
-            model_obj.load_state_dict(rest, assign=True, strict=False)
-            for block in model_obj.get_submodule(arch.blocks):
-                rotation.rotate_block(block)
+        rest = _rotate_in_memory(model_obj, rotation, arch, job.rest_names)
         materialize = release = lambda *a: None
 
     main = distributed.is_main()   # only rank 0 writes; every rank keeps the same state in memory
@@ -330,6 +323,22 @@ def _add_head_bias(rest: dict[str, torch.Tensor], state: RunState, arch, skeleto
 
 
 HARP_FILE = "llmpress-harp.safetensors"
+
+
+def _rotate_in_memory(model: nn.Module, rotation: ResidualRotation | None, arch, rest_names: list[str]) -> dict:
+    """Rotate a model held whole in memory (blocks wrapped for their online transform) and return
+    its tensors outside the blocks, as saved."""
+    wanted = set(rest_names)
+    rest = {n: t for n, t in model.state_dict().items() if n in wanted}
+    if rotation is None:
+        return rest
+    rest = rotation.rotate_rest(rest)
+    if rotation.unties:
+        model.config.tie_word_embeddings = False
+    model.load_state_dict(rest, assign=True, strict=False)
+    for block in model.get_submodule(arch.blocks):
+        rotation.rotate_block(block)
+    return rest
 
 
 def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> ResidualRotation:
@@ -461,9 +470,10 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
     from .paths import atomic_write_text, cache_dir
 
     grid = stage.model_dump(exclude={"target", "average_bits", "buckets", "safety_cap", "overrides"})
+    rotation = job.recipe.rotation.model_dump(mode="json") if job.recipe.rotation is not None else None
     key = hashlib.sha256(json.dumps({
         "model": str(job.folder), "config": job.config.to_dict(), "calibration": job.calib, "stage": grid,
-        "version": __version__,
+        "rotation": rotation, "version": __version__,
     }, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir() / "profiles" / f"{stage.method}-{key}.json"
     if path.exists():
@@ -475,6 +485,10 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
         except (ValueError, KeyError, TypeError):
             pass   # a damaged cache entry: profile again and replace it
     model = load_dense(job.folder, trust_remote_code=trust_remote_code)
+    arch = arch_for(model)
+    if job.rotation is not None:   # score the layers the pipeline will compress: rotated, names as it sees them
+        _rotate_in_memory(model, job.rotation, arch, job.rest_names)
+        arch = job.rotation.compress_arch()
     value_bits = torch.finfo(next(model.parameters()).dtype).bits
     dense_bits: dict[str, int] = {}
     options_of = PROFILERS[type(stage)]
@@ -483,7 +497,7 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
         dense_bits[name] = weight.numel() * value_bits
         return options_of(stage, weight, hessian, value_bits)
 
-    tables = profile_blocks(model, arch_for(model), distributed.local_slice(job.windows), stage.selects, score,
+    tables = profile_blocks(model, arch, distributed.local_slice(job.windows), stage.selects, score,
                             progress=progress)
     del model
     if distributed.is_main():

@@ -201,8 +201,8 @@ def test_recipe_errors_are_clear():
 
     with pytest.raises(RecipeError, match="ratio"):
         parse_recipe({"stages": [{"method": "svd", "ratio": 1.5}]})
-    with pytest.raises(RecipeError, match="allocator stage after a rotation"):
-        parse_recipe({"stages": [{"method": "rht"}, {"method": "rocket", "target": 0.3}]})
+    with pytest.raises(RecipeError, match="rotation stage must come first"):
+        parse_recipe({"stages": [{"method": "rocket", "target": 0.3}, {"method": "rht"}]})
     with pytest.raises(RecipeError, match="kappas"):
         parse_recipe({"stages": [{"method": "rocket", "target": 0.3, "kappas": [0.5]}]})
 

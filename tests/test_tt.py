@@ -87,6 +87,22 @@ def test_tt_linear_forward_and_bits():
         TTLinear(61, 97, out_modes=[2, 2], in_modes=[8, 8], ranks=[1, 5, 1], bias=False)
 
 
+def test_tt_linear_takes_the_cheaper_path_and_both_are_the_same_function():
+    # cores [1, 4, 3, 6], [6, 5, 7, 1]: contracting a row costs 1·1·3·7·4·6 + 4·6·7·1·5·1 = 504 + 840,
+    # forming the weight 4·3·6 · 5·7·1 = 2520, a dense row 20·21 = 420.
+    shapes = [(1, 4, 3, 6), (6, 5, 7, 1)]
+    assert tt.contraction_macs(shapes) == 1344 and tt.reconstruction_macs(shapes) == 2520
+    torch.manual_seed(5)
+    w = torch.randn(20, 21, dtype=torch.float64)
+    cores = tt.tt_svd(w, [4, 5], [3, 7], rank=6)
+    layer = TTLinear.from_cores(cores, (20, 21), None, torch.float64)
+    # rows·1344 <= 2520 + rows·420 up to 2 rows
+    assert layer.contracts(1) and layer.contracts(2) and not layer.contracts(3)
+    for rows in (1, 64):
+        x = torch.randn(rows, 21, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), x @ tt.tt_full(cores, (20, 21)).T, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("recipe", ["tt-30", "tt-aware-20", "tt-mixed-30"])
 def test_tt_recipes_save_reload_and_keep_their_budget(tiny_model_factory, tmp_path, recipe):
     import llmpress

@@ -407,9 +407,6 @@ class Recipe(BaseModel):
             raise ValueError("a recipe holds at most one allocator stage (one global budget)")
         if kinds.count("correction") > 1:
             raise ValueError("a recipe holds at most one block-correction stage")
-        if "allocator" in kinds and "transform" in kinds:
-            raise ValueError("an allocator stage after a rotation is not supported yet (its profiling pass "
-                             "reads the unrotated model)")
         return self
 
     def to_yaml(self) -> str:

@@ -3,8 +3,12 @@
 Stored tensors (``<module>.<name>`` in safetensors): ``core0`` … ``core{d−1}``, each
 ``[r_{k−1}, m_k, n_k, r_k]`` in the model's dtype, and ``bias`` when the original linear had one.
 The manifest holds ``out_modes``, ``in_modes`` and ``ranks``; ``Π m_k ≥ out_features`` and
-``Π n_k ≥ in_features`` (zero padding, sliced at forward). The forward contracts one core at a
-time and never forms the dense weight.
+``Π n_k ≥ in_features`` (zero padding, sliced at forward).
+
+The forward contracts one core at a time (decoding, short inputs). For a call with many rows
+(a 2048-token prefill) it forms the weight for that call only and runs one GEMM, when the
+multiply-add count says that is cheaper: near full rank a contraction costs tens of dense rows,
+and forming the weight costs a few rows. Nothing dense is kept between calls.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.factor.tt import tt_forward, tt_full
+from ..compress.factor.tt import contraction_macs, reconstruction_macs, tt_forward, tt_full
 
 
 class TTLinear(nn.Module):
@@ -37,6 +41,8 @@ class TTLinear(nn.Module):
             self.register_buffer(f"core{k}", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.compute_dtype = dtype
+        shapes = [(ranks[k], out_modes[k], in_modes[k], ranks[k + 1]) for k in range(d)]
+        self._row_macs = (contraction_macs(shapes), reconstruction_macs(shapes), math.prod(out_modes) * math.prod(in_modes))
 
     @property
     def cores(self) -> list[torch.Tensor]:
@@ -67,8 +73,18 @@ class TTLinear(nn.Module):
         """The dense ``[out, in]`` weight the cores represent (for calibration and export)."""
         return tt_full([c.to(dtype or self.compute_dtype) for c in self.cores], (self.out_features, self.in_features))
 
+    def contracts(self, rows: int) -> bool:
+        """Whether a call with ``rows`` input rows goes through the core contractions (fewer
+        multiply-adds than forming the weight and one GEMM)."""
+        per_row, build, dense_row = self._row_macs
+        return rows * per_row <= build + rows * dense_row
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tt_forward(x, [c.to(x.dtype) for c in self.cores], self.out_features)
+        cores = [c.to(x.dtype) for c in self.cores]
+        if self.contracts(x.numel() // self.in_features):
+            y = tt_forward(x, cores, self.out_features)
+        else:
+            y = x @ tt_full(cores, (self.out_features, self.in_features)).T
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def stored_bits(self) -> int:

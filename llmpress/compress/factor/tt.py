@@ -137,6 +137,26 @@ def tt_full(cores: list[torch.Tensor], shape: tuple[int, int] | None = None) -> 
     return full if shape is None else full[: shape[0], : shape[1]]
 
 
+def contraction_macs(cores_shapes: list[tuple[int, int, int, int]]) -> int:
+    """Multiply-adds per input row of :func:`tt_forward`: core k costs
+    ``(Π m_<k)·r·n·(Π n_>k)·m·r'``. Near full rank this is many times a dense row's ``M·N``."""
+    in_modes = [s[2] for s in cores_shapes]
+    total, done = 0, 1
+    for k, (r, m, n, r_next) in enumerate(cores_shapes):
+        total += done * r * n * math.prod(in_modes[k + 1:]) * m * r_next
+        done *= m
+    return total
+
+
+def reconstruction_macs(cores_shapes: list[tuple[int, int, int, int]]) -> int:
+    """Multiply-adds of :func:`tt_full` (the left-to-right chain of tensordots)."""
+    total, size = 0, cores_shapes[0][1] * cores_shapes[0][2] * cores_shapes[0][3]
+    for r, m, n, r_next in cores_shapes[1:]:
+        total += size * m * n * r_next
+        size = size // r * m * n * r_next
+    return total
+
+
 def tt_forward(x: torch.Tensor, cores: list[torch.Tensor], out_features: int) -> torch.Tensor:
     """``x Wᵀ`` through the cores, one small contraction per core, never forming ``W``.
 
