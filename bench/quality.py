@@ -106,6 +106,9 @@ for _pct in (10, 20, 30):
         (f"SVD-LLM -{_pct}%", "svdllm-30", [f"ratio={_pct / 100}"], None),
         (f"mixed -{_pct}%", "tt-mixed-30", [f"target={_pct / 100}"], None),
     ]
+# the allocator without ROCKET's error cap (appended: rows are addressed by index while a suite runs)
+TT += [(f"mixed -{_pct}% no cap", "tt-mixed-30", [f"target={_pct / 100}", "safety_cap=false"], None)
+       for _pct in (10, 20, 30)]
 
 # Issue #6: the D²Quant ablation ladder, every rung from the same preset (MSE grid, GPTAQ α 0.25)
 # with parts removed by --drop; plain GPTQ and GPTAQ (min-max grid) rows from the residual suite.
@@ -183,7 +186,7 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
         result["drop"] = kwargs["drop"]
     model = "smollm2-135m"
     if recipe is not None:
-        out = OUT / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
+        out = OUT / folder_name(name)
         start = time.perf_counter()
         res = llmpress.compress(model, bench_recipe(recipe), out=out, settings=settings, nsamples=nsamples, seqlen=seqlen,
                                 overwrite=True, progress=False, **kwargs)
@@ -206,6 +209,11 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
         torch.set_num_threads(1)   # one core: comparable rows even while another job runs
         result["decode_tok_s"] = decode_rate(m, prompt, 64, 2)[0]
     return result
+
+
+def folder_name(name: str) -> str:
+    """The folder under bench/out that holds a row's compressed model."""
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
 
 
 def decoder_linear_bytes_ratio(model, folder: Path) -> float:
