@@ -15,33 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bcq_layer_errors import input_grams  # the dense model's input Grams, wiki/train 16x512 seed 0
+
 import llmpress
-from llmpress.compress.calibration import calibration_windows
 from llmpress.compress.factor import lowrank, tt
-
-
-def input_grams(model, tokenizer, names: list[str], nsamples: int = 16) -> dict[str, torch.Tensor]:
-    """``Σ x xᵀ`` of each named linear's inputs in the dense model, float64."""
-    windows = calibration_windows(tokenizer, "wiki/train", nsamples, 512, 0)
-    grams: dict[str, torch.Tensor] = {}
-
-    def hook_for(name):
-        def hook(_module, inputs, _output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            grams[name] = grams.get(name, 0) + x.T @ x
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
-    with torch.no_grad():
-        for start in range(0, len(windows), 4):
-            model(windows[start:start + 4])
-    for h in handles:
-        h.remove()
-    return grams
 
 
 def errors_of(weight: torch.Tensor, gram: torch.Tensor, removed: float) -> dict[str, float]:
