@@ -23,10 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import decode_rate
-from quality import OUT, folder_name
+from quality import OUT, decode_prompt, folder_name
 
 import llmpress
-from llmpress.compress.calibration import load_text, tokenize
 
 
 def main() -> None:
@@ -48,7 +47,7 @@ def main() -> None:
             continue
         model, tok = llmpress.load(folder)
         if prompt is None:
-            prompt = tokenize(tok, load_text("wiki/test"))[:32].unsqueeze(0)
+            prompt = decode_prompt(tok)
         rates[name] = decode_rate(model, prompt, args.tokens, args.repeats)[0]
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {rates[name]:.1f} tok/s", flush=True)
         del model

@@ -203,12 +203,16 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
         import torch
         from kernels import decode_rate
 
-        from llmpress.compress.calibration import load_text, tokenize
-
-        prompt = tokenize(tok, load_text("wiki/test"))[:32].unsqueeze(0)
         torch.set_num_threads(1)   # one core: comparable rows even while another job runs
-        result["decode_tok_s"] = decode_rate(m, prompt, 64, 2)[0]
+        result["decode_tok_s"] = decode_rate(m, decode_prompt(tok), 64, 2)[0]
     return result
+
+
+def decode_prompt(tokenizer):
+    """The prompt every decode timing starts from: the first 32 tokens of wiki/test."""
+    from llmpress.compress.calibration import load_text, tokenize
+
+    return tokenize(tokenizer, load_text("wiki/test"))[:32].unsqueeze(0)
 
 
 def folder_name(name: str) -> str:

@@ -34,8 +34,7 @@ def errors_of(weight: torch.Tensor, gram: torch.Tensor, removed: float) -> dict[
     shape = tuple(w.shape)
     data_free = tt.tt_full(tt.tt_factorize(w, removed, 3), shape)
     aware = tt.tt_full(tt.tt_factorize(w, removed, 3, gram), shape)
-    f = lowrank.whitened_svd_factors(w, gram, lowrank.rank_for_ratio(w.shape[1], w.shape[0], removed))
-    low = (f.dictionary @ f.coef).T
+    low = lowrank.whitened_svd_factors(w, gram, lowrank.rank_for_ratio(w.shape[1], w.shape[0], removed)).weight()
     return {name: tt.relative_output_error(approx - w, w, gram)
             for name, approx in (("TT", data_free), ("TT aware", aware), ("SVD-LLM", low))}
 
