@@ -180,7 +180,7 @@ def _shiftadd_options(stage: ShiftAddMixStage, weight, hessian, value_bits: int)
 def shiftadd_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> float:
     """The reference code's ranking score ``‖W'‖_F·std(W')²`` with ``W' = W / diag(U)``, U the upper
     Cholesky factor of the damped inverse Hessian (compared with our measured errors in the summary)."""
-    upper, _ = damped_inverse_cholesky(hessian.to(torch.float64).clone(), damp)
+    upper, _ = damped_inverse_cholesky(hessian.to(torch.float64), damp)
     scaled = weight.to(torch.float64) / torch.diagonal(upper)
     return float(scaled.norm() * scaled.std() ** 2)
 

@@ -46,7 +46,7 @@ from .correction import (
     norm_output_mean,
 )
 from .recipe import DACStage, DSQStage, Recipe, StageBase, UniformQuantStage
-from .stats import InputRecorder, InputStats, SpillArena, StopForward, disk_tensor
+from .stats import InputRecorder, InputStats, SpillArena, StopForward, all_finite, disk_tensor
 
 
 @dataclass
@@ -404,8 +404,7 @@ def compress_blocks(
                     reference.close()
             if need_outputs and not outputs_done:   # a block with nothing to compress
                 run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
-            # one reduction instead of a 37M-element mask: a NaN or ±Inf anywhere makes the sum non-finite
-            if need_outputs and distributed.any_rank(not torch.isfinite(hidden.sum(dtype=torch.float64))):
+            if need_outputs and distributed.any_rank(not all_finite(hidden)):
                 raise LlmpressError(
                     f"block {i} of the compressed model produced NaN/Inf activations on the calibration "
                     "data; try more bits, a smaller group_size or a larger damp"

@@ -141,7 +141,7 @@ def bcq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, *, bits: in
     signs = torch.zeros(bits, out, inp, dtype=torch.bool)
     upper = None
     if hessian is not None:
-        upper = damped_inverse_cholesky(hessian.to(torch.float64).clone(), damp)[0]
+        upper = damped_inverse_cholesky(hessian.to(torch.float64), damp)[0]
     if block_size % col_block:
         block_size = col_block * max(1, block_size // col_block)
     for i1 in range(0, inp, block_size):
