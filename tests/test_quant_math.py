@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmpress.compress.quant.gptq import HessianError, gptq_quantize
+from llmpress.compress.quant.gptq import (
+    HessianError,
+    _inverse_factor,
+    damped_inverse_cholesky,
+    gptq_quantize,
+    reverse_inplace,
+)
 from llmpress.compress.quant.grid import fit_grid, group_count
 from llmpress.compress.quant.rtn import rtn_quantize
 from llmpress.kernels.packing import pack_codes, packed_words, unpack_codes
@@ -145,6 +151,39 @@ def test_damping_rises_until_the_cholesky_succeeds():
     q = gptq_quantize(w, h, bits=4, damp=0.01)
     assert 0.03 < q.metrics["damp"] <= 0.05
     assert torch.isfinite(q.dequantize()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 64, 577])
+def test_inplace_inverse_factor_is_the_upper_cholesky_of_the_damped_inverse(dtype, n):
+    """The CPU path (LAPACK in place) gives U upper with UᵀU = (H + λI)⁻¹, equal to the torch
+    path's factor, and leaves H untouched."""
+    x = _correlated(n_in=n, tokens=2 * n + 8).to(dtype)
+    h = x.T @ x
+    before = h.clone()
+    upper, used = damped_inverse_cholesky(h, 0.01)
+    assert torch.equal(h, before) and used == 0.01
+    assert torch.equal(upper, torch.triu(upper))
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(n, dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(upper.T @ upper @ damped, torch.eye(n, dtype=dtype), atol=tol)
+    reference, _ = _inverse_factor(h, 0.01 * float(h.diagonal().mean()), None)
+    assert torch.allclose(upper, reference, rtol=tol, atol=tol * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (3, 3), (5, 5), (9, 4)])
+def test_reverse_inplace_is_flip_of_both_axes(shape):
+    m = torch.randn(*shape)
+    expected = m.flip(0, 1)
+    assert torch.equal(reverse_inplace(m, chunk=2), expected)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_hessian_is_refused(bad):
+    h = torch.eye(16)
+    h[3, 5] = bad
+    with pytest.raises(HessianError, match="NaN or Inf"):
+        damped_inverse_cholesky(h, 0.01)
 
 
 def test_mse_range_search_lowers_the_grid_error():

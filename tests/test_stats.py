@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from llmpress.compress.stats import InputStats, SpillArena, SpilledTensors, StopForward, gram_update, symmetrize
+from llmpress.compress.stats import (
+    InputStats,
+    SpillArena,
+    SpilledTensors,
+    StopForward,
+    all_finite,
+    gram_update,
+    symmetrize,
+)
 
 
 class _TwoHeads(nn.Module):
@@ -25,6 +33,24 @@ def test_gram_update_is_the_symmetric_product():
     gram_update(acc, x[:100].contiguous())
     gram_update(acc, x[100:].contiguous())
     assert torch.allclose(symmetrize(acc), x.T @ x, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40])
+def test_symmetrize_in_place_strip_by_strip(n):
+    x = torch.randn(3 * n + 2, n, dtype=torch.float64)
+    full = x.T @ x
+    acc = torch.triu(full) + torch.tril(torch.randn(n, n, dtype=torch.float64), -1)   # junk below
+    out = symmetrize(acc, rows=4)
+    assert out.data_ptr() == acc.data_ptr()
+    assert torch.equal(out, torch.triu(full) + torch.triu(full, 1).T)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_one_bad_entry(bad):
+    t = torch.randn(64, 64)
+    assert all_finite(t) and all_finite(torch.zeros(0))
+    t[17, 3] = bad
+    assert not all_finite(t)
 
 
 def test_shared_inputs_share_one_hessian_and_the_forward_stops_early():
