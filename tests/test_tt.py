@@ -72,6 +72,32 @@ def test_aware_tt_beats_data_free_tt_on_a_kronecker_structured_input():
         assert tt.relative_output_error(aware - w, w, hessian) < tt.relative_output_error(free - w, w, hessian)
 
 
+def test_guarded_aware_tt_keeps_the_whitened_cores_only_where_they_lower_the_layer_error():
+    """Inputs with two massive channels (a Gram far from a Kronecker product): the guarded variant
+    returns whichever of the whitened and plain TT-SVDs has the lower exact output error, and says
+    which; in this set both choices occur."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 64, generator=g, dtype=torch.float64)
+    picks = set()
+    for trial in range(3):
+        x = torch.randn(400, 64, generator=g, dtype=torch.float64)
+        x[:, trial * 7 % 64] *= 60
+        x[:, (trial * 13 + 5) % 64] *= 30
+        hessian = x.T @ x
+        out_modes, in_modes, rank = tt.tt_plan(96, 64, 0.2, 3)
+        errors = {}
+        for name, cores in (("whitened", tt.aware_tt_svd(w, hessian, out_modes, in_modes, rank)),
+                            ("plain", tt.tt_svd(w, out_modes, in_modes, rank))):
+            errors[name] = tt.relative_output_error(tt.tt_full(cores, (96, 64)) - w, w, hessian)
+        cores, metrics = tt.tt_factorize(w, 0.2, 3, hessian)
+        got = tt.relative_output_error(tt.tt_full(cores, (96, 64)) - w, w, hessian)
+        assert got == pytest.approx(min(errors.values()), rel=1e-12)
+        assert metrics["rel_output_error"] == pytest.approx(got, rel=1e-12)
+        assert metrics["tt_whitened"] == float(errors["whitened"] < errors["plain"])
+        picks.add(metrics["tt_whitened"])
+    assert picks == {0.0, 1.0}
+
+
 def test_tt_linear_forward_and_bits():
     torch.manual_seed(4)
     w = torch.randn(97, 61, dtype=torch.float64)

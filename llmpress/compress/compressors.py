@@ -72,10 +72,10 @@ def _lowrank_module(weight: torch.Tensor, stats: dict, ratio: float, whitened: b
 
 def _tt_module(weight: torch.Tensor, stats: dict, ratio: float, order: int, aware: bool, bias, dtype) -> Built:
     try:
-        cores = tt_factorize(weight, ratio, order, stats["hessian"] if aware else None)
+        cores, metrics = tt_factorize(weight, ratio, order, stats["hessian"] if aware else None)
     except ValueError as e:
         raise LlmpressError(str(e)) from None
-    return TTLinear.from_cores(cores, tuple(weight.shape), bias, dtype), {}
+    return TTLinear.from_cores(cores, tuple(weight.shape), bias, dtype), metrics
 
 
 def _lowrank(stage: LowRankStage, weight, stats, bias, dtype) -> Built:

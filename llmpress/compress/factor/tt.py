@@ -245,6 +245,24 @@ def relative_output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: to
     return float((num / den).clamp_min(0).sqrt()) if den > 0 else 0.0
 
 
+def aware_or_plain_tt(weight: torch.Tensor, hessian: torch.Tensor, out_modes, in_modes, rank: int
+                      ) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """The activation-aware cores, guarded: the Kronecker-whitened TT-SVD where it lowers the exact
+    output error ``‖X ΔWᵀ‖ / ‖X Wᵀ‖`` under the full Gram, else the plain TT-SVD. The whitening
+    only approximates the Gram (a Kronecker product); where the approximation is poor (SmolLM2's
+    MLP inputs) the whitened cores can do worse than none, and the layer's own objective decides."""
+    shape = tuple(weight.shape)
+    candidates = {
+        "whitened": aware_tt_svd(weight, hessian, out_modes, in_modes, rank),
+        "plain": tt_svd(weight, out_modes, in_modes, rank),
+    }
+    errors = {k: relative_output_error(tt_full(c, shape) - weight.to(torch.float64), weight, hessian)
+              for k, c in candidates.items()}
+    pick = min(errors, key=errors.get)
+    return candidates[pick], {"tt_whitened": float(pick == "whitened"), "rel_output_error": errors[pick],
+                              "rel_output_error_plain": errors["plain"]}
+
+
 def tt_plan(out_features: int, in_features: int, removed: float, order: int):
     """``(out_modes, in_modes, rank)`` of a TT-matrix storing at most ``(1 − removed)`` of the dense
     weight's values, or None when even rank 1 is too big."""
@@ -253,12 +271,14 @@ def tt_plan(out_features: int, in_features: int, removed: float, order: int):
     return None if rank is None else (out_modes, in_modes, rank)
 
 
-def tt_factorize(weight: torch.Tensor, removed: float, order: int, hessian: torch.Tensor | None = None):
-    """The cores of ``W`` for a removed fraction: data-free, or activation-aware with ``hessian``."""
+def tt_factorize(weight: torch.Tensor, removed: float, order: int, hessian: torch.Tensor | None = None
+                 ) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """The cores of ``W`` for a removed fraction and their metrics: data-free, or activation-aware
+    (:func:`aware_or_plain_tt`) with ``hessian``."""
     plan = tt_plan(weight.shape[0], weight.shape[1], removed, order)
     if plan is None:
         raise ValueError(f"no TT of order {order} removes only {removed:.0%} of a {tuple(weight.shape)} weight")
     out_modes, in_modes, rank = plan
     if hessian is None:
-        return tt_svd(weight, out_modes, in_modes, rank)
-    return aware_tt_svd(weight, hessian, out_modes, in_modes, rank)
+        return tt_svd(weight, out_modes, in_modes, rank), {}
+    return aware_or_plain_tt(weight, hessian, out_modes, in_modes, rank)
