@@ -249,7 +249,8 @@ class ShiftAddMixStage(ShiftAddStage):
 
 class TTStage(StageBase):
     """Tensor-train (TT-matrix) factorization of every selected linear at a uniform removed
-    fraction: data-free TT-SVD, or ``aware`` (ours): TT-SVD in a Kronecker-factored whitened space."""
+    fraction: data-free TT-SVD, or ``aware`` (ours): TT-SVD in a Kronecker-factored whitened space,
+    kept for a linear only where it lowers that linear's exact output error (else the plain TT-SVD)."""
 
     method: Literal["tt"] = "tt"
     ratio: float = Field(gt=0, lt=1)     # the fraction of each linear's parameters removed
