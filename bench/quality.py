@@ -150,8 +150,8 @@ GPTQ_SEEDS = [
     ("GPTQ W3 g64 act-order seed 2", "gptq-w3-g64", [], 33.46, {"seed": 2}),
 ]
 
-SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2, "rotation": ROTATION,
-          "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD}
+SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
+          "rotation": ROTATION, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD}
 MEASURE_DECODE = {"factor", "tt", "shiftadd"}   # suites whose rows also time CPU decoding
 
 

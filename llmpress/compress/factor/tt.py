@@ -251,16 +251,16 @@ def aware_or_plain_tt(weight: torch.Tensor, hessian: torch.Tensor, out_modes, in
     output error ``‖X ΔWᵀ‖ / ‖X Wᵀ‖`` under the full Gram, else the plain TT-SVD. The whitening
     only approximates the Gram (a Kronecker product); where the approximation is poor (SmolLM2's
     MLP inputs) the whitened cores can do worse than none, and the layer's own objective decides."""
-    shape = tuple(weight.shape)
+    shape, exact = tuple(weight.shape), weight.to(torch.float64)
     candidates = {
         "whitened": aware_tt_svd(weight, hessian, out_modes, in_modes, rank),
         "plain": tt_svd(weight, out_modes, in_modes, rank),
     }
-    errors = {k: relative_output_error(tt_full(c, shape) - weight.to(torch.float64), weight, hessian)
-              for k, c in candidates.items()}
+    errors = {k: relative_output_error(tt_full(c, shape) - exact, exact, hessian) for k, c in candidates.items()}
     pick = min(errors, key=errors.get)
     return candidates[pick], {"tt_whitened": float(pick == "whitened"), "rel_output_error": errors[pick],
-                              "rel_output_error_plain": errors["plain"]}
+                              "rel_output_error_plain": errors["plain"],
+                              "rel_output_error_whitened": errors["whitened"]}
 
 
 def tt_plan(out_features: int, in_features: int, removed: float, order: int):
