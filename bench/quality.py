@@ -75,15 +75,19 @@ RESIDUAL_W2 = [
 
 # Issue #5: no rotation vs randomized Hadamard (RHT) vs HARP, each with RTN and GPTQ presets
 # (act-order, true-sequential). "rht+gptq-w3-g64" is the preset with a rotation stage in front.
+# HARP fits against the grid (bits, group, sym), which RTN and GPTQ share: the GPTQ row reuses the
+# rotation the RTN row fitted (run the RTN row first), the same Q a second fit would give.
 ROTATION = []
 for _bits, _group in ((3, 64), (2, 64), (4, -1)):
     _tag = f"W{_bits}" + (f" g{_group}" if _group > 0 else " per-row")
     _base = f"w{_bits}" + (f"-g{_group}" if _group > 0 else "")
     for _quant in ("rtn", "gptq"):
-        ROTATION += [(f"{q} {_tag}", r, [], None) for q, r in (
-            (_quant.upper(), f"{_quant}-{_base}"),
-            (f"RHT+{_quant.upper()}", f"rht+{_quant}-{_base}"),
-            (f"HARP+{_quant.upper()}", f"harp+{_quant}-{_base}"),
+        _fitted = "bench/out/HARP_RTN_" + _tag.replace(" ", "_")   # folder_name() of the RTN row; rows run in ROOT
+        _reuse = [] if _quant == "rtn" else [f"reuse={_fitted}"]
+        ROTATION += [(f"{q} {_tag}", r, settings, None) for q, r, settings in (
+            (_quant.upper(), f"{_quant}-{_base}", []),
+            (f"RHT+{_quant.upper()}", f"rht+{_quant}-{_base}", []),
+            (f"HARP+{_quant.upper()}", f"harp+{_quant}-{_base}", _reuse),
         )]
 
 # Issue #7: plain SVD vs whitened SVD (SVD-LLM) vs ROCKET at the same removed fraction of the
@@ -347,7 +351,7 @@ def main() -> None:
         proc = subprocess.run(
             [sys.executable, __file__, "--suite", args.suite, "--one", str(i), "--windows", str(args.windows),
              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)],
-            capture_output=True, text=True,
+            capture_output=True, text=True, cwd=ROOT,
         )
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)

@@ -18,7 +18,7 @@ from .compress import distributed
 from .compress.arch import arch_for, set_submodule
 from .compress.calibration import calibration_windows, text_fingerprint
 from .compress.pipeline import BlockIO, ModuleRecord, compress_blocks, peak_rss_mb
-from .compress.recipe import Recipe, load_recipe
+from .compress.recipe import Recipe, customize_recipe, load_recipe
 from .compress.rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
 from .errors import ModelLoadError, RecipeError
 from .eval.perplexity import PerplexityResult, perplexity
@@ -88,7 +88,7 @@ class _Job:
 
 
 def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop=None) -> _Job:
-    recipe = load_recipe(recipe, settings, drop) if isinstance(recipe, str) else recipe
+    recipe = load_recipe(recipe, settings, drop) if isinstance(recipe, str) else customize_recipe(recipe, settings, drop)
     folder = resolve_model(str(model))
     config = load_config(folder, trust_remote_code)
     skeleton = empty_model(config, trust_remote_code=trust_remote_code)
@@ -97,6 +97,8 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     windows = calib_info = None
     if recipe.rotation is not None and recipe.rotation.method == "harp":
         recipe.harp_grid()   # a missing grid fails before anything runs
+        if recipe.rotation.reuse is not None:   # a bad file fails before the output is touched
+            read_harp_rotation(recipe.rotation.reuse, config.hidden_size)
         if distributed.active():
             raise RecipeError("the HARP fit does not run under torchrun yet; fit it in one process "
                               "(the fitted rotation is reused with --resume)")
@@ -341,6 +343,32 @@ def _rotate_in_memory(model: nn.Module, rotation: ResidualRotation | None, arch,
     return rest
 
 
+def read_harp_rotation(source: str | Path, width: int) -> torch.Tensor:
+    """The fitted rotation of an earlier HARP run: its output folder or its ``llmpress-harp.safetensors``.
+    Checked to be a ``width x width`` orthogonal matrix (float64), so a file from another model or
+    a damaged one fails here with one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / HARP_FILE
+    if not path.is_file():
+        raise RotationError(f"harp reuse: {path} does not exist (give an earlier HARP run's output folder or its {HARP_FILE})")
+    try:
+        q = load_file(str(path)).get("q")
+    except (SafetensorError, OSError) as e:
+        raise RotationError(f"harp reuse: cannot read {path}: {e}") from None
+    if q is None or q.shape != (width, width):
+        shape = "no tensor 'q'" if q is None else f"a rotation of {tuple(q.shape)}"
+        raise RotationError(f"harp reuse: {path} holds {shape}, this model needs ({width}, {width})")
+    q = q.to(torch.float64)
+    drift = float((q.T @ q - torch.eye(width, dtype=torch.float64)).abs().max())
+    if not drift <= 1e-6:   # also catches NaN
+        raise RotationError(f"harp reuse: the matrix in {path} is not orthogonal (max |QᵀQ - I| = {drift:.2e})")
+    return q
+
+
 def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> ResidualRotation:
     """Fit HARP's residual rotation (or, on ``--resume``, read the one fitted before: a refit
     need not be bit-identical, and the finished blocks were rotated with the first)."""
@@ -357,6 +385,11 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> Res
     path = job.out / HARP_FILE
     if path.exists():
         q = load_file(str(path))["q"].to(torch.float64)
+        return replace(base, q=q, method="harp")
+    if stage.reuse is not None:
+        q = read_harp_rotation(stage.reuse, base.q.shape[0])
+        save_tensors_atomic({"q": q}, path)
+        job.harp = {"reused from": str(Path(stage.reuse).expanduser())}
         return replace(base, q=q, method="harp")
     bits, group_size, sym = job.recipe.harp_grid()
     with _Status(progress) as status:

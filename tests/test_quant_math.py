@@ -217,3 +217,54 @@ def test_packed_error_equals_the_solver_accounted_loss(kw):
     H_damped = H.double() + result.metrics["damp"] * torch.diagonal(H.double()).mean() * torch.eye(cols, dtype=torch.float64)
     accounted = result.metrics["gptq_loss"]
     assert abs(float(((delta @ H_damped) * delta).sum()) / 2 - accounted) <= 1e-5 * accounted
+
+
+def _textbook_gptq(W, H, bits, group, act_order, block=128, damp=0.01):
+    """GPTQ written out as research/algos-quant.md §1.3 states the reference's loop: explicit
+    inverse and a second Cholesky, columns of W (not transposed), min-max grid containing zero,
+    group parameters from the outer (lazily updated) W; with our two documented departures (scales
+    rounded to fp16 as stored, dead input columns kept instead of zeroed)."""
+    W, H = W.clone(), H.clone()
+    maxq = 2 ** bits - 1
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(W.shape[1])
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0])
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    def grid(x):
+        lo, hi = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
+        scale = ((hi - lo) / maxq).half().float()
+        return scale, torch.round(-lo / scale)
+
+    scale, zero = grid(W)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, W.shape[1], block):
+        i2 = min(i1 + block, W.shape[1])
+        W1, E = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1)
+        for i in range(i2 - i1):
+            if group > 0 and (i1 + i) % group == 0:
+                scale, zero = grid(W[:, i1 + i:i1 + i + group])
+            w = W1[:, i]
+            q = scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
+            Q[:, i1 + i] = q
+            E[:, i] = (w - q) / U[i1 + i, i1 + i]
+            W1[:, i:] -= E[:, i:i + 1] * U[i1 + i, i1 + i:i2]
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize(("group", "act_order"), [(64, False), (64, True), (-1, True), (48, True), (32, False)])
+def test_gptq_equals_the_textbook_loop(group, act_order):
+    """The same weights as the reference's loop written out plainly: our fused inverse factor and
+    transposed columns change nothing but float rounding, and no code flips. Groups of 48 and 32
+    start inside lazy blocks, where the group parameters come from the not yet updated weights."""
+    x = _correlated(384, 3000, seed=4)
+    x[:, 5] = 0                                        # a dead input
+    x[:, 11] *= 8
+    w = torch.randn(160, 384, generator=torch.Generator().manual_seed(9))
+    h = 2 * x.T @ x / x.shape[0]
+    ours = QuantLinear.from_quantized(gptq_quantize(w, h, bits=3, group_size=group, act_order=act_order),
+                                      None, torch.float32).dequantize(torch.float32)
+    assert torch.allclose(ours, _textbook_gptq(w, h, 3, group, act_order), rtol=0, atol=1e-5)

@@ -77,3 +77,15 @@ def test_recipe_file(tmp_path):
 def test_settings_are_named_in_the_recipe_name():
     assert load_recipe("gptq-w4", ["group_size=32"]).name == "gptq-w4 [group_size=32]"
     assert load_recipe("gptq-w4").name == "gptq-w4"
+
+
+def test_settings_and_drop_apply_to_a_recipe_object_too():
+    from llmpress.compress.recipe import customize_recipe
+
+    recipe = parse_recipe({"name": "mine", "stages": [{"method": "rht"}, {"method": "gptq", "bits": 3}]})
+    changed = customize_recipe(recipe, ["damp=0.05"], ["rht"])
+    assert [s.method for s in changed.stages] == ["gptq"] and changed.stages[0].damp == 0.05
+    assert changed.name == "mine [damp=0.05, -rht]"
+    assert customize_recipe(recipe) is recipe
+    with pytest.raises(RecipeError, match="no stage of this recipe has that key"):
+        customize_recipe(recipe, ["group_sise=64"])

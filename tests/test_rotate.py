@@ -262,3 +262,35 @@ def test_resume_reuses_the_harp_fit(perturbed, tmp_path, monkeypatch):
                                resume=True, keep_model=True)
     reloaded, _ = llmpress.load(tmp_path / "h")
     assert (_logits(result.model) - _logits(reloaded)).abs().max() <= 1e-5
+
+
+def test_harp_reuse_takes_an_earlier_fit_and_refuses_a_bad_one(perturbed, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from llmpress.compress.rotate import harp
+
+    folder = perturbed("llama")
+    fit = {"method": "harp", "steps": 3, "refresh": 1}
+    llmpress.compress(folder, parse_recipe({"stages": [fit, {"method": "rtn", "bits": 3, "group_size": 32}]}),
+                      out=tmp_path / "rtn", nsamples=4, seqlen=32, progress=False)
+    fitted = load_file(str(tmp_path / "rtn" / "llmpress-harp.safetensors"))["q"]
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("a reused rotation was fitted again")
+
+    monkeypatch.setattr(harp, "fit_harp", no_refit)
+    gptq = parse_recipe({"stages": [{**fit, "reuse": str(tmp_path / "rtn")},
+                                    {"method": "gptq", "bits": 3, "group_size": 32}]})
+    result = llmpress.compress(folder, gptq, out=tmp_path / "gptq", nsamples=4, seqlen=32, progress=False)
+    assert torch.equal(load_file(str(tmp_path / "gptq" / "llmpress-harp.safetensors"))["q"], fitted)
+    assert result.summary["HARP fit"] == {"reused from": str(tmp_path / "rtn")}
+
+    # Another width, a matrix that is not orthogonal, a missing file: one line each, no output.
+    save_file({"q": torch.eye(8, dtype=torch.float64)}, str(tmp_path / "narrow.safetensors"))
+    save_file({"q": fitted * 1.01}, str(tmp_path / "scaled.safetensors"))
+    for source, message in (("narrow.safetensors", r"holds a rotation of \(8, 8\), this model needs"),
+                            ("scaled.safetensors", "is not orthogonal"), ("nowhere", "does not exist")):
+        bad = parse_recipe({"stages": [{**fit, "reuse": str(tmp_path / source)}, {"method": "rtn", "bits": 3}]})
+        with pytest.raises(LlmpressError, match=message):
+            llmpress.compress(folder, bad, out=tmp_path / "bad", nsamples=4, seqlen=32, progress=False)
+        assert not (tmp_path / "bad").exists()

@@ -98,6 +98,60 @@ def test_guarded_aware_tt_keeps_the_whitened_cores_only_where_they_lower_the_lay
     assert picks == {0.0, 1.0}
 
 
+def _objective(cores, w, hessian):
+    delta = tt.tt_full(cores, tuple(w.shape)) - w
+    return ((delta @ hessian) * delta).sum()
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_edge_core_refit_is_the_exact_least_squares_solution(first):
+    """At the refitted core, the gradient of ‖X ΔWᵀ‖² over that core vanishes (30 output rows padded
+    to 32: the padded rows are not in the objective; 45 inputs need no padding)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(30, 45, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 45, generator=g, dtype=torch.float64) @ torch.randn(45, 45, generator=g, dtype=torch.float64)
+    hessian = x.T @ x
+    out_modes, in_modes = tt.balanced_modes(30, 3), tt.balanced_modes(45, 3)
+    assert math.prod(out_modes) > 30 and math.prod(in_modes) == 45
+    cores = tt.tt_svd(w, out_modes, in_modes, 3)
+    k = 0 if first else -1
+
+    def gradient(cs):
+        cs = [c.contiguous().clone().requires_grad_(i == k % len(cs)) for i, c in enumerate(cs)]
+        _objective(cs, w, hessian).backward()
+        return cs[k].grad
+
+    if first:   # a sweep refits the last core, then the first
+        refit = tt.refit_edge_cores(cores, w, hessian, sweeps=1)
+    else:
+        refit = [*cores[:-1], tt.refit_last_core(cores, *_padded(w, hessian, out_modes, in_modes))]
+    assert gradient(refit).abs().max() <= 1e-9 * gradient(cores).abs().max()
+    assert _objective(refit, w, hessian) < _objective(cores, w, hessian)
+
+
+def _padded(w, hessian, out_modes, in_modes):
+    rows, cols = math.prod(out_modes), math.prod(in_modes)
+    padded = torch.zeros(rows, cols, dtype=torch.float64)
+    padded[: w.shape[0], : w.shape[1]] = w
+    return padded, tt.padded_gram(hessian, cols), torch.arange(rows) < w.shape[0]
+
+
+def test_refit_lowers_the_guarded_error_and_stays_exact_at_full_rank():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 61, generator=g, dtype=torch.float64)
+    x = torch.randn(400, 61, generator=g, dtype=torch.float64)
+    x[:, 3] *= 40
+    hessian = x.T @ x
+    _, guarded = tt.tt_factorize(w, 0.3, 3, hessian)
+    cores, metrics = tt.tt_factorize(w, 0.3, 3, hessian, refit_sweeps=2)
+    assert metrics["rel_output_error_svd"] == guarded["rel_output_error"]
+    assert metrics["rel_output_error"] < 0.95 * guarded["rel_output_error"]
+    got = tt.relative_output_error(tt.tt_full(cores, (96, 61)) - w, w, hessian)
+    assert got == pytest.approx(metrics["rel_output_error"], rel=1e-12)
+    full = tt.tt_svd(w, tt.balanced_modes(96, 3), tt.balanced_modes(61, 3), 10 ** 6)
+    assert (tt.tt_full(tt.refit_edge_cores(full, w, hessian), (96, 61)) - w).abs().max() < 1e-9
+
+
 def test_tt_linear_forward_and_bits():
     torch.manual_seed(4)
     w = torch.randn(97, 61, dtype=torch.float64)

@@ -70,9 +70,10 @@ def _lowrank_module(weight: torch.Tensor, stats: dict, ratio: float, whitened: b
     return FactorLinear.from_factors(factors, bias, dtype), factors.metrics
 
 
-def _tt_module(weight: torch.Tensor, stats: dict, ratio: float, order: int, aware: bool, bias, dtype) -> Built:
+def _tt_module(weight: torch.Tensor, stats: dict, ratio: float, order: int, aware: bool, bias, dtype,
+               refit: int = 0) -> Built:
     try:
-        cores, metrics = tt_factorize(weight, ratio, order, stats["hessian"] if aware else None)
+        cores, metrics = tt_factorize(weight, ratio, order, stats["hessian"] if aware else None, refit)
     except ValueError as e:
         raise LlmpressError(str(e)) from None
     return TTLinear.from_cores(cores, tuple(weight.shape), bias, dtype), metrics
@@ -83,7 +84,7 @@ def _lowrank(stage: LowRankStage, weight, stats, bias, dtype) -> Built:
 
 
 def _tt(stage: TTStage, weight, stats, bias, dtype) -> Built:
-    return _tt_module(weight, stats, stage.ratio, stage.order, stage.aware, bias, dtype)
+    return _tt_module(weight, stats, stage.ratio, stage.order, stage.aware, bias, dtype, stage.refit)
 
 
 def _rocket(stage: RocketStage, weight, stats, bias, dtype) -> Built:
