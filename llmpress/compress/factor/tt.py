@@ -309,7 +309,7 @@ def refit_last_core(cores: list[torch.Tensor], weight: torch.Tensor, gram: torch
         if key not in normals:
             lv = left[mask]
             normal = torch.empty(r, n, r, n, dtype=torch.float64)
-            for b in range(n):   # one input mode index at a time: O(I·J·r·N') memory, not (J·r)²
+            for b in range(n):   # one input mode index at a time: O(I·r·N') memory, not (J·r)²
                 t = torch.einsum("ijr,jkc->irkc", lv, h4[:, b])
                 normal[:, b] = torch.einsum("irkc,iks->rsc", t, lv)
             normals[key] = normal.reshape(r * n, r * n)
