@@ -3,7 +3,8 @@ thread reads /proc/self/status every 2 ms and, at each new maximum, records the 
 into anonymous and file-backed pages and the main thread's Python stack at that moment.
 
 Issue #2's 1.3 GB bar is missed in some runs of the same command and met in others; this shows
-which step holds the peak in each run. Linux only. Prints a JSON summary (also written to --json).
+which step holds the peak in each run. Linux only. Prints the peak as JSON; --json also writes
+the RSS timeline (one sample a second).
 
     python bench/rss_peak.py [--json OUT] -- smollm2-135m --recipe gptq-w4-g64 --out DIR --overwrite --no-progress
 """
@@ -37,16 +38,20 @@ class PeakSampler(threading.Thread):
         self.interval, self.frames = interval, frames
         self.main = threading.main_thread().ident
         self.peak: dict = {"VmRSS": 0}
+        self.timeline: list[tuple[float, int, int]] = []   # (seconds, VmRSS, RssAnon), one a second
         self.stop = threading.Event()
         self.start_time = time.perf_counter()
 
     def run(self) -> None:
         while not self.stop.is_set():
             sample = _status_mb()
+            now = round(time.perf_counter() - self.start_time, 2)
+            if not self.timeline or now - self.timeline[-1][0] >= 1.0:
+                self.timeline.append((now, sample["VmRSS"], sample["RssAnon"]))
             if sample["VmRSS"] > self.peak["VmRSS"]:
                 frame = sys._current_frames().get(self.main)
                 stack = traceback.format_stack(frame, limit=self.frames) if frame is not None else []
-                self.peak = {**sample, "seconds": round(time.perf_counter() - self.start_time, 2),
+                self.peak = {**sample, "seconds": now,
                              "stack": [" ".join(s.split()) for s in stack]}
             time.sleep(self.interval)
 
@@ -66,11 +71,10 @@ def main() -> None:
     finally:
         sampler.stop.set()
         sampler.join()
-        summary = json.dumps(sampler.peak, indent=1, ensure_ascii=False)
-        print(summary)
-        if args.json:
+        print(json.dumps(sampler.peak, indent=1, ensure_ascii=False))
+        if args.json:   # with the timeline: (seconds, VmRSS MB, RssAnon MB) once a second
             with open(args.json, "w") as f:
-                f.write(summary + "\n")
+                json.dump({"peak": sampler.peak, "timeline": sampler.timeline}, f)
 
 
 if __name__ == "__main__":
