@@ -6,7 +6,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,6 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     windows = calib_info = None
     if recipe.rotation is not None and recipe.rotation.method == "harp":
         recipe.harp_grid()   # a missing grid fails before anything runs
-        if recipe.rotation.reuse is not None:   # a bad file fails before the output is touched
-            read_harp_rotation(recipe.rotation.reuse, config.hidden_size)
         if distributed.active():
             raise RecipeError("the HARP fit does not run under torchrun yet; fit it in one process "
                               "(the fitted rotation is reused with --resume)")
@@ -113,6 +111,8 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
         if stage.method == "harp" and rotation.q is None:
             raise RotationError(f"HARP learns the residual-stream rotation, which the {arch.family} family cannot "
                                 "take (a norm sits between its writers and the stream); use `method: rht`")
+        if stage.method == "harp" and stage.reuse is not None:   # a bad file fails before the output is touched
+            rotation = replace(rotation, q=read_harp_rotation(stage.reuse, rotation.q.shape[0]), method="harp")
     store = LazyWeights(folder)   # opens every shard: a corrupt file fails here
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in skeleton.state_dict() if not (tied and n == "lm_head.weight")]
@@ -372,8 +372,6 @@ def read_harp_rotation(source: str | Path, width: int) -> torch.Tensor:
 def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> ResidualRotation:
     """Fit HARP's residual rotation (or, on ``--resume``, read the one fitted before: a refit
     need not be bit-identical, and the finished blocks were rotated with the first)."""
-    from dataclasses import replace
-
     from safetensors.torch import load_file
 
     from .compress.rotate.fuse import mean_preserving
@@ -386,11 +384,10 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> Res
     if path.exists():
         q = load_file(str(path))["q"].to(torch.float64)
         return replace(base, q=q, method="harp")
-    if stage.reuse is not None:
-        q = read_harp_rotation(stage.reuse, base.q.shape[0])
-        save_tensors_atomic({"q": q}, path)
+    if stage.reuse is not None:   # read and checked by _prepare
+        save_tensors_atomic({"q": base.q}, path)
         job.harp = {"reused from": str(Path(stage.reuse).expanduser())}
-        return replace(base, q=q, method="harp")
+        return base
     bits, group_size, sym = job.recipe.harp_grid()
     with _Status(progress) as status:
         status("HARP statistics: dense forward on the calibration windows")

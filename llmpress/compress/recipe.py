@@ -562,7 +562,7 @@ def customize_recipe(recipe: Recipe, settings: list[str] | None = None, drop: li
     """``recipe`` with ``--set`` settings and ``--drop`` applied, as :func:`load_recipe` applies them."""
     if not settings and not drop:
         return recipe
-    return parse_recipe(_customized(recipe.model_dump(mode="json"), settings, drop, "recipe"), recipe.name or "recipe")
+    return parse_recipe(_customized(recipe.model_dump(mode="json"), settings, drop, recipe.name), recipe.name)
 
 
 def _customized(data: dict, settings: list[str] | None, drop: list[str] | None, default_name: str) -> dict:

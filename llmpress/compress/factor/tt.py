@@ -125,16 +125,19 @@ def tt_svd(weight: torch.Tensor, out_modes, in_modes, rank: int) -> list[torch.T
 
 def tt_full(cores: list[torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
     """The dense ``[M, N]`` matrix of the cores (sliced to ``shape`` when padded)."""
+    full = bond_product(cores)[:, :, 0]          # the last bond has size 1
+    return full if shape is None else full[: shape[0], : shape[1]]
+
+
+def bond_product(cores: list[torch.Tensor]) -> torch.Tensor:
+    """``[Π m, Π n, r]``: the cores' product with the last bond left open (row-major modes)."""
     d = len(cores)
-    out_modes = [c.shape[1] for c in cores]
-    in_modes = [c.shape[2] for c in cores]
     t = cores[0]
     for core in cores[1:]:
         t = torch.tensordot(t, core, dims=([t.dim() - 1], [0]))
-    t = t.reshape(*[s for c in cores for s in c.shape[1:3]])           # [m1, n1, m2, n2, ...]
-    t = t.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))
-    full = t.reshape(math.prod(out_modes), math.prod(in_modes))
-    return full if shape is None else full[: shape[0], : shape[1]]
+    t = t.reshape(*[s for c in cores for s in c.shape[1:3]], cores[-1].shape[3])   # [m1, n1, m2, n2, ..., r]
+    t = t.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2), 2 * d)
+    return t.reshape(math.prod(c.shape[1] for c in cores), math.prod(c.shape[2] for c in cores), -1)
 
 
 def contraction_macs(cores_shapes: list[tuple[int, int, int, int]]) -> int:
@@ -274,17 +277,6 @@ def aware_or_plain_tt(weight: torch.Tensor, hessian: torch.Tensor, out_modes, in
 
 # -- exact refit of the edge cores -------------------------------------------------------------------
 
-def _bond_product(cores: list[torch.Tensor]) -> torch.Tensor:
-    """``L [Π m, Π n, r]``: the cores' product with the last bond left open (row-major modes)."""
-    t = cores[0]
-    for core in cores[1:]:
-        t = torch.tensordot(t, core, dims=([t.dim() - 1], [0]))
-    d = len(cores)
-    t = t.reshape(*[s for c in cores for s in c.shape[1:3]], cores[-1].shape[3])
-    t = t.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2), 2 * d)
-    return t.reshape(math.prod(c.shape[1] for c in cores), math.prod(c.shape[2] for c in cores), -1)
-
-
 def refit_last_core(cores: list[torch.Tensor], weight: torch.Tensor, gram: torch.Tensor,
                     valid_rows: torch.Tensor) -> torch.Tensor:
     """The last core minimising ``Σ_valid rows (w − ŵ)ᵀ H (w − ŵ)`` with the other cores fixed.
@@ -293,7 +285,7 @@ def refit_last_core(cores: list[torch.Tensor], weight: torch.Tensor, gram: torch
     marks the real output rows. ``ŵ`` is linear in the core ``G [r, m, n, 1]``: for each output
     mode index ``a`` the unknowns ``G[:, a, :]`` (``r·n`` values) solve one small normal system
     whose matrix ``Σ_i L_iᵀ H L_i`` is shared by every ``a`` with the same real rows."""
-    left = _bond_product(cores[:-1])                     # [I, J, r]
+    left = bond_product(cores[:-1])                      # [I, J, r]
     r, m, n = cores[-1].shape[:3]
     rows, cols, _ = left.shape
     h4 = gram.reshape(cols, n, cols, n)
