@@ -8,12 +8,14 @@ new numbers into the suite's log so that `python bench/quality.py --suite S --fr
 Run it on an otherwise idle machine.
 
     python bench/decode_speed.py --suite tt
+    python bench/decode_speed.py --suite rotation --only "W4 per-row"   # rows whose name matches (and dense)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--suite", required=True)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default=None, help="time the rows whose name this regex searches (dense always)")
     args = ap.parse_args()
     log = OUT / f"{args.suite}.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -41,6 +44,8 @@ def main() -> None:
     rates: dict[str, float] = {}
     prompt = None
     for name, row in latest.items():
+        if args.only and row.get("recipe") is not None and not re.search(args.only, name):
+            continue
         folder = "smollm2-135m" if row.get("recipe") is None else OUT / folder_name(name)
         if row.get("recipe") is not None and not (folder / "config.json").exists():
             print(f"{name}: no saved folder, skipped", flush=True)
