@@ -258,7 +258,7 @@ class TTStage(StageBase):
     order: int = Field(3, ge=2, le=4)    # the number of cores d
     aware: bool = False
     # aware only: sweeps of exact least squares on the first and last core against the full Gram
-    # after the guarded TT-SVD (ours; about 10 s per sweep of a 576x1536 linear on this CPU)
+    # after the guarded TT-SVD (ours; 13-27 s per sweep of a 576x1536 linear on one thread here)
     refit: int = Field(1, ge=0)
 
     @property
