@@ -4,7 +4,8 @@ into anonymous and file-backed pages and the main thread's Python stack at that 
 
 Issue #2's 1.3 GB bar is missed in some runs of the same command and met in others; this shows
 which step holds the peak in each run. Linux only. Prints the peak as JSON; --json also writes
-the RSS timeline (one sample a second).
+the RSS timeline (one sample a second, each with the step the progress bar names then) and the
+largest RSS seen within each block.
 
     python bench/rss_peak.py [--json OUT] -- smollm2-135m --recipe gptq-w4-g64 --out DIR --overwrite --no-progress
 """
@@ -38,7 +39,9 @@ class PeakSampler(threading.Thread):
         self.interval, self.frames = interval, frames
         self.main = threading.main_thread().ident
         self.peak: dict = {"VmRSS": 0}
-        self.timeline: list[tuple[float, int, int]] = []   # (seconds, VmRSS, RssAnon), one a second
+        self.timeline: list[tuple[float, int, int, str]] = []   # (seconds, VmRSS, RssAnon, step), one a second
+        self.step = "start"                  # what the pipeline's progress bar last described
+        self.block_peaks: dict[str, int] = {}   # "block N" -> the largest VmRSS seen while it ran
         self.stop = threading.Event()
         self.start_time = time.perf_counter()
 
@@ -47,11 +50,14 @@ class PeakSampler(threading.Thread):
             sample = _status_mb()
             now = round(time.perf_counter() - self.start_time, 2)
             if not self.timeline or now - self.timeline[-1][0] >= 1.0:
-                self.timeline.append((now, sample["VmRSS"], sample["RssAnon"]))
+                self.timeline.append((now, sample["VmRSS"], sample["RssAnon"], self.step))
+            block = " ".join(self.step.split()[:2]) if self.step.startswith("block") else self.step
+            self.block_peaks[block] = max(self.block_peaks.get(block, 0), sample["VmRSS"])
             if sample["VmRSS"] > self.peak["VmRSS"]:
                 frame = sys._current_frames().get(self.main)
                 stack = traceback.format_stack(frame, limit=self.frames) if frame is not None else []
-                self.peak = {**sample, "seconds": now,
+                del frame   # a kept frame would keep its locals (the batch's tensors) alive: RSS it measures
+                self.peak = {**sample, "seconds": now, "step": self.step,
                              "stack": [" ".join(s.split()) for s in stack]}
             time.sleep(self.interval)
 
@@ -65,6 +71,15 @@ def main() -> None:
     sampler = PeakSampler()
     sampler.start()
     from llmpress.cli import app
+    from llmpress.compress import pipeline
+
+    describe = pipeline.Progress.describe
+
+    def traced(self, text: str) -> None:   # the step names of the progress bar, also with --no-progress
+        sampler.step = text
+        describe(self, text)
+
+    pipeline.Progress.describe = traced
 
     try:
         app(["compress", *compress_args], standalone_mode=False)
@@ -72,9 +87,10 @@ def main() -> None:
         sampler.stop.set()
         sampler.join()
         print(json.dumps(sampler.peak, indent=1, ensure_ascii=False))
-        if args.json:   # with the timeline: (seconds, VmRSS MB, RssAnon MB) once a second
+        if args.json:   # with the timeline: (seconds, VmRSS MB, RssAnon MB, step) once a second
             with open(args.json, "w") as f:
-                json.dump({"peak": sampler.peak, "timeline": sampler.timeline}, f)
+                json.dump({"peak": sampler.peak, "block_peaks": sampler.block_peaks, "timeline": sampler.timeline}, f)
+        print("largest VmRSS (MB) per step:", " ".join(f"{k.removeprefix('block ')}:{v}" for k, v in sampler.block_peaks.items()))
 
 
 if __name__ == "__main__":

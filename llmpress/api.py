@@ -17,7 +17,7 @@ from . import __version__
 from .compress import distributed
 from .compress.arch import arch_for, set_submodule
 from .compress.calibration import calibration_windows, text_fingerprint
-from .compress.pipeline import BlockIO, ModuleRecord, compress_blocks, peak_rss_mb
+from .compress.pipeline import BlockIO, ModuleRecord, compress_blocks, limit_heap_fragmentation, peak_rss_mb
 from .compress.recipe import Recipe, customize_recipe, load_recipe
 from .compress.rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
 from .errors import ModelLoadError, RecipeError
@@ -157,6 +157,7 @@ def compress(
     calibration activations held in RAM: streams beyond it are memory-mapped files.
     """
     start = time.perf_counter()
+    limit_heap_fragmentation()   # before loading and tokenizing: they would fragment the heap first
     distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
     memory_budget = parse_size(max_memory)
     job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop)

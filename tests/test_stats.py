@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -90,6 +92,22 @@ def test_spilled_tensors_round_trip_and_the_arena_is_reused(budget):
     assert len(arena._all) == (1 if budget else 2)     # the second round reused the first's files
     assert files <= {id(f) for f in arena._all}
     arena.close()
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 0])
+def test_drain_yields_in_order_and_frees_each_tensor_in_ram(budget):
+    kept = SpilledTensors(budget)
+    tensors = [torch.randn(4, 3) for _ in range(3)]
+    for t in tensors:
+        kept.append(t)
+    seen, refs = [], []
+    for i, x in enumerate(kept.drain()):
+        assert torch.equal(x, tensors[i])
+        if budget:   # the kept copy was freed once the loop moved past it
+            assert kept.in_memory[i] is None and all(r() is None for r in refs)
+        refs.append(weakref.ref(x))
+        seen.append(x * 2)
+    assert len(seen) == 3 and len(kept) == 0 and kept.file is None   # closed
 
 
 def test_reset_keeps_the_hooks_removable():

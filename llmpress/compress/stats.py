@@ -111,7 +111,7 @@ class SpilledTensors:
     def __init__(self, budget_bytes: int = 32 << 20, arena: SpillArena | None = None):
         self.budget = budget_bytes
         self.arena = arena
-        self.in_memory: list[torch.Tensor] = []
+        self.in_memory: list[torch.Tensor | None] = []   # None: drained
         self.meta: list[tuple[int, torch.Size, torch.dtype]] = []
         self.file = None
         self._own_file = False
@@ -152,6 +152,17 @@ class SpilledTensors:
         self.file.seek(offset)
         self.file.readinto(memoryview(out.numpy()).cast("B"))
         return out
+
+    def drain(self):
+        """Yield the tensors in order and close; each one kept in RAM is dropped once the caller
+        moves past it, so a list of results built from them does not hold both at once."""
+        for i in range(len(self)):
+            t = self[i]
+            if self.file is None:
+                self.in_memory[i] = None
+            yield t
+            del t
+        self.close()
 
     def close(self) -> None:
         if self.file is not None:
