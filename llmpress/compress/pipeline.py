@@ -85,9 +85,9 @@ def limit_heap_fragmentation(threshold: int = 1 << 20) -> None:
     activation buffers of every calibration batch come from the heap and fragment it: its free
     space cannot be given back while later allocations sit above it. Measured on SmolLM2
     (GPTQ W4 g64, 128x512): set only when the blocks start, the heap had already grown to 446 MB
-    during model loading, tokenization and the capture, 290 MB of it free, and peak RSS was
-    1.27-1.34 GB; earlier, with no fixed threshold, 1.65 GB after 20 blocks. ``compress`` calls it
-    first thing. A no-op where the C library is not glibc.
+    during model loading, tokenization and the capture, 290 MB of it free, and peak RSS spread
+    over 1.13-1.46 GB (1.09 GB since); with no fixed threshold at all, 1.65 GB after 20 blocks.
+    ``compress`` calls it first thing. A no-op where the C library is not glibc.
     """
     libc = _glibc()
     if libc is not None:
