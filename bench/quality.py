@@ -203,7 +203,7 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
                                 overwrite=True, progress=False, **kwargs)
         result["compress_s"] = time.perf_counter() - start
         result["compress_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result["bits_per_weight"] = res.summary["mean bits per weight (codes+scales+zeros)"]
+        result["bits_per_weight"] = res.summary["bits per weight (codes+scales+zeros)"]
         model = out
     m, tok = llmpress.load(model)
     ppl = llmpress.perplexity(m, tok, "wiki/test", seqlen=2048, windows=windows)

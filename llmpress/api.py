@@ -43,6 +43,7 @@ from .io.models import (
     resolve_model,
     tie_output_embeddings,
 )
+from .layers import module_sizes
 from .report import write_report
 
 
@@ -288,7 +289,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         shutil.copy(job.folder / "generation_config.json", out / "generation_config.json")
     (out / "llmpress-recipe.yaml").write_text(job.recipe.to_yaml(), encoding="utf-8")
     seconds = time.perf_counter() - start
-    summary = _summary(out, records, job, seconds)
+    summary = _summary(out, records, job, seconds, modules)
     write_report(out, records, summary)
     extra = {
         "transforms": ([rotation.manifest(n_blocks)] if rotation is not None else []) + head_transform,
@@ -568,8 +569,12 @@ def _shard_keys(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float) -> dict[str, Any]:
-    bpw = [r.metrics["bits_per_weight"] for r in records if "bits_per_weight" in r.metrics]
+def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float,
+             modules: dict[str, dict]) -> dict[str, Any]:
+    # Total stored bits over total weights: a mean over modules would count a 192-row k_proj (whose
+    # act-order g_idx costs 0.17 bits per weight) as much as a 1536-row gate_proj.
+    sizes = module_sizes(modules).values()
+    weights = sum(w for _, w in sizes)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     c = job.calib
     return {
@@ -582,7 +587,7 @@ def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float) 
         **({"allocation": job.allocation} if job.allocation else {}),
         **({"ranks (torchrun)": distributed.world_size()} if distributed.active() else {}),
         "compressed modules": len(records),
-        "mean bits per weight (codes+scales+zeros)": round(sum(bpw) / len(bpw), 4) if bpw else None,
+        "bits per weight (codes+scales+zeros)": round(sum(b for b, _ in sizes) / weights, 4) if weights else None,
         "size on disk (MB)": round(size / 1e6, 2),
         **({"memory plan": job.memory.removeprefix("memory plan: ")} if job.memory else {}),
         "time (s)": round(seconds, 1),

@@ -159,17 +159,16 @@ def eval_(
 def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder.")) -> None:
     """Show the manifest: per-module format, bits per weight (codes, scales, zeros), size on disk."""
     from .io.checkpoint import read_manifest
-    from .layers import LAYER_FORMATS
+    from .layers import module_sizes
 
     manifest = read_manifest(folder)
+    sizes = module_sizes(manifest["modules"])
     table = Table(title=f"{folder}")
     for col in ("module", "format", "bits", "group", "act-order g_idx", "factors", "bits/weight"):
         table.add_column(col)
     total_bits = total_weights = 0
     for name, entry in manifest["modules"].items():
-        module = LAYER_FORMATS[entry["format"]].from_format_params(entry["params"], dtype=__import__("torch").float32)
-        weights = module.in_features * module.out_features
-        bits = module.stored_bits()
+        bits, weights = sizes[name]
         total_bits += bits
         total_weights += weights
         p = entry["params"]

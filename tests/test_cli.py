@@ -147,3 +147,19 @@ def test_drop_removes_a_stage_and_inspect_shows_dual_scale(tiny_model_factory, t
     words = result.output.split()   # the table may wrap its cells on a narrow terminal
     assert result.exit_code == 0 and "dual-scale" in words and "absorbed" in words, result.output
     assert "d2quant-w2-g64 [-dac, -rht]" in " ".join(words)
+
+
+def test_report_bits_per_weight_is_weighted_by_module_size(tiny_model_factory, tmp_path):
+    import llmpress
+
+    out = tmp_path / "o"
+    result = llmpress.compress(tiny_model_factory("llama"), "gptq-w4-g64", out=out, nsamples=4, seqlen=32,
+                               progress=False)
+    model, _tokenizer = llmpress.load(out)
+    packed = [m for m in model.modules() if hasattr(m, "stored_bits")]
+    bits = [m.stored_bits() for m in packed]
+    weights = [m.in_features * m.out_features for m in packed]
+    per_module = [b / w for b, w in zip(bits, weights)]
+    assert len(set(weights)) > 1 and max(per_module) - min(per_module) > 1e-3   # act-order g_idx: shapes differ
+    assert result.summary["bits per weight (codes+scales+zeros)"] == round(sum(bits) / sum(weights), 4)
+    assert abs(sum(bits) / sum(weights) - sum(per_module) / len(per_module)) > 1e-4   # not the plain mean

@@ -11,4 +11,17 @@ from .tt_linear import TTLinear
 # it under `transforms`, around a module of one of these formats or a plain linear)
 LAYER_FORMATS = {layer.format_name: layer for layer in (QuantLinear, FactorLinear, TTLinear, BCQLinear, DualScaleLinear)}
 
-__all__ = ["LAYER_FORMATS", "BCQLinear", "DualScaleLinear", "FactorLinear", "OnlineHadamard", "QuantLinear", "TTLinear"]
+
+def module_sizes(modules: dict[str, dict]) -> dict[str, tuple[int, int]]:
+    """``name -> (stored bits, weights)`` of every compressed module of a manifest's ``modules``
+    (built on the meta device: nothing is read or allocated)."""
+    import torch
+
+    sizes = {}
+    for name, entry in modules.items():
+        module = LAYER_FORMATS[entry["format"]].from_format_params(entry["params"], dtype=torch.float32)
+        sizes[name] = (module.stored_bits(), module.in_features * module.out_features)
+    return sizes
+
+
+__all__ = ["LAYER_FORMATS", "BCQLinear", "DualScaleLinear", "FactorLinear", "OnlineHadamard", "QuantLinear", "TTLinear", "module_sizes"]
