@@ -2,8 +2,8 @@
 thread reads /proc/self/status every 2 ms and, at each new maximum, records the resident set split
 into anonymous and file-backed pages and the main thread's Python stack at that moment.
 
-Issue #2's 1.3 GB bar is missed in some runs of the same command and met in others; this shows
-which step holds the peak in each run. Linux only. Prints the peak as JSON; --json also writes
+Written when issue #2's 1.3 GB bar was missed in some runs of the same command and met in others
+(the heap's free space, docs/pipeline.md "Memory"); it shows which step holds the peak of a run. Linux only. Prints the peak as JSON; --json also writes
 the RSS timeline (one sample a second, each with the step the progress bar names then) and the
 largest RSS seen within each block.
 

@@ -166,11 +166,8 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
     table = Table(title=f"{folder}")
     for col in ("module", "format", "bits", "group", "act-order g_idx", "factors", "bits/weight"):
         table.add_column(col)
-    total_bits = total_weights = 0
     for name, entry in manifest["modules"].items():
         bits, weights = sizes[name]
-        total_bits += bits
-        total_weights += weights
         p = entry["params"]
         if entry["format"] == "factor":
             layout = ("–", "–", "–", f"rank {p['rank']}, " + ("dense C" if p["nnz"] is None else f"{p['nnz']} atoms/output"))
@@ -200,7 +197,9 @@ def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder."
             if online:
                 parts.append(f"online Hadamard ({online.get('size')}) on {len(online.get('modules', []))} modules")
             out.print("rotation: " + ", ".join(parts))
+    total_weights = sum(w for _, w in sizes.values())
     if total_weights:
+        total_bits = sum(b for b, _ in sizes.values())
         out.print(f"compressed linears: {len(manifest['modules'])}, mean {total_bits / total_weights:.3f} bits per weight")
     out.print(f"size on disk: {size / 1e6:.2f} MB")
 

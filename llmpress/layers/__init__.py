@@ -1,5 +1,7 @@
 """Compressed modules a saved model is rebuilt from: one module type per storage format."""
 
+import torch
+
 from .bcq_linear import BCQLinear
 from .dual_scale_linear import DualScaleLinear
 from .factor_linear import FactorLinear
@@ -15,8 +17,6 @@ LAYER_FORMATS = {layer.format_name: layer for layer in (QuantLinear, FactorLinea
 def module_sizes(modules: dict[str, dict]) -> dict[str, tuple[int, int]]:
     """``name -> (stored bits, weights)`` of every compressed module of a manifest's ``modules``
     (built on the meta device: nothing is read or allocated)."""
-    import torch
-
     sizes = {}
     for name, entry in modules.items():
         module = LAYER_FORMATS[entry["format"]].from_format_params(entry["params"], dtype=torch.float32)
