@@ -3,9 +3,9 @@ thread reads /proc/self/status every 2 ms and, at each new maximum, records the 
 into anonymous and file-backed pages and the main thread's Python stack at that moment.
 
 Written when issue #2's 1.3 GB bar was missed in some runs of the same command and met in others
-(the heap's free space, docs/pipeline.md "Memory"); it shows which step holds the peak of a run. Linux only. Prints the peak as JSON; --json also writes
-the RSS timeline (one sample a second, each with the step the progress bar names then) and the
-largest RSS seen within each block.
+(the heap's free space, docs/pipeline.md "Memory"); it shows which step holds the peak of a run.
+Linux only. Prints the peak as JSON; --json also writes the RSS timeline (one sample a second,
+each with the step the progress bar names then) and the largest RSS seen within each block.
 
     python bench/rss_peak.py [--json OUT] -- smollm2-135m --recipe gptq-w4-g64 --out DIR --overwrite --no-progress
 """
