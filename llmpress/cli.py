@@ -8,9 +8,10 @@ from functools import wraps
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
-from rich.markup import escape as rich_escape
 from rich.table import Table
+from rich.text import Text
 
 from .errors import LlmpressError
 
@@ -18,7 +19,9 @@ app = typer.Typer(
     name="llmpress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Compress a causal language model after training, evaluate what it cost, and save it.",
 )
-out = Console()
+# Markup off: paths, dataset specs, recipe and module names are the user's, and rich would read
+# "[/abs/path]" as a closing tag.
+out = Console(markup=False, highlight=False, soft_wrap=True)   # a result line is never broken
 err = Console(stderr=True)
 
 
@@ -28,7 +31,7 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LlmpressError as e:
-            err.print("[bold red]error:[/] " + rich_escape(str(e)), highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("error:", "bold red"), " " + str(e)), soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; a compress run continues with --resume")
@@ -42,7 +45,7 @@ def compress(
     model: str = typer.Argument(..., help="Model folder, .gguf file, hub id (org/name) or built-in name (smollm2-135m)."),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped preset name (see `llmpress recipes`) or a YAML file."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must not exist unless --overwrite/--resume)."),
-    calib: str = typer.Option("wiki/train", help="Calibration text: wiki/train, news, FILE, FILE.jsonl[:field], FILE.parquet[:field], DIR, hf:NAME[@split][:field]."),
+    calib: str | None = typer.Option(None, help="Calibration text (default wiki/train): wiki/train, news, FILE, FILE.jsonl[:field], FILE.parquet[:field], DIR, hf:NAME[@split][:field]."),
     nsamples: int = typer.Option(128, min=1, help="Number of calibration windows."),
     seqlen: int = typer.Option(512, min=2, help="Tokens per calibration window."),
     seed: int = typer.Option(0, help="Seed for drawing the calibration windows."),
@@ -57,6 +60,7 @@ def compress(
     progress: bool = typer.Option(True, help="Show progress bars."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint (off by default)."),
     max_memory: str | None = typer.Option(None, help="RAM for calibration activations, e.g. 8GB (default: half the available RAM); beyond it they are memory-mapped files."),
+    dtype: str = typer.Option("auto", help="auto | float16 | bfloat16 | float32: storage of the tensors the recipe leaves dense (embeddings, norms, head, ignored linears); auto: the source's own precision."),
 ) -> None:
     """Compress MODEL with a recipe, block by block, into an output folder."""
     from . import api
@@ -70,7 +74,7 @@ def compress(
     result = api.compress(
         model, recipe, out=out_dir, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
         batch_size=batch_size, resume=resume, overwrite=overwrite, settings=set_, progress=progress,
-        trust_remote_code=trust_remote_code, max_memory=max_memory, drop=drop,
+        trust_remote_code=trust_remote_code, max_memory=max_memory, drop=drop, dtype=dtype,
     )
     from .compress import distributed
 
@@ -86,13 +90,12 @@ def compress(
         del dense
         packed, tok = api.load(result.out)
         after = api.perplexity(packed, tok, "wiki/test", windows=ppl_windows, progress=progress)
-        # markup=False: rich would read "[wiki/test, 2048x8]" as a style tag and drop it
-        out.print(f"dense      {before}", markup=False, highlight=False)
-        out.print(f"compressed {after}", markup=False, highlight=False)
+        out.print(f"dense      {before}")
+        out.print(f"compressed {after}")
     if tasks:
         packed, tok = api.load(result.out)
         _run_tasks(packed, tok, tasks, result.out / "llmpress-eval.json", limit=_limit(eval_limit))
-    out.print(f"saved to {result.out}", markup=False, highlight=False)
+    out.print(f"saved to {result.out}")
 
 
 def _task_list(tasks: str | None) -> list[str]:
@@ -107,10 +110,10 @@ def _run_tasks(model, tokenizer, tasks, output: Path | None, **kw) -> None:
     from .eval.harness import evaluate_tasks, results_table, write_results
 
     results = evaluate_tasks(model, tokenizer, tasks, **kw)
-    out.print(results_table(results), markup=False, highlight=False)
+    out.print(results_table(results))
     if output is not None:
         json_path, md_path = write_results(results, output)
-        out.print(f"lm-eval results: {json_path} and {md_path}", markup=False, highlight=False)
+        out.print(f"lm-eval results: {json_path} and {md_path}")
 
 
 @app.command(name="eval")
@@ -151,57 +154,52 @@ def eval_(
                    batch_size=batch_size, include_path=include_path)
         return
     result = api.perplexity(model_obj, tok, dataset, seqlen=seqlen, windows=windows, progress=progress)
-    out.print(f"{result}   ({result.seconds:.0f} s)", markup=False, highlight=False)
+    out.print(f"{result}   ({result.seconds:.0f} s)")
 
 
 @app.command()
 @_user_errors
-def inspect(folder: Path = typer.Argument(..., help="An llmpress output folder.")) -> None:
-    """Show the manifest: per-module format, bits per weight (codes, scales, zeros), size on disk."""
-    from .io.checkpoint import read_manifest
-    from .layers import module_sizes
+def inspect(
+    folder: Path = typer.Argument(..., help="An llmpress output folder."),
+    all_modules: bool = typer.Option(False, "--all", help="One row per module instead of one per module kind."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON (one entry per module)."),
+) -> None:
+    """Show the manifest: per-module format, bits per weight (codes, scales, zeros), the dense
+    tensors' storage, size on disk. Modules identical across blocks fold into one row."""
+    from dataclasses import asdict
 
-    manifest = read_manifest(folder)
-    sizes = module_sizes(manifest["modules"])
-    table = Table(title=f"{folder}")
-    for col in ("module", "format", "bits", "group", "act-order g_idx", "factors", "bits/weight"):
-        table.add_column(col)
-    for name, entry in manifest["modules"].items():
-        bits, weights = sizes[name]
-        p = entry["params"]
-        if entry["format"] == "factor":
-            layout = ("–", "–", "–", f"rank {p['rank']}, " + ("dense C" if p["nnz"] is None else f"{p['nnz']} atoms/output"))
-        elif entry["format"] == "tt":
-            layout = ("–", "–", "–", f"TT {p['out_modes']}x{p['in_modes']} ranks {p['ranks'][1:-1]}")
-        elif entry["format"] == "bcq":
-            layout = (str(p["bits"]), f"{p['out_features'] // p['row_groups']}x{p['col_block']}", "–",
-                      f"binary-coded, {p['terms']} powers of two per scale")
-        elif entry["format"] == "dual-scale":
-            layout = (str(p["bits"]), str(p["group_size"]), "–",
-                      "binary-coded, column scale " + ("stored" if p["column_scale"] else "absorbed upstream"))
-        else:
-            layout = (str(p["bits"]), str(p["group_size"]), str(p["has_g_idx"]), "–")
-        table.add_row(name, entry["format"], *layout, f"{bits / weights:.3f}")
+    from .io.inspect import fold, summarize
+
+    summary = summarize(folder)
+    if as_json:
+        out.print_json(json.dumps(asdict(summary)))
+        return
+    if all_modules:
+        rows = [("–" if r.block is None else str(r.block), r.module, "", r) for r in summary.modules]
+    else:
+        rows = [(f.blocks, f.row.module, str(f.count), f.row) for f in fold(summary.modules)]
+    with_layout = any(r.layout != "–" for *_, r in rows)
+    table = Table(title=str(folder), box=box.SIMPLE_HEAD)
+    headers = ["block" if all_modules else "blocks", "module", *([] if all_modules else ["n"]), "format", "bits",
+               "group", "act-order", *(["layout"] if with_layout else []), "bits/w"]
+    for col in headers:
+        table.add_column(col, overflow="fold", justify="right" if col in ("n", "bits", "group", "bits/w") else "left")
+    for blocks, module, count, r in rows:
+        cells = [blocks, module, *([] if all_modules else [count]), r.format, r.bits,
+                 "row" if r.group == "-1" else r.group, r.act_order, *([r.layout] if with_layout else []),
+                 f"{r.bits_per_weight:.3f}"]
+        table.add_row(*cells)
     out.print(table)
-    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    recipe = manifest.get("recipe", {}).get("name", "?")
-    calib = manifest.get("calibration")
-    out.print(f"recipe: {recipe}; base model: {manifest.get('base_model')}; llmpress {manifest.get('llmpress_version')}")
+    out.print(f"recipe: {summary.recipe}; base model: {summary.base_model}; llmpress {summary.llmpress_version}")
+    calib = summary.calibration
     out.print(f"calibration: {json.dumps(calib) if calib else 'none (data-free)'}")
-    for t in manifest.get("transforms") or []:
-        if isinstance(t, dict) and t.get("kind") == "rotation":
-            parts = [f"{t.get('method')} seed {t.get('seed')}"]
-            parts += ["residual stream"] if t.get("residual") else []
-            parts += ["within heads"] if t.get("heads") else []
-            online = t.get("online_hadamard")
-            if online:
-                parts.append(f"online Hadamard ({online.get('size')}) on {len(online.get('modules', []))} modules")
-            out.print("rotation: " + ", ".join(parts))
-    total_weights = sum(w for _, w in sizes.values())
-    if total_weights:
-        total_bits = sum(b for b, _ in sizes.values())
-        out.print(f"compressed linears: {len(manifest['modules'])}, mean {total_bits / total_weights:.3f} bits per weight")
-    out.print(f"size on disk: {size / 1e6:.2f} MB")
+    for line in summary.transforms:
+        out.print(line)
+    if summary.bits_per_weight is not None:
+        out.print(f"compressed linears: {len(summary.modules)}, {summary.bits_per_weight:.3f} bits per weight")
+    dense = ", ".join(f"{mb:.2f} MB {dtype}" for dtype, mb in summary.dense_mb.items())
+    out.print(f"dense tensors (embeddings, norms, head, others left dense): {dense or 'none'}")
+    out.print(f"size on disk: {summary.size_mb:.2f} MB")
 
 
 @app.command()
@@ -218,7 +216,7 @@ def export(
     from .io.export import export as run_export
 
     path = run_export(folder, out_dir, fmt, dtype=dtype, overwrite=overwrite)
-    out.print(f"exported {folder} as {fmt} to {path}", markup=False, highlight=False)
+    out.print(f"exported {folder} as {fmt} to {path}")
 
 
 @app.command()

@@ -19,3 +19,12 @@ class CalibrationError(LlmpressError):
 
 class OutputError(LlmpressError):
     """An output folder that cannot be written safely."""
+
+
+def cause_of(e: BaseException) -> str:
+    """``Type: first line`` of the innermost cause: libraries wrap the reason (transformers'
+    config validation puts "The hidden size (66) is not a multiple ..." inside a generic error)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

@@ -163,3 +163,100 @@ def test_report_bits_per_weight_is_weighted_by_module_size(tiny_model_factory, t
     assert len(set(weights)) > 1 and max(per_module) - min(per_module) > 1e-3   # act-order g_idx: shapes differ
     assert result.summary["bits per weight (codes+scales+zeros)"] == round(sum(bits) / sum(weights), 4)
     assert abs(sum(bits) / sum(weights) - sum(per_module) / len(per_module)) > 1e-4   # not the plain mean
+
+
+def _text_file(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from llmpress.compress.calibration import load_text
+
+    path.write_text(load_text("news")[:20_000])
+    return path
+
+
+def test_text_paths_that_look_like_markup_are_shown_as_given(tiny_model_factory, tmp_path):
+    """A text source at an absolute path ("[/...]" reads as a closing tag) or under "run[x]" (reads
+    as a style) is evaluated and calibrated on with progress bars on, and printed verbatim."""
+    model = tiny_model_factory("llama")
+    for text in (_text_file(tmp_path / "t.txt"), _text_file(tmp_path / "run[x]" / "t.txt")):
+        assert text.is_absolute()
+        result, _ = _run("eval", model, "--dataset", text, "--seqlen", "64", "--windows", "1")
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert f"ppl[{text}, 64x1] = " in result.output
+        out = tmp_path / f"o{len(text.parts)}"
+        result, _ = _run("compress", model, "--recipe", "gptq-w4-g64", "--calib", text, "--out", out,
+                         "--nsamples", "4", "--seqlen", "32")
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert f"saved to {out}" in result.output
+        import json
+
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]["source"] == str(text)
+
+
+def test_calibration_source_is_checked_when_the_recipe_reads_none(tiny_model_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model = tiny_model_factory("llama")
+    result, stderr = _run("compress", model, "--recipe", "rtn-w4", "--calib", tmp_path / "nope.txt", "--out", tmp_path / "o")
+    _assert_user_error(result, stderr, r"no such text source .*nope.txt")
+    result, stderr = _run("compress", model, "--recipe", "rtn-w4", "--calib", "hf:nonexistent/dataset", "--out", tmp_path / "o")
+    _assert_user_error(result, stderr, r"cannot find hub dataset 'nonexistent/dataset'")
+    assert not (tmp_path / "o").exists()
+    text = _text_file(tmp_path / "t.txt")
+    result, stderr = _run("compress", model, "--recipe", "rtn-w4", "--calib", text, "--out", tmp_path / "o", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert stderr.count("is unused: recipe rtn-w4 needs no calibration data") == 1, stderr
+
+
+def _broken_config(model, tmp_path, **changes):
+    import json
+
+    folder = tmp_path / "broken"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_config_transformers_cannot_build_is_one_line(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("llama")
+    folder = _broken_config(model, tmp_path / "a", hidden_size=66)     # config validation rejects it
+    for command in (("compress", folder, "--recipe", "rtn-w4", "--out", tmp_path / "o"), ("eval", folder, "--windows", "1")):
+        result, stderr = _run(*command)
+        _assert_user_error(result, stderr, r"hidden size \(66\) is not a multiple of the number of attention heads")
+        assert str(folder) in stderr
+    folder = _broken_config(model, tmp_path / "b", hidden_act="no-such-activation")   # fails only when built
+    result, stderr = _run("compress", folder, "--recipe", "rtn-w4", "--out", tmp_path / "o")
+    _assert_user_error(result, stderr, r"cannot build a model from .*broken/config.json: KeyError")
+    result, stderr = _run("eval", folder, "--windows", "1")
+    _assert_user_error(result, stderr, r"cannot load the model in .*broken")
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_folds_blocks_and_lists_every_module_on_request(tiny_model_factory, tmp_path):
+    import json
+
+    import llmpress
+    from llmpress.compress.recipe import parse_recipe
+
+    recipe = parse_recipe({"stages": [{"method": "rtn", "bits": 4, "group_size": 32,
+                                       "overrides": {r"layers\.1\.mlp\.down_proj": {"bits": 8}}}]})
+    out = tmp_path / "o"
+    llmpress.compress(tiny_model_factory("llama"), recipe, out=out, progress=False)   # 3 blocks
+    result = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    table = lines[:next(i for i, line in enumerate(lines) if line.startswith("recipe:"))]
+    assert max(len(line) for line in table) <= 80
+    rows = [line.split() for line in lines if "uniform" in line]
+    assert ["0-2", "self_attn.q_proj", "3", "uniform", "4"] == rows[0][:5]
+    down = [r for r in rows if r[1] == "mlp.down_proj"]
+    assert sorted((r[0], r[2], r[4]) for r in down) == [("0,2", "2", "4"), ("1", "1", "8")]
+    assert len(rows) == 8   # 7 kinds, down_proj split by its bit width
+    result = runner.invoke(app, ["inspect", str(out), "--all"], env={"COLUMNS": "80"})
+    assert sum("uniform" in line for line in result.output.splitlines()) == 21
+    result = runner.invoke(app, ["inspect", str(out), "--json"])
+    data = json.loads(result.output)
+    assert len(data["modules"]) == 21 and data["modules"][0]["name"] == "model.layers.0.self_attn.q_proj"
+    assert data["modules"][0]["block"] == 0 and data["modules"][0]["module"] == "self_attn.q_proj"
+    assert set(data["dense_mb"]) == {"float32"}

@@ -69,26 +69,32 @@ def test_compressed_tensors_asymmetric_decompresses_with_its_own_code(tiny_model
         assert torch.equal(weight.float(), module.dequantize(torch.float32)), name
 
 
-def test_gptq_export_unpacks_to_the_same_weights(tiny_model_factory, tmp_path):
-    src, model = _compress(tiny_model_factory("llama"), tmp_path, "q", bits=4, group_size=32, act_order=True)
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_export_unpacks_to_the_same_weights(sym, tiny_model_factory, tmp_path):
+    """Symmetric models are written as v1 (zeros stored minus one), asymmetric ones as gptq_v2
+    (zeros as they are, the layout GPTQModel and vLLM accept for them)."""
+    src, model = _compress(tiny_model_factory("llama"), tmp_path, "q", bits=4, group_size=32, act_order=True, sym=sym)
     export(src, tmp_path / "gptq", "gptq")
     tensors = load_file(tmp_path / "gptq" / "model.safetensors")
     qconfig = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
-    assert qconfig["checkpoint_format"] == "gptq" and qconfig["desc_act"] is True and qconfig["bits"] == 4
+    layout = "gptq" if sym else "gptq_v2"
+    assert qconfig["checkpoint_format"] == qconfig["format"] == layout
+    assert qconfig["desc_act"] is True and qconfig["bits"] == 4 and qconfig["sym"] is sym
     for name, module in _quantized(model).items():
-        weight = _unpack_gptq_v1(tensors, name, bits=4)
+        weight = _unpack_gptq(tensors, name, bits=4, zero_offset=1 if sym else 0)
         assert torch.equal(weight, module.dequantize(torch.float32)), name
 
 
-def _unpack_gptq_v1(tensors, name, bits):
-    """An AutoGPTQ v1 reader written from the format's description, sharing no code with the
-    writer: ``32/bits`` codes per int32 word, lowest bits first; zeros stored minus one."""
+def _unpack_gptq(tensors, name, bits, zero_offset):
+    """A GPTQ reader written from the format's description, sharing no code with the writer:
+    ``32/bits`` codes per int32 word, lowest bits first; v1 stores zeros minus one, v2 as they are."""
     qweight, qzeros = tensors[f"{name}.qweight"].long() & 0xFFFFFFFF, tensors[f"{name}.qzeros"].long() & 0xFFFFFFFF
     scales, g_idx = tensors[f"{name}.scales"].float(), tensors[f"{name}.g_idx"].long()
     per_word, mask = 32 // bits, (1 << bits) - 1
     shifts = torch.arange(per_word) * bits
     codes = ((qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask).reshape(-1, qweight.shape[1])   # [in, out]
-    zeros = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & mask).reshape(qzeros.shape[0], -1) + 1  # [groups, out]
+    zeros = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & mask).reshape(qzeros.shape[0], -1)     # [groups, out]
+    zeros = zeros + zero_offset
     return (scales[g_idx] * (codes - zeros[g_idx]).float()).T
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -56,14 +57,15 @@ def test_rtn_needs_no_calibration_and_reloads(tiny_model_factory, tmp_path):
     folder = tiny_model_factory("llama")
     recipe = parse_recipe({"stages": [{"method": "rtn", "bits": 3, "group_size": 32}]})
     result = llmpress.compress(folder, recipe, out=tmp_path / "o", progress=False, keep_model=True,
-                               calib="this-source-is-never-read")
+                               calib=None)
     reloaded, _ = llmpress.load(tmp_path / "o")
     assert (_logits(result.model) - _logits(reloaded)).abs().max() <= 1e-5
 
 
-def test_untouched_tensors_keep_the_checkpoint_dtype(tiny_model_factory, tmp_path):
-    """An fp16 checkpoint's embeddings, norms and head are saved as fp16, not as the fp32 they are
-    computed in; rotated tensors (changed) stay fp32; both reload to the in-memory model."""
+def test_dense_tensors_are_stored_in_the_source_precision(tiny_model_factory, tmp_path):
+    """``dtype="auto"``: an fp16 checkpoint's embeddings, norms and head are saved as fp16, not as
+    the fp32 they are computed in, rotated ones too; the compressed modules' own tensors keep their
+    format's dtypes; the untouched ones reload to the in-memory model exactly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = tmp_path / "half"
@@ -74,11 +76,58 @@ def test_untouched_tensors_keep_the_checkpoint_dtype(tiny_model_factory, tmp_pat
     saved = _shards(tmp_path / "o")
     assert saved["model.embed_tokens.weight"].dtype == torch.float16
     assert saved["model.layers.0.input_layernorm.weight"].dtype == torch.float16
+    assert saved["model.layers.0.mlp.up_proj.qweight"].dtype == torch.int32
     reloaded, _ = llmpress.load(tmp_path / "o")
     assert torch.equal(_logits(result.model), _logits(reloaded))
     rotated = parse_recipe({"stages": [{"method": "rht"}, {"method": "rtn", "bits": 4, "group_size": 32}]})
     llmpress.compress(src, rotated, out=tmp_path / "r", progress=False)
-    assert _shards(tmp_path / "r")["model.embed_tokens.weight"].dtype == torch.float32
+    assert _shards(tmp_path / "r")["model.embed_tokens.weight"].dtype == torch.float16
+    llmpress.compress(src, rotated, out=tmp_path / "r32", progress=False, dtype="float32")
+    assert _shards(tmp_path / "r32")["model.embed_tokens.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dense_dtype_is_storage_only(dtype, tiny_model_factory, tmp_path):
+    """An fp32 source stored with ``dtype``: every tensor outside the compressed modules is in
+    ``dtype``, the packed codes and scales are the fp32 run's bit for bit, the config and the
+    manifest say so, and the reloaded logits differ from the fp32 run's only by that rounding."""
+    folder = tiny_model_factory("llama")
+    recipe = parse_recipe({"stages": [{"method": "gptq", "bits": 4, "group_size": 32, "ignore": [r"layers\.0\.mlp\.up_proj"]}]})
+    runs = {}
+    for name in ("float32", dtype):
+        llmpress.compress(folder, recipe, out=tmp_path / name, nsamples=4, seqlen=32, progress=False, dtype=name)
+        runs[name] = _shards(tmp_path / name)
+    wide, narrow = runs["float32"], runs[dtype]
+    assert wide.keys() == narrow.keys()
+    packed = ("qweight", "qzeros", "scales", "g_idx")
+    for key in wide:
+        if key.endswith(packed):
+            assert torch.equal(wide[key], narrow[key]), key
+        elif wide[key].is_floating_point():
+            assert wide[key].dtype == torch.float32 and narrow[key].dtype == getattr(torch, dtype), key
+            assert torch.equal(wide[key].to(narrow[key].dtype), narrow[key]), key
+    assert narrow["model.layers.0.mlp.up_proj.weight"].dtype == getattr(torch, dtype)   # an ignored linear
+    config = json.loads((tmp_path / dtype / "config.json").read_text())
+    assert config["dtype"] == dtype and config["quantization_config"]["dense_dtype"] == dtype
+    a, b = _logits(llmpress.load(tmp_path / "float32")[0]), _logits(llmpress.load(tmp_path / dtype)[0])
+    assert not torch.equal(a, b) and (a - b).abs().max() <= 0.05 * a.abs().max()
+
+
+def test_auto_dtype_of_each_source(real_model_folder):
+    from transformers import AutoConfig
+
+    from llmpress.errors import ModelLoadError
+    from llmpress.io.models import storage_dtype
+
+    config = AutoConfig.from_pretrained(real_model_folder)
+    assert config.dtype == torch.float32   # the converted cache: not the source's precision
+    assert storage_dtype("auto", "smollm2-135m", config) == torch.float16   # its GGUF embedding is Q8_0
+    assert storage_dtype("auto", str(real_model_folder), config) == torch.float32
+    config.dtype = torch.bfloat16
+    assert storage_dtype("auto", str(real_model_folder), config) == torch.bfloat16
+    assert storage_dtype("float16", str(real_model_folder), config) == torch.float16
+    with pytest.raises(ModelLoadError, match="--dtype must be"):
+        storage_dtype("half", str(real_model_folder), config)
 
 
 def _with_and_without(folder, tmp_path, monkeypatch, **arch_changes):

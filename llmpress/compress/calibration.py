@@ -12,18 +12,21 @@ Records are joined with ``"\\n\\n"``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
+import logging
 import re
 from pathlib import Path
 
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, cause_of
 from ..paths import atomic_write_text, cache_dir
 
 BUILTIN_CORPORA = ("wiki/train", "wiki/test", "news")
+DEFAULT_CALIBRATION = "wiki/train"
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _NEWS_FILE = "lee_background.cor"
 _WIKI_TRAIN_ARTICLES = 70
@@ -92,6 +95,41 @@ def _records_text(records, field: str, source: str) -> str:
     return "\n\n".join(texts)
 
 
+def check_text_source(spec: str) -> None:
+    """Fail with one line if ``spec`` names no text source, without reading the text: a file or
+    folder must exist, a hub dataset must be found (its metadata only)."""
+    if spec in BUILTIN_CORPORA:
+        return
+    if spec.startswith("hf:"):
+        name, config, _split, _field = _hub_spec(spec[3:])
+        try:
+            import datasets
+        except ImportError as e:
+            raise CalibrationError("hub datasets need `pip install datasets`") from e
+        try:
+            with _quiet_hub():
+                datasets.load_dataset_builder(name, config or None)
+        except Exception as e:  # noqa: BLE001 - network, missing dataset: say which one
+            raise CalibrationError(f"cannot find hub dataset {name!r}: {cause_of(e)}") from None
+        return
+    if Path(spec).expanduser().exists() or Path(_split_field(spec)[0]).expanduser().exists():
+        return
+    known = ", ".join(BUILTIN_CORPORA)
+    raise CalibrationError(f"no such text source {spec!r}: give a file, a folder, hf:NAME, or one of {known}")
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """The hub client logs each of its retries; the error that follows says it once."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_text(spec: str) -> str:
     """The text a spec names (see the module docstring)."""
     if spec in BUILTIN_CORPORA:
@@ -104,8 +142,7 @@ def load_text(spec: str) -> str:
     source, field = _split_field(spec)
     path = Path(source).expanduser()
     if not path.exists():
-        known = ", ".join(BUILTIN_CORPORA)
-        raise CalibrationError(f"no such text source {spec!r}: give a file, a folder, hf:NAME, or one of {known}")
+        check_text_source(spec)   # raises: nothing there
     if path.is_dir():
         try:
             import datasets
@@ -134,10 +171,16 @@ def load_text(spec: str) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _hub_text(spec: str) -> str:
+def _hub_spec(spec: str) -> tuple[str, str, str, str]:
+    """``NAME[/CONFIG][@SPLIT][:FIELD]`` as ``(name, config, split, field)``."""
     spec, field = _split_field(spec)
     name, _, split = spec.partition("@")
-    name, _, config = name.partition("/") if name.count("/") >= 2 else (name, "", "")
+    name, _, config = name.rpartition("/") if name.count("/") >= 2 else (name, "", "")
+    return name, config, split, field
+
+
+def _hub_text(spec: str) -> str:
+    name, config, split, field = _hub_spec(spec)
     try:
         import datasets
     except ImportError as e:
@@ -145,7 +188,7 @@ def _hub_text(spec: str) -> str:
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as e:  # noqa: BLE001 - network, missing dataset: say which one
-        raise CalibrationError(f"cannot load hub dataset {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise CalibrationError(f"cannot load hub dataset {name!r}: {cause_of(e)}") from None
     return _records_text(ds, field, name)
 
 

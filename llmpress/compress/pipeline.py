@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import LlmpressError
+from ..progress import Progress
 from . import distributed
 from .arch import ArchMap, blocks_of, set_submodule
 from .compressors import column_scale, compress_linear, dense_weight, linear_weight
@@ -288,40 +289,6 @@ def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
     sequential = all(getattr(s, "true_sequential", True) for s in assignment.values() if s is not None)
     groups = list(arch.linear_groups) if sequential else [arch.linears]
     return BlockPlan(assignment, groups)
-
-
-class Progress:
-    """A rich progress bar over blocks that names the module being compressed."""
-
-    def __init__(self, total: int, enabled: bool, title: str = "compress"):
-        self.enabled = enabled
-        self._bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
-            self._bar = RichProgress(
-                TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
-            )
-            self._task = self._bar.add_task("", total=total)
-
-    def __enter__(self):
-        if self._bar:
-            self._bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._bar:
-            self._bar.__exit__(*exc)
-
-    def describe(self, text: str) -> None:
-        if self._bar:
-            self._bar.update(self._task, description=text)
-
-    def advance(self) -> None:
-        if self._bar:
-            self._bar.advance(self._task)
 
 
 @dataclass

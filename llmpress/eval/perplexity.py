@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from ..compress.calibration import load_text, tokenize
 from ..errors import CalibrationError
+from ..progress import track
 
 
 @dataclass
@@ -56,12 +57,8 @@ def perplexity(
     start = time.perf_counter()
     batches = eval_windows(tokenize(tokenizer, load_text(dataset)), seqlen, windows)
     total_nll, predicted = 0.0, 0
-    iterator = range(batches.shape[0])
-    if progress:
-        from rich.progress import track
-
-        iterator = track(iterator, description=f"ppl[{dataset}, {seqlen}x{batches.shape[0]}]")
-    for i in iterator:
+    count = batches.shape[0]
+    for i in track(range(count), f"ppl[{dataset}, {seqlen}x{count}]", count, enabled=progress):
         ids = batches[i:i + 1]
         logits = model(input_ids=ids, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")

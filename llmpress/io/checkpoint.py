@@ -186,7 +186,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     folder = Path(folder)
     manifest = read_manifest(folder)
     config = load_config(folder)
-    model = empty_model(config, dtype=dtype)
+    model = empty_model(config, dtype=dtype, source=folder)
     apply_transforms(model, manifest.get("transforms", []), dtype)
     for name, entry in manifest["modules"].items():
         try:

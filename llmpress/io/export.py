@@ -5,12 +5,14 @@
   ``weight_packed`` is our ``qweight`` bit for bit (both are dense little-endian bitstreams of the
   unsigned codes along the input dimension); its signed convention ``(q − 8) − (z − 8)`` equals
   our ``q − z``; zero points are packed along the output dimension.
-- ``gptq``: the AutoGPTQ v1 layout (``checkpoint_format: gptq``). ``qweight`` is ``[in·b/32, out]``
-  (our ``qweight`` transposed: for 2/4/8 bits words of ``32/b`` codes, for 3 bits the same
-  continuous bitstream that AutoGPTQ's 3-bit packer writes), ``scales`` fp16 ``[groups, out]``,
-  ``g_idx`` int32 ``[in]`` (the group of every input column), and ``qzeros`` ``[groups, out·b/32]``
-  holding **zero − 1**: v1 loaders add 1 back. A zero point of 0 cannot be stored that way; such a
-  layer is refused with a pointer to the other formats.
+- ``gptq``: the AutoGPTQ layout. ``qweight`` is ``[in·b/32, out]`` (our ``qweight`` transposed:
+  for 2/4/8 bits words of ``32/b`` codes, for 3 bits the same continuous bitstream that AutoGPTQ's
+  3-bit packer writes), ``scales`` fp16 ``[groups, out]``, ``g_idx`` int32 ``[in]`` (the group of
+  every input column), and ``qzeros`` ``[groups, out·b/32]``. Symmetric models are written as v1
+  (``checkpoint_format: gptq``, zeros stored as **zero − 1**, which every GPTQ loader reads).
+  Asymmetric ones as ``gptq_v2`` (zeros stored as they are): v1 cannot hold a zero point of 0,
+  and GPTQModel refuses an asymmetric v1 file that GPTQModel did not write itself, while GPTQModel,
+  transformers (through GPTQModel) and vLLM (since its ``gptq_v2`` support) read v2.
 
 What a format cannot express is refused with a one-line reason that offers ``dense``: a module
 stored in a non-uniform llmpress format, act-order group indices in compressed-tensors (its
@@ -196,7 +198,7 @@ def _compressed_tensors(model: nn.Module, quantized: dict[str, QuantLinear], dty
     return tensors, config
 
 
-# -- GPTQ (AutoGPTQ v1) ----------------------------------------------------------------------
+# -- GPTQ (v1 when symmetric, v2 when not) ----------------------------------------------------
 
 def _check_gptq(quantized: dict[str, QuantLinear], manifest: dict[str, Any]) -> None:
     settings = {(m.bits, m.group_size if m.n_groups > 1 else -1, m.sym) for m in quantized.values()}
@@ -207,17 +209,17 @@ def _check_gptq(quantized: dict[str, QuantLinear], manifest: dict[str, Any]) -> 
         if (m.in_features * m.bits) % 32 or (m.out_features * m.bits) % 32:
             raise ExportError(f"{name}: {m.out_features}x{m.in_features} does not fill whole 32-bit words at "
                               f"{m.bits} bits; use --format dense")
-        if not m.sym and bool((unpack_codes(m.qzeros, m.bits, m.n_groups) == 0).any()):
-            raise ExportError(f"{name} has a zero point of 0, which GPTQ v1 (it stores zero - 1) cannot hold; "
-                              "use --format compressed-tensors or dense")
 
 
 def _gptq_tensors(model: nn.Module, quantized: dict[str, QuantLinear], manifest: dict[str, Any]):
     tensors = {k: v.to(torch.float16) if v.is_floating_point() else v
                for k, v in _plain_state(model, skip=tuple(quantized)).items()}
+    m = next(iter(quantized.values()))
+    layout = "gptq" if m.sym else "gptq_v2"   # one setting per model (checked)
+    offset = 1 if layout == "gptq" else 0     # v1 stores zero − 1 (a symmetric zero is 2^(b−1), never 0)
     for name, m in quantized.items():
         zeros = unpack_codes(m.qzeros, m.bits, m.n_groups)                 # [out, groups]
-        stored_zeros = (zeros - 1) & ((1 << m.bits) - 1)                   # v1: zero − 1
+        stored_zeros = (zeros - offset) & ((1 << m.bits) - 1)
         if m.g_idx is not None:
             g_idx = m.g_idx.to(torch.int32)
         elif m.n_groups > 1:
@@ -230,16 +232,17 @@ def _gptq_tensors(model: nn.Module, quantized: dict[str, QuantLinear], manifest:
         tensors[f"{name}.g_idx"] = g_idx
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.to(torch.float16)
-    m = next(iter(quantized.values()))
     recipe = manifest.get("recipe", {}).get("stages", [{}])
     stage = recipe[0] if recipe else {}
     config = {
-        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": m.bits,
+        # `format` is the key GPTQModel and transformers 5 read, `checkpoint_format` its older name (vLLM's)
+        "quant_method": "gptq", "format": layout, "checkpoint_format": layout, "bits": m.bits,
         "group_size": m.group_size if m.n_groups > 1 else -1, "sym": m.sym,
         "desc_act": any(q.g_idx is not None for q in quantized.values()),
         "static_groups": bool(stage.get("static_groups", False)), "true_sequential": bool(stage.get("true_sequential", True)),
         "damp_percent": float(stage.get("damp", 0.01)),
         "modules_in_block_to_quantize": None,
+        "meta": {"quantizer": [f"llmpress:{__version__}"]},
     }
     return tensors, config
 

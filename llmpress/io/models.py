@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, cause_of
 from ..paths import cache_dir
 
 
@@ -78,7 +78,7 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ModelLoadError):
             raise
-        raise ModelLoadError(f"cannot convert GGUF file {gguf_path}: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(f"cannot convert GGUF file {gguf_path}: {cause_of(e)}") from None
     return dest
 
 
@@ -114,8 +114,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
         )
     except Exception as e:  # noqa: BLE001 - offline, gated, missing: say so in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: {first}") from None
+        raise ModelLoadError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: {cause_of(e)}") from None
     if not any(Path(folder).glob("*.safetensors")):
         raise ModelLoadError(f"{repo_id!r} has no safetensors weights; llmpress never loads pickled checkpoints")
     return Path(folder)
@@ -127,7 +126,7 @@ def load_config(folder: Path, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"cannot read {folder}/config.json: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot read {folder}/config.json: {cause_of(e)}") from None
     return config
 
 
@@ -137,18 +136,23 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the tokenizer of {folder}: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {folder}: {cause_of(e)}") from None
 
 
-def empty_model(config, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """The model's skeleton: parameters on the meta device, buffers (rotary tables) real."""
+def empty_model(config, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                source: Path | str = "the model") -> nn.Module:
+    """The model's skeleton: parameters on the meta device, buffers (rotary tables) real.
+    ``source`` names the folder in the one-line error of a config transformers cannot build."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any config transformers rejects: one line
+        raise ModelLoadError(f"cannot build a model from {source}/config.json: {cause_of(e)}") from None
     return model.eval()
 
 
@@ -163,26 +167,63 @@ def load_dense(folder: Path, dtype: torch.dtype = torch.float32, trust_remote_co
             folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the model in {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load the model in {folder}: {cause_of(e)}") from None
     return model.eval()
 
 
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def as_stored(tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    """Each floating tensor back in its checkpoint dtype where that is lossless (an untouched
-    fp16/bf16 weight computed with in fp32); changed tensors (rotated, rescaled) keep fp32. Takes
-    the tensors out of ``tensors`` one by one and checks in slices, so memory does not double."""
+def gguf_source(spec: str) -> Path | None:
+    """The GGUF file a model spec names (a built-in name or a ``.gguf`` path), else None."""
+    if spec in BUILTIN_MODELS:
+        entry = BUILTIN_MODELS[spec]
+        return _package_folder(entry.package) / entry.gguf_file
+    path = Path(spec).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def _gguf_embedding_dtype(path: Path) -> torch.dtype:
+    """The precision of a GGUF's token embedding, rounded up to a 16-bit float: F32 stays fp32,
+    BF16 is bf16, F16 and every block-quantized type (their block scales are fp16) are fp16."""
+    from gguf import GGUFReader
+
+    try:
+        kinds = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read GGUF file {path}: {cause_of(e)}") from None
+    kind = kinds.get("token_embd.weight", "F16")
+    return {"F32": torch.float32, "BF16": torch.bfloat16}.get(kind, torch.float16)
+
+
+def storage_dtype(choice: str, spec: str, config) -> torch.dtype:
+    """The dtype of the tensors a recipe leaves dense (embeddings, norms, head, ignored linears).
+    ``auto``: the source's own ``dtype`` in its config; for a GGUF source (whose converted copy is
+    fp32) the precision its token embedding was stored in, rounded up to fp16/bf16."""
+    if choice != "auto":
+        if choice not in STORAGE_DTYPES:
+            raise ModelLoadError(f"--dtype must be auto, {', '.join(STORAGE_DTYPES)}; got {choice!r}")
+        return STORAGE_DTYPES[choice]
+    gguf = gguf_source(spec)
+    if gguf is not None:
+        return _gguf_embedding_dtype(gguf)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = STORAGE_DTYPES.get(dtype)
+    return dtype if dtype in STORAGE_DTYPES.values() else torch.float32
+
+
+def cast_dense(tensors: dict[str, torch.Tensor], dtype: torch.dtype, keep=lambda name: False) -> dict[str, torch.Tensor]:
+    """Every floating tensor in ``dtype`` for storage, except those ``keep`` names (a compressed
+    module's own fields, whose format fixes their dtype). A tensor that fp16 cannot hold (a value
+    beyond ±65504) stays fp32 rather than turning into infinities. Pops from ``tensors`` one by
+    one, so memory does not double."""
     out = {}
     for name in list(tensors):
         t = tensors.pop(name)
-        target = dtypes.get(name)
-        if target is not None and t.is_floating_point() and t.dtype != target:
-            narrow = t.to(target)
-            rows = max(1, (1 << 24) // max(1, t[0].numel())) if t.dim() > 1 else t.numel() or 1
-            flat_t, flat_n = (t, narrow) if t.dim() > 0 else (t.reshape(1), narrow.reshape(1))
-            if all(torch.equal(flat_n[i:i + rows].to(t.dtype), flat_t[i:i + rows]) for i in range(0, flat_t.shape[0], rows)):
+        if t.is_floating_point() and t.dtype != dtype and not keep(name):
+            narrow = t.to(dtype)
+            if dtype != torch.float16 or bool(torch.isfinite(narrow).all()) or not bool(torch.isfinite(t).all()):
                 t = narrow
             del narrow
         out[name] = t
@@ -236,23 +277,6 @@ class LazyWeights:
                     except Exception as e:  # noqa: BLE001
                         raise ModelLoadError(f"corrupt tensor {k} in {self.folder / file}: {e}") from None
                     out[k] = t.to(self.dtype) if t.is_floating_point() and not native else t
-        return out
-
-    def stored_dtypes(self, names) -> dict[str, torch.dtype]:
-        """The dtype each named tensor has in the checkpoint (headers only; unknown ones left out)."""
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            if n in self.weight_map:
-                by_file.setdefault(self.weight_map[n], []).append(n)
-        out = {}
-        for file, keys in by_file.items():
-            with _open_safetensors(self.folder / file, safe_open) as f:
-                for k in keys:
-                    dtype = _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype())
-                    if dtype is not None:
-                        out[k] = dtype
         return out
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:

@@ -1,0 +1,153 @@
+"""What an output folder holds, for ``llmpress inspect``: each compressed module's format and
+bits per weight, the dense tensors' storage, the run's recipe and transforms."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..layers import module_sizes
+from .checkpoint import read_manifest
+
+_SAFETENSORS_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<module>.+)$")
+
+
+@dataclass
+class ModuleRow:
+    name: str                 # the full name in the model
+    block: int | None         # the decoder block it sits in (None outside the blocks)
+    module: str               # its name within the block (mlp.down_proj)
+    format: str
+    bits: str
+    group: str
+    act_order: str
+    layout: str
+    bits_per_weight: float
+
+    def kind(self) -> tuple:
+        """What makes two modules of different blocks fold into one row."""
+        return (self.module, self.format, self.bits, self.group, self.act_order, self.layout,
+                round(self.bits_per_weight, 3))
+
+
+@dataclass
+class FoldedRow:
+    blocks: str               # "0-29", "0-3,5-29"
+    count: int
+    row: ModuleRow
+
+
+@dataclass
+class FolderSummary:
+    folder: str
+    modules: list[ModuleRow]
+    dense_mb: dict[str, float]    # storage dtype -> MB of tensors outside compressed modules
+    size_mb: float
+    recipe: str
+    base_model: Any
+    llmpress_version: Any
+    calibration: Any
+    transforms: list[str] = field(default_factory=list)
+    bits_per_weight: float | None = None
+
+
+def _layout(entry: dict) -> tuple[str, str, str, str]:
+    """``(bits, group, act-order, layout)`` of a manifest entry, as shown."""
+    p, fmt = entry["params"], entry["format"]
+    if fmt == "factor":
+        return "–", "–", "–", f"rank {p['rank']}, " + ("dense C" if p["nnz"] is None else f"{p['nnz']} atoms/output")
+    if fmt == "tt":
+        return "–", "–", "–", f"TT {p['out_modes']}x{p['in_modes']} ranks {p['ranks'][1:-1]}"
+    if fmt == "bcq":
+        return (str(p["bits"]), f"{p['out_features'] // p['row_groups']}x{p['col_block']}", "–",
+                f"binary-coded, {p['terms']} powers of two per scale")
+    if fmt == "dual-scale":
+        return (str(p["bits"]), str(p["group_size"]), "–",
+                "binary-coded, column scale " + ("stored" if p["column_scale"] else "absorbed upstream"))
+    return str(p["bits"]), str(p["group_size"]), "yes" if p["has_g_idx"] else "no", "–"
+
+
+def _split_name(name: str) -> tuple[int | None, str]:
+    m = _BLOCK.match(name)
+    return (int(m["index"]), m["module"]) if m else (None, name)
+
+
+def block_ranges(blocks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    parts, run = [], []
+    for b in sorted(blocks):
+        if run and b == run[-1] + 1:
+            run.append(b)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [b]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+def fold(rows: list[ModuleRow]) -> list[FoldedRow]:
+    """One row per module kind that is identical across blocks, in first-seen order."""
+    groups: dict[tuple, list[ModuleRow]] = {}
+    for row in rows:
+        groups.setdefault(row.kind(), []).append(row)
+    folded = []
+    for members in groups.values():
+        blocks = [r.block for r in members if r.block is not None]
+        folded.append(FoldedRow(blocks=block_ranges(blocks) if blocks else "–", count=len(members), row=members[0]))
+    return folded
+
+
+def _dense_mb(folder: Path, compressed: list[str]) -> dict[str, float]:
+    from safetensors import safe_open
+
+    prefixes = tuple(f"{name}." for name in compressed)
+    out: dict[str, float] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle)
+                if key.startswith(prefixes):
+                    continue
+                view = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPE_NAMES.get(view.get_dtype(), view.get_dtype().lower())
+                numel = 1
+                for d in view.get_shape():
+                    numel *= d
+                width = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get(dtype, 4)
+                out[dtype] = out.get(dtype, 0.0) + numel * width / 1e6
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def _describe_transform(t: dict) -> str | None:
+    if t.get("kind") != "rotation":
+        return None
+    parts = [f"{t.get('method')} seed {t.get('seed')}"]
+    parts += ["residual stream"] if t.get("residual") else []
+    parts += ["within heads"] if t.get("heads") else []
+    online = t.get("online_hadamard")
+    if online:
+        parts.append(f"online Hadamard ({online.get('size')}) on {len(online.get('modules', []))} modules")
+    return "rotation: " + ", ".join(parts)
+
+
+def summarize(folder: Path) -> FolderSummary:
+    manifest = read_manifest(folder)
+    sizes = module_sizes(manifest["modules"])
+    rows = []
+    for name, entry in manifest["modules"].items():
+        bits, weights = sizes[name]
+        block, module = _split_name(name)
+        rows.append(ModuleRow(name, block, module, entry["format"], *_layout(entry), bits / weights))
+    total_bits, total_weights = sum(b for b, _ in sizes.values()), sum(w for _, w in sizes.values())
+    transforms = [d for t in manifest.get("transforms") or [] if isinstance(t, dict) and (d := _describe_transform(t))]
+    return FolderSummary(
+        folder=str(folder), modules=rows, dense_mb=_dense_mb(folder, list(manifest["modules"])),
+        size_mb=round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6, 2),
+        recipe=manifest.get("recipe", {}).get("name", "?"), base_model=manifest.get("base_model"),
+        llmpress_version=manifest.get("llmpress_version"), calibration=manifest.get("calibration"),
+        transforms=transforms, bits_per_weight=total_bits / total_weights if total_weights else None,
+    )
