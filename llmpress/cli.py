@@ -236,6 +236,10 @@ def recipes() -> None:
 
 
 def main() -> None:
+    # llmpress draws its own progress; transformers' per-load and per-save bars would interleave with it
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     app()
 
 
