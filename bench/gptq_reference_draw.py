@@ -16,11 +16,11 @@ import torch
 
 import llmpress
 from llmpress import api
-from llmpress.compress import calibration
+from llmpress.io import text
 
 
 def reference_windows(tokenizer, spec: str, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    tokens = calibration.tokenize(tokenizer, calibration.load_text(spec))
+    tokens = text.tokenize(tokenizer, text.load_text(spec))
     random.seed(seed)
     starts = [random.randint(0, tokens.numel() - seqlen - 1) for _ in range(n)]
     return torch.stack([tokens[s:s + seqlen] for s in starts])

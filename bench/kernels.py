@@ -59,7 +59,7 @@ def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
 def gpu_table(repeats: int = 50) -> str:
     """Triton GEMV (batch 1, 8) and fused GEMM (batch 64) for 7B-class layer shapes, 4-bit g128
     with act-order g_idx, against torch's fp16 matmul of the dequantized weight, on CUDA."""
-    from llmpress.compress.quant.result import QuantizedWeight
+    from llmpress.formats.uniform import QuantizedWeight
     from llmpress.kernels import triton_uniform
     from llmpress.layers import QuantLinear
 
@@ -99,7 +99,7 @@ def main() -> None:
     from quality import update_benchmarks
 
     import llmpress
-    from llmpress.compress.calibration import load_text, tokenize
+    from llmpress.io.text import load_text, tokenize
     from llmpress.kernels.dispatch import use_backend
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -221,7 +221,7 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
 
 def decode_prompt(tokenizer):
     """The prompt every decode timing starts from: the first 32 tokens of wiki/test."""
-    from llmpress.compress.calibration import load_text, tokenize
+    from llmpress.io.text import load_text, tokenize
 
     return tokenize(tokenizer, load_text("wiki/test"))[:32].unsqueeze(0)
 

@@ -6,8 +6,7 @@
     print(llmpress.perplexity(model, tokenizer, "wiki/test", windows=4))
 """
 
-__version__ = "0.1.0"
-
 from .api import CompressResult, compress, evaluate, load, perplexity
+from .version import __version__
 
 __all__ = ["CompressResult", "__version__", "compress", "evaluate", "load", "perplexity"]

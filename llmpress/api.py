@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .compress import distributed
-from .compress.arch import arch_for, set_submodule
-from .compress.calibration import DEFAULT_CALIBRATION, calibration_windows, check_text_source, text_fingerprint
+from .compress.arch import arch_for
+from .compress.calibration import DEFAULT_CALIBRATION, calibration_windows, text_fingerprint
 from .compress.pipeline import BlockIO, ModuleRecord, compress_blocks, limit_heap_fragmentation, peak_rss_mb
 from .compress.recipe import Recipe, customize_recipe, load_recipe
 from .compress.rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
@@ -44,9 +43,11 @@ from .io.models import (
     storage_dtype,
     tie_output_embeddings,
 )
+from .io.text import check_text_source
 from .layers import module_sizes
 from .progress import Status, note
 from .report import write_report
+from .version import __version__
 
 
 @dataclass
@@ -248,7 +249,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         if rotation is not None:
             rotation.wrap(block)
         for name, spec in entry["modules"].items():
-            set_submodule(block, name, build_module(f"{prefix}.{name}", spec, torch.float32))
+            block.set_submodule(name, build_module(f"{prefix}.{name}", spec, torch.float32))
         shard = shard_name(index, total_shards)
         LazyWeights(out, weight_map={f"{prefix}.{k}": shard for k in block.state_dict()}).materialize(block, prefix)
 

@@ -142,7 +142,7 @@ def eval_(
 
         check_tasks(task_list, include_path)
     else:   # a bad text source fails before the model is loaded
-        from .compress.calibration import load_text
+        from .io.text import load_text
 
         load_text(dataset)
     model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from llmpress.compress.calibration import calibration_windows, load_text, random_windows, wiki_articles
+from llmpress.compress.calibration import calibration_windows, random_windows
 from llmpress.errors import CalibrationError
 from llmpress.eval.perplexity import eval_windows
+from llmpress.io.text import load_text, wiki_articles
 
 
 def test_builtin_corpora_follow_data_md(smol_tokenizer):
@@ -61,7 +62,8 @@ def test_file_sources(tmp_path, smol_tokenizer):
 
 
 def test_chunked_tokenization_equals_one_pass_on_the_builtin_corpora(smol_tokenizer):
-    from llmpress.compress.calibration import tokenize, tokenize_chunked
+    from llmpress.compress.calibration import tokenize_chunked
+    from llmpress.io.text import tokenize
 
     for name in ("wiki/train", "wiki/test", "news"):
         text = load_text(name)

@@ -167,7 +167,7 @@ def test_report_bits_per_weight_is_weighted_by_module_size(tiny_model_factory, t
 
 def _text_file(path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    from llmpress.compress.calibration import load_text
+    from llmpress.io.text import load_text
 
     path.write_text(load_text("news")[:20_000])
     return path

@@ -15,17 +15,12 @@ from llmpress.compress.correction import (
     mean_shift,
     norm_output_mean,
 )
-from llmpress.compress.quant.dsq import (
-    dsq_quantize,
-    dual_scale_dense,
-    fit_column_scale,
-    fit_dual_scale,
-    gar_permutation,
-)
+from llmpress.compress.quant.dsq import dsq_quantize, fit_column_scale, fit_dual_scale, gar_permutation
 from llmpress.compress.quant.gptq import Residual, gptq_quantize
 from llmpress.compress.quant.rtn import rtn_quantize
 from llmpress.compress.stats import StopForward
 from llmpress.errors import RecipeError
+from llmpress.formats.dual_scale import dual_scale_dense
 from llmpress.kernels.lut import lut_gemv_scaled
 from llmpress.layers import DualScaleLinear, QuantLinear
 

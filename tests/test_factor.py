@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 
 from llmpress.compress.factor import knapsack, rocket
-from llmpress.compress.factor.lowrank import Factors, factor_bits, svd_factors, whitened_svd_factors
+from llmpress.compress.factor.lowrank import svd_factors, whitened_svd_factors
 from llmpress.compress.factor.whiten import whiten, whitening_factor
 from llmpress.errors import RecipeError
+from llmpress.formats.factor import Factors, factor_bits
 from llmpress.layers import FactorLinear
 
 

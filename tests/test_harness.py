@@ -41,7 +41,7 @@ def test_shipped_tasks_are_deterministic_and_well_formed():
     assert str(folder.resolve()) in yaml_text                            # absolute data paths
     import random
 
-    again = harness._lastword_examples(__import__("llmpress.compress.calibration", fromlist=["x"]).wiki_articles()[70:],
+    again = harness._lastword_examples(__import__("llmpress.io.text", fromlist=["x"]).wiki_articles()[70:],
                                        random.Random(f"llmpress_wiki_lastword:{harness._SEED}"))
     assert again == lastword
 

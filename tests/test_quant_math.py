@@ -12,9 +12,10 @@ from llmpress.compress.quant.gptq import (
     gptq_quantize,
     reverse_inplace,
 )
-from llmpress.compress.quant.grid import fit_grid, group_count
+from llmpress.compress.quant.grid import fit_grid
 from llmpress.compress.quant.rtn import rtn_quantize
-from llmpress.kernels.packing import pack_codes, packed_words, unpack_codes
+from llmpress.formats.packing import pack_codes, packed_words, unpack_codes
+from llmpress.formats.uniform import group_count
 from llmpress.layers import QuantLinear
 
 

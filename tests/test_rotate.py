@@ -8,15 +8,9 @@ import torch
 
 import llmpress
 from llmpress.compress.recipe import parse_recipe
-from llmpress.compress.rotate.hadamard import (
-    HadamardError,
-    apply_hadamard,
-    hadamard_factors,
-    hadamard_matrix,
-    paley,
-    randomized_hadamard,
-)
+from llmpress.compress.rotate.hadamard import randomized_hadamard
 from llmpress.errors import LlmpressError, RecipeError
+from llmpress.formats.hadamard import HadamardError, apply_hadamard, hadamard_factors, hadamard_matrix, paley
 from llmpress.layers import OnlineHadamard, QuantLinear
 
 from .conftest import TINY_ARCHS

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llmpress.compress.quant import bcq
+from llmpress.formats.packing import pack_codes, unpack_codes
 from llmpress.kernels.lut import lut_gemv
-from llmpress.kernels.packing import pack_codes, unpack_codes
 from llmpress.layers import BCQLinear
 
 

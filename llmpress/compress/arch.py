@@ -197,10 +197,5 @@ def arch_for(model: nn.Module) -> ArchMap:
     return arch
 
 
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
 def blocks_of(model: nn.Module, arch: ArchMap) -> nn.ModuleList:
     return model.get_submodule(arch.blocks)

@@ -8,16 +8,17 @@ import torch
 from torch import nn
 
 from ..errors import LlmpressError
+from ..formats.bcq import bcq_dense
+from ..formats.uniform import QuantizedWeight
 from ..layers import BCQLinear, DualScaleLinear, FactorLinear, QuantLinear, TTLinear
 from .factor import rocket
 from .factor.knapsack import Option
 from .factor.lowrank import rank_for_ratio, svd_factors, whitened_svd_factors
 from .factor.mix import mix_options
 from .factor.tt import tt_factorize
-from .quant.bcq import bcq_dense, bcq_quantize
+from .quant.bcq import bcq_quantize
 from .quant.dsq import dsq_quantize, fit_column_scale
 from .quant.gptq import Residual, damped_inverse_cholesky, gptq_quantize
-from .quant.result import QuantizedWeight
 from .quant.rtn import rtn_quantize
 from .recipe import (
     DSQStage,

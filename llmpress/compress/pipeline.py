@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import LlmpressError
 from ..progress import Progress
 from . import distributed
-from .arch import ArchMap, blocks_of, set_submodule
+from .arch import ArchMap, blocks_of
 from .compressors import column_scale, compress_linear, dense_weight, linear_weight
 from .correction import (
     ShiftedNorm,
@@ -510,7 +510,7 @@ def _absorb(block: nn.Module, name: str, sink: str, module: nn.Module, modules: 
         module.take_column_scale()
     module.__dict__.pop("pending_column_scale", None)
     if sink in modules:
-        set_submodule(block, sink, _dense_proxy(target, dense_weight(target)))
+        block.set_submodule(sink, _dense_proxy(target, dense_weight(target)))
     metrics["bits_per_weight"] = module.stored_bits() / (module.in_features * module.out_features)
     return True
 
@@ -607,9 +607,9 @@ def _compress_block(
             except _AttentionCacheMismatch:
                 # This architecture's attention returns more than its output linear computes:
                 # use the real module from here on (slower, equally exact).
-                set_submodule(block, arch.attention, real_attention)
+                block.set_submodule(arch.attention, real_attention)
                 if real_norm is not None:
-                    set_submodule(block, arch.attention_norm, real_norm)
+                    block.set_submodule(arch.attention_norm, real_norm)
                 attention = None
                 if kw.get("stats") is not None:
                     kw["stats"].reset()
@@ -631,7 +631,7 @@ def _compress_block(
             bar.describe(f"block {index + 1} · correction: mean shift of {arch.mlp_norm}")
             dac.shift = mean_shift(dac.teacher, norm_output_mean(dac.norm, run, correction.skip_first),
                                    correction.clip, correction.scale)
-            set_submodule(block, arch.mlp_norm, ShiftedNorm(dac.norm, dac.shift))
+            block.set_submodule(arch.mlp_norm, ShiftedNorm(dac.norm, dac.shift))
         data_members = [n for n in members if plan.assignment[n].needs]
         hessians: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
@@ -655,7 +655,7 @@ def _compress_block(
                 original = watched[name]
                 out_features = original.weight.shape[1 if arch.transposed_weights else 0]
                 watched[name] = _ZeroOutput(out_features)
-                set_submodule(block, name, watched[name])
+                block.set_submodule(name, watched[name])
             keep = watched if (residual or cache_attention) else ()
             # o_proj's inputs are used right after its stage, before the attention cache or
             # down_proj's inputs exist: RAM holds them without raising the peak. down_proj's
@@ -668,7 +668,7 @@ def _compress_block(
                 run(stats=stats, write_outputs=residual)
             stats.all_reduce()   # a distributed run: every rank now holds the statistics of all samples
             if residual:
-                set_submodule(block, name, original)
+                block.set_submodule(name, original)
             hessians, kept, crosses = stats.hessians(), stats.kept, stats.cross_terms()
             drift = stats.input_drift()
             del stats
@@ -709,14 +709,14 @@ def _compress_block(
                     target += proxy(x)
                 kept[name].close()
                 outputs_done = True
-            set_submodule(block, name, proxy)   # before the stub: the path runs through the attention
+            block.set_submodule(name, proxy)   # before the stub: the path runs through the attention
             if cache_attention:
                 with torch.no_grad():   # each input is freed as its output is made: one stream's worth at a time
                     outputs = [proxy(x.to(torch.float32)) for x in kept[name].drain()]
                 attention = _CachedAttention(real_attention, outputs)
-                set_submodule(block, arch.attention, attention)
+                block.set_submodule(arch.attention, attention)
                 if real_norm is not None:
-                    set_submodule(block, arch.attention_norm, _SkippedNorm(real_norm, attention))
+                    block.set_submodule(arch.attention_norm, _SkippedNorm(real_norm, attention))
             modules[name] = module
             records.append(ModuleRecord(
                 name=f"{prefix}.{name}", block=index, method=stage.method, bits=getattr(stage, "bits", None),
@@ -725,11 +725,11 @@ def _compress_block(
         if dac is not None and dac.shift is not None and not dac.folded and set(arch.mlp_inputs) <= set(modules):
             # Fold now, so that what follows (down_proj's statistics, the block's outputs) runs
             # through the biases exactly as the saved model will.
-            set_submodule(block, arch.mlp_norm, dac.norm)
+            block.set_submodule(arch.mlp_norm, dac.norm)
             relative = float(dac.shift.norm() / dac.teacher.norm().clamp_min(1e-30))
             for name in arch.mlp_inputs:
                 fold_shift_into_bias(modules[name], dac.shift, arch.transposed_weights)
-                set_submodule(block, name, _dense_proxy(modules[name], dense_weight(modules[name])))
+                block.set_submodule(name, _dense_proxy(modules[name], dense_weight(modules[name])))
                 next(r for r in records if r.name == f"{prefix}.{name}").metrics["dac_shift"] = relative
             dac.folded = True
         del hessians, kept, crosses
@@ -738,11 +738,11 @@ def _compress_block(
         run(write_outputs=True)
         outputs_done = True
     if attention is not None:
-        set_submodule(block, arch.attention, real_attention)
+        block.set_submodule(arch.attention, real_attention)
         if real_norm is not None:
-            set_submodule(block, arch.attention_norm, real_norm)
+            block.set_submodule(arch.attention_norm, real_norm)
     if dac is not None and not dac.folded:
-        set_submodule(block, arch.mlp_norm, dac.norm)
+        block.set_submodule(arch.mlp_norm, dac.norm)
     for name, module in modules.items():   # the packed modules are what is saved and kept
-        set_submodule(block, name, module)
+        block.set_submodule(name, module)
     return records, modules, outputs_done

@@ -179,7 +179,7 @@ def shipped_tasks_dir() -> Path:
     folder = cache_dir() / "lm-eval-tasks" / TASKS_VERSION
     if all((folder / f"{t}.yaml").exists() for t in SHIPPED_TASKS):
         return folder
-    from ..compress.calibration import wiki_articles
+    from ..io.text import wiki_articles
 
     test_articles = wiki_articles()[70:]        # wiki/test (data.md)
     builders = {"llmpress_wiki_lastword": _lastword_examples, "llmpress_wiki_cloze": _cloze_examples,

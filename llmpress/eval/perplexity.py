@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..compress.calibration import load_text, tokenize
 from ..errors import CalibrationError
+from ..io.text import load_text, tokenize
 from ..progress import track
 
 

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
-from ..compress.arch import set_submodule
 from ..errors import LlmpressError, ModelLoadError, OutputError
 from ..layers import LAYER_FORMATS, OnlineHadamard
 from ..layers.online_hadamard import input_width
 from ..paths import atomic_write_text
+from ..version import __version__
 from .models import LazyWeights, empty_model, load_config, tie_output_embeddings
 
 FORMAT_VERSION = 1
@@ -193,7 +192,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
             model.get_submodule(name)
         except AttributeError:
             raise ModelLoadError(f"manifest names module {name}, which this architecture does not have") from None
-        set_submodule(model, name, build_module(name, entry, dtype))
+        model.set_submodule(name, build_module(name, entry, dtype))
     store = LazyWeights(folder, dtype=dtype)
     expected = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
@@ -240,7 +239,7 @@ def apply_transforms(model: nn.Module, transforms: Any, dtype: torch.dtype) -> N
                 wrapper = OnlineHadamard(size, linear, dtype=dtype, device="meta")
             except LlmpressError as e:
                 raise ModelLoadError(f"manifest: {e}") from None
-            set_submodule(model, str(name), wrapper)
+            model.set_submodule(str(name), wrapper)
 
 
 def _give_bias(model: nn.Module, name: Any, dtype: torch.dtype) -> None:

@@ -32,11 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
-from ..compress.arch import set_submodule
 from ..errors import LlmpressError, OutputError
-from ..kernels.packing import pack_codes, unpack_codes
+from ..formats.packing import pack_codes, unpack_codes
 from ..layers import LAYER_FORMATS, OnlineHadamard, QuantLinear
+from ..version import __version__
 from .checkpoint import is_llmpress_output, load_compressed, read_manifest
 from .models import load_tokenizer
 
@@ -124,10 +123,10 @@ def _dense_tensors(model: nn.Module, compressed: dict[str, nn.Module], dtype: to
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.to(torch.float32), requires_grad=False)
-        set_submodule(model, name, linear)
+        model.set_submodule(name, linear)
     for name, module in list(model.named_modules()):
         if isinstance(module, OnlineHadamard):   # the online rotation folds back into the weight
-            set_submodule(model, name, module.fold())
+            model.set_submodule(name, module.fold())
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in _plain_state(model).items()}
 
 

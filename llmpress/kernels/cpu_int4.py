@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import unpack_codes
+from ..formats.packing import unpack_codes
 
 GROUP_SIZES = (256, 128, 64, 32)
 

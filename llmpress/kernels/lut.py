@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compress.quant.bcq import apot_value
+from ..formats.bcq import apot_value
 
 _PATTERN_SIGNS = torch.tensor([[1.0 if (p >> t) & 1 else -1.0 for t in range(8)] for p in range(256)])
 

@@ -19,7 +19,7 @@ try:
 except ImportError:   # optional: BCQLinear falls back to the torch LUT
     triton = None
 
-from ..compress.quant.bcq import apot_value
+from ..formats.bcq import apot_value
 
 MAX_ROWS = 8
 

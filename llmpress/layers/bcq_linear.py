@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.quant.bcq import BCQWeight, bcq_dense
+from ..formats.bcq import BCQWeight, bcq_dense
+from ..formats.packing import pack_codes, packed_words, unpack_codes
 from ..kernels.lut import lut_gemv
-from ..kernels.packing import pack_codes, packed_words, unpack_codes
 
 LUT_MAX_TOKENS = 8   # decoding batches; prefill goes through the dequantized weight
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.quant.dsq import DualScaleWeight, dual_scale_dense
+from ..formats.dual_scale import DualScaleWeight, dual_scale_dense
+from ..formats.packing import pack_codes, packed_words, unpack_codes
 from ..kernels.lut import lut_gemv_scaled
-from ..kernels.packing import pack_codes, packed_words, unpack_codes
 from .bcq_linear import LUT_MAX_TOKENS, triton_lut_ready
 
 

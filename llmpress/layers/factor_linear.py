@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.factor.lowrank import Factors, index_bits
+from ..formats.factor import Factors, index_bits
 
 
 class FactorLinear(nn.Module):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compress.rotate.hadamard import apply_hadamard, hadamard_factors
+from ..formats.hadamard import apply_hadamard, hadamard_factors
 
 try:   # optional CUDA kernel (`pip install llmpress[fast-hadamard]`)
     from fast_hadamard_transform import hadamard_transform as _fast_hadamard

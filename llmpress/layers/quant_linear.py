@@ -17,12 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.quant.grid import group_count
-from ..compress.quant.result import QuantizedWeight
+from ..formats.packing import SUPPORTED_BITS, pack_codes, packed_words
+from ..formats.uniform import QuantizedWeight, dequantize_uniform, group_count
 from ..kernels import cpu_int4
 from ..kernels.dispatch import uniform_linear
-from ..kernels.packing import SUPPORTED_BITS, pack_codes, packed_words
-from ..kernels.reference import dequantize_uniform
 
 
 class QuantLinear(nn.Module):

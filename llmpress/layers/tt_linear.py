@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.factor.tt import contraction_macs, reconstruction_macs, tt_forward, tt_full
+from ..formats.tt import contraction_macs, reconstruction_macs, tt_forward, tt_full
 
 
 class TTLinear(nn.Module):

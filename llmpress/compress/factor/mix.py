@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from ...formats.factor import factor_bits
+from ...formats.tt import tt_full
 from .knapsack import Option
-from .lowrank import factor_bits, rank_for_ratio
+from .lowrank import rank_for_ratio
 from .tt import (
     aware_tt_svd,
     balanced_modes,
     kronecker_whitening,
     rank_for_budget,
     relative_output_error,
-    tt_full,
     tt_params,
     tt_ranks,
 )

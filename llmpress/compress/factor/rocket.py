@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ...formats.factor import Factors, factor_bits, index_bits
 from .knapsack import Option
-from .lowrank import Factors, factor_bits, index_bits
 from .whiten import unwhiten, whiten, whitening_factor
 
 # The paper's grids: removed fraction 0.05..0.70; the κ = k/s grid is coarser than the code's

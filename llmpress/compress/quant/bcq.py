@@ -15,10 +15,10 @@ init and alternating refinement are Xu et al. 2018's.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 
 import torch
 
+from ...formats.bcq import BCQWeight, apot_value
 from .gptq import damped_inverse_cholesky
 
 
@@ -37,11 +37,6 @@ def apot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Ten
         signs[..., p] = s.to(torch.int8)
         residual = residual - s * torch.exp2(e)
     return apot_value(exps, signs).to(alpha.dtype), exps, signs
-
-
-def apot_value(exps: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """``Σ_p sign_p·2^exp_p`` over the last dimension (float64)."""
-    return (signs.to(torch.float64) * torch.exp2(exps.to(torch.float64))).sum(-1)
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
@@ -95,30 +90,6 @@ def fit_bcq(w: torch.Tensor, bits: int, rounds: int = 15, terms: int = 3) -> tor
         codes = nearest_codes(w, alpha)
     alpha = alpha.abs().sort(-1, descending=True).values
     return apot_round(alpha, terms)[0]
-
-
-@dataclass
-class BCQWeight:
-    """The result of a BCQ quantizer, in the layout ``BCQLinear`` stores."""
-
-    signs: torch.Tensor        # [q, out, in] bool (True: +1)
-    alpha_exp: torch.Tensor    # [q, row_groups, col_blocks, terms] int8
-    alpha_sign: torch.Tensor   # same shape, int8 in {−1, 0, 1}
-    col_block: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def bits(self) -> int:
-        return self.signs.shape[0]
-
-
-def bcq_dense(signs: torch.Tensor, alpha_exp: torch.Tensor, alpha_sign: torch.Tensor, col_block: int) -> torch.Tensor:
-    """``Σ_t α_t ⊙ b_t`` ``[out, in]`` (float64), the scales expanded over their blocks."""
-    _, out, inp = signs.shape
-    row_groups = alpha_exp.shape[1]
-    alpha = apot_value(alpha_exp, alpha_sign)                    # [q, R, C]
-    alpha = alpha.repeat_interleave(out // row_groups, 1).repeat_interleave(col_block, 2)[:, :, :inp]
-    return (alpha * (signs.to(torch.float64) * 2 - 1)).sum(0)
 
 
 def _layout(out: int, inp: int, col_block: int, row_groups: int) -> tuple[int, int]:

@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 
 from ...errors import LlmpressError
+from ...formats.uniform import QuantizedWeight, group_count
 from ..stats import all_finite
-from .grid import dequantize_codes, fit_grid, group_count, max_code, quantize_codes
-from .result import QuantizedWeight
+from .grid import dequantize_codes, fit_grid, max_code, quantize_codes
 
 
 class HessianError(LlmpressError):

@@ -101,6 +101,3 @@ def fit_grid(
     return GridParams(scale=best_scale, zero=best_zero)
 
 
-def group_count(columns: int, group_size: int) -> int:
-    """Number of groups along the input dimension; the last group may be ragged."""
-    return 1 if group_size <= 0 else -(-columns // group_size)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .grid import fit_grid, group_count, quantize_codes
-from .result import QuantizedWeight
+from ...formats.uniform import QuantizedWeight, group_count
+from .grid import fit_grid, quantize_codes
 
 
 def rtn_quantize(

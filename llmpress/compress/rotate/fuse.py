@@ -30,7 +30,7 @@ from torch import nn
 
 from ...errors import LlmpressError
 from ...layers.online_hadamard import OnlineHadamard
-from ..arch import ARCHITECTURES, ArchMap, set_submodule
+from ..arch import ARCHITECTURES, ArchMap
 from .hadamard import random_signs, randomized_hadamard, signed_hadamard
 
 
@@ -200,7 +200,7 @@ class ResidualRotation:
         dtype = current.weight.dtype if current.weight.is_floating_point() else torch.float32
         wrapper = OnlineHadamard(self.online_size, current, dtype=dtype, device=current.weight.device)
         wrapper.signs.data = self.online_signs.to(dtype=dtype, device=current.weight.device)
-        set_submodule(block, name, wrapper)
+        block.set_submodule(name, wrapper)
 
     def unwrap(self, block: nn.Module) -> None:
         if self.online_signs is None:
@@ -208,7 +208,7 @@ class ResidualRotation:
         name = self.arch.rotation.online_input
         current = block.get_submodule(name)
         if isinstance(current, OnlineHadamard):
-            set_submodule(block, name, current.linear)
+            block.set_submodule(name, current.linear)
 
     def compress_arch(self) -> ArchMap:
         """The arch map the pipeline uses once blocks are wrapped: the online linear is

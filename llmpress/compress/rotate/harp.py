@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from ...errors import LlmpressError
-from ..arch import set_submodule
+from ...formats.hadamard import apply_hadamard, hadamard_factors
 from ..quant.grid import fake_quantize, fit_grid
 from .fuse import rotate_heads_input
-from .hadamard import apply_hadamard, hadamard_factors, random_signs, signed_hadamard
+from .hadamard import random_signs, signed_hadamard
 
 MAX_RADIX = 8
 
@@ -57,7 +57,7 @@ def butterfly_mixers(n: int) -> list[torch.Tensor]:
 
 
 def _sylvester_normalized(b: int) -> torch.Tensor:
-    from .hadamard import sylvester
+    from ...formats.hadamard import sylvester
 
     return sylvester(b) / b ** 0.5
 
@@ -184,14 +184,14 @@ def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation,
             handles.append(block.get_submodule(name).register_forward_pre_hook(writer_hook))
     # The head's logits are not needed (8 windows of 512 tokens over a 49k vocabulary: 805 MB).
     head = model.get_submodule(arch.head)
-    set_submodule(model, arch.head, nn.Identity())
+    model.set_submodule(arch.head, nn.Identity())
     try:
         for s in range(0, windows.shape[0], batch_size):
             if progress is not None:
                 progress(f"HARP statistics · windows {s + 1}-{min(s + batch_size, windows.shape[0])}")
             model(input_ids=windows[s:s + batch_size], use_cache=False)
     finally:
-        set_submodule(model, arch.head, head)
+        model.set_submodule(arch.head, head)
         for h in handles:
             h.remove()
 
