@@ -515,9 +515,9 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
     They depend on the model, the calibration windows and the stage's option grid, not on the
     target, so they are cached (under ``cache_dir()/profiles``) and a second budget on the same
     model skips the profiling pass."""
-    from .compress.compressors import PROFILERS
     from .compress.factor.knapsack import Option
     from .compress.pipeline import profile_blocks
+    from .compress.stage import method_of
     from .paths import atomic_write_text, cache_dir
 
     grid = stage.model_dump(exclude={"target", "average_bits", "buckets", "safety_cap", "overrides"})
@@ -542,7 +542,7 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
         arch = job.rotation.compress_arch()
     value_bits = torch.finfo(next(model.parameters()).dtype).bits
     dense_bits: dict[str, int] = {}
-    options_of = PROFILERS[type(stage)]
+    options_of = method_of(stage).profile
 
     def score(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> list[Option]:
         dense_bits[name] = weight.numel() * value_bits

@@ -178,18 +178,20 @@ def inspect(
         rows = [("–" if r.block is None else str(r.block), r.module, "", r) for r in summary.modules]
     else:
         rows = [(f.blocks, f.row.module, str(f.count), f.row) for f in fold(summary.modules)]
-    with_layout = any(r.layout != "–" for *_, r in rows)
-    table = Table(title=str(folder), box=box.SIMPLE_HEAD)
+    table = Table(title=str(folder), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     headers = ["block" if all_modules else "blocks", "module", *([] if all_modules else ["n"]), "format", "bits",
-               "group", "act-order", *(["layout"] if with_layout else []), "bits/w"]
+               "group", "act-order", "bits/w"]
     for col in headers:
-        table.add_column(col, overflow="fold", justify="right" if col in ("n", "bits", "group", "bits/w") else "left")
+        table.add_column(col, justify="right" if col in ("n", "bits", "group", "bits/w") else "left", no_wrap=True)
+    details = []   # factor ranks, TT modes, binary-coded layouts: one line each below the table
     for blocks, module, count, r in rows:
-        cells = [blocks, module, *([] if all_modules else [count]), r.format, r.bits,
-                 "row" if r.group == "-1" else r.group, r.act_order, *([r.layout] if with_layout else []),
-                 f"{r.bits_per_weight:.3f}"]
-        table.add_row(*cells)
+        table.add_row(blocks, module, *([] if all_modules else [count]), r.format, r.bits,
+                      "row" if r.group == "-1" else r.group, r.act_order, f"{r.bits_per_weight:.3f}")
+        if r.layout != "–":
+            details.append(f"  {blocks} {module}: {r.layout}")
     out.print(table)
+    for line in details:
+        out.print(line)
     out.print(f"recipe: {summary.recipe}; base model: {summary.base_model}; llmpress {summary.llmpress_version}")
     calib = summary.calibration
     out.print(f"calibration: {json.dumps(calib) if calib else 'none (data-free)'}")

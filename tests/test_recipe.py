@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmpress.compress.recipe import GPTQStage, Recipe, load_recipe, parse_recipe, shipped_recipes
+from llmpress.compress.quant.gptq import GPTQStage
+from llmpress.compress.recipe import Recipe, load_recipe, parse_recipe, shipped_recipes
 from llmpress.errors import RecipeError
 
 REQUIRED = ["rtn-w4", "rtn-w4-g64", "rtn-w3-g64", "rtn-w2-g64", "rtn-w8",

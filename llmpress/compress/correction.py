@@ -13,12 +13,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..errors import LlmpressError
+from ..layers import CompressedLinear
 from . import distributed
+from .stage import register
 from .stats import StopForward
 
 
@@ -100,7 +104,7 @@ def mean_shift(teacher: torch.Tensor, student: torch.Tensor, clip: float, scale:
 
 def _weight_of(module: nn.Module, transposed: bool) -> torch.Tensor:
     """``[out, in]`` fp32 of a compressed module (its dequantized weight) or a plain linear."""
-    if hasattr(module, "dequantize"):
+    if isinstance(module, CompressedLinear):
         return module.dequantize(torch.float32)
     w = module.weight.detach().to(torch.float32)
     return w.T if transposed else w
@@ -133,3 +137,32 @@ def absorb_column_scale(sink: nn.Module, scale: torch.Tensor, transposed: bool) 
     if sink.bias is not None:
         sink.bias.copy_((sink.bias.to(torch.float32) * scale).to(sink.bias.dtype))
     return True
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class DACStage(BaseModel):
+    """A block correction (D²Quant's deviation-aware correction): once a block's attention is
+    compressed, the mean shift ``μ`` of the MLP's input norm (full-precision block minus the block
+    with compressed attention, on the compressed model's stream) is added after that norm, so the
+    MLP is calibrated with it in place; it is then folded exactly into the MLP's input linears'
+    biases (``b += Ŵ μ``). With ``final_norm`` the same for the model's final norm (teacher: the
+    last block with its MLP still full precision), folded into a bias of the head."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    kind: ClassVar[str] = "correction"
+    needs: ClassVar[frozenset[str]] = frozenset({"activations"})   # it runs the block on calibration data
+
+    method: Literal["dac"] = "dac"
+    clip: float = Field(10.0, gt=0)      # |μ| per channel is clipped to this (the reference's ±10)
+    scale: float = Field(1.0, ge=0)      # λ: μ is multiplied by it (the reference's 1)
+    skip_first: int = Field(1, ge=0)     # leading positions of each window left out of the means
+                                         # (the attention-sink position has outlier norms)
+    final_norm: bool = True              # also correct the final norm (folded into a head bias)
+
+    @property
+    def label(self) -> str:
+        return "dac"
+
+
+register(DACStage)

@@ -39,6 +39,7 @@ from . import distributed
 from .arch import ArchMap, blocks_of
 from .compressors import column_scale, compress_linear, dense_weight, linear_weight
 from .correction import (
+    DACStage,
     ShiftedNorm,
     absorb_column_scale,
     batches_mean,
@@ -47,7 +48,9 @@ from .correction import (
     mean_shift,
     norm_output_mean,
 )
-from .recipe import DACStage, DSQStage, Recipe, StageBase, UniformQuantStage
+from .quant.dsq import DSQStage
+from .recipe import Recipe
+from .stage import StageBase, UniformQuantStage
 from .stats import InputRecorder, InputStats, SpillArena, StopForward, all_finite, disk_tensor
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import LlmpressError, ModelLoadError, OutputError
-from ..layers import LAYER_FORMATS, OnlineHadamard
+from ..layers import LAYER_FORMATS, CompressedLinear, OnlineHadamard
 from ..layers.online_hadamard import input_width
 from ..paths import atomic_write_text
 from ..version import __version__
@@ -255,14 +255,10 @@ def _give_bias(model: nn.Module, name: Any, dtype: torch.dtype) -> None:
 
 
 def _check_codes(model: nn.Module) -> None:
-    """Group indices and scales must be usable: a tampered file fails here, not in a matmul."""
+    """Every compressed module's tensors must be usable: a tampered file fails here, not in a matmul."""
     for name, module in model.named_modules():
-        g_idx = getattr(module, "g_idx", None)
-        if g_idx is not None and g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= module.n_groups):
-            raise ModelLoadError(f"{name}: g_idx points outside the {module.n_groups} groups")
-        index = getattr(module, "coef_index", None)
-        if index is not None and index.numel() and (index.min() < 0 or index.max() >= module.rank):
-            raise ModelLoadError(f"{name}: coef_index points outside the {module.rank} atoms")
-        scales = getattr(module, "scales", None)
-        if scales is not None and not torch.isfinite(scales).all():
-            raise ModelLoadError(f"{name}: scales contain NaN or Inf")
+        if isinstance(module, CompressedLinear):
+            try:
+                module.validate()
+            except ValueError as e:
+                raise ModelLoadError(f"{name}: {e}") from None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..layers import module_sizes
+from ..layers import LAYER_FORMATS, module_sizes
 from .checkpoint import read_manifest
 
 _SAFETENSORS_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -52,22 +52,6 @@ class FolderSummary:
     calibration: Any
     transforms: list[str] = field(default_factory=list)
     bits_per_weight: float | None = None
-
-
-def _layout(entry: dict) -> tuple[str, str, str, str]:
-    """``(bits, group, act-order, layout)`` of a manifest entry, as shown."""
-    p, fmt = entry["params"], entry["format"]
-    if fmt == "factor":
-        return "–", "–", "–", f"rank {p['rank']}, " + ("dense C" if p["nnz"] is None else f"{p['nnz']} atoms/output")
-    if fmt == "tt":
-        return "–", "–", "–", f"TT {p['out_modes']}x{p['in_modes']} ranks {p['ranks'][1:-1]}"
-    if fmt == "bcq":
-        return (str(p["bits"]), f"{p['out_features'] // p['row_groups']}x{p['col_block']}", "–",
-                f"binary-coded, {p['terms']} powers of two per scale")
-    if fmt == "dual-scale":
-        return (str(p["bits"]), str(p["group_size"]), "–",
-                "binary-coded, column scale " + ("stored" if p["column_scale"] else "absorbed upstream"))
-    return str(p["bits"]), str(p["group_size"]), "yes" if p["has_g_idx"] else "no", "–"
 
 
 def _split_name(name: str) -> tuple[int | None, str]:
@@ -141,7 +125,9 @@ def summarize(folder: Path) -> FolderSummary:
     for name, entry in manifest["modules"].items():
         bits, weights = sizes[name]
         block, module = _split_name(name)
-        rows.append(ModuleRow(name, block, module, entry["format"], *_layout(entry), bits / weights))
+        layout = LAYER_FORMATS[entry["format"]].describe(entry["params"])
+        rows.append(ModuleRow(name, block, module, entry["format"], layout.bits, layout.group, layout.act_order,
+                              layout.detail, bits / weights))
     total_bits, total_weights = sum(b for b, _ in sizes.values()), sum(w for _, w in sizes.values())
     transforms = [d for t in manifest.get("transforms") or [] if isinstance(t, dict) and (d := _describe_transform(t))]
     return FolderSummary(

@@ -2,6 +2,7 @@
 
 import torch
 
+from .base import CompressedLinear, Layout
 from .bcq_linear import BCQLinear
 from .dual_scale_linear import DualScaleLinear
 from .factor_linear import FactorLinear
@@ -9,9 +10,10 @@ from .online_hadamard import OnlineHadamard
 from .quant_linear import QuantLinear
 from .tt_linear import TTLinear
 
-# format name in the manifest -> module type (OnlineHadamard is a transform: the manifest lists
-# it under `transforms`, around a module of one of these formats or a plain linear)
-LAYER_FORMATS = {layer.format_name: layer for layer in (QuantLinear, FactorLinear, TTLinear, BCQLinear, DualScaleLinear)}
+# format name in the manifest -> module type, every CompressedLinear registered on definition
+# (OnlineHadamard is a transform: the manifest lists it under `transforms`, around a module of
+# one of these formats or a plain linear)
+LAYER_FORMATS = CompressedLinear.formats
 
 
 def module_sizes(modules: dict[str, dict]) -> dict[str, tuple[int, int]]:
@@ -24,4 +26,5 @@ def module_sizes(modules: dict[str, dict]) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-__all__ = ["LAYER_FORMATS", "BCQLinear", "DualScaleLinear", "FactorLinear", "OnlineHadamard", "QuantLinear", "TTLinear", "module_sizes"]
+__all__ = ["LAYER_FORMATS", "BCQLinear", "CompressedLinear", "DualScaleLinear", "FactorLinear", "Layout",
+           "OnlineHadamard", "QuantLinear", "TTLinear", "module_sizes"]

@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..formats.bcq import BCQWeight, bcq_dense
 from ..formats.packing import pack_codes, packed_words, unpack_codes
 from ..kernels.lut import lut_gemv
+from .base import CompressedLinear, Layout
 
 LUT_MAX_TOKENS = 8   # decoding batches; prefill goes through the dequantized weight
 
@@ -32,7 +32,7 @@ def triton_lut_ready() -> bool:
     return triton_bcq.available()
 
 
-class BCQLinear(nn.Module):
+class BCQLinear(CompressedLinear):
     format_name = "bcq"
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, col_block: int, row_groups: int,
@@ -106,6 +106,11 @@ class BCQLinear(nn.Module):
     def stored_bits(self) -> int:
         """Sign bits plus the scales' exponents and signs (8 bits each)."""
         return self.bits * self.out_features * self.in_features + (self.alpha_exp.numel() + self.alpha_sign.numel()) * 8
+
+    @classmethod
+    def describe(cls, params: dict[str, Any]) -> Layout:
+        block = f"{params['out_features'] // params['row_groups']}x{params['col_block']}"
+        return Layout(bits=str(params["bits"]), group=block, detail=f"binary-coded, {params['terms']} powers of two per scale")
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "

@@ -18,15 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..formats.dual_scale import DualScaleWeight, dual_scale_dense
 from ..formats.packing import pack_codes, packed_words, unpack_codes
 from ..kernels.lut import lut_gemv_scaled
+from .base import CompressedLinear, Layout
 from .bcq_linear import LUT_MAX_TOKENS, triton_lut_ready
 
 
-class DualScaleLinear(nn.Module):
+class DualScaleLinear(CompressedLinear):
     format_name = "dual-scale"
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, bias: bool,
@@ -110,6 +110,15 @@ class DualScaleLinear(nn.Module):
         """Sign bits, the fp16 row scales, and the column scales while they are not absorbed."""
         column = self.column_scale.numel() * 16 if self.column_scale is not None else 0
         return self.bits * self.out_features * self.in_features + self.scales.numel() * 16 + column
+
+    @classmethod
+    def describe(cls, params: dict[str, Any]) -> Layout:
+        column = "stored" if params["column_scale"] else "absorbed upstream"
+        return Layout(bits=str(params["bits"]), group=str(params["group_size"]), detail=f"binary-coded, column scale {column}")
+
+    def validate(self) -> None:
+        if not torch.isfinite(self.scales).all():
+            raise ValueError("scales contain NaN or Inf")
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "

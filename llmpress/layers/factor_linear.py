@@ -17,12 +17,12 @@ import warnings
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..formats.factor import Factors, index_bits
+from .base import CompressedLinear, Layout
 
 
-class FactorLinear(nn.Module):
+class FactorLinear(CompressedLinear):
     format_name = "factor"
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, nnz: int | None, bias: bool,
@@ -113,6 +113,16 @@ class FactorLinear(nn.Module):
         if self.nnz is None:
             return total + self.coef.numel() * value_bits
         return total + self.coef_values.numel() * value_bits + self.coef_index.numel() * self.coef_index.element_size() * 8
+
+    @classmethod
+    def describe(cls, params: dict[str, Any]) -> Layout:
+        coef = "dense C" if params["nnz"] is None else f"{params['nnz']} atoms/output"
+        return Layout(detail=f"rank {params['rank']}, {coef}")
+
+    def validate(self) -> None:
+        index = self.coef_index
+        if index is not None and index.numel() and (index.min() < 0 or index.max() >= self.rank):
+            raise ValueError(f"coef_index points outside the {self.rank} atoms")
 
     def extra_repr(self) -> str:
         c = "dense" if self.nnz is None else f"{self.nnz} per output"

@@ -15,15 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..formats.packing import SUPPORTED_BITS, pack_codes, packed_words
 from ..formats.uniform import QuantizedWeight, dequantize_uniform, group_count
 from ..kernels import cpu_int4
 from ..kernels.dispatch import uniform_linear
+from .base import CompressedLinear, Layout
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(CompressedLinear):
     format_name = "uniform"
 
     def __init__(
@@ -116,6 +116,17 @@ class QuantLinear(nn.Module):
         """Bits this module stores for its weight: codes, scales, zeros and g_idx (bias excluded)."""
         total = self.qweight.numel() * 32 + self.scales.numel() * 16 + self.qzeros.numel() * 32
         return total + (self.g_idx.numel() * 32 if self.g_idx is not None else 0)
+
+    @classmethod
+    def describe(cls, params: dict[str, Any]) -> Layout:
+        group = "row" if int(params["group_size"]) <= 0 else str(params["group_size"])
+        return Layout(bits=str(params["bits"]), group=group, act_order="yes" if params["has_g_idx"] else "no")
+
+    def validate(self) -> None:
+        if self.g_idx is not None and self.g_idx.numel() and (self.g_idx.min() < 0 or self.g_idx.max() >= self.n_groups):
+            raise ValueError(f"g_idx points outside the {self.n_groups} groups")
+        if not torch.isfinite(self.scales).all():
+            raise ValueError("scales contain NaN or Inf")
 
     def extra_repr(self) -> str:
         g = "row" if self.n_groups == 1 else self.group_size

@@ -17,12 +17,12 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..formats.tt import contraction_macs, reconstruction_macs, tt_forward, tt_full
+from .base import CompressedLinear, Layout
 
 
-class TTLinear(nn.Module):
+class TTLinear(CompressedLinear):
     format_name = "tt"
 
     def __init__(self, in_features: int, out_features: int, *, out_modes: list[int], in_modes: list[int],
@@ -89,6 +89,10 @@ class TTLinear(nn.Module):
 
     def stored_bits(self) -> int:
         return sum(c.numel() * torch.finfo(c.dtype).bits for c in self.cores)
+
+    @classmethod
+    def describe(cls, params: dict[str, Any]) -> Layout:
+        return Layout(detail=f"TT {params['out_modes']}x{params['in_modes']} ranks {params['ranks'][1:-1]}")
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, modes={self.out_modes}x{self.in_modes}, ranks={self.ranks}"

@@ -7,9 +7,14 @@ column-sparse with the same number ``nnz`` of atoms per output (stored as values
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from ...formats.factor import Factors
+from ...layers import FactorLinear
+from ..stage import Built, StageBase, register
 from .whiten import unwhiten, whiten, whitening_factor
 
 
@@ -40,3 +45,34 @@ def whitened_svd_factors(weight: torch.Tensor, hessian: torch.Tensor, rank: int)
     d, c, s = _balanced(whiten(weight, factor), rank)
     err = float((s[rank:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt()) if s.numel() else 0.0
     return Factors(unwhiten(d, factor), c, metrics={"whitened_error": err, "damp": damp})
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class LowRankStage(StageBase):
+    """A uniform low-rank factorization of every selected linear: ``svd`` truncates the weight's
+    SVD (data-free), ``svdllm`` the SVD of the activation-whitened weight (SVD-LLM)."""
+
+    method: Literal["svd", "svdllm"]
+    ratio: float = Field(gt=0, lt=1)     # the fraction of each linear's parameters removed
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"}) if self.method == "svdllm" else frozenset()
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} -{self.ratio:.0%}"
+
+
+def lowrank_module(weight: torch.Tensor, stats: dict, ratio: float, whitened: bool, bias, dtype) -> Built:
+    rank = rank_for_ratio(weight.shape[1], weight.shape[0], ratio)
+    factors = whitened_svd_factors(weight, stats["hessian"], rank) if whitened else svd_factors(weight, rank)
+    return FactorLinear.from_factors(factors, bias, dtype), factors.metrics
+
+
+def _lowrank(stage: LowRankStage, weight, stats, bias, dtype) -> Built:
+    return lowrank_module(weight, stats, stage.ratio, stage.method == "svdllm", bias, dtype)
+
+
+register(LowRankStage, compress=_lowrank)

@@ -8,18 +8,24 @@ whole grid costs one SVD); TT is the activation-aware TT-SVD (one per grid point
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
+import torch
+from pydantic import Field
+
+from ...errors import LlmpressError
 from ...formats.factor import factor_bits
 from ...formats.tt import tt_full
+from ..stage import AllocatorStage, Built, register
 from .knapsack import Option
-from .lowrank import rank_for_ratio
+from .lowrank import lowrank_module, rank_for_ratio
 from .tt import (
     aware_tt_svd,
     balanced_modes,
     kronecker_whitening,
     rank_for_budget,
     relative_output_error,
+    tt_module,
     tt_params,
     tt_ranks,
 )
@@ -66,3 +72,36 @@ def mix_options(weight: torch.Tensor, hessian: torch.Tensor, value_bits: int, gr
     if "tt" in families:
         options += tt_options(weight, hessian, value_bits, grid, order)
     return options
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class FactorMixStage(AllocatorStage):
+    """One budget over several factorization families: each linear is kept dense, or takes
+    whitened low rank (SVD-LLM) or activation-aware TT at one of the removed fractions, whichever
+    the knapsack finds cheapest in relative output error."""
+
+    method: Literal["factor-mix"] = "factor-mix"
+    families: list[Literal["lowrank", "tt"]] = Field(default_factory=lambda: ["lowrank", "tt"], min_length=1)
+    order: int = Field(3, ge=2, le=4)    # TT cores
+    family: Literal["lowrank", "tt"] | None = None   # set per module by the allocation
+    ratio: float | None = Field(None, gt=0, lt=1)
+
+    @property
+    def label(self) -> str:
+        return "factor-mix" if self.family is None else f"{self.family} -{self.ratio:.0%}"
+
+
+def _mix(stage: FactorMixStage, weight, stats, bias, dtype) -> Built:
+    if stage.family is None or stage.ratio is None:
+        raise LlmpressError("no family was allocated to this module (the factor-mix plan is missing)")
+    if stage.family == "lowrank":
+        return lowrank_module(weight, stats, stage.ratio, True, bias, dtype)
+    return tt_module(weight, stats, stage.ratio, stage.order, True, bias, dtype)
+
+
+def _mix_options(stage: FactorMixStage, weight, hessian, value_bits: int) -> list[Option]:
+    return mix_options(weight, hessian, value_bits, stage.removed_grid, stage.families, stage.order)
+
+
+register(FactorMixStage, compress=_mix, profile=_mix_options)

@@ -28,10 +28,15 @@ The optional masked Adam refinement and the simulated int8 quantization of the c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
+from ...errors import LlmpressError
 from ...formats.factor import Factors, factor_bits, index_bits
+from ...layers import FactorLinear
+from ..stage import AllocatorStage, Built, register
 from .knapsack import Option
 from .whiten import unwhiten, whiten, whitening_factor
 
@@ -154,3 +159,44 @@ def rocket_factors(weight: torch.Tensor, hessian: torch.Tensor, rank: int, nnz: 
     profile = profile_layer(weight, hessian)
     d, c, mask, err = fit(profile, rank, nnz, lam)
     return Factors(unwhiten(d, profile.factor), c, mask, metrics={"whitened_error": err, "damp": profile.damp})
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class RocketStage(AllocatorStage):
+    """ROCKET: whitened sparse-dictionary factorization, with the removed fraction of each linear
+    chosen by the knapsack over the candidates' measured errors (compress/factor/rocket.py)."""
+
+    method: Literal["rocket"] = "rocket"
+    kappas: list[float] = Field(default_factory=lambda: [1.0, 2.0, 3.0])   # k/s; 1: dense coefficients
+    lam: float = Field(0.5, ge=0)        # score = |C0| · a^lam
+    safety_cap: bool = True              # the paper's
+    rank: int | None = Field(None, ge=1)   # set per module by the allocation
+    nnz: int | None = Field(None, ge=1)
+
+    @field_validator("kappas")
+    @classmethod
+    def _kappas(cls, v: list[float]) -> list[float]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("kappas are ratios k/s of at least 1")
+        return sorted(set(v))
+
+    @property
+    def label(self) -> str:
+        if self.rank is None:
+            return "rocket"
+        return f"rocket k={self.rank}" + (f" s={self.nnz}" if self.nnz else "")
+
+
+def _rocket(stage: RocketStage, weight, stats, bias, dtype) -> Built:
+    if stage.rank is None:
+        raise LlmpressError("no rank was allocated to this module (the ROCKET plan is missing)")
+    factors = rocket_factors(weight, stats["hessian"], stage.rank, stage.nnz, stage.lam)
+    return FactorLinear.from_factors(factors, bias, dtype), factors.metrics
+
+
+def _rocket_options(stage: RocketStage, weight, hessian, value_bits: int) -> list[Option]:
+    return candidates(profile_layer(weight, hessian), value_bits, stage.removed_grid, stage.kappas, stage.lam)
+
+
+register(RocketStage, compress=_rocket, profile=_rocket_options)

@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import math
 from functools import reduce
+from typing import Literal
 
 import torch
+from pydantic import Field
 
+from ...errors import LlmpressError
 from ...formats.tt import bond_product, tt_full
+from ...layers import TTLinear
+from ..stage import Built, StageBase, register
 from .whiten import whitening_factor
 
 # -- modes -----------------------------------------------------------------------------------------
@@ -305,3 +310,44 @@ def tt_factorize(weight: torch.Tensor, removed: float, order: int, hessian: torc
     if hessian is None:
         return tt_svd(weight, out_modes, in_modes, rank), {}
     return aware_or_plain_tt(weight, hessian, out_modes, in_modes, rank, refit_sweeps)
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class TTStage(StageBase):
+    """Tensor-train (TT-matrix) factorization of every selected linear at a uniform removed
+    fraction: data-free TT-SVD, or ``aware`` (ours): TT-SVD in a Kronecker-factored whitened space,
+    kept for a linear only where it lowers that linear's exact output error (else the plain TT-SVD),
+    then ``refit`` sweeps of exact least squares on the edge cores."""
+
+    method: Literal["tt"] = "tt"
+    ratio: float = Field(gt=0, lt=1)     # the fraction of each linear's parameters removed
+    order: int = Field(3, ge=2, le=4)    # the number of cores d
+    aware: bool = False
+    # aware only: sweeps of exact least squares on the first and last core against the full Gram
+    # after the guarded TT-SVD (ours; 13-27 s per sweep of a 576x1536 linear on one thread here)
+    refit: int = Field(1, ge=0)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"}) if self.aware else frozenset()
+
+    @property
+    def label(self) -> str:
+        return f"tt{'-aware' if self.aware else ''} d={self.order} -{self.ratio:.0%}"
+
+
+def tt_module(weight: torch.Tensor, stats: dict, ratio: float, order: int, aware: bool, bias, dtype,
+               refit: int = 0) -> Built:
+    try:
+        cores, metrics = tt_factorize(weight, ratio, order, stats["hessian"] if aware else None, refit)
+    except ValueError as e:
+        raise LlmpressError(str(e)) from None
+    return TTLinear.from_cores(cores, tuple(weight.shape), bias, dtype), metrics
+
+
+def _tt(stage: TTStage, weight, stats, bias, dtype) -> Built:
+    return tt_module(weight, stats, stage.ratio, stage.order, stage.aware, bias, dtype, stage.refit)
+
+
+register(TTStage, compress=_tt)

@@ -15,10 +15,16 @@ init and alternating refinement are Xu et al. 2018's.
 from __future__ import annotations
 
 import functools
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 
-from ...formats.bcq import BCQWeight, apot_value
+from ...errors import LlmpressError
+from ...formats.bcq import BCQWeight, apot_value, bcq_dense
+from ...layers import BCQLinear
+from ..factor.knapsack import Option
+from ..stage import Built, StageBase, register
 from .gptq import damped_inverse_cholesky
 
 
@@ -143,3 +149,103 @@ def bcq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, *, bits: in
         if upper is not None:
             W[:, i2:] -= errors @ upper[i1:i2, i2:]
     return BCQWeight(signs, exps, asigns, col_block)
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class ShiftAddStage(StageBase):
+    """ShiftAddLLM: binary-coded weights with power-of-two scales, solved inside GPTQ's column loop
+    (``gptq: false``: the weight objective only, the BCQ baseline); compress/quant/bcq.py."""
+
+    method: Literal["shiftadd"] = "shiftadd"
+    bits: int = Field(ge=1, le=4)
+    col_block: int = Field(8, ge=1)      # columns sharing a scale (the paper's Lat. layout: 8)
+    row_groups: int = Field(8, ge=1)     # row groups sharing a scale (out/8 rows each)
+    terms: int = Field(3, ge=1, le=4)    # powers of two per scale (the code's apot_nums)
+    rounds: int = Field(15, ge=0)        # alternating least-squares rounds per scale fit
+    gptq: bool = True
+    damp: float = Field(0.01, gt=0, le=1)
+    block_size: int = Field(128, ge=1)
+    true_sequential: bool = True
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"}) if self.gptq else frozenset()
+
+    @property
+    def label(self) -> str:
+        return f"shiftadd w{self.bits}" + ("" if self.gptq else " (bcq only)")
+
+
+class ShiftAddMixStage(ShiftAddStage):
+    """ShiftAdd with its bit width chosen per linear under an average-bits budget: every linear's
+    GPTQ-BCQ solution is measured at each of ``bit_choices`` (its output error on the calibration
+    inputs) and the shared knapsack picks one per linear so that the code bits average at most
+    ``average_bits`` (the paper: 2.2)."""
+
+    kind: ClassVar[str] = "allocator"
+    method: Literal["shiftadd-mix"] = "shiftadd-mix"
+    bits: int = Field(2, ge=1, le=4)     # set per module by the allocation
+    average_bits: float = Field(2.2, gt=0)
+    bit_choices: list[int] = Field(default_factory=lambda: [2, 3], min_length=1)
+    buckets: int = Field(50_000, ge=100)
+    safety_cap: bool = False
+
+    @field_validator("bit_choices")
+    @classmethod
+    def _choices(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= b <= 4 for b in v):
+            raise ValueError("bit_choices are widths from 1 to 4")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _reachable(self):
+        if self.average_bits < min(self.bit_choices):
+            raise ValueError(f"average_bits {self.average_bits} is below the smallest choice {min(self.bit_choices)}")
+        return self
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"})
+
+    keep_dense: ClassVar[bool] = False   # every selected linear takes one of the bit widths
+
+    def removed_target(self, value_bits: int) -> float:
+        return 1.0 - self.average_bits / value_bits
+
+
+def _shiftadd(stage: ShiftAddStage, weight, stats, bias, dtype) -> Built:
+    try:
+        q = bcq_quantize(weight, stats.get("hessian") if stage.gptq else None, bits=stage.bits,
+                         col_block=stage.col_block, row_groups=stage.row_groups, rounds=stage.rounds,
+                         terms=stage.terms, damp=stage.damp, block_size=stage.block_size)
+    except ValueError as e:
+        raise LlmpressError(str(e)) from None
+    return BCQLinear.from_bcq(q, bias, dtype), q.metrics
+
+
+def _shiftadd_options(stage: ShiftAddMixStage, weight, hessian, value_bits: int) -> list[Option]:
+    """Each bit width's GPTQ-BCQ solution, scored by its output error ``tr(ΔW H ΔWᵀ)`` (absolute:
+    the layer's share of the error, H the per-token Gram) and sized by its code bits."""
+    heuristic = shiftadd_sensitivity(weight, hessian, stage.damp)
+    options = []
+    for bits in stage.bit_choices:
+        q = bcq_quantize(weight, hessian, bits=bits, col_block=stage.col_block, row_groups=stage.row_groups,
+                         rounds=stage.rounds, terms=stage.terms, damp=stage.damp, block_size=stage.block_size)
+        delta = bcq_dense(q.signs, q.alpha_exp, q.alpha_sign, q.col_block) - weight.to(torch.float64)
+        error = float(((delta @ hessian.to(torch.float64)) * delta).sum())
+        options.append(Option(1.0 - bits / value_bits, error, bits * weight.numel(), {"bits": bits},
+                              {"heuristic": heuristic}))
+    return options
+
+
+def shiftadd_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> float:
+    """The reference code's ranking score ``‖W'‖_F·std(W')²`` with ``W' = W / diag(U)``, U the upper
+    Cholesky factor of the damped inverse Hessian (compared with our measured errors in the summary)."""
+    upper, _ = damped_inverse_cholesky(hessian.to(torch.float64), damp)
+    scaled = weight.to(torch.float64) / torch.diagonal(upper)
+    return float(scaled.norm() * scaled.std() ** 2)
+
+
+register(ShiftAddStage, compress=_shiftadd)
+register(ShiftAddMixStage, compress=_shiftadd, profile=_shiftadd_options)

@@ -25,12 +25,16 @@ each group, groups by their largest ``H_jj``, so every group stays whole and nee
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from ...formats.dual_scale import DualScaleWeight
+from ...layers import DualScaleLinear, QuantLinear
+from ..stage import Built, register
 from .bcq import nearest_codes
-from .gptq import Residual, solve_columns
+from .gptq import GPTQStage, Residual, gptq_quantize, residual_of, solve_columns
 from .grid import fake_quantize, fit_grid
 
 MIN_COLUMN_SCALE = 1e-8   # the reference's clamp: a vanishing c would blow up when absorbed
@@ -181,3 +185,51 @@ def fit_column_scale(weight: torch.Tensor, bits: int, group_size: int, sym: bool
         c = _fp16((w * q).sum(0) / (q * q).sum(0).clamp_min(1e-30)).clamp_min(MIN_COLUMN_SCALE)
         c = torch.where((q * q).sum(0) > 0, c, torch.ones_like(c))
     return best_c
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class DSQStage(GPTQStage):
+    """D²Quant's dual-scale quantizer (for ``down_proj``) inside the GPTQ/GPTAQ column loop:
+    ``binary``: the paper's binary-coded levels ``c_j·Σ±r_t`` (``DualScaleLinear``); ``uniform``: the
+    standard grid on ``W·diag(1/c)`` (``QuantLinear``). ``c`` is absorbed into ``up_proj``'s scales
+    when the architecture has a gated MLP; ``act_order`` means the reference's group-aware order in
+    the binary form (compress/quant/dsq.py)."""
+
+    method: Literal["dsq"] = "dsq"
+    form: Literal["binary", "uniform"] = "binary"
+    group_size: int = 128                # the reference's
+    rounds: int = Field(15, ge=0)        # alternating least-squares rounds per group
+
+    @model_validator(mode="after")
+    def _binary_bits(self):
+        if self.form == "binary" and self.bits > 4:
+            raise ValueError("the binary-coded form has 1 to 4 bit-planes")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"dsq-{self.form} w{self.bits}" + (f" g{self.group_size}" if self.group_size > 0 else "")
+
+
+def _dsq(stage: DSQStage, weight, stats, bias, dtype) -> Built:
+    """Both forms hold the column scale ``c`` until the pipeline absorbs it upstream: the binary
+    module stores it (``column_scale``), the uniform one carries it as ``pending_column_scale``."""
+    hessian = stats["hessian"]
+    if stage.form == "binary":
+        q = dsq_quantize(weight, hessian, bits=stage.bits, group_size=stage.group_size, rounds=stage.rounds,
+                         gar=stage.act_order, damp=stage.damp, block_size=stage.block_size,
+                         residual=residual_of(stage, stats))
+        return DualScaleLinear.from_dsq(q, bias, dtype), q.metrics
+    c = fit_column_scale(weight, stage.bits, stage.group_size, stage.sym, stage.rounds)
+    # W x = (W/c)(c ⊙ x): the scaled weight against the Hessian of the scaled inputs
+    q = gptq_quantize(
+        weight / c, c[:, None] * hessian * c[None, :], bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
+        mse=stage.mse, act_order=stage.act_order, static_groups=stage.static_groups, damp=stage.damp,
+        block_size=stage.block_size, residual=residual_of(stage, stats, c),
+    )
+    module = QuantLinear.from_quantized(q, bias, dtype)
+    module.pending_column_scale = c
+    return module, q.metrics
+
+register(DSQStage, compress=_dsq)

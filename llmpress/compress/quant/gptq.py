@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ...errors import LlmpressError
 from ...formats.uniform import QuantizedWeight, group_count
+from ...layers import QuantLinear
+from ..stage import UniformQuantStage, register
 from ..stats import all_finite
 from .grid import dequantize_codes, fit_grid, max_code, quantize_codes
 
@@ -388,3 +391,57 @@ def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, allw
         Wt[i2:].addmm_(P[i1:i2, i2:].T, final)
         if R is not None:
             Wt[i2:].addmm_(R[i1:i2, i2:].T, W0t[i1:i2] - final)
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class GPTQStage(UniformQuantStage):
+    """GPTQ with act-order, static groups, damping and true-sequential groups; with ``residual``
+    also GPTAQ (asymmetric calibration) and GPTAQ+ResComp (compensation-aware error)."""
+
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp: float = Field(0.01, gt=0, le=1)
+    block_size: int = Field(128, ge=1)
+    # none: GPTQ. gptaq: target the full-precision model's output (needs its input stream).
+    # rescomp: gptaq plus ResComp's term for the compensated-versus-original weights.
+    residual: Literal["none", "gptaq", "rescomp"] = "none"
+    alpha: float = Field(0.25, ge=0)      # GPTAQ's coefficient (its code: 0.25; its paper: none, i.e. 1)
+    alpha2: float = Field(0.25, ge=0)     # ResComp's coefficient (its code: 0.25)
+    rescomp_form: Literal["paper", "delta"] = "paper"
+    # allw: ResComp's consistent mode. auto: its code's rule (org at 2 bits, else allw), whose 'org'
+    # lazy update over-compensates and made ResComp worse than GPTAQ at W2 (docs/algorithms.md).
+    rescomp_mode: Literal["auto", "org", "allw"] = "allw"
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian", "fp_inputs"}) if self.residual != "none" else frozenset({"hessian"})
+
+
+def residual_of(stage: GPTQStage, stats: dict, column_scale: torch.Tensor | None = None) -> Residual | None:
+    """GPTAQ's (and ResComp's) residual statistics for ``stage``, in the inputs scaled by
+    ``column_scale`` when the weight is solved as ``W·diag(1/c)``."""
+    if stage.residual == "none":
+        return None
+    mode = stage.rescomp_mode
+    if mode == "auto":   # ResComp's rule: its 'allw' mode can diverge at 2 bits
+        mode = "org" if stage.bits == 2 else "allw"
+    cross = stats["cross"]
+    if column_scale is not None:
+        cross = column_scale[:, None] * cross * column_scale[None, :]
+    return Residual(cross, alpha=stage.alpha, rescomp=stage.residual == "rescomp", alpha2=stage.alpha2,
+                    form=stage.rescomp_form, mode=mode)
+
+
+def _compress(stage: GPTQStage, weight: torch.Tensor, stats: dict, bias, dtype):
+    q = gptq_quantize(
+        weight, stats["hessian"], bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
+        mse=stage.mse, act_order=stage.act_order, static_groups=stage.static_groups,
+        damp=stage.damp, block_size=stage.block_size, residual=residual_of(stage, stats),
+    )
+    return QuantLinear.from_quantized(q, bias, dtype), q.metrics
+
+
+register(GPTQStage, compress=_compress)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from ...formats.uniform import QuantizedWeight, group_count
+from ...layers import QuantLinear
+from ..stage import UniformQuantStage, register
 from .grid import fit_grid, quantize_codes
 
 
@@ -28,3 +32,19 @@ def rtn_quantize(
         codes=codes.to(torch.int64), scales=scales, zeros=zeros, g_idx=None,
         bits=bits, group_size=group_size, sym=sym,
     )
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class RTNStage(UniformQuantStage):
+    """Round-to-nearest, per row or per group; data-free."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+def _compress(stage: RTNStage, weight: torch.Tensor, stats: dict, bias, dtype):
+    q = rtn_quantize(weight, bits=stage.bits, group_size=stage.group_size, sym=stage.sym, mse=stage.mse)
+    return QuantLinear.from_quantized(q, bias, dtype), q.metrics
+
+
+register(RTNStage, compress=_compress)

@@ -3,9 +3,12 @@ the matrices themselves are built in ``formats.hadamard``."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from ...formats.hadamard import hadamard_matrix
+from ..stage import RotationStage, register
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
@@ -22,3 +25,14 @@ def signed_hadamard(signs: torch.Tensor) -> torch.Tensor:
 def randomized_hadamard(n: int, seed: int) -> torch.Tensor:
     """``Q = diag(s) · H / √n``, orthogonal (float64): ``x Q`` flips signs, then mixes."""
     return signed_hadamard(random_signs(n, seed))
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class RHTStage(RotationStage):
+    """Fixed randomized Hadamard rotations of every width (compress/rotate/hadamard.py)."""
+
+    method: Literal["rht"] = "rht"
+
+
+register(RHTStage)

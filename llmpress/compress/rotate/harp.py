@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from ...errors import LlmpressError
 from ...formats.hadamard import apply_hadamard, hadamard_factors
 from ..quant.grid import fake_quantize, fit_grid
+from ..stage import ALLOWED_BITS, RotationStage, register
 from .fuse import rotate_heads_input
 from .hadamard import random_signs, signed_hadamard
 
@@ -323,3 +326,35 @@ def fit_harp(terms: list[ProxyTerm], n: int, *, bits: int, group_size: int, sym:
         raise HarpError("the HARP fit diverged (non-finite proxy loss); lower `lr`")
     return HarpResult(q=q.matrix(), seconds=time.perf_counter() - start, initial=initial, final=best,
                       history=history)
+
+
+# -- the method ------------------------------------------------------------------------------
+
+class HARPStage(RotationStage):
+    """A learned residual-stream rotation, initialised at the RHT of the same seed and fitted on
+    the proxy quantization error of the grid that follows (compress/rotate/harp.py)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    method: Literal["harp"] = "harp"
+    steps: int = Field(100, ge=0)        # Adam steps (the paper: 1200 on a GPU)
+    lr: float = Field(0.03, gt=0)        # the paper's lr for both processors
+    refresh: int = Field(10, ge=1)       # steps between refreshes of the quantized target (paper: 1)
+    groups_per_step: int | None = Field(8, ge=1)   # input groups whose quadratic term a step samples
+    fit_samples: int = Field(32, ge=1)   # calibration windows whose Hessians weigh the proxy
+    # An earlier run's output folder (or its llmpress-harp.safetensors): use the rotation fitted
+    # there instead of fitting again, e.g. to try several quantizers behind one fit.
+    reuse: str | None = None
+    # The grid of the proxy; by default that of the first quantizer stage.
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int | None) -> int | None:
+        if v is not None and v not in ALLOWED_BITS:
+            raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {v}")
+        return v
+
+
+register(HARPStage)

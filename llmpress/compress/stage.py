@@ -1,0 +1,176 @@
+"""What every stage of a recipe is, and the registry of methods.
+
+A method is one file (under ``quant/``, ``factor/``, ``rotate/``, or ``correction.py``) holding its
+typed stage config and the functions the executor calls, registered once with :func:`register`.
+The recipe's stage union, ``--set`` and the error messages derive from the registry; the executor
+finds a method's functions here and knows no method by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+ALLOWED_BITS = (2, 3, 4, 8)
+
+
+class StageBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    kind: ClassVar[str] = "layer"          # transform | layer | allocator | correction
+    needs: ClassVar[frozenset[str]] = frozenset()   # statistics the compressor reads
+
+    targets: list[str] = Field(default_factory=lambda: [".*"])
+    ignore: list[str] = Field(default_factory=list)
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _valid_regexes(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"bad regular expression {p!r}: {e}") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _valid_overrides(self):
+        for pattern, fields in self.overrides.items():
+            re.compile(pattern)
+            bad = set(fields) - set(type(self).model_fields) | {"targets", "ignore", "overrides"} & set(fields)
+            if bad:
+                raise ValueError(f"override {pattern!r} sets unknown or structural fields {sorted(bad)}")
+            type(self).model_validate({**self.model_dump(exclude={"overrides"}), **fields})
+        return self
+
+    def selects(self, module_name: str) -> bool:
+        return any(re.search(p, module_name) for p in self.targets) and not any(
+            re.search(p, module_name) for p in self.ignore
+        )
+
+    def for_module(self, module_name: str) -> StageBase:
+        """This stage's settings for one module, overrides applied in the order written."""
+        update: dict[str, Any] = {}
+        for pattern, fields in self.overrides.items():
+            if re.search(pattern, module_name):
+                update.update(fields)
+        if not update:
+            return self
+        return type(self).model_validate({**self.model_dump(exclude={"overrides"}), **update})
+
+
+class UniformQuantStage(StageBase):
+    bits: int
+    group_size: int = -1
+    sym: bool = False
+    mse: bool = False
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in ALLOWED_BITS:
+            raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {v}")
+        return v
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} w{self.bits}" + (f" g{self.group_size}" if self.group_size > 0 else "")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError(f"group_size must be -1 (per row) or positive, got {v}")
+        return v
+
+
+class AllocatorStage(StageBase):
+    """A global budget: a profiling pass scores every selected linear's options, one knapsack
+    (compress/factor/knapsack.py) picks one per linear, and the plan becomes per-module
+    ``overrides`` (``ignore`` for the linears kept dense); the recipe saved with the model holds it."""
+
+    kind: ClassVar[str] = "allocator"
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    target: float = Field(gt=0, lt=1)    # the fraction of the selected linears' stored bits removed
+    removed_grid: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 15)])
+    buckets: int = Field(50_000, ge=100)   # resolution of the knapsack's size axis
+    safety_cap: bool = False             # ROCKET's per-layer error cap α·ē before the knapsack
+
+    @field_validator("removed_grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < r < 1 for r in v):
+            raise ValueError("removed_grid holds fractions strictly between 0 and 1")
+        return sorted(set(v))
+
+    keep_dense: ClassVar[bool] = True    # "leave this linear dense" is one of every linear's options
+
+    def removed_target(self, value_bits: int) -> float:
+        """The fraction of the dense layers' bits the knapsack must remove."""
+        return self.target
+
+
+class RotationStage(BaseModel):
+    """A transform: rotations fused into the weights (QuaRot's computational invariance), so the
+    full-precision function is unchanged and the quantizers that follow see incoherent weights.
+    It runs before every layer stage, on the whole model."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    kind: ClassVar[str] = "transform"
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    seed: int = 0            # the random sign flips
+    heads: bool = True       # also rotate within attention heads (v_proj output, o_proj input)
+    online: bool = True      # an online Hadamard before down_proj (off: stock-HF exportable packed weights)
+
+
+# (stage, weight [out, in] fp32, statistics, bias, dtype) -> (compressed module, metrics)
+Built = tuple[nn.Module, dict[str, float]]
+Compress = Callable[..., Built]
+# (stage, weight, hessian, value_bits) -> the linear's options for an allocator's knapsack
+Profile = Callable[..., list[Any]]
+
+
+@dataclass(frozen=True)
+class Method:
+    stage: type[BaseModel]
+    compress: Compress | None = None   # layer compressors and allocators
+    profile: Profile | None = None     # allocators
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(stage: type[BaseModel], *, compress: Compress | None = None, profile: Profile | None = None) -> None:
+    """Register ``stage`` under every name its ``method`` field accepts."""
+    annotation = stage.model_fields["method"].annotation
+    for name in getattr(annotation, "__args__", ()):
+        _METHODS[name] = Method(stage, compress, profile)
+
+
+_METHOD_PACKAGES = ("quant", "factor", "rotate")
+_LOADED: list[bool] = []
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method by name (importing the method files registers them; some may
+    have registered already, imported by their users)."""
+    if not _LOADED:
+        _LOADED.append(True)
+        for package in _METHOD_PACKAGES:
+            module = importlib.import_module(f"{__package__}.{package}")
+            for info in pkgutil.iter_modules(module.__path__):
+                importlib.import_module(f"{module.__name__}.{info.name}")
+        importlib.import_module(f"{__package__}.correction")
+    return _METHODS
+
+
+def method_of(stage: BaseModel) -> Method:
+    return methods()[stage.method]

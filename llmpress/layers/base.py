@@ -1,0 +1,62 @@
+"""What every compressed linear is: a storage format with its manifest parameters, its tensors,
+the dense weight it stands for, and what it costs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How ``llmpress inspect`` shows a format's parameters ("–" where one does not apply)."""
+
+    bits: str = "–"
+    group: str = "–"
+    act_order: str = "–"
+    detail: str = "–"
+
+
+class CompressedLinear(nn.Module, ABC):
+    """A linear stored in one of llmpress's formats. Subclasses name their ``format_name`` (the
+    manifest's key) and are registered by it on definition."""
+
+    format_name: ClassVar[str]
+    formats: ClassVar[dict[str, type[CompressedLinear]]] = {}
+    in_features: int
+    out_features: int
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "format_name" in cls.__dict__:
+            CompressedLinear.formats[cls.format_name] = cls
+
+    @abstractmethod
+    def format_params(self) -> dict[str, Any]:
+        """What the manifest records to rebuild this module before its tensors are loaded."""
+
+    @classmethod
+    @abstractmethod
+    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> CompressedLinear:
+        """The module with its tensors on the meta device, from ``format_params()``."""
+
+    @abstractmethod
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``[out, in]`` weight this module computes with."""
+
+    @abstractmethod
+    def stored_bits(self) -> int:
+        """Bits stored for the weight (bias excluded)."""
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, params: dict[str, Any]) -> Layout:
+        """The manifest parameters as ``llmpress inspect`` shows them."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the loaded tensors cannot be used (indices out of range, scales
+        that are not finite): a tampered file fails at load, not inside a matmul."""
