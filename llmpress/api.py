@@ -253,13 +253,12 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         shard = shard_name(index, total_shards)
         LazyWeights(out, weight_map={f"{prefix}.{k}": shard for k in block.state_dict()}).materialize(block, prefix)
 
-    final_shift: list[list[float]] = []   # the final norm's correction, once the last block has it
 
-    def on_block_done(index: int, block: nn.Module, prefix: str, modules: dict, records: list) -> None:
+    def on_block_done(index: int, block: nn.Module, prefix: str, modules: dict, records: list, extras: dict) -> None:
         state.finished[index] = {
             "modules": {name: module_manifest(m) for name, m in modules.items()},
             "records": [r.__dict__ for r in records],
-            **({"final_shift": final_shift[-1]} if final_shift and index == n_blocks - 1 else {}),
+            **{key: value.tolist() for key, value in extras.items()},   # the final norm's correction
         }
         if main:
             tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
@@ -269,8 +268,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
             state.save()
 
     io = BlockIO(materialize=materialize, release=release, finished=state.finished,
-                 load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture,
-                 on_final_shift=lambda shift: final_shift.append(shift.tolist()))
+                 load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture)
     block_arch = rotation.compress_arch() if rotation is not None else arch
     windows = distributed.local_slice(job.windows) if job.windows is not None else None
 

@@ -161,10 +161,10 @@ def crash_then_resume(folder, recipe, tmp_path, monkeypatch) -> list[int]:
     llmpress.compress(folder, recipe, out=tmp_path / "whole", nsamples=4, seqlen=32, progress=False)
     real = pipeline._compress_block
 
-    def crash_on_block_2(index, *args, **kwargs):
-        if index == 2:
+    def crash_on_block_2(ctx, *args, **kwargs):
+        if ctx.index == 2:
             raise RuntimeError("simulated crash")
-        return real(index, *args, **kwargs)
+        return real(ctx, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "_compress_block", crash_on_block_2)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -173,7 +173,7 @@ def crash_then_resume(folder, recipe, tmp_path, monkeypatch) -> list[int]:
     with pytest.raises(llmpress.api.ModelLoadError, match="incomplete"):
         llmpress.load(tmp_path / "part")
     calls = []
-    monkeypatch.setattr(pipeline, "_compress_block", lambda i, *a, **k: calls.append(i) or real(i, *a, **k))
+    monkeypatch.setattr(pipeline, "_compress_block", lambda ctx, *a, **k: calls.append(ctx.index) or real(ctx, *a, **k))
     llmpress.compress(folder, recipe, out=tmp_path / "part", nsamples=4, seqlen=32, progress=False, resume=True)
     whole, resumed = _shards(tmp_path / "whole"), _shards(tmp_path / "part")
     assert whole.keys() == resumed.keys()

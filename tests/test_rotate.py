@@ -238,10 +238,10 @@ def test_resume_reuses_the_harp_fit(perturbed, tmp_path, monkeypatch):
                                       {"method": "rtn", "bits": 3, "group_size": 32}]})
     real = pipeline._compress_block
 
-    def crash_on_block_1(index, *args, **kwargs):
-        if index == 1:
+    def crash_on_block_1(ctx, *args, **kwargs):
+        if ctx.index == 1:
             raise RuntimeError("simulated crash")
-        return real(index, *args, **kwargs)
+        return real(ctx, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "_compress_block", crash_on_block_1)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -8,21 +8,23 @@ from torch import nn
 from .stage import StageBase, method_of
 
 
-def column_scale(module: nn.Module) -> torch.Tensor | None:
-    """The per-input-column scale a compressed module still applies (DSQ's ``c``), or None."""
-    stored = getattr(module, "column_scale", None)
-    return stored.to(torch.float32) if stored is not None else getattr(module, "pending_column_scale", None)
-
-
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The compressed module's function as a fp32 ``[out, in]`` weight on its original inputs (a
-    column scale still waiting to be absorbed upstream included)."""
+def dense_weight(module: nn.Module, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The compressed module's function as a fp32 ``[out, in]`` weight on its original inputs:
+    ``W·diag(input_scale)`` while a scale waits to be absorbed upstream (DSQ's ``c``)."""
     dense = module.dequantize(torch.float32)
-    pending = getattr(module, "pending_column_scale", None)
-    return dense * pending if pending is not None else dense
+    return dense * input_scale if input_scale is not None else dense
 
 
-# Allocators' profiling: (stage, weight, hessian, value_bits) -> the layer's options.
+def dense_proxy(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A plain linear with the compressed module's dequantized weight (fp32 ``[out, in]``): the same
+    function, without dequantizing again on every calibration batch."""
+    proxy = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
+    proxy.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        proxy.bias = nn.Parameter(module.bias.to(weight.dtype), requires_grad=False)
+    return proxy
+
+
 def linear_weight(linear: nn.Module, transposed: bool) -> torch.Tensor:
     """The weight as ``[out, in]`` fp32 (GPT-2's Conv1D stores ``[in, out]``)."""
     w = linear.weight.detach()
@@ -38,17 +40,20 @@ def output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tenso
 
 def compress_linear(
     stage: StageBase, linear: nn.Module, stats: dict, *, transposed: bool, dtype: torch.dtype
-) -> tuple[nn.Module, dict[str, float], torch.Tensor]:
-    """The compressed module, its metrics (errors relative to the original weight), and its
-    dequantized fp32 ``[out, in]`` weight (the pipeline computes with it during calibration)."""
+) -> tuple[nn.Module, dict[str, float], torch.Tensor, torch.Tensor | None]:
+    """The compressed module, its metrics (errors relative to the original weight), its fp32
+    ``[out, in]`` weight (the pipeline computes with it during calibration), and the per-input
+    scale its weight still needs (``None`` unless the method leaves one for a block hook to absorb
+    upstream: DSQ's ``c``)."""
     weight = linear_weight(linear, transposed)
     if not torch.isfinite(weight).all():
         from ..errors import ModelLoadError
 
         raise ModelLoadError("the weight has NaN or Inf entries; refusing to quantize a broken checkpoint")
-    module, metrics = method_of(stage).compress(stage, weight, stats, linear.bias, dtype)
+    module, metrics, *rest = method_of(stage).compress(stage, weight, stats, linear.bias, dtype)
+    input_scale = rest[0] if rest else None
     metrics = dict(metrics)
-    dense = dense_weight(module)
+    dense = dense_weight(module, input_scale)
     delta = dense - weight
     metrics["weight_error"] = float(delta.norm() / weight.norm()) if weight.norm() > 0 else 0.0
     if "hessian" in stats:
@@ -56,4 +61,4 @@ def compress_linear(
     if "input_drift" in stats:
         metrics["input_drift"] = stats["input_drift"]
     metrics["bits_per_weight"] = module.stored_bits() / weight.numel()
-    return module, metrics, dense
+    return module, metrics, dense, input_scale

@@ -22,6 +22,8 @@ from torch import nn
 from ..errors import LlmpressError
 from ..layers import CompressedLinear
 from . import distributed
+from .compressors import dense_proxy, dense_weight
+from .hooks import BlockHooks
 from .stage import register
 from .stats import StopForward
 
@@ -165,4 +167,83 @@ class DACStage(BaseModel):
         return "dac"
 
 
-register(DACStage)
+
+class DeviationAwareCorrection(BlockHooks):
+    """DAC at the block's hook points: the full-precision means of the MLP's input norm at the
+    start; the shift installed after that norm before the MLP's inputs are calibrated; folded into
+    their biases once they are compressed. On the last block with ``final_norm``: the teacher mean
+    of the final norm before the MLP is compressed, the student mean once the block's outputs are
+    final, and their shift emitted as ``final_shift`` (the head's bias)."""
+
+    @classmethod
+    def check(cls, stage, plan, arch) -> None:
+        if arch.mlp_norm is None or not arch.mlp_inputs:
+            raise LlmpressError(f"the {stage.method} correction is not supported for the {arch.family} family")
+
+    @classmethod
+    def needs_final_outputs(cls, stage) -> bool:
+        return stage.final_norm
+
+    def __init__(self, stage: DACStage):
+        super().__init__(stage)
+        self.norm: nn.Module | None = None
+        self.teacher = self.shift = None
+        self.folded = False
+        self.final_norm: nn.Module | None = None
+        self.final_teacher: torch.Tensor | None = None
+
+    def start(self, ctx) -> None:
+        arch, plan, stage = ctx.arch, ctx.plan, self.stage
+        if ctx.last and stage.final_norm:
+            self.final_norm = ctx.model.get_submodule(arch.final_norm)
+        compressed = {n for n, s in plan.assignment.items() if s is not None}
+        if arch.attention_output not in compressed or not set(arch.mlp_inputs) <= compressed:
+            return   # nothing to correct: the attention output or the MLP's inputs stay dense
+        if any(arch.attention_output in g and set(g) & set(arch.mlp_inputs) for g in plan.groups):
+            raise LlmpressError("the dac correction needs true_sequential: the attention must be compressed "
+                                "before the MLP's inputs are calibrated")
+        self.norm = ctx.block.get_submodule(arch.mlp_norm)
+        ctx.describe(f"block {ctx.index + 1} · correction: full-precision norm means")
+        self.teacher = norm_output_mean(self.norm, ctx.run, stage.skip_first)
+
+    def before_group(self, ctx, group) -> None:
+        stage, arch = self.stage, ctx.arch
+        if not set(group) & set(arch.mlp_inputs):
+            return
+        if self.final_norm is not None and self.final_teacher is None:
+            ctx.describe(f"block {ctx.index + 1} · correction: full-precision final-norm means")
+            self.final_teacher = block_output_mean(ctx.block, self.final_norm, ctx.run, stage.skip_first)
+        if self.norm is not None and self.shift is None:
+            ctx.describe(f"block {ctx.index + 1} · correction: mean shift of {arch.mlp_norm}")
+            self.shift = mean_shift(self.teacher, norm_output_mean(self.norm, ctx.run, stage.skip_first),
+                                    stage.clip, stage.scale)
+            ctx.block.set_submodule(arch.mlp_norm, ShiftedNorm(self.norm, self.shift))
+
+    def after_group(self, ctx, group) -> None:
+        arch = ctx.arch
+        if self.shift is None or self.folded or not set(arch.mlp_inputs) <= set(ctx.modules):
+            return
+        # Fold now, so that what follows (down_proj's statistics, the block's outputs) runs
+        # through the biases exactly as the saved model will.
+        ctx.block.set_submodule(arch.mlp_norm, self.norm)
+        relative = float(self.shift.norm() / self.teacher.norm().clamp_min(1e-30))
+        for name in arch.mlp_inputs:
+            module = ctx.modules[name]
+            fold_shift_into_bias(module, self.shift, arch.transposed_weights)
+            ctx.block.set_submodule(name, dense_proxy(module, dense_weight(module)))
+            ctx.metrics[name]["dac_shift"] = relative
+        self.folded = True
+
+    def end(self, ctx) -> None:
+        if self.norm is not None and not self.folded:
+            ctx.block.set_submodule(ctx.arch.mlp_norm, self.norm)
+
+    def outputs_ready(self, ctx) -> None:
+        if self.final_teacher is None:
+            return
+        ctx.describe("final norm · correction")
+        student = batches_mean(ctx.hidden, ctx.batch_size, self.final_norm, self.stage.skip_first)
+        ctx.emit("final_shift", mean_shift(self.final_teacher, student, self.stage.clip, self.stage.scale))
+
+
+register(DACStage, hooks=DeviationAwareCorrection)

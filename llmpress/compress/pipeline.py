@@ -37,20 +37,10 @@ from ..errors import LlmpressError
 from ..progress import Progress
 from . import distributed
 from .arch import ArchMap, blocks_of
-from .compressors import column_scale, compress_linear, dense_weight, linear_weight
-from .correction import (
-    DACStage,
-    ShiftedNorm,
-    absorb_column_scale,
-    batches_mean,
-    block_output_mean,
-    fold_shift_into_bias,
-    mean_shift,
-    norm_output_mean,
-)
-from .quant.dsq import DSQStage
+from .compressors import compress_linear, dense_proxy, dense_weight, linear_weight
+from .hooks import BlockContext, BlockHooks, Solved
 from .recipe import Recipe
-from .stage import StageBase, UniformQuantStage
+from .stage import StageBase, method_of
 from .stats import InputRecorder, InputStats, SpillArena, StopForward, all_finite, disk_tensor
 
 
@@ -267,22 +257,6 @@ def record_fp_inputs(
     return recorder
 
 
-def check_column_scales(plan: BlockPlan, arch: ArchMap) -> None:
-    """The uniform DSQ form stores no column scale: refuse it where nothing can absorb it."""
-    for name, stage in plan.assignment.items():
-        if not (isinstance(stage, DSQStage) and stage.form == "uniform"):
-            continue
-        sink = arch.column_scale_sink
-        if sink is None or sink[0] != name:
-            raise LlmpressError(
-                f"dsq form 'uniform' on {name}: its column scale can only be absorbed into the up projection of a "
-                "gated MLP (down_proj, with no online Hadamard in front); use form 'binary' here")
-        sink_stage = plan.assignment.get(sink[1])
-        if sink_stage is not None and (not isinstance(sink_stage, UniformQuantStage) or isinstance(sink_stage, DSQStage)):
-            raise LlmpressError(f"dsq form 'uniform' on {name}: {sink[1]} must be dense or uniformly quantized "
-                                "(RTN/GPTQ) to absorb the column scale")
-
-
 def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
     assignment: dict[str, StageBase | None] = {}
     for name in arch.linears:
@@ -302,9 +276,9 @@ class BlockIO:
     release: Any            # (block) -> None
     finished: dict[int, dict[str, Any]]   # block -> {"modules": manifest entries, ...} already done
     load_finished: Any      # (index, block, prefix, entry) -> None: rebuild a finished block
-    on_block_done: Any      # (index, block, prefix, modules, records) -> None
+    on_block_done: Any      # (index, block, prefix, modules, records, extras) -> None; extras: what block
+                            # hooks emitted (the final norm's correction), kept with the block's state
     after_capture: Any = None   # () -> None: e.g. free the embeddings, no longer needed
-    on_final_shift: Any = None  # (shift) -> None: the final norm's correction, before the last block is done
 
 
 def compress_blocks(
@@ -327,10 +301,14 @@ def compress_blocks(
     blocks = blocks_of(model, arch)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     plans = [plan_block(recipe, arch, f"{arch.blocks}.{i}") for i in range(len(blocks))]
-    for p in plans:
-        check_column_scales(p, arch)
-    correction = recipe.correction
-    data_needed = any(p.needs_data for p in plans) or correction is not None
+    block_stages = [(s, method_of(s).hooks) for s in recipe.stages if method_of(s).hooks is not None]
+    for stage, hooks in block_stages:
+        for p in plans:
+            hooks.check(stage, p, arch)
+    # A block stage that reads activations runs every block on the calibration data, and the last
+    # block's outputs too where it asks for them (a final-norm correction).
+    block_data = any("activations" in s.needs for s, _ in block_stages)
+    data_needed = any(p.needs_data for p in plans) or block_data
     # GPTAQ-style stages also need the full-precision model's stream: one more copy of the
     # hidden states, advanced by each original block before it is compressed.
     last_fp_block = max((i for i, p in enumerate(plans) if p.fp_linears), default=-1)
@@ -351,18 +329,15 @@ def compress_blocks(
     release_free_heap()   # the capture's and the tokenizer's leftovers
     records: list[ModuleRecord] = []
     last_data_block = max((i for i, p in enumerate(plans) if p.needs_data), default=-1)
-    final_norm = None
-    if correction is not None:
+    if block_data:
         last_data_block = len(blocks) - 1
-        if correction.final_norm:   # the last block's outputs are needed too: the student's input
-            final_norm = model.get_submodule(arch.final_norm)
-            last_data_block = len(blocks)
+    if any(hooks.needs_final_outputs(s) for s, hooks in block_stages):
+        last_data_block = len(blocks)
     fp_hidden = None
     if last_fp_block >= 0:
         fp_hidden = disk_tensor(tuple(hidden.shape)) if memory.on_disk[1] else torch.empty_like(hidden)
         fp_hidden.copy_(hidden)
 
-    final_teacher: list[torch.Tensor | None] = [None]   # the last block fills it in
     with Progress(len(blocks), progress) as bar, contextlib.closing(SpillArena()) as arena:
         for i, block in enumerate(blocks):
             prefix = f"{arch.blocks}.{i}"
@@ -385,12 +360,16 @@ def compress_blocks(
             if plan.fp_linears or advance_fp:
                 bar.describe(f"block {i + 1} · full-precision stream")
                 reference = record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, plan.fp_linears, arena, advance_fp)
+            extras: dict[str, Any] = {}
+            ctx = BlockContext(
+                index=i, block=block, prefix=prefix, plan=plan, arch=arch, model=model, last=i == len(blocks) - 1,
+                run=lambda **kw: None, hidden=hidden, batch_size=batch_size, describe=bar.describe,
+                emit=extras.__setitem__,
+            )
+            hooks = [hooks_type(stage) for stage, hooks_type in block_stages]
             try:
                 block_records, modules, outputs_done = _compress_block(
-                    i, block, prefix, plan, arch, hidden, kwargs[i] if kwargs else None, batch_size, dtype, bar,
-                    need_outputs, arena, reference, correction,
-                    (final_norm, final_teacher) if i == len(blocks) - 1 and final_norm is not None else None,
-                )
+                    ctx, hooks, kwargs[i] if kwargs else None, dtype, need_outputs, arena, reference)
             finally:
                 if reference is not None:
                     reference.close()
@@ -401,12 +380,9 @@ def compress_blocks(
                     f"block {i} of the compressed model produced NaN/Inf activations on the calibration "
                     "data; try more bits, a smaller group_size or a larger damp"
                 )
-            if final_norm is not None and i == len(blocks) - 1 and final_teacher[0] is not None:
-                bar.describe("final norm · correction")
-                student = batches_mean(hidden, batch_size, final_norm, correction.skip_first)
-                shift = mean_shift(final_teacher[0], student, correction.clip, correction.scale)
-                io.on_final_shift(shift)
-            io.on_block_done(i, block, prefix, modules, block_records)
+            for h in hooks:
+                h.outputs_ready(ctx)
+            io.on_block_done(i, block, prefix, modules, block_records, extras)
             io.release(block)
             release_free_heap()   # else the heap's free space creeps up by ~3 MB a block (SmolLM2)
             records.extend(block_records)
@@ -451,71 +427,17 @@ def _hidden_size(model: nn.Module) -> int:
     return 4096
 
 
-def _receive_module(module: nn.Module | None, metrics: dict | None, owner: int, dtype: torch.dtype):
-    """Rank ``owner``'s compressed module and metrics, on every rank of a distributed run."""
+def _receive_module(module: nn.Module | None, metrics: dict | None, input_scale: torch.Tensor | None, owner: int,
+                    dtype: torch.dtype):
+    """Rank ``owner``'s compressed module, metrics and input scale, on every rank of a distributed run."""
     from ..io.checkpoint import build_module, module_manifest
 
-    pending = getattr(module, "pending_column_scale", None) if module is not None else None
-    sent = (module_manifest(module), metrics, pending) if module is not None else None
-    spec, metrics, pending = distributed.broadcast_object(sent, owner)
+    sent = (module_manifest(module), metrics, input_scale) if module is not None else None
+    spec, metrics, input_scale = distributed.broadcast_object(sent, owner)
     if module is None:
         module = build_module("received", spec, dtype).to_empty(device="cpu")
-        if pending is not None:
-            module.pending_column_scale = pending
     distributed.broadcast_tensors(dict(module.state_dict()), owner)
-    return module, metrics
-
-
-@dataclass
-class _DAC:
-    """A block's deviation-aware correction in progress: the full-precision means of the MLP's
-    input norm (``teacher``), then the shift installed after it."""
-
-    norm: nn.Module
-    teacher: torch.Tensor | None = None
-    shift: torch.Tensor | None = None
-    folded: bool = False
-
-    @staticmethod
-    def plan(correction: DACStage | None, plan: BlockPlan, arch: ArchMap, block: nn.Module) -> _DAC | None:
-        """None where there is nothing to correct: no correction stage, or a block whose attention
-        output or MLP inputs are not compressed (the shift folds into the latter)."""
-        if correction is None:
-            return None
-        if arch.mlp_norm is None or not arch.mlp_inputs:
-            raise LlmpressError(f"the {correction.method} correction is not supported for the {arch.family} family")
-        compressed = {n for n, s in plan.assignment.items() if s is not None}
-        if arch.attention_output not in compressed or not set(arch.mlp_inputs) <= compressed:
-            return None
-        if any(arch.attention_output in g and set(g) & set(arch.mlp_inputs) for g in plan.groups):
-            raise LlmpressError("the dac correction needs true_sequential: the attention must be compressed "
-                                "before the MLP's inputs are calibrated")
-        return _DAC(block.get_submodule(arch.mlp_norm))
-
-
-def column_scale_target(stage: StageBase | None, name: str, arch: ArchMap) -> str | None:
-    """The linear that absorbs the column scale ``stage`` gives ``name`` (DSQ on down_proj), if any."""
-    sink = arch.column_scale_sink
-    return sink[1] if isinstance(stage, DSQStage) and sink is not None and sink[0] == name else None
-
-
-def _absorb(block: nn.Module, name: str, sink: str, module: nn.Module, modules: dict, metrics: dict,
-            arch: ArchMap) -> bool:
-    """Move ``module``'s column scale into ``sink`` (its packed module and proxy, or the plain
-    linear in the block); False where the sink's format cannot take it (the scale then stays)."""
-    c = column_scale(module)
-    if c is None:
-        return False
-    target = modules.get(sink, block.get_submodule(sink))
-    if not absorb_column_scale(target, c, arch.transposed_weights):
-        return False
-    if hasattr(module, "take_column_scale"):
-        module.take_column_scale()
-    module.__dict__.pop("pending_column_scale", None)
-    if sink in modules:
-        block.set_submodule(sink, _dense_proxy(target, dense_weight(target)))
-    metrics["bits_per_weight"] = module.stored_bits() / (module.in_features * module.out_features)
-    return True
+    return module, metrics, input_scale
 
 
 class _ZeroOutput(nn.Module):
@@ -575,26 +497,14 @@ class _SkippedNorm(nn.Module):
         return x if self.attention.verified else self.real(x, *args, **kwargs)
 
 
-def _dense_proxy(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """A plain linear with the compressed module's dequantized weight (fp32 ``[out, in]``): the same
-    function, without dequantizing again on every calibration batch."""
-    proxy = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
-    proxy.weight = nn.Parameter(weight, requires_grad=False)
-    if module.bias is not None:
-        proxy.bias = nn.Parameter(module.bias.to(weight.dtype), requires_grad=False)
-    return proxy
-
-
 def _compress_block(
-    index: int, block: nn.Module, prefix: str, plan: BlockPlan, arch: ArchMap, hidden, kwargs,
-    batch_size: int, dtype: torch.dtype, bar: Progress, need_outputs: bool, arena: SpillArena | None = None,
-    reference: InputRecorder | None = None, correction: DACStage | None = None,
-    final: tuple[nn.Module, list] | None = None,
+    ctx: BlockContext, hooks: list[BlockHooks], kwargs, dtype: torch.dtype, need_outputs: bool,
+    arena: SpillArena | None = None, reference: InputRecorder | None = None,
 ) -> tuple[list[ModuleRecord], dict[str, nn.Module], bool]:
-    """Compress one block's linears group by group. ``final``: (the model's final norm, a one-slot
-    list) for the last block under a final-norm correction: the slot receives the teacher mean,
-    the final norm of this block's outputs with its attention compressed and its MLP not yet."""
-    records, modules = [], {}
+    """Compress one block's linears group by group, calling the block stages' hooks at their points."""
+    index, block, prefix, plan, arch = ctx.index, ctx.block, ctx.prefix, ctx.plan, ctx.arch
+    hidden, batch_size = ctx.hidden, ctx.batch_size
+    records, modules = [], ctx.modules
     outputs_done = False
     attention = None          # the cached attention stub, once the attention is compressed
     real_attention = block.get_submodule(arch.attention) if arch.attention else None
@@ -618,40 +528,30 @@ def _compress_block(
                     kw["stats"].reset()
         run_block(block, hidden, kwargs, batch_size, **kw)
 
-    dac = _DAC.plan(correction, plan, arch, block)
-    if dac is not None:
-        bar.describe(f"block {index + 1} · correction: full-precision norm means")
-        dac.teacher = norm_output_mean(dac.norm, run, correction.skip_first)
+    ctx.run = run
+    for h in hooks:
+        h.start(ctx)
 
     for g, group in enumerate(plan.groups):
         members = [n for n in group if plan.assignment[n] is not None]
         if not members:
             continue
-        if final is not None and final[1][0] is None and set(group) & set(arch.mlp_inputs):
-            bar.describe(f"block {index + 1} · correction: full-precision final-norm means")
-            final[1][0] = block_output_mean(block, final[0], run, correction.skip_first)
-        if dac is not None and dac.shift is None and set(group) & set(arch.mlp_inputs):
-            bar.describe(f"block {index + 1} · correction: mean shift of {arch.mlp_norm}")
-            dac.shift = mean_shift(dac.teacher, norm_output_mean(dac.norm, run, correction.skip_first),
-                                   correction.clip, correction.scale)
-            block.set_submodule(arch.mlp_norm, ShiftedNorm(dac.norm, dac.shift))
+        for h in hooks:
+            h.before_group(ctx, group)
         data_members = [n for n in members if plan.assignment[n].needs]
         hessians: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
         drift: dict[str, float] = {}
         kept = {}
         last_group = g == len(plan.groups) - 1
-        # The output shortcut h + XŴᵀ does not hold once a column scale moves into up_proj (the
-        # block's outputs are then recomputed through the absorbed modules, as inference runs them).
-        absorbs = any(column_scale_target(plan.assignment[n], n, arch) for n in data_members)
         residual = (need_outputs and last_group and tuple(group) == (arch.residual_linear,) and bool(data_members)
-                    and not absorbs)
+                    and all(h.keeps_output_shortcut(ctx, data_members) for h in hooks))
         cache_attention = (
             not last_group and tuple(group) == (arch.attention_output,) and bool(data_members)
             and (need_outputs or any(plan.assignment[n] is not None for later in plan.groups[g + 1:] for n in later))
         )
         if data_members:
-            bar.describe(f"block {index + 1} · statistics for {', '.join(data_members)}")
+            ctx.describe(f"block {index + 1} · statistics for {', '.join(data_members)}")
             watched = {n: block.get_submodule(n) for n in data_members}
             if residual:
                 name = data_members[0]
@@ -677,7 +577,7 @@ def _compress_block(
             del stats
         for position, name in enumerate(members):
             stage = plan.assignment[name]
-            bar.describe(f"block {index + 1} · {name} · {stage.label}")
+            ctx.describe(f"block {index + 1} · {name} · {stage.label}")
             linear = block.get_submodule(name)
             start = time.perf_counter()
             module_stats = {"hessian": hessians[name]} if name in hessians else {}
@@ -689,19 +589,23 @@ def _compress_block(
             owner = distributed.owner_of(position)
             if distributed.rank() == owner:
                 try:
-                    module, metrics, dense = compress_linear(
+                    module, metrics, dense, input_scale = compress_linear(
                         stage, linear, module_stats, transposed=arch.transposed_weights, dtype=dtype
                     )
                 except LlmpressError as e:
                     raise type(e)(f"{prefix}.{name}: {e}") from None
             if distributed.active():   # the solve ran on one rank: every rank takes its result
-                module, metrics = _receive_module(module if distributed.rank() == owner else None,
-                                                  metrics if distributed.rank() == owner else None, owner, dtype)
-                dense = dense_weight(module)
-            sink = column_scale_target(stage, name, arch)
-            if sink is not None and _absorb(block, name, sink, module, modules, metrics, arch):
-                dense = dense_weight(module)   # the column scale went upstream: this module computes without it
-            proxy = _dense_proxy(module, dense)
+                mine = distributed.rank() == owner
+                module, metrics, input_scale = _receive_module(module if mine else None, metrics if mine else None,
+                                                               input_scale if mine else None, owner, dtype)
+                dense = dense_weight(module, input_scale)
+            modules[name], ctx.metrics[name] = module, metrics
+            solved = Solved(name, stage, module, input_scale)
+            for h in hooks:
+                h.after_solve(ctx, solved)
+            if solved.changed:   # e.g. a column scale went upstream: this module computes without it
+                dense = dense_weight(module, solved.input_scale)
+            proxy = dense_proxy(module, dense)
             if residual:
                 for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
                     # Per token (OPT flattens tokens before its MLP): h += X Ŵᵀ + b.
@@ -720,32 +624,23 @@ def _compress_block(
                 block.set_submodule(arch.attention, attention)
                 if real_norm is not None:
                     block.set_submodule(arch.attention_norm, _SkippedNorm(real_norm, attention))
-            modules[name] = module
             records.append(ModuleRecord(
                 name=f"{prefix}.{name}", block=index, method=stage.method, bits=getattr(stage, "bits", None),
                 group_size=getattr(stage, "group_size", None), seconds=time.perf_counter() - start, metrics=metrics,
             ))
-        if dac is not None and dac.shift is not None and not dac.folded and set(arch.mlp_inputs) <= set(modules):
-            # Fold now, so that what follows (down_proj's statistics, the block's outputs) runs
-            # through the biases exactly as the saved model will.
-            block.set_submodule(arch.mlp_norm, dac.norm)
-            relative = float(dac.shift.norm() / dac.teacher.norm().clamp_min(1e-30))
-            for name in arch.mlp_inputs:
-                fold_shift_into_bias(modules[name], dac.shift, arch.transposed_weights)
-                block.set_submodule(name, _dense_proxy(modules[name], dense_weight(modules[name])))
-                next(r for r in records if r.name == f"{prefix}.{name}").metrics["dac_shift"] = relative
-            dac.folded = True
+        for h in hooks:
+            h.after_group(ctx, group)
         del hessians, kept, crosses
     if not outputs_done and need_outputs:
-        bar.describe(f"block {index + 1} · outputs")
+        ctx.describe(f"block {index + 1} · outputs")
         run(write_outputs=True)
         outputs_done = True
     if attention is not None:
         block.set_submodule(arch.attention, real_attention)
         if real_norm is not None:
             block.set_submodule(arch.attention_norm, real_norm)
-    if dac is not None and not dac.folded:
-        block.set_submodule(arch.mlp_norm, dac.norm)
+    for h in hooks:
+        h.end(ctx)
     for name, module in modules.items():   # the packed modules are what is saved and kept
         block.set_submodule(name, module)
     return records, modules, outputs_done

@@ -131,8 +131,9 @@ class RotationStage(BaseModel):
     online: bool = True      # an online Hadamard before down_proj (off: stock-HF exportable packed weights)
 
 
-# (stage, weight [out, in] fp32, statistics, bias, dtype) -> (compressed module, metrics)
-Built = tuple[nn.Module, dict[str, float]]
+# (stage, weight [out, in] fp32, statistics, bias, dtype) -> (compressed module, metrics), or with a
+# third element: a per-input scale the module's weight still needs until a block hook absorbs it
+Built = tuple[nn.Module, dict[str, float]] | tuple[nn.Module, dict[str, float], Any]
 Compress = Callable[..., Built]
 # (stage, weight, hessian, value_bits) -> the linear's options for an allocator's knapsack
 Profile = Callable[..., list[Any]]
@@ -143,16 +144,18 @@ class Method:
     stage: type[BaseModel]
     compress: Compress | None = None   # layer compressors and allocators
     profile: Profile | None = None     # allocators
+    hooks: type | None = None          # a BlockHooks subclass (compress/hooks.py): block-level work
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register(stage: type[BaseModel], *, compress: Compress | None = None, profile: Profile | None = None) -> None:
+def register(stage: type[BaseModel], *, compress: Compress | None = None, profile: Profile | None = None,
+             hooks: type | None = None) -> None:
     """Register ``stage`` under every name its ``method`` field accepts."""
     annotation = stage.model_fields["method"].annotation
     for name in getattr(annotation, "__args__", ()):
-        _METHODS[name] = Method(stage, compress, profile)
+        _METHODS[name] = Method(stage, compress, profile, hooks)
 
 
 _METHOD_PACKAGES = ("quant", "factor", "rotate")

@@ -30,9 +30,13 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from ...errors import LlmpressError
 from ...formats.dual_scale import DualScaleWeight
 from ...layers import DualScaleLinear, QuantLinear
-from ..stage import Built, register
+from ..compressors import dense_proxy, dense_weight
+from ..correction import absorb_column_scale
+from ..hooks import BlockHooks
+from ..stage import UniformQuantStage, register
 from .bcq import nearest_codes
 from .gptq import GPTQStage, Residual, gptq_quantize, residual_of, solve_columns
 from .grid import fake_quantize, fit_grid
@@ -212,9 +216,10 @@ class DSQStage(GPTQStage):
         return f"dsq-{self.form} w{self.bits}" + (f" g{self.group_size}" if self.group_size > 0 else "")
 
 
-def _dsq(stage: DSQStage, weight, stats, bias, dtype) -> Built:
-    """Both forms hold the column scale ``c`` until the pipeline absorbs it upstream: the binary
-    module stores it (``column_scale``), the uniform one carries it as ``pending_column_scale``."""
+def _dsq(stage: DSQStage, weight, stats, bias, dtype):
+    """Both forms leave the column scale ``c`` for the block hook to absorb upstream: the binary
+    module stores it (``column_scale``), the uniform one returns it as the input scale its
+    ``W/c`` grid still needs."""
     hessian = stats["hessian"]
     if stage.form == "binary":
         q = dsq_quantize(weight, hessian, bits=stage.bits, group_size=stage.group_size, rounds=stage.rounds,
@@ -228,8 +233,59 @@ def _dsq(stage: DSQStage, weight, stats, bias, dtype) -> Built:
         mse=stage.mse, act_order=stage.act_order, static_groups=stage.static_groups, damp=stage.damp,
         block_size=stage.block_size, residual=residual_of(stage, stats, c),
     )
-    module = QuantLinear.from_quantized(q, bias, dtype)
-    module.pending_column_scale = c
-    return module, q.metrics
+    return QuantLinear.from_quantized(q, bias, dtype), q.metrics, c
 
-register(DSQStage, compress=_dsq)
+
+def _sink(stage, name: str, arch) -> str | None:
+    """The linear that absorbs the column scale ``stage`` gives ``name`` (DSQ on down_proj), if any."""
+    sink = arch.column_scale_sink
+    return sink[1] if isinstance(stage, DSQStage) and sink is not None and sink[0] == name else None
+
+
+class ColumnScaleAbsorption(BlockHooks):
+    """Moves DSQ's column scale ``c`` of ``down_proj`` into ``up_proj``'s output rows (its scales
+    and bias when uniformly quantized, its weight when dense): exact up to fp16 rounding."""
+
+    @classmethod
+    def check(cls, stage, plan, arch) -> None:
+        """The uniform form stores no column scale: refuse it where nothing can absorb it."""
+        for name, assigned in plan.assignment.items():
+            if not (isinstance(assigned, DSQStage) and assigned.form == "uniform"):
+                continue
+            sink = arch.column_scale_sink
+            if sink is None or sink[0] != name:
+                raise LlmpressError(
+                    f"dsq form 'uniform' on {name}: its column scale can only be absorbed into the up projection of a "
+                    "gated MLP (down_proj, with no online Hadamard in front); use form 'binary' here")
+            sink_stage = plan.assignment.get(sink[1])
+            if sink_stage is not None and (not isinstance(sink_stage, UniformQuantStage) or isinstance(sink_stage, DSQStage)):
+                raise LlmpressError(f"dsq form 'uniform' on {name}: {sink[1]} must be dense or uniformly quantized "
+                                    "(RTN/GPTQ) to absorb the column scale")
+
+    def keeps_output_shortcut(self, ctx, members) -> bool:
+        # h + XŴᵀ does not hold once a column scale moves into up_proj: the block's outputs are
+        # then recomputed through the absorbed modules, as inference runs them.
+        return not any(_sink(ctx.plan.assignment[n], n, ctx.arch) for n in members)
+
+    def after_solve(self, ctx, solved) -> None:
+        sink = _sink(solved.stage, solved.name, ctx.arch)
+        if sink is None:
+            return
+        module = solved.module
+        stored = getattr(module, "column_scale", None)
+        c = stored.to(torch.float32) if stored is not None else solved.input_scale
+        if c is None:
+            return
+        target = ctx.modules.get(sink, ctx.block.get_submodule(sink))
+        if not absorb_column_scale(target, c, ctx.arch.transposed_weights):
+            return   # the sink's format cannot take it: the scale stays
+        if stored is not None:
+            module.take_column_scale()
+        solved.input_scale = None
+        solved.changed = True
+        if sink in ctx.modules:
+            ctx.block.set_submodule(sink, dense_proxy(target, dense_weight(target)))
+        ctx.metrics[solved.name]["bits_per_weight"] = module.stored_bits() / (module.in_features * module.out_features)
+
+
+register(DSQStage, compress=_dsq, hooks=ColumnScaleAbsorption)
