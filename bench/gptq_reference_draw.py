@@ -15,7 +15,7 @@ import time
 import torch
 
 import llmpress
-from llmpress import api
+from llmpress.compress import run
 from llmpress.io import text
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--set", dest="settings", action="append", default=[])
     args = ap.parse_args()
-    api.calibration_windows = reference_windows   # what llmpress.compress draws its windows with
+    run.calibration_windows = reference_windows   # what llmpress.compress draws its windows with
     start = time.perf_counter()
     llmpress.compress("smollm2-135m", args.recipe, out=args.out, overwrite=True, settings=args.settings,
                       progress=False)

@@ -269,18 +269,18 @@ def test_triton_lut_gemv_with_float_scales_equals_the_torch_lut(rows):
 def test_resume_keeps_the_corrections(tiny_model_factory, tmp_path, monkeypatch):
     """A crash inside the last block, and one after every block is done (the final norm's shift
     then comes back from the run state): both resume to the uninterrupted run's tensors."""
-    from llmpress import api
+    from llmpress.compress import run
 
     from .test_pipeline import _shards, crash_then_resume
 
     folder = tiny_model_factory("llama")
     assert crash_then_resume(folder, "d2quant-w2-g64", tmp_path, monkeypatch) == [2]
     monkeypatch.undo()
-    real = api.write_report
-    monkeypatch.setattr(api, "write_report", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash at the end")))
+    real = run.write_report
+    monkeypatch.setattr(run, "write_report", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash at the end")))
     with pytest.raises(RuntimeError, match="crash at the end"):
         llmpress.compress(folder, "d2quant-w2-g64", out=tmp_path / "late", nsamples=4, seqlen=32, progress=False)
-    monkeypatch.setattr(api, "write_report", real)
+    monkeypatch.setattr(run, "write_report", real)
     llmpress.compress(folder, "d2quant-w2-g64", out=tmp_path / "late", nsamples=4, seqlen=32, progress=False, resume=True)
     whole, late = _shards(tmp_path / "whole"), _shards(tmp_path / "late")
     assert "lm_head.bias" in whole and whole.keys() == late.keys()

@@ -1,4 +1,4 @@
-"""The house's floors (formats ← kernels ← layers ← io ← compress/eval ← report ← api ← cli): the
+"""The house's floors (formats ← kernels ← layers ← io ← compress/eval ← api ← cli): the
 import-linter contracts in pyproject.toml hold, and they would catch an import that runs up."""
 
 from __future__ import annotations

@@ -133,10 +133,10 @@ def test_auto_dtype_of_each_source(real_model_folder):
 def _with_and_without(folder, tmp_path, monkeypatch, **arch_changes):
     """Shards of a GPTQ W3 run as shipped, and of one with the architecture map changed."""
     llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "default", nsamples=4, seqlen=32, progress=False)
-    from llmpress import api
+    from llmpress.compress import run
 
-    original = api.arch_for
-    monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), **arch_changes))
+    original = run.arch_for
+    monkeypatch.setattr(run, "arch_for", lambda m: dataclasses.replace(original(m), **arch_changes))
     llmpress.compress(folder, _gptq(bits=3), out=tmp_path / "changed", nsamples=4, seqlen=32, progress=False)
     default, changed = _shards(tmp_path / "default"), _shards(tmp_path / "changed")
     assert default.keys() == changed.keys()

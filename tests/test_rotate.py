@@ -152,10 +152,10 @@ def test_dense_export_folds_the_online_hadamard_into_plain_weights(perturbed, tm
 def test_unsupported_model_and_misplaced_rotation_are_refused(tiny_model_factory, tmp_path, monkeypatch):
     import dataclasses
 
-    from llmpress import api
+    from llmpress.compress import run
 
-    original = api.arch_for
-    monkeypatch.setattr(api, "arch_for", lambda m: dataclasses.replace(original(m), rotation=None))
+    original = run.arch_for
+    monkeypatch.setattr(run, "arch_for", lambda m: dataclasses.replace(original(m), rotation=None))
     with pytest.raises(LlmpressError, match="rotations are not supported for the llama family"):
         llmpress.compress(tiny_model_factory("llama"), _recipe(), out=tmp_path / "g", progress=False)
     assert not (tmp_path / "g").exists()

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .compress.pipeline import ModuleRecord
-from .paths import atomic_write_text
+from ..layers import module_sizes
+from ..paths import atomic_write_text
+from ..version import __version__
+from . import distributed
+from .pipeline import ModuleRecord, peak_rss_mb
 
 
 def _row(r: ModuleRecord) -> dict[str, Any]:
@@ -113,3 +116,42 @@ def _save_figure(fig, path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def run_summary(out: Path, records: list[ModuleRecord], job, seconds: float,
+             modules: dict[str, dict]) -> dict[str, Any]:
+    # Total stored bits over total weights: a mean over modules would count a 192-row k_proj (whose
+    # act-order g_idx costs 0.17 bits per weight) as much as a 1536-row gate_proj.
+    sizes = module_sizes(modules).values()
+    weights = sum(w for _, w in sizes)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    c = job.calib
+    return {
+        "model": job.model_spec,
+        "recipe": job.recipe.name,
+        "calibration": f"{c['source']} {c['nsamples']}x{c['seqlen']} seed {c['seed']} (hash {c['hash']})"
+        if c else "none (data-free)",
+        "rotation": _describe_rotation(job.rotation),
+        **({"HARP fit": job.harp} if job.harp else {}),
+        **({"allocation": job.allocation} if job.allocation else {}),
+        **({"ranks (torchrun)": distributed.world_size()} if distributed.active() else {}),
+        "compressed modules": len(records),
+        "bits per weight (codes+scales+zeros)": round(sum(b for b, _ in sizes) / weights, 4) if weights else None,
+        "size on disk (MB)": round(size / 1e6, 2),
+        "dense tensors stored as": str(job.dense_dtype).removeprefix("torch."),
+        **({"memory plan": job.memory.removeprefix("memory plan: ")} if job.memory else {}),
+        "time (s)": round(seconds, 1),
+        "peak RSS (MB)": round(peak_rss_mb(), 1),
+        "llmpress": __version__,
+    }
+
+
+def _describe_rotation(rotation) -> str:
+    if rotation is None:
+        return "none"
+    parts = [f"{rotation.method} seed {rotation.seed}: residual stream"]
+    if rotation.head is not None:
+        parts.append("within heads")
+    if rotation.online_size:
+        parts.append(f"online Hadamard ({rotation.online_size}) before {rotation.arch.rotation.online_input}")
+    return ", ".join(parts)

@@ -1,0 +1,564 @@
+"""One compression run: prepare (model, recipe, calibration), fit transforms and allocations, run
+the blocks, write the rest of the output folder and its summary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError, RecipeError
+from ..io.checkpoint import (
+    RunState,
+    build_module,
+    module_manifest,
+    prepare_output,
+    save_tensors_atomic,
+    shard_name,
+    write_manifest,
+)
+from ..io.models import (
+    LazyWeights,
+    cast_dense,
+    empty_model,
+    load_config,
+    load_dense,
+    load_tokenizer,
+    resolve_model,
+    storage_dtype,
+    tie_output_embeddings,
+)
+from ..io.text import check_text_source
+from ..progress import Status, note
+from ..version import __version__
+from . import distributed
+from .arch import arch_for
+from .calibration import DEFAULT_CALIBRATION, calibration_windows, text_fingerprint
+from .pipeline import BlockIO, ModuleRecord, compress_blocks, limit_heap_fragmentation, peak_rss_mb
+from .recipe import Recipe, customize_recipe, load_recipe
+from .report import run_summary, write_report
+from .rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
+
+
+@dataclass
+class CompressResult:
+    out: Path
+    records: list[ModuleRecord]
+    seconds: float
+    peak_rss_mb: float
+    summary: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None   # the in-memory compressed model, with keep_model=True
+
+
+def _fingerprint(model_spec: str, config, recipe: Recipe, calib_hash: str | None, dense_dtype: torch.dtype) -> str:
+    payload = json.dumps({
+        "model": model_spec, "config": config.to_dict(), "recipe": recipe.model_dump(mode="json"),
+        "calibration": calib_hash, "version": __version__, "dense dtype": str(dense_dtype),
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+@dataclass
+class _Job:
+    """Everything a compression run needs, checked before the output folder is touched."""
+
+    model_spec: str
+    recipe: Recipe
+    out: Path
+    folder: Path
+    config: Any
+    skeleton: nn.Module
+    tokenizer: Any
+    windows: torch.Tensor | None
+    calib: dict[str, Any] | None
+    fingerprint: str
+    store: LazyWeights
+    rest_names: list[str]
+    streaming: bool
+    dense_dtype: torch.dtype   # storage of the tensors the recipe leaves dense
+    rotation: ResidualRotation | None = None
+    harp: dict[str, Any] | None = None   # the HARP fit's summary, when one ran
+    allocation: dict[str, Any] | None = None   # the allocator's summary, when the recipe has one
+    memory: str | None = None   # the memory plan's line, when the run calibrates
+
+
+def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop=None,
+             dtype: str = "auto") -> _Job:
+    recipe = load_recipe(recipe, settings, drop) if isinstance(recipe, str) else customize_recipe(recipe, settings, drop)
+    needs_data = any(s.needs for s in recipe.layer_stages) or any(
+        s.needs for s in (recipe.rotation, recipe.correction) if s is not None)
+    if calib is not None:   # a typo fails before the model is read, whether or not the recipe reads it
+        check_text_source(calib)
+        if not needs_data and distributed.is_main():
+            note(f"--calib {calib} is unused: recipe {recipe.name} needs no calibration data")
+    folder = resolve_model(str(model))
+    config = load_config(folder, trust_remote_code)
+    dense_dtype = storage_dtype(dtype, str(model), config)
+    skeleton = empty_model(config, trust_remote_code=trust_remote_code, source=folder)
+    arch = arch_for(skeleton)
+    tokenizer = load_tokenizer(folder, trust_remote_code)
+    windows = calib_info = None
+    if recipe.rotation is not None and recipe.rotation.method == "harp":
+        recipe.harp_grid()   # a missing grid fails before anything runs
+        if distributed.active():
+            raise RecipeError("the HARP fit does not run under torchrun yet; fit it in one process "
+                              "(the fitted rotation is reused with --resume)")
+    if needs_data:
+        calib = calib or DEFAULT_CALIBRATION
+        windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
+        calib_info = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                      "hash": text_fingerprint(windows)}
+    rotation = None
+    if recipe.rotation is not None:
+        stage = recipe.rotation
+        rotation = randomized_hadamard_rotation(arch, config, seed=stage.seed, heads=stage.heads, online=stage.online)
+        if stage.method == "harp" and rotation.q is None:
+            raise RotationError(f"HARP learns the residual-stream rotation, which the {arch.family} family cannot "
+                                "take (a norm sits between its writers and the stream); use `method: rht`")
+        if stage.method == "harp" and stage.reuse is not None:   # a bad file fails before the output is touched
+            rotation = replace(rotation, q=read_harp_rotation(stage.reuse, rotation.q.shape[0]), method="harp")
+    store = LazyWeights(folder)   # opens every shard: a corrupt file fails here
+    tied = getattr(config, "tie_word_embeddings", False)
+    names = [n for n in skeleton.state_dict() if not (tied and n == "lm_head.weight")]
+    store.check_shapes({n: tuple(t.shape) for n, t in skeleton.state_dict().items() if n in names})
+    if rotation is not None and rotation.unties and tied:
+        # The head absorbs the final norm's scale, the embeddings do not: they must be untied.
+        config.tie_word_embeddings = False
+        skeleton.config.tie_word_embeddings = False
+    return _Job(
+        model_spec=str(model), recipe=recipe, out=Path(out).expanduser(), folder=folder, config=config,
+        skeleton=skeleton, tokenizer=tokenizer, windows=windows, calib=calib_info,
+        fingerprint=_fingerprint(str(model), config, recipe, calib_info and calib_info["hash"], dense_dtype),
+        store=store, rest_names=[n for n in names if not n.startswith(arch.blocks + ".")],
+        streaming=store.has_all(names), dense_dtype=dense_dtype, rotation=rotation,
+    )
+
+
+def run_compression(
+    model: str | Path,
+    recipe: str | Recipe,
+    *,
+    out: str | Path,
+    calib: str | None = None,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    resume: bool = False,
+    overwrite: bool = False,
+    settings: list[str] | None = None,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    keep_model: bool = False,
+    drop: list[str] | None = None,
+    max_memory: int | str | None = None,
+    dtype: str = "auto",
+) -> CompressResult:
+    """The run behind ``llmpress.compress``, whose docstring says what each argument does."""
+    start = time.perf_counter()
+    limit_heap_fragmentation()   # before loading and tokenizing: they would fragment the heap first
+    distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
+    memory_budget = parse_size(max_memory)
+    job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop, dtype)
+    # Everything the user gave has been checked: only now is the output folder touched (by rank 0).
+    main = distributed.is_main()
+    fresh = not job.out.exists()
+    if main:
+        prepare_output(job.out, overwrite=overwrite, resume=resume)
+        (job.out / "config.json").unlink(missing_ok=True)   # a resumed folder is incomplete until the end
+    distributed.barrier()
+    try:
+        return _run(job, start, batch_size=batch_size, progress=progress and main, keep_model=keep_model,
+                    trust_remote_code=trust_remote_code, max_memory=memory_budget)
+    except BaseException:
+        # A run that failed before finishing any block leaves nothing worth resuming.
+        if main and fresh and not RunState.finished_blocks(job.out):
+            shutil.rmtree(job.out, ignore_errors=True)
+        raise
+
+
+def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model: bool,
+         trust_remote_code: bool, max_memory: int | None = None) -> CompressResult:
+    out, store, arch = job.out, job.store, arch_for(job.skeleton)
+    n_blocks = len(job.skeleton.get_submodule(arch.blocks))
+    total_shards = n_blocks + 1
+    state = RunState.load(out, job.fingerprint, total_shards)   # refuses another run's folder
+    if job.recipe.rotation is not None and job.recipe.rotation.method == "harp":
+        job.rotation = _harp_rotation(job, progress=progress, trust_remote_code=trust_remote_code)
+    if job.recipe.allocator is not None:
+        _allocate(job, progress=progress, trust_remote_code=trust_remote_code)
+    rotation = job.rotation
+    rotate_rest = rotation.rotate_rest if rotation is not None else (lambda tensors: tensors)
+    after_capture = None
+    if job.streaming:
+        model_obj = job.skeleton
+        # The head is read only when the model is kept: calibration stops before it (saves its
+        # vocabulary x hidden fp32 copy, 2 GB on an 8B model).
+        first = [n for n in job.rest_names if keep_model or job.rotation is not None or not n.startswith(arch.head + ".")]
+        model_obj.load_state_dict(rotate_rest(store.read(first)), assign=True, strict=False)
+        tie_output_embeddings(model_obj)
+        rest = None   # read again when the last shard is written
+        if rotation is None:
+            materialize = store.materialize
+        else:
+            def materialize(block: nn.Module, prefix: str) -> None:
+                rotation.unwrap(block)   # the source checkpoint's layout
+                store.materialize(block, prefix)
+                rotation.rotate_block(block)
+        release = (lambda block: None) if keep_model else store.release
+        if not keep_model:
+            def after_capture(model: nn.Module = model_obj) -> None:
+                for name in (*arch.embeddings, arch.head):   # the final norm stays: a correction reads it
+                    store.release(model.get_submodule(name))
+    else:
+        # Key names differ from the skeleton's (old layouts transformers renames on load):
+        # fall back to holding the whole model in memory.
+        model_obj = load_dense(job.folder, trust_remote_code=trust_remote_code)
+        rest = _rotate_in_memory(model_obj, rotation, arch, job.rest_names)
+        materialize = release = lambda *a: None
+
+    main = distributed.is_main()   # only rank 0 writes; every rank keeps the same state in memory
+    if main:
+        state.save()
+    resumed_records: list[ModuleRecord] = []
+    for entry in state.finished.values():
+        resumed_records += [ModuleRecord(**r) for r in entry["records"]]
+
+    def load_finished(index: int, block: nn.Module, prefix: str, entry: dict) -> None:
+        if rotation is not None:
+            rotation.wrap(block)
+        for name, spec in entry["modules"].items():
+            block.set_submodule(name, build_module(f"{prefix}.{name}", spec, torch.float32))
+        shard = shard_name(index, total_shards)
+        LazyWeights(out, weight_map={f"{prefix}.{k}": shard for k in block.state_dict()}).materialize(block, prefix)
+
+
+    def on_block_done(index: int, block: nn.Module, prefix: str, modules: dict, records: list, extras: dict) -> None:
+        state.finished[index] = {
+            "modules": {name: module_manifest(m) for name, m in modules.items()},
+            "records": [r.__dict__ for r in records],
+            **{key: value.tolist() for key, value in extras.items()},   # the final norm's correction
+        }
+        if main:
+            tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+            compressed = tuple(f"{prefix}.{name}." for name in modules)   # their formats fix their dtypes
+            tensors = cast_dense(tensors, job.dense_dtype, keep=lambda key: key.startswith(compressed))
+            save_tensors_atomic(tensors, out / shard_name(index, total_shards))
+            state.save()
+
+    io = BlockIO(materialize=materialize, release=release, finished=state.finished,
+                 load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture)
+    block_arch = rotation.compress_arch() if rotation is not None else arch
+    windows = distributed.local_slice(job.windows) if job.windows is not None else None
+
+    def report(line: str) -> None:
+        job.memory = line
+        if progress:
+            note(line)
+
+    records = compress_blocks(model_obj, block_arch, job.recipe, windows, io, batch_size=batch_size,
+                              progress=progress, max_memory=max_memory, report=report)
+    records = sorted(resumed_records + records, key=lambda r: (r.block, r.name))
+    kept_model = model_obj.eval() if keep_model else None
+    del model_obj
+    if not main:   # rank 0 writes the rest; the others wait until the folder is complete
+        distributed.barrier()
+        return CompressResult(out=out, records=records, seconds=time.perf_counter() - start,
+                              peak_rss_mb=peak_rss_mb(), model=kept_model)
+
+    if rest is None:   # unrotated, the tensors go back as they were stored
+        rest = rotate_rest(store.read(job.rest_names)) if rotation is not None else store.read(job.rest_names, native=True)
+    head_transform = _add_head_bias(rest, state, arch, job.skeleton, kept_model)
+    rest = cast_dense(rest, job.dense_dtype)
+    save_tensors_atomic(rest, out / shard_name(n_blocks, total_shards))
+    weight_map = {n: shard_name(n_blocks, total_shards) for n in rest}
+    modules: dict[str, dict] = {}
+    for index in range(n_blocks):
+        prefix = f"{arch.blocks}.{index}"
+        modules.update({f"{prefix}.{name}": spec for name, spec in state.finished[index]["modules"].items()})
+        weight_map.update({k: shard_name(index, total_shards) for k in _shard_keys(out / shard_name(index, total_shards))})
+
+    job.tokenizer.save_pretrained(out)
+    if (job.folder / "generation_config.json").exists():
+        shutil.copy(job.folder / "generation_config.json", out / "generation_config.json")
+    (out / "llmpress-recipe.yaml").write_text(job.recipe.to_yaml(), encoding="utf-8")
+    seconds = time.perf_counter() - start
+    summary = run_summary(out, records, job, seconds, modules)
+    write_report(out, records, summary)
+    extra = {
+        "transforms": ([rotation.manifest(n_blocks)] if rotation is not None else []) + head_transform,
+        "recipe": job.recipe.model_dump(mode="json"),
+        "calibration": job.calib,
+        "base_model": job.model_spec,
+        "fingerprint": job.fingerprint,
+        "dense_dtype": str(job.dense_dtype).removeprefix("torch."),
+    }
+    job.config.dtype = job.dense_dtype   # what the folder's dense tensors are stored in
+    write_manifest(out, job.config, modules, extra, weight_map)
+    distributed.barrier()
+    return CompressResult(out=out, records=records, seconds=seconds, peak_rss_mb=peak_rss_mb(), summary=summary,
+                          model=kept_model)
+
+
+def _add_head_bias(rest: dict[str, torch.Tensor], state: RunState, arch, skeleton: nn.Module,
+                   kept_model: nn.Module | None) -> list[dict]:
+    """Fold the final norm's correction ``μ`` into the head: ``W(n + μ) = Wn + Wμ`` as a head bias
+    (added to ``rest``, and to the kept model); returns the manifest transform that tells the loader
+    to give a bias-less head one."""
+    shift = next((e["final_shift"] for e in state.finished.values() if "final_shift" in e), None)
+    if shift is None:
+        return []
+    mu = torch.tensor(shift, dtype=torch.float32)
+    head_key, bias_key = f"{arch.head}.weight", f"{arch.head}.bias"
+    weight = rest[head_key] if head_key in rest else rest[f"{arch.embeddings[0]}.weight"]   # tied: the embeddings
+    bias = weight.to(torch.float32) @ mu
+    if bias_key in rest:
+        bias = bias + rest[bias_key].to(torch.float32)
+    rest[bias_key] = bias
+    stock_bias = getattr(skeleton.get_submodule(arch.head), "bias", None) is not None   # before the kept model's
+    if kept_model is not None:                                                           # (it may be the skeleton)
+        head = kept_model.get_submodule(arch.head)
+        head.bias = nn.Parameter(bias.to(head.weight.dtype), requires_grad=False)
+    return [] if stock_bias else [{"kind": "head_bias", "module": arch.head}]
+
+
+HARP_FILE = "llmpress-harp.safetensors"
+
+
+def _rotate_in_memory(model: nn.Module, rotation: ResidualRotation | None, arch, rest_names: list[str]) -> dict:
+    """Rotate a model held whole in memory (blocks wrapped for their online transform) and return
+    its tensors outside the blocks, as saved."""
+    wanted = set(rest_names)
+    rest = {n: t for n, t in model.state_dict().items() if n in wanted}
+    if rotation is None:
+        return rest
+    rest = rotation.rotate_rest(rest)
+    if rotation.unties:
+        model.config.tie_word_embeddings = False
+    model.load_state_dict(rest, assign=True, strict=False)
+    for block in model.get_submodule(arch.blocks):
+        rotation.rotate_block(block)
+    return rest
+
+
+def read_harp_rotation(source: str | Path, width: int) -> torch.Tensor:
+    """The fitted rotation of an earlier HARP run: its output folder or its ``llmpress-harp.safetensors``.
+    Checked to be a ``width x width`` orthogonal matrix (float64), so a file from another model or
+    a damaged one fails here with one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / HARP_FILE
+    if not path.is_file():
+        raise RotationError(f"harp reuse: {path} does not exist (give an earlier HARP run's output folder or its {HARP_FILE})")
+    try:
+        q = load_file(str(path)).get("q")
+    except (SafetensorError, OSError) as e:
+        raise RotationError(f"harp reuse: cannot read {path}: {e}") from None
+    if q is None or q.shape != (width, width):
+        shape = "no tensor 'q'" if q is None else f"a rotation of {tuple(q.shape)}"
+        raise RotationError(f"harp reuse: {path} holds {shape}, this model needs ({width}, {width})")
+    q = q.to(torch.float64)
+    drift = float((q.T @ q - torch.eye(width, dtype=torch.float64)).abs().max())
+    if not drift <= 1e-6:   # also catches NaN
+        raise RotationError(f"harp reuse: the matrix in {path} is not orthogonal (max |QᵀQ - I| = {drift:.2e})")
+    return q
+
+
+def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> ResidualRotation:
+    """Fit HARP's residual rotation (or, on ``--resume``, read the one fitted before: a refit
+    need not be bit-identical, and the finished blocks were rotated with the first)."""
+    from safetensors.torch import load_file
+
+    from ..io.checkpoint import save_tensors_atomic
+    from .report import plot_harp
+    from .rotate.fuse import mean_preserving
+    from .rotate.harp import collect_proxy_terms, fit_harp
+
+    stage, base, arch = job.recipe.rotation, job.rotation, job.rotation.arch
+    path = job.out / HARP_FILE
+    if path.exists():
+        q = load_file(str(path))["q"].to(torch.float64)
+        return replace(base, q=q, method="harp")
+    if stage.reuse is not None:   # read and checked by _prepare
+        save_tensors_atomic({"q": base.q}, path)
+        job.harp = {"reused from": str(Path(stage.reuse).expanduser())}
+        return base
+    bits, group_size, sym = job.recipe.harp_grid()
+    with Status(progress) as status:
+        status("HARP statistics: dense forward on the calibration windows")
+        model = load_dense(job.folder, trust_remote_code=trust_remote_code)
+        terms = collect_proxy_terms(model, arch, job.windows[: stage.fit_samples], base, progress=status)
+        del model
+        result = fit_harp(terms, base.q.shape[0], bits=bits, group_size=group_size, sym=sym, seed=stage.seed,
+                          steps=stage.steps, lr=stage.lr, refresh=stage.refresh,
+                          groups_per_step=stage.groups_per_step, progress=status)
+    q = mean_preserving(result.q) if arch.rotation.norm_kind == "layer" else result.q
+    save_tensors_atomic({"q": q}, path)
+    plot_harp(result.history, job.out / "llmpress-harp.png")
+    job.harp = {"steps": stage.steps, "seconds": round(result.seconds, 1), "proxy start": round(result.initial, 6),
+                "proxy end": round(result.final, 6)}
+    return replace(base, q=q, method="harp")
+
+
+ALLOCATION_FILE = "llmpress-allocation.json"
+
+
+def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
+    """Profile every selected linear, solve the knapsack, and write the plan into the recipe's
+    allocator stage (each module's chosen settings as ``overrides``; dense layers ``ignore``d). The
+    plan is saved in the output folder first, so ``--resume`` reuses it instead of profiling again."""
+    import re
+    from collections import Counter
+
+    from ..paths import atomic_write_text
+    from .factor.knapsack import Option, allocate_layers
+    from .report import plot_allocation
+
+    index, stage = next((i, s) for i, s in enumerate(job.recipe.stages) if s.kind == "allocator")
+    path = job.out / ALLOCATION_FILE
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            choice = {str(n): None if c is None else Option(**c) for n, c in saved["choice"].items()}
+            job.allocation = dict(saved["summary"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{path} is damaged; delete it (or the folder) and run again") from None
+    else:
+        start = time.perf_counter()
+        tables, dense_bits, value_bits = _profile(job, stage, progress=progress, trust_remote_code=trust_remote_code)
+        target = stage.removed_target(value_bits)
+        plan = allocate_layers(tables, dense_bits, target, stage.buckets, stage.safety_cap, stage.keep_dense)
+        choice = plan.choice
+        kinds = Counter(_option_kind(c) for c in choice.values())
+        job.allocation = {
+            "target removed": round(target, 4), "removed (stored bits)": round(plan.removed, 4),
+            "bits per weight": round(plan.stored_bits / (plan.dense_bits / value_bits), 4),
+            "layers": dict(sorted(kinds.items())),
+            "error cap": None if plan.cap is None else round(plan.cap, 4),
+            **_heuristic_agreement(tables),
+            "profile (s)": round(time.perf_counter() - start, 1),
+        }
+        if distributed.is_main():
+            atomic_write_text(path, json.dumps({
+                "summary": job.allocation,
+                "choice": {n: None if c is None else c.__dict__ for n, c in choice.items()},
+            }, indent=1))
+            plot_allocation({n: 0.0 if c is None else c.removed for n, c in choice.items()}, target,
+                            job.out / "llmpress-allocation.png")
+    overrides, ignore = dict(stage.overrides), list(stage.ignore)
+    for name, c in choice.items():
+        pattern = f"^{re.escape(name)}$"
+        if c is None:
+            ignore.append(pattern)
+        else:
+            overrides[pattern] = dict(c.settings)
+    job.recipe.stages[index] = stage.model_copy(update={"overrides": overrides, "ignore": ignore})
+
+
+def _heuristic_agreement(tables) -> dict[str, float]:
+    """Where the options carry a reference heuristic's sensitivity score (ShiftAdd's), Kendall's τ
+    between its ranking of the layers and ours: the measured error saved per extra code bit."""
+    scores, gains = [], []
+    for options in tables.values():
+        if len(options) < 2 or "heuristic" not in options[0].detail:
+            continue
+        low, high = min(options, key=lambda o: o.bits), max(options, key=lambda o: o.bits)
+        scores.append(options[0].detail["heuristic"])
+        gains.append((low.error - high.error) / max(high.bits - low.bits, 1))
+    if len(scores) < 3:
+        return {}
+    from scipy.stats import kendalltau
+
+    return {"kendall tau vs ShiftAdd's ranking heuristic": round(float(kendalltau(scores, gains).statistic), 3)}
+
+
+def _option_kind(option) -> str:
+    """A short name for what a layer became, for the run summary."""
+    if option is None:
+        return "dense"
+    settings = option.settings
+    if "family" in settings:
+        return str(settings["family"])
+    if "bits" in settings:
+        return f"{settings['bits']} bits"
+    return "sparse coefficients" if settings.get("nnz") is not None else "low rank"
+
+
+def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
+    """``(options, dense bits)`` per selected linear, and the value width they were sized with.
+    They depend on the model, the calibration windows and the stage's option grid, not on the
+    target, so they are cached (under ``cache_dir()/profiles``) and a second budget on the same
+    model skips the profiling pass."""
+    from ..paths import atomic_write_text, cache_dir
+    from .factor.knapsack import Option
+    from .pipeline import profile_blocks
+    from .stage import method_of
+
+    grid = stage.model_dump(exclude={"target", "average_bits", "buckets", "safety_cap", "overrides"})
+    rotation = job.recipe.rotation.model_dump(mode="json") if job.recipe.rotation is not None else None
+    key = hashlib.sha256(json.dumps({
+        "model": str(job.folder), "config": job.config.to_dict(), "calibration": job.calib, "stage": grid,
+        "rotation": rotation, "version": __version__,
+    }, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_dir() / "profiles" / f"{stage.method}-{key}.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            tables = {n: [Option(**c) for c in t] for n, t in saved["tables"].items()}
+            # profiles run on the fp32 model (load_dense's default): entries from before the field existed are fp32
+            return tables, {n: int(b) for n, b in saved["dense_bits"].items()}, int(saved.get("value_bits", 32))
+        except (ValueError, KeyError, TypeError):
+            pass   # a damaged cache entry: profile again and replace it
+    model = load_dense(job.folder, trust_remote_code=trust_remote_code)
+    arch = arch_for(model)
+    if job.rotation is not None:   # score the layers the pipeline will compress: rotated, names as it sees them
+        _rotate_in_memory(model, job.rotation, arch, job.rest_names)
+        arch = job.rotation.compress_arch()
+    value_bits = torch.finfo(next(model.parameters()).dtype).bits
+    dense_bits: dict[str, int] = {}
+    options_of = method_of(stage).profile
+
+    def score(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> list[Option]:
+        dense_bits[name] = weight.numel() * value_bits
+        return options_of(stage, weight, hessian, value_bits)
+
+    tables = profile_blocks(model, arch, distributed.local_slice(job.windows), stage.selects, score,
+                            progress=progress)
+    del model
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},
+                                            "dense_bits": dense_bits, "value_bits": value_bits}))
+    return tables, dense_bits, value_bits
+
+
+def _shard_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from ``1073741824``, ``"512MB"``, ``"8GB"``, ``"1.5GiB"`` (None stays None)."""
+    if size is None or isinstance(size, int):
+        return size
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(size), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise RecipeError(f"--max-memory: cannot read {size!r} as a size (e.g. 8GB, 512MB)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
