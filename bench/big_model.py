@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5)
@@ -130,7 +129,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if not args.no_update:
-        from quality import update_benchmarks
+        from common import update_benchmarks
 
         update_benchmarks("big-model", body, "python bench/big_model.py" + (
             f" --layers {args.layers}" if args.layers != 32 else ""))

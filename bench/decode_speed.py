@@ -16,16 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from kernels import decode_rate
-from quality import OUT, decode_prompt, folder_name
+from common import OUT, decode_prompt, decode_rate, folder_name
 
 import llmpress
 

@@ -15,11 +15,8 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
-sys.path.insert(0, str(ROOT / "bench"))
+from common import OUT, update_benchmarks
 
 ROWS = [("dense", None), ("GPTQ W4 g64", "gptq-w4-g64"), ("GPTQ W3 g64", "gptq-w3-g64"), ("RTN W3 g64", "rtn-w3-g64")]
 TASKS = ["llmpress_wiki_lastword", "llmpress_wiki_cloze", "llmpress_wiki_ppl"]
@@ -51,8 +48,6 @@ def run_one(index: int, limit: float | None) -> dict:
 
 
 def main() -> None:
-    from quality import update_benchmarks
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=float, default=None)
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)

@@ -14,46 +14,11 @@ benchmark model is compressed with 32x512 calibration windows to save time.
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-OUT = ROOT / "bench" / "out"
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def decode_rate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Best-of-``repeats`` decode tokens/s, and the generated tokens."""
-    def generate(n):
-        with torch.no_grad():
-            return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=0, use_cache=True)
-    generate(2)   # warm-up: int4 packing, allocator
-    best = 0.0
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate(1)
-        t1 = time.perf_counter()
-        out = generate(new_tokens)
-        t2 = time.perf_counter()
-        best = max(best, (new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
-    return best, out[0, prompt.shape[1]:]
-
-
-def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
-    """How many leading greedy tokens two generations share (one flip changes all that follows)."""
-    differ = (a != b).nonzero()
-    return int(differ[0, 0]) if len(differ) else len(a)
+from common import OUT, common_prefix, decode_rate, rss_mb, update_benchmarks
 
 
 def gpu_table(repeats: int = 50) -> str:
@@ -96,8 +61,6 @@ def gpu_table(repeats: int = 50) -> str:
 
 
 def main() -> None:
-    from quality import update_benchmarks
-
     import llmpress
     from llmpress.io.text import load_text, tokenize
     from llmpress.kernels.dispatch import use_backend
@@ -135,7 +98,7 @@ def main() -> None:
         rate_ref, ref_tokens = decode_rate(packed.eval(), prompt, args.new_tokens, 1)
     with use_backend("auto"):
         rate_q, tokens = decode_rate(packed.eval(), prompt, args.new_tokens, args.repeats)
-    rows.append(("GPTQ W4 g64 (auto)", "CPU int4 (bf16 activations)", rate_q, _common_prefix(tokens, ref_tokens)))
+    rows.append(("GPTQ W4 g64 (auto)", "CPU int4 (bf16 activations)", rate_q, common_prefix(tokens, ref_tokens)))
     rows.append(("GPTQ W4 g64 (reference)", "torch reference (dequantize + fp32), 1 run", rate_ref, None))
 
     base = rows[0][2]
@@ -151,7 +114,7 @@ def main() -> None:
         agree_s = "–" if agree is None else f"{agree}/{args.new_tokens}"
         lines.append(f"| {name} | {path} | {rate:.1f} | {rate / base:.2f}x | {agree_s} |")
     lines.append("")
-    lines.append(f"Peak RSS of the benchmark process: {_rss_mb():.0f} MB.")
+    lines.append(f"Peak RSS of the benchmark process: {rss_mb():.0f} MB.")
     body = "\n".join(lines)
     print(body)
     if not args.no_update:

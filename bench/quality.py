@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
+from common import OUT, ROOT, decode_prompt, decode_rate, folder_name, update_benchmarks
+
 REFERENCE_RUN = ["act_order=false", "true_sequential=false"]   # as the original code's plain runs
 
 # (name, recipe or None for dense, --set overrides, reference ppl from issue #2 / data.md)
@@ -212,23 +212,9 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
         result["linear_bytes_ratio"] = decoder_linear_bytes_ratio(m, model)
     if suite in MEASURE_DECODE:
         import torch
-        from kernels import decode_rate
-
         torch.set_num_threads(1)   # one core: comparable rows even while another job runs
         result["decode_tok_s"] = decode_rate(m, decode_prompt(tok), 64, 2)[0]
     return result
-
-
-def decode_prompt(tokenizer):
-    """The prompt every decode timing starts from: the first 32 tokens of wiki/test."""
-    from llmpress.io.text import load_text, tokenize
-
-    return tokenize(tokenizer, load_text("wiki/test"))[:32].unsqueeze(0)
-
-
-def folder_name(name: str) -> str:
-    """The folder under bench/out that holds a row's compressed model."""
-    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
 
 
 def decoder_linear_bytes_ratio(model, folder: Path) -> float:
@@ -292,18 +278,6 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
             + "".join(f" {fmt.format(r[k]) if k in r else '–'} |" for k, _, fmt in extra)
         )
     return "\n".join(lines)
-
-
-def update_benchmarks(section: str, body: str, command: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    block = f"{start}\nCommand: `{command}` ({time.strftime('%Y-%m-%d')})\n\n{body}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:

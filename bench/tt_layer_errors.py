@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from bcq_layer_errors import input_grams  # the dense model's input Grams, wiki/train 16x512 seed 0
 
 import llmpress
