@@ -1,6 +1,6 @@
 """Block corrections and cross-layer absorption: small exact rewrites done while a block is compressed.
 
-- D²Quant's deviation-aware correction (DAC, research/algos-quant.md §4.3): the mean of the MLP's
+- D²Quant's deviation-aware correction (DAC): the mean of the MLP's
   input norm output shifts once the attention is quantized; the shift ``μ`` measured on the
   calibration tokens is added after the norm (:class:`ShiftedNorm`) while the MLP is calibrated,
   then folded into the MLP's input linears as a bias: ``Ŵ(n + μ) + b = Ŵn + (b + Ŵμ)``, exact, and

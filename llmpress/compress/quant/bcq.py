@@ -8,7 +8,7 @@ lets BCQ sit inside GPTQ's column loop: the scales of a block are fitted when th
 block's first column (weight objective, alternating least squares), every column is then coded
 against them and its error fed forward (output objective): the paper's multi-objective solve.
 
-Restated from the paper (arXiv 2406.05981) and research/algos-factorization.md §4; the greedy
+Restated from the paper (arXiv 2406.05981); the greedy
 init and alternating refinement are Xu et al. 2018's.
 """
 

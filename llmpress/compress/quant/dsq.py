@@ -1,4 +1,4 @@
-"""D²Quant's dual-scale quantizer (DSQ) for ``down_proj``, restated from research/algos-quant.md §4.2.
+"""D²Quant's dual-scale quantizer (DSQ) for ``down_proj``, restated from the paper.
 
 Binary-coded form (the paper's): per input group of ``group_size`` columns each weight is
 ``W[i, j] ≈ c_j · Σ_t r_t[i, g] · b_t[i, j]`` with ``b_t = ±1`` (``k = bits`` planes), ``k`` scales

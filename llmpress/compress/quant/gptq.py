@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., ICLR 2023), restated from the paper and research/algos-quant.md §1.
+"""GPTQ (Frantar et al., ICLR 2023), restated from the paper.
 
 Per layer, minimise ``||(Ŵ - W) X||²`` column by column in a fixed order: quantize column j,
 spread its error over the columns not yet quantized through the upper Cholesky factor ``U`` of
@@ -8,7 +8,7 @@ block of ``block_size`` columns.
 Where this departs from the reference, on purpose:
 - dead input channels (``H_jj == 0``) keep their original weights, quantized to the grid, where
   the reference zeros them; the calibration objective is identical (the column sees no input)
-  but inference on inputs that do reach the channel is not broken (research pitfall 1.7.2);
+  but inference on inputs that do reach the channel is not broken;
 - scales are rounded to fp16 when fitted (how they are stored), so the error feedback
   compensates the weights that are actually evaluated;
 - Cholesky failures retry with damping raised by 0.01 (GPTQModel's rule) instead of crashing.
@@ -412,7 +412,7 @@ class GPTQStage(UniformQuantStage):
     alpha2: float = Field(0.25, ge=0)     # ResComp's coefficient (its code: 0.25)
     rescomp_form: Literal["paper", "delta"] = "paper"
     # allw: ResComp's consistent mode. auto: its code's rule (org at 2 bits, else allw), whose 'org'
-    # lazy update over-compensates and made ResComp worse than GPTAQ at W2 (docs/algorithms.md).
+    # lazy update over-compensates and made ResComp worse than GPTAQ at W2 (docs/notes/rescomp-w2.md).
     rescomp_mode: Literal["auto", "org", "allw"] = "allw"
 
     @property

@@ -1,6 +1,6 @@
 """The uniform integer grid shared by RTN and the GPTQ family.
 
-Conventions follow the GPTQ reference quantizer (research/algos-quant.md §0.1):
+Conventions follow the GPTQ reference quantizer:
 the range always contains zero, an all-zero row gets [-1, 1], asymmetric zeros are
 ``round(-xmin / s)``, symmetric grids put the zero at ``(maxq + 1) / 2``.
 Codes are unsigned integers in ``[0, 2^bits - 1]``; ``w ≈ s * (q - z)``.
