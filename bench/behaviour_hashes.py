@@ -95,14 +95,19 @@ def main() -> int:
                     status = "identical" if not diff else f"DIFFERENT in {len(diff)} tensors, e.g. {diff[:3]}"
                     failed += [name] if diff else []
             print(f"{name:32s} {len(results[name]):5d} tensors  {time.perf_counter() - start:6.1f} s  {status}", flush=True)
-    if args.record:
-        previous = json.loads(args.record.read_text())["runs"] if args.record.exists() and args.only else {}
-        args.record.write_text(json.dumps({
-            "protocol": "wiki/train 16x256 seed 0; sha256 of dtype, shape and bytes per tensor",
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "runs": {**previous, **results},
-        }, indent=1, sort_keys=True) + "\n")
+            if args.record:   # after every run: a long job that is stopped keeps what it finished
+                _write(args.record, results)
     return 1 if failed else 0
+
+
+def _write(path: Path, results: dict[str, dict[str, str]]) -> None:
+    """Merge ``results`` into the hashes file at ``path`` (runs not run this time are kept)."""
+    previous = json.loads(path.read_text())["runs"] if path.exists() else {}
+    path.write_text(json.dumps({
+        "protocol": "wiki/train 16x256 seed 0; sha256 of dtype, shape and bytes per tensor",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "runs": {**previous, **results},
+    }, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

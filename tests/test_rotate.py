@@ -112,7 +112,8 @@ def test_rotated_full_precision_model_has_the_same_logits(arch, options, perturb
     assert isinstance(rotated.get_submodule(ONLINE[arch]), OnlineHadamard) == online
     if online or residual:
         inner = rotated.get_submodule(ONLINE[arch] + (".linear" if online else ""))
-        assert not torch.allclose(inner.weight, dense.get_submodule(ONLINE[arch]).weight)
+        stock = dense.get_submodule(ONLINE[arch])   # GPT-2's Conv1D holds [in, out]; llmpress every linear [out, in]
+        assert not torch.allclose(inner.weight, stock.weight.T if type(stock).__name__ == "Conv1D" else stock.weight)
     if residual:
         assert not rotated.config.tie_word_embeddings
 

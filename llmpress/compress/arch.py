@@ -57,7 +57,6 @@ class ArchMap:
     attention: str | None = None          # the attention submodule of a block
     attention_output: str | None = None   # its last linear, whose output the attention returns
     attention_norm: str | None = None     # the norm whose output only the attention reads
-    transposed_weights: bool = False   # GPT-2's Conv1D stores weight as [in, out]
     rotation: RotationMap | None = None   # None: rotations are not supported for this family
     mlp_norm: str | None = None        # the norm whose output only the MLP's input linears read
     mlp_inputs: tuple[str, ...] = ()   # those linears (a block correction's bias folds into them)
@@ -158,7 +157,6 @@ _GPT2 = ArchMap(
     attention_norm="ln_1",
     mlp_norm="ln_2",
     mlp_inputs=("mlp.c_fc",),
-    transposed_weights=True,
     rotation=RotationMap(
         norm_readers=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
         residual_writers=("attn.c_proj", "mlp.c_proj"),

@@ -25,10 +25,9 @@ def dense_proxy(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
     return proxy
 
 
-def linear_weight(linear: nn.Module, transposed: bool) -> torch.Tensor:
-    """The weight as ``[out, in]`` fp32 (GPT-2's Conv1D stores ``[in, out]``)."""
-    w = linear.weight.detach()
-    return (w.T if transposed else w).to(torch.float32)
+def linear_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` fp32."""
+    return linear.weight.detach().to(torch.float32)
 
 
 def output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -39,13 +38,13 @@ def output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tenso
 
 
 def compress_linear(
-    stage: StageBase, linear: nn.Module, stats: dict, *, transposed: bool, dtype: torch.dtype
+    stage: StageBase, linear: nn.Module, stats: dict, *, dtype: torch.dtype
 ) -> tuple[nn.Module, dict[str, float], torch.Tensor, torch.Tensor | None]:
     """The compressed module, its metrics (errors relative to the original weight), its fp32
     ``[out, in]`` weight (the pipeline computes with it during calibration), and the per-input
     scale its weight still needs (``None`` unless the method leaves one for a block hook to absorb
     upstream: DSQ's ``c``)."""
-    weight = linear_weight(linear, transposed)
+    weight = linear_weight(linear)
     if not torch.isfinite(weight).all():
         from ..errors import ModelLoadError
 

@@ -104,36 +104,28 @@ def mean_shift(teacher: torch.Tensor, student: torch.Tensor, clip: float, scale:
     return (scale * (teacher - student).clamp(-clip, clip)).to(torch.float32)
 
 
-def _weight_of(module: nn.Module, transposed: bool) -> torch.Tensor:
-    """``[out, in]`` fp32 of a compressed module (its dequantized weight) or a plain linear."""
-    if isinstance(module, CompressedLinear):
-        return module.dequantize(torch.float32)
-    w = module.weight.detach().to(torch.float32)
-    return w.T if transposed else w
-
-
 @torch.no_grad()
-def fold_shift_into_bias(module: nn.Module, shift: torch.Tensor, transposed: bool) -> None:
+def fold_shift_into_bias(module: nn.Module, shift: torch.Tensor) -> None:
     """``b ← b + Ŵ·shift`` on a compressed module (its ``bias`` buffer is created if absent)."""
-    if not hasattr(module, "dequantize"):
+    if not isinstance(module, CompressedLinear):
         raise LlmpressError("the block correction folds into compressed linears only: compress the MLP's "
                             "input linears in the same recipe")
-    add = _weight_of(module, transposed) @ shift.to(torch.float32)
+    add = module.dequantize(torch.float32) @ shift.to(torch.float32)
     dtype = getattr(module, "compute_dtype", torch.float32)
     module.bias = (module.bias.to(torch.float32) + add if module.bias is not None else add).to(dtype)
 
 
 @torch.no_grad()
-def absorb_column_scale(sink: nn.Module, scale: torch.Tensor, transposed: bool) -> bool:
+def absorb_column_scale(sink: nn.Module, scale: torch.Tensor) -> bool:
     """Scale ``sink``'s output rows by ``scale``: a uniform module's fp16 scales (and bias), or a
     plain linear's weight; False (nothing changed) for other formats."""
     from ..layers import QuantLinear
 
     if isinstance(sink, QuantLinear):
         sink.scales.copy_((sink.scales.to(torch.float32) * scale[:, None]).to(sink.scales.dtype))
-    elif isinstance(sink, nn.Linear) or (transposed and hasattr(sink, "weight") and not hasattr(sink, "dequantize")):
+    elif isinstance(sink, nn.Linear):
         w = sink.weight
-        w.copy_((w.to(torch.float32) * (scale[None, :] if transposed else scale[:, None])).to(w.dtype))
+        w.copy_((w.to(torch.float32) * scale[:, None]).to(w.dtype))
     else:
         return False
     if sink.bias is not None:
@@ -229,7 +221,7 @@ class DeviationAwareCorrection(BlockHooks):
         relative = float(self.shift.norm() / self.teacher.norm().clamp_min(1e-30))
         for name in arch.mlp_inputs:
             module = ctx.modules[name]
-            fold_shift_into_bias(module, self.shift, arch.transposed_weights)
+            fold_shift_into_bias(module, self.shift)
             ctx.block.set_submodule(name, dense_proxy(module, dense_weight(module)))
             ctx.metrics[name]["dac_shift"] = relative
         self.folded = True

@@ -413,7 +413,7 @@ def profile_blocks(
             hessians = stats.hessians() if names else {}
             for n in names:
                 bar.describe(f"block {i + 1} · {n} · candidates")
-                weight = linear_weight(block.get_submodule(n), arch.transposed_weights)
+                weight = linear_weight(block.get_submodule(n))
                 results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessians[n])
             bar.advance()
     return results
@@ -556,7 +556,7 @@ def _compress_block(
             if residual:
                 name = data_members[0]
                 original = watched[name]
-                out_features = original.weight.shape[1 if arch.transposed_weights else 0]
+                out_features = original.weight.shape[0]
                 watched[name] = _ZeroOutput(out_features)
                 block.set_submodule(name, watched[name])
             keep = watched if (residual or cache_attention) else ()
@@ -590,7 +590,7 @@ def _compress_block(
             if distributed.rank() == owner:
                 try:
                     module, metrics, dense, input_scale = compress_linear(
-                        stage, linear, module_stats, transposed=arch.transposed_weights, dtype=dtype
+                        stage, linear, module_stats, dtype=dtype
                     )
                 except LlmpressError as e:
                     raise type(e)(f"{prefix}.{name}: {e}") from None

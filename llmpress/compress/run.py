@@ -28,6 +28,7 @@ from ..io.models import (
     LazyWeights,
     cast_dense,
     empty_model,
+    linearize,
     load_config,
     load_dense,
     load_tokenizer,
@@ -102,6 +103,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     config = load_config(folder, trust_remote_code)
     dense_dtype = storage_dtype(dtype, str(model), config)
     skeleton = empty_model(config, trust_remote_code=trust_remote_code, source=folder)
+    transposed = linearize(skeleton)   # GPT-2's Conv1D weights, stored [in, out]
     arch = arch_for(skeleton)
     tokenizer = load_tokenizer(folder, trust_remote_code)
     windows = calib_info = None
@@ -124,7 +126,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
                                 "take (a norm sits between its writers and the stream); use `method: rht`")
         if stage.method == "harp" and stage.reuse is not None:   # a bad file fails before the output is touched
             rotation = replace(rotation, q=read_harp_rotation(stage.reuse, rotation.q.shape[0]), method="harp")
-    store = LazyWeights(folder)   # opens every shard: a corrupt file fails here
+    store = LazyWeights(folder, transposed=transposed)   # opens every shard: a corrupt file fails here
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in skeleton.state_dict() if not (tied and n == "lm_head.weight")]
     store.check_shapes({n: tuple(t.shape) for n, t in skeleton.state_dict().items() if n in names})
@@ -220,7 +222,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     else:
         # Key names differ from the skeleton's (old layouts transformers renames on load):
         # fall back to holding the whole model in memory.
-        model_obj = load_dense(job.folder, trust_remote_code=trust_remote_code)
+        model_obj = _load_linear(job.folder, trust_remote_code)
         rest = _rotate_in_memory(model_obj, rotation, arch, job.rest_names)
         materialize = release = lambda *a: None
 
@@ -396,7 +398,7 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> Res
     bits, group_size, sym = job.recipe.harp_grid()
     with Status(progress) as status:
         status("HARP statistics: dense forward on the calibration windows")
-        model = load_dense(job.folder, trust_remote_code=trust_remote_code)
+        model = _load_linear(job.folder, trust_remote_code)
         terms = collect_proxy_terms(model, arch, job.windows[: stage.fit_samples], base, progress=status)
         del model
         result = fit_harp(terms, base.q.shape[0], bits=bits, group_size=group_size, sym=sym, seed=stage.seed,
@@ -519,7 +521,7 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
             return tables, {n: int(b) for n, b in saved["dense_bits"].items()}, int(saved.get("value_bits", 32))
         except (ValueError, KeyError, TypeError):
             pass   # a damaged cache entry: profile again and replace it
-    model = load_dense(job.folder, trust_remote_code=trust_remote_code)
+    model = _load_linear(job.folder, trust_remote_code)
     arch = arch_for(model)
     if job.rotation is not None:   # score the layers the pipeline will compress: rotated, names as it sees them
         _rotate_in_memory(model, job.rotation, arch, job.rest_names)
@@ -562,3 +564,8 @@ def parse_size(size: int | str | None) -> int | None:
     return int(float(m.group(1)) * scale)
 
 
+def _load_linear(folder: Path, trust_remote_code: bool) -> nn.Module:
+    """The whole dense model, GPT-2's ``Conv1D`` as ``nn.Linear`` (as the pipeline sees it)."""
+    model = load_dense(folder, trust_remote_code=trust_remote_code)
+    linearize(model)
+    return model

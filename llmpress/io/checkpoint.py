@@ -30,7 +30,7 @@ from ..layers import LAYER_FORMATS, CompressedLinear, OnlineHadamard
 from ..layers.online_hadamard import input_width
 from ..paths import atomic_write_text
 from ..version import __version__
-from .models import LazyWeights, empty_model, load_config, tie_output_embeddings
+from .models import LazyWeights, empty_model, linearize, load_config, tie_output_embeddings
 
 FORMAT_VERSION = 1
 STATE_FILE = "llmpress-state.json"
@@ -186,6 +186,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     manifest = read_manifest(folder)
     config = load_config(folder)
     model = empty_model(config, dtype=dtype, source=folder)
+    linearize(model)   # llmpress writes every linear [out, in], GPT-2's included
     apply_transforms(model, manifest.get("transforms", []), dtype)
     for name, entry in manifest["modules"].items():
         try:

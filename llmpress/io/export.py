@@ -274,9 +274,10 @@ def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path) -> None:
 
 
 def _fit_stock_layout(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Make the stock architecture hold every exported bias: the MLP biases a mean-shift correction
-    (``dac``) adds need ``mlp_bias`` (Llama's config has it; the other MLP biases are then zeros); a
-    bias no stock model has is an error, never silently dropped by the loader."""
+    """Write the stock architecture's layout: GPT-2's ``Conv1D`` weights go back to ``[in, out]``
+    (llmpress holds every linear as ``[out, in]``); the MLP biases a mean-shift correction (``dac``)
+    adds need ``mlp_bias`` (Llama's config has it; the other MLP biases are then zeros); a bias no
+    stock model has is an error, never silently dropped by the loader."""
     import copy
 
     from .models import empty_model
@@ -284,7 +285,12 @@ def _fit_stock_layout(model: nn.Module, tensors: dict[str, torch.Tensor], dtype:
     def stock_keys(config) -> dict[str, tuple]:
         return {k: tuple(v.shape) for k, v in empty_model(copy.deepcopy(config)).state_dict().items()}
 
-    expected = stock_keys(model.config)
+    stock = empty_model(copy.deepcopy(model.config))
+    for name, module in stock.named_modules():
+        key = f"{name}.weight"
+        if type(module).__name__ == "Conv1D" and key in tensors:
+            tensors[key] = tensors[key].T.contiguous()
+    expected = {k: tuple(v.shape) for k, v in stock.state_dict().items()}
     extra = [k for k in tensors if k.endswith(".bias") and k not in expected]   # packed formats add other names
     mlp = [k for k in extra if k.endswith("_proj.bias") and ".mlp." in k]
     others = [k for k in extra if k not in mlp]

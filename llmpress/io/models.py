@@ -171,6 +171,26 @@ def load_dense(folder: Path, dtype: torch.dtype = torch.float32, trust_remote_co
     return model.eval()
 
 
+def linearize(model: nn.Module) -> set[str]:
+    """Make every GPT-2-style ``Conv1D`` (weight ``[in, out]``, ``y = x W + b``) the ``nn.Linear`` it
+    is, once, when compression loads a model, so that the rest of llmpress sees one layout (a model
+    handed to the user stays stock: its ``save_pretrained`` must write a stock checkpoint). The weight keeps its storage,
+    seen transposed, so a model computes bit for bit as before. Returns the names of those weights,
+    whose layout in a stock checkpoint is ``[in, out]``."""
+    names = set()
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D":
+            continue
+        n_in, n_out = module.weight.shape
+        linear = nn.Linear(n_in, n_out, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.weight.data.T, requires_grad=module.weight.requires_grad)
+        if module.bias is not None:
+            linear.bias = module.bias
+        model.set_submodule(name, linear)
+        names.add(f"{name}.weight")
+    return names
+
+
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -237,10 +257,12 @@ class LazyWeights:
     with the number of blocks.
     """
 
-    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, weight_map: dict[str, str] | None = None):
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, weight_map: dict[str, str] | None = None,
+                 transposed: set[str] | frozenset[str] = frozenset()):
         from safetensors import safe_open
 
         self.folder, self.dtype = folder, dtype
+        self.transposed = transposed   # stored [in, out] (GPT-2's Conv1D), read as the linear's [out, in] view
         if weight_map is None:
             weight_map = {}
             index_file = folder / "model.safetensors.index.json"
@@ -276,7 +298,8 @@ class LazyWeights:
                         t = f.get_tensor(k)
                     except Exception as e:  # noqa: BLE001
                         raise ModelLoadError(f"corrupt tensor {k} in {self.folder / file}: {e}") from None
-                    out[k] = t.to(self.dtype) if t.is_floating_point() and not native else t
+                    t = t.to(self.dtype) if t.is_floating_point() and not native else t
+                    out[k] = t.T if k in self.transposed else t
         return out
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
@@ -292,6 +315,7 @@ class LazyWeights:
             with _open_safetensors(self.folder / file, safe_open) as f:
                 for k in keys:
                     shape = tuple(f.get_slice(k).get_shape())
+                    shape = shape[::-1] if k in self.transposed else shape
                     if shape != tuple(expected[k]):
                         raise ModelLoadError(f"tensor {k} in {self.folder / file} has shape {shape}, but config.json "
                                              f"implies {tuple(expected[k])}: the config does not match the weights")

@@ -120,8 +120,10 @@ class FactorLinear(CompressedLinear):
         return Layout(detail=f"rank {params['rank']}, {coef}")
 
     def validate(self) -> None:
+        if self.nnz is None:   # dense coefficients: no indices
+            return
         index = self.coef_index
-        if index is not None and index.numel() and (index.min() < 0 or index.max() >= self.rank):
+        if index.numel() and (index.min() < 0 or index.max() >= self.rank):
             raise ValueError(f"coef_index points outside the {self.rank} atoms")
 
     def extra_repr(self) -> str:

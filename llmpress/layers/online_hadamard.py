@@ -25,14 +25,8 @@ except ImportError:   # pragma: no cover - not installable on the CPU machines w
     _fast_hadamard = None
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
 def input_width(module: nn.Module) -> int | None:
-    """The input width of a linear (``nn.Linear``, GPT-2's ``Conv1D`` or a compressed one)."""
-    if is_conv1d(module):
-        return module.weight.shape[0]
+    """The input width of a linear (``nn.Linear`` or a compressed one)."""
     return getattr(module, "in_features", None)
 
 
@@ -70,12 +64,10 @@ class OnlineHadamard(nn.Module):
         """The wrapped module with ``W Rᵀ`` as its weight: the same function with no online
         transform (for exports to stock formats); it must hold a plain weight (dequantize first)."""
         inner = self.linear
-        transposed = is_conv1d(inner)   # GPT-2's Conv1D stores [in, out]
         weight = inner.weight.detach()
-        w = weight.T if transposed else weight
         with torch.no_grad():
-            w = apply_hadamard(w.double(), tuple(f.T for f in self._factors)) * self.signs.double()
-            inner.weight.data = (w.T.contiguous() if transposed else w).to(weight.dtype)
+            w = apply_hadamard(weight.double(), tuple(f.T for f in self._factors)) * self.signs.double()
+            inner.weight.data = w.to(weight.dtype)
         return inner
 
     def extra_repr(self) -> str:

@@ -277,7 +277,7 @@ class ColumnScaleAbsorption(BlockHooks):
         if c is None:
             return
         target = ctx.modules.get(sink, ctx.block.get_submodule(sink))
-        if not absorb_column_scale(target, c, ctx.arch.transposed_weights):
+        if not absorb_column_scale(target, c):
             return   # the sink's format cannot take it: the scale stays
         if stored is not None:
             module.take_column_scale()

@@ -77,12 +77,14 @@ def rotate_heads_input(weight: torch.Tensor, head: torch.Tensor) -> torch.Tensor
     return w.reshape(weight.shape).to(weight.dtype)
 
 
-def _get_weight(linear: nn.Module, transposed: bool) -> torch.Tensor:
-    return linear.weight.data.T if transposed else linear.weight.data
+def _get_weight(linear: nn.Module) -> torch.Tensor:
+    return linear.weight.data
 
 
-def _set_weight(linear: nn.Module, weight: torch.Tensor, transposed: bool) -> None:
-    linear.weight.data = weight.T.contiguous() if transposed else weight
+def _set_weight(linear: nn.Module, weight: torch.Tensor) -> None:
+    # Keep the weight's memory layout: GPT-2's stays [in, out] in memory (a transposed view), so
+    # its matmuls run as they did in the checkpoint's Conv1D.
+    linear.weight.data = weight if linear.weight.is_contiguous() else weight.T.contiguous().T
 
 
 def mean_preserving(q: torch.Tensor) -> torch.Tensor:
@@ -144,36 +146,35 @@ class ResidualRotation:
 
     def rotate_block(self, block: nn.Module) -> None:
         """Rotate a materialised block in place and wrap its online linear (plain structure in)."""
-        rot, t = self.arch.rotation, self.arch.transposed_weights
+        rot = self.arch.rotation
         with torch.no_grad():
             if self.q is not None:
                 for norm_name, readers in rot.norm_readers:
                     self._fold_norm(block, norm_name, readers)
             if self.head is not None:
                 v = block.get_submodule(rot.value)
-                w, b = rotate_heads_output(_get_weight(v, t), None if v.bias is None else v.bias.data, self.head,
+                w, b = rotate_heads_output(_get_weight(v), None if v.bias is None else v.bias.data, self.head,
                                            part=rot.value_part)
-                _set_weight(v, w, t)
+                _set_weight(v, w)
                 if b is not None:
                     v.bias.data = b
                 o = block.get_submodule(rot.attn_output)
-                _set_weight(o, rotate_heads_input(_get_weight(o, t), self.head), t)
+                _set_weight(o, rotate_heads_input(_get_weight(o), self.head))
             if self.online_signs is not None:
                 lin = block.get_submodule(rot.online_input)
                 r = signed_hadamard(self.online_signs)
-                w = _get_weight(lin, t)
-                _set_weight(lin, (w.double() @ r).to(w.dtype), t)
+                w = _get_weight(lin)
+                _set_weight(lin, (w.double() @ r).to(w.dtype))
             if self.q is not None:
                 for name in rot.residual_writers:
                     lin = block.get_submodule(name)
-                    w, b = rotate_output(_get_weight(lin, t), None if lin.bias is None else lin.bias.data, self.q)
-                    _set_weight(lin, w, t)
+                    w, b = rotate_output(_get_weight(lin), None if lin.bias is None else lin.bias.data, self.q)
+                    _set_weight(lin, w)
                     if b is not None:
                         lin.bias.data = b
         self.wrap(block)
 
     def _fold_norm(self, block: nn.Module, norm_name: str, readers: tuple[str, ...]) -> None:
-        t = self.arch.transposed_weights
         norm = block.get_submodule(norm_name)
         gamma = norm.weight.data
         beta = getattr(norm, "bias", None)
@@ -181,12 +182,12 @@ class ResidualRotation:
         linears = [block.get_submodule(n) for n in readers]
         if beta is not None and all(lin.bias is not None for lin in linears):
             for lin in linears:   # LN(x)·Wᵀ + b = n(x)·(W diag γ)ᵀ + (b + W β)
-                lin.bias.data = (lin.bias.data.double() + _get_weight(lin, t).double() @ beta.double()).to(lin.bias.dtype)
+                lin.bias.data = (lin.bias.data.double() + _get_weight(lin).double() @ beta.double()).to(lin.bias.dtype)
             norm.bias.data = torch.zeros_like(beta)
         elif beta is not None:
             norm.bias.data = _bias_in_rotated_basis(beta, gamma, self.q, norm_name)
         for lin in linears:
-            _set_weight(lin, rotate_input(_get_weight(lin, t), self.q, gamma), t)
+            _set_weight(lin, rotate_input(_get_weight(lin), self.q, gamma))
         norm.weight.data = torch.ones_like(gamma)
 
     def wrap(self, block: nn.Module) -> None:

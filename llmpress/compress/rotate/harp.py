@@ -154,14 +154,13 @@ def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation,
     ``rotation`` supplies the fixed within-head and online rotations, which change the writers'
     inputs (their Hessian diagonals are taken in that basis)."""
     rot = arch.rotation
-    t = arch.transposed_weights
     blocks = model.get_submodule(arch.blocks)
     hessians: dict[tuple[int, str], torch.Tensor] = {}
     diags: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
 
     def weight(lin):
-        return (lin.weight.T if t else lin.weight).detach().to(torch.float64)
+        return lin.weight.detach().to(torch.float64)
 
     for i, block in enumerate(blocks):
         for norm_name, _readers in rot.norm_readers:
