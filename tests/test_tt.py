@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llmpress.compress.factor import tt
+from llmpress.formats.tt import contraction_macs, reconstruction_macs, tt_forward, tt_full
 from llmpress.layers import TTLinear
 
 
@@ -19,9 +20,9 @@ def test_full_rank_tt_reconstructs_the_weight(shape, order):
     out_modes, in_modes = tt.balanced_modes(shape[0], order), tt.balanced_modes(shape[1], order)
     cores = tt.tt_svd(w, out_modes, in_modes, rank=10 ** 6)
     assert len(cores) == order
-    torch.testing.assert_close(tt.tt_full(cores, shape), w, rtol=0, atol=1e-10)
+    torch.testing.assert_close(tt_full(cores, shape), w, rtol=0, atol=1e-10)
     x = torch.randn(3, 5, shape[1], dtype=torch.float64)
-    torch.testing.assert_close(tt.tt_forward(x, cores, shape[0]), x @ w.T, rtol=0, atol=1e-10)
+    torch.testing.assert_close(tt_forward(x, cores, shape[0]), x @ w.T, rtol=0, atol=1e-10)
 
 
 def test_truncated_forward_equals_the_reconstruction():
@@ -29,7 +30,7 @@ def test_truncated_forward_equals_the_reconstruction():
     w = torch.randn(160, 64, dtype=torch.float64)
     cores = tt.tt_svd(w, (8, 5, 4), (4, 4, 4), rank=7)
     x = torch.randn(11, 64, dtype=torch.float64)
-    torch.testing.assert_close(tt.tt_forward(x, cores, 160), x @ tt.tt_full(cores, (160, 64)).T, rtol=0, atol=1e-10)
+    torch.testing.assert_close(tt_forward(x, cores, 160), x @ tt_full(cores, (160, 64)).T, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("n,d", [(576, 3), (1536, 3), (192, 3), (4864, 3), (97, 2), (64, 4)])
@@ -67,8 +68,8 @@ def test_aware_tt_beats_data_free_tt_on_a_kronecker_structured_input():
     hessian = x.T @ x
     out_modes, in_modes = tt.balanced_modes(96, 3), tt.balanced_modes(64, 3)
     for rank in (3, 6, 12):
-        free = tt.tt_full(tt.tt_svd(w, out_modes, in_modes, rank), (96, 64))
-        aware = tt.tt_full(tt.aware_tt_svd(w, hessian, out_modes, in_modes, rank), (96, 64))
+        free = tt_full(tt.tt_svd(w, out_modes, in_modes, rank), (96, 64))
+        aware = tt_full(tt.aware_tt_svd(w, hessian, out_modes, in_modes, rank), (96, 64))
         assert tt.relative_output_error(aware - w, w, hessian) < tt.relative_output_error(free - w, w, hessian)
 
 
@@ -88,9 +89,9 @@ def test_guarded_aware_tt_keeps_the_whitened_cores_only_where_they_lower_the_lay
         errors = {}
         for name, cores in (("whitened", tt.aware_tt_svd(w, hessian, out_modes, in_modes, rank)),
                             ("plain", tt.tt_svd(w, out_modes, in_modes, rank))):
-            errors[name] = tt.relative_output_error(tt.tt_full(cores, (96, 64)) - w, w, hessian)
+            errors[name] = tt.relative_output_error(tt_full(cores, (96, 64)) - w, w, hessian)
         cores, metrics = tt.tt_factorize(w, 0.2, 3, hessian)
-        got = tt.relative_output_error(tt.tt_full(cores, (96, 64)) - w, w, hessian)
+        got = tt.relative_output_error(tt_full(cores, (96, 64)) - w, w, hessian)
         assert got == pytest.approx(min(errors.values()), rel=1e-12)
         assert metrics["rel_output_error"] == pytest.approx(got, rel=1e-12)
         assert metrics["tt_whitened"] == float(errors["whitened"] < errors["plain"])
@@ -99,7 +100,7 @@ def test_guarded_aware_tt_keeps_the_whitened_cores_only_where_they_lower_the_lay
 
 
 def _objective(cores, w, hessian):
-    delta = tt.tt_full(cores, tuple(w.shape)) - w
+    delta = tt_full(cores, tuple(w.shape)) - w
     return ((delta @ hessian) * delta).sum()
 
 
@@ -146,10 +147,10 @@ def test_refit_lowers_the_guarded_error_and_stays_exact_at_full_rank():
     cores, metrics = tt.tt_factorize(w, 0.3, 3, hessian, refit_sweeps=2)
     assert metrics["rel_output_error_svd"] == guarded["rel_output_error"]
     assert metrics["rel_output_error"] < 0.95 * guarded["rel_output_error"]
-    got = tt.relative_output_error(tt.tt_full(cores, (96, 61)) - w, w, hessian)
+    got = tt.relative_output_error(tt_full(cores, (96, 61)) - w, w, hessian)
     assert got == pytest.approx(metrics["rel_output_error"], rel=1e-12)
     full = tt.tt_svd(w, tt.balanced_modes(96, 3), tt.balanced_modes(61, 3), 10 ** 6)
-    assert (tt.tt_full(tt.refit_edge_cores(full, w, hessian), (96, 61)) - w).abs().max() < 1e-9
+    assert (tt_full(tt.refit_edge_cores(full, w, hessian), (96, 61)) - w).abs().max() < 1e-9
 
 
 def test_tt_linear_forward_and_bits():
@@ -171,7 +172,7 @@ def test_tt_linear_takes_the_cheaper_path_and_both_are_the_same_function():
     # cores [1, 4, 3, 6], [6, 5, 7, 1]: contracting a row costs 1·1·3·7·4·6 + 4·6·7·1·5·1 = 504 + 840,
     # forming the weight 4·3·6 · 5·7·1 = 2520, a dense row 20·21 = 420.
     shapes = [(1, 4, 3, 6), (6, 5, 7, 1)]
-    assert tt.contraction_macs(shapes) == 1344 and tt.reconstruction_macs(shapes) == 2520
+    assert contraction_macs(shapes) == 1344 and reconstruction_macs(shapes) == 2520
     torch.manual_seed(5)
     w = torch.randn(20, 21, dtype=torch.float64)
     cores = tt.tt_svd(w, [4, 5], [3, 7], rank=6)
@@ -180,7 +181,7 @@ def test_tt_linear_takes_the_cheaper_path_and_both_are_the_same_function():
     assert layer.contracts(1) and layer.contracts(2) and not layer.contracts(3)
     for rows in (1, 64):
         x = torch.randn(rows, 21, dtype=torch.float64)
-        torch.testing.assert_close(layer(x), x @ tt.tt_full(cores, (20, 21)).T, rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer(x), x @ tt_full(cores, (20, 21)).T, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("recipe", ["tt-30", "tt-aware-20", "tt-mixed-30"])
