@@ -143,7 +143,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     )
 
 
-def run_compression(
+def compress(
     model: str | Path,
     recipe: str | Recipe,
     *,
@@ -163,7 +163,19 @@ def run_compression(
     max_memory: int | str | None = None,
     dtype: str = "auto",
 ) -> CompressResult:
-    """The run behind ``llmpress.compress``, whose docstring says what each argument does."""
+    """Compress ``model`` (a folder, ``.gguf`` file, hub id or built-in name) with ``recipe`` (a
+    preset name, YAML file or ``Recipe``) into the folder ``out``; see ``llmpress compress --help``.
+
+    ``calib`` names the calibration text (default ``wiki/train``); a recipe that reads none
+    checks that it exists and says once that it is unused.
+    ``keep_model`` also returns the compressed model in memory (it then stays materialised).
+    ``drop`` removes the recipe's stages of those methods (ablations, e.g. ``["dac"]``).
+    ``max_memory`` (bytes, or a size such as ``"8GB"``; default half the available RAM) bounds the
+    calibration activations held in RAM: streams beyond it are memory-mapped files.
+    ``dtype`` (``auto``, ``float16``, ``bfloat16``, ``float32``) is the storage of every tensor the
+    recipe leaves dense; ``auto`` is the source's own precision (see ``io.models.storage_dtype``).
+    Computation stays fp32.
+    """
     start = time.perf_counter()
     limit_heap_fragmentation()   # before loading and tokenizing: they would fragment the heap first
     distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
