@@ -130,18 +130,18 @@ def test_absorbing_the_column_scale_into_up_proj_leaves_the_mlp_unchanged():
     scaled_down = nn.Linear(96, 32, bias=False)
     scaled_down.weight.data = down.weight.data / c          # W_down = S·diag(c) with S = W_down / c
     expected = down(nn.functional.silu(gate(x)) * up(x))
-    assert absorb_column_scale(up, c, transposed=False)      # a dense up_proj: exact in fp32
+    assert absorb_column_scale(up, c)      # a dense up_proj: exact in fp32
     torch.testing.assert_close(scaled_down(nn.functional.silu(gate(x)) * up(x)), expected, rtol=1e-5, atol=1e-5)
 
     gate, up, down, x = _gated_mlp(1)
     scaled_down.weight.data = down.weight.data / c
     packed_up = QuantLinear.from_quantized(rtn_quantize(up.weight.data, bits=4, group_size=16), up.bias, torch.float32)
     expected = down(nn.functional.silu(gate(x)) * packed_up(x))
-    assert absorb_column_scale(packed_up, c, transposed=False)   # fp16 scales: exact up to their rounding
+    assert absorb_column_scale(packed_up, c)   # fp16 scales: exact up to their rounding
     torch.testing.assert_close(scaled_down(nn.functional.silu(gate(x)) * packed_up(x)), expected, rtol=2e-3, atol=2e-3)
     assert not absorb_column_scale(DualScaleLinear.from_dsq(dsq_quantize(up.weight.data, torch.eye(32), bits=2,
                                                                          group_size=16), None, torch.float32),
-                                   c, transposed=False)
+                                   c)
 
 
 class _Block(nn.Module):
@@ -190,7 +190,7 @@ def test_dac_shift_folds_exactly_into_the_readers_biases():
     packed = QuantLinear.from_quantized(rtn_quantize(lin.weight.data, bits=4, group_size=8), None, torch.float32)
     shift, n = torch.randn(16), torch.randn(5, 16)
     expected = packed(n + shift)
-    fold_shift_into_bias(packed, shift, transposed=False)
+    fold_shift_into_bias(packed, shift)
     assert packed.format_params()["bias"] is True            # the manifest records the new bias
     torch.testing.assert_close(packed(n), expected, rtol=1e-5, atol=1e-5)
 
