@@ -214,7 +214,7 @@ def export(
     overwrite: bool = typer.Option(False, help="Replace an existing llmpress export folder."),
 ) -> None:
     """Write a compressed model in a format other tools load: dequantized dense weights,
-    compressed-tensors `pack-quantized` (transformers, vLLM), or GPTQ (AutoGPTQ v1 layout)."""
+    compressed-tensors `pack-quantized` (transformers, vLLM), or GPTQ (v1; gptq_v2 when asymmetric)."""
     from .io.export import export as run_export
 
     path = run_export(folder, out_dir, fmt, dtype=dtype, overwrite=overwrite)
