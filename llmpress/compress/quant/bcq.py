@@ -15,6 +15,7 @@ init and alternating refinement are Xu et al. 2018's.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -25,7 +26,7 @@ from ...formats.bcq import BCQWeight, apot_value, bcq_dense
 from ...layers import BCQLinear
 from ..factor.knapsack import Option
 from ..stage import Built, StageBase, register
-from .gptq import damped_inverse_cholesky
+from .gptq import damped_inverse_cholesky, solve_columns
 
 
 def apot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,10 +99,39 @@ def fit_bcq(w: torch.Tensor, bits: int, rounds: int = 15, terms: int = 3) -> tor
     return apot_round(alpha, terms)[0]
 
 
-def _layout(out: int, inp: int, col_block: int, row_groups: int) -> tuple[int, int]:
-    if out % row_groups:
-        raise ValueError(f"{out} output rows do not split into {row_groups} row groups")
-    return row_groups, -(-inp // col_block)
+def pattern_index(planes: torch.Tensor) -> torch.Tensor:
+    """The level's index ``Σ_t [b_t = +1]·2^t`` of sign planes ``[..., k]``."""
+    weights = 2 ** torch.arange(planes.shape[-1])
+    return ((planes > 0).to(torch.int64) * weights).sum(-1)
+
+
+@dataclass
+class _BCQGrid:
+    """BCQ as GPTQ's column quantizer (see ``solve_columns``): a block's scales are fitted from its
+    current values when the loop reaches its first column; each column is coded against them."""
+
+    bits: int
+    col_block: int
+    row_groups: int
+    rounds: int
+    terms: int
+    exps: torch.Tensor      # [q, row_groups, col_blocks, terms] int8
+    signs: torch.Tensor     # same shape
+    alpha: torch.Tensor | None = None   # [out, q]: the scales in force
+
+    def round(self, j: int, w: torch.Tensor, Wt: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
+        if j % self.col_block == 0:   # block sizes are multiples of col_block: the slab is in the block
+            i1, W1 = block
+            slab = W1[j - i1:j - i1 + self.col_block].T.reshape(self.row_groups, -1)
+            _, e, s = apot_round(fit_bcq(slab, self.bits, self.rounds, self.terms), self.terms)
+            c = j // self.col_block
+            self.exps[:, :, c], self.signs[:, :, c] = e.permute(1, 0, 2), s.permute(1, 0, 2)
+            self.alpha = apot_value(e, s).to(w.dtype).repeat_interleave(w.shape[0] // self.row_groups, 0)
+        planes = nearest_codes(w.unsqueeze(-1), self.alpha).squeeze(-2)    # [out, q]
+        return pattern_index(planes).to(w.dtype), (planes * self.alpha).sum(-1)
+
+    def bounds(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return -self.alpha.sum(-1), self.alpha.sum(-1)
 
 
 def bcq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, *, bits: int, col_block: int = 8,
@@ -109,46 +139,22 @@ def bcq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, *, bits: in
                  block_size: int = 128) -> BCQWeight:
     """BCQ of ``W [out, in]``: with ``hessian``, inside GPTQ's column loop (error feedback through
     the inverse Hessian's Cholesky factor, lazy blocks); without, data-free (weight objective)."""
-    W = weight.to(torch.float64).clone()
-    out, inp = W.shape
-    row_groups, col_blocks = _layout(out, inp, col_block, row_groups)
-    rows_per = out // row_groups
-    exps = torch.zeros(bits, row_groups, col_blocks, terms, dtype=torch.int8)
-    asigns = torch.zeros_like(exps)
-    signs = torch.zeros(bits, out, inp, dtype=torch.bool)
-    upper = None
-    if hessian is not None:
-        upper = damped_inverse_cholesky(hessian.to(torch.float64), damp)[0]
-    if block_size % col_block:
+    out, inp = weight.shape
+    if out % row_groups:
+        raise ValueError(f"{out} output rows do not split into {row_groups} row groups")
+    exps = torch.zeros(bits, row_groups, -(-inp // col_block), terms, dtype=torch.int8)
+    grid = _BCQGrid(bits, col_block, row_groups, rounds, terms, exps, torch.zeros_like(exps))
+    if hessian is None:   # no error feedback: every column coded as it is
+        Wt = weight.detach().to(torch.float32).T.contiguous()
+        codes = torch.stack([grid.round(j, Wt[j], Wt, (0, Wt))[0] for j in range(inp)], 1)
+        metrics = {}
+    else:
         block_size = col_block * max(1, block_size // col_block)
-    for i1 in range(0, inp, block_size):
-        i2 = min(i1 + block_size, inp)
-        W1 = W[:, i1:i2].clone()
-        errors = torch.zeros_like(W1)
-        for j in range(i2 - i1):
-            col = i1 + j
-            if col % col_block == 0:   # the scales of the block that starts here, from current weights
-                c = col // col_block
-                slab = W1[:, j:j + col_block].reshape(row_groups, rows_per * min(col_block, i2 - col))
-                alpha = fit_bcq(slab, bits, rounds, terms)
-                _, e, s = apot_round(alpha, terms)
-                exps[:, :, c], asigns[:, :, c] = e.permute(1, 0, 2), s.permute(1, 0, 2)
-                group_alpha = apot_value(e, s).repeat_interleave(rows_per, 0)    # [out, q]
-            w = W1[:, j]
-            codes = nearest_codes(w.unsqueeze(-1), group_alpha).squeeze(-2)   # [out, q]
-            signs[:, :, col] = (codes > 0).T
-            value = (codes * group_alpha).sum(-1)
-            if upper is None:
-                W1[:, j] = value
-                continue
-            err = (w - value) / upper[col, col]
-            W1[:, j:] -= err.unsqueeze(1) * upper[col, col:i2].unsqueeze(0)
-            W1[:, j] = value
-            errors[:, j] = err
-        W[:, i1:i2] = W1
-        if upper is not None:
-            W[:, i2:] -= errors @ upper[i1:i2, i2:]
-    return BCQWeight(signs, exps, asigns, col_block)
+        solved = solve_columns(weight, hessian, grid, damp=damp, block_size=block_size)
+        codes, metrics = solved.codes, solved.metrics
+    index = codes.to(torch.int64)
+    signs = torch.stack([(index >> t) & 1 for t in range(bits)]).bool()
+    return BCQWeight(signs, grid.exps, grid.signs, col_block, metrics)
 
 
 # -- the method ------------------------------------------------------------------------------

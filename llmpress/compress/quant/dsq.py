@@ -37,7 +37,7 @@ from ..compressors import dense_proxy, dense_weight
 from ..correction import absorb_column_scale
 from ..hooks import BlockHooks
 from ..stage import UniformQuantStage, register
-from .bcq import nearest_codes
+from .bcq import nearest_codes, pattern_index
 from .gptq import GPTQStage, Residual, gptq_quantize, residual_of, solve_columns
 from .grid import fake_quantize, fit_grid
 
@@ -97,12 +97,6 @@ def fit_dual_scale(w: torch.Tensor, bits: int, rounds: int = 15) -> tuple[torch.
     # into up_proj's fp16 scales neither underflows nor overflows them.
     s = c.log().mean().exp()
     return _fp16(r * s), _fp16(c / s)
-
-
-def pattern_index(planes: torch.Tensor) -> torch.Tensor:
-    """The level's index ``Σ_t [b_t = +1]·2^t`` of sign planes ``[..., k]``."""
-    weights = 2 ** torch.arange(planes.shape[-1])
-    return ((planes > 0).to(torch.int64) * weights).sum(-1)
 
 
 @dataclass
