@@ -28,7 +28,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -268,17 +268,26 @@ def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
     return BlockPlan(assignment, groups)
 
 
-@dataclass
-class BlockIO:
-    """How the pipeline gets a block's weights and hands finished blocks on."""
+class BlockIO(Protocol):
+    """Where the executor gets a block's weights and hands finished blocks on."""
 
-    materialize: Any        # (block, prefix) -> None
-    release: Any            # (block) -> None
-    finished: dict[int, dict[str, Any]]   # block -> {"modules": manifest entries, ...} already done
-    load_finished: Any      # (index, block, prefix, entry) -> None: rebuild a finished block
-    on_block_done: Any      # (index, block, prefix, modules, records, extras) -> None; extras: what block
-                            # hooks emitted (the final norm's correction), kept with the block's state
-    after_capture: Any = None   # () -> None: e.g. free the embeddings, no longer needed
+    finished: dict[int, dict[str, Any]]   # blocks an interrupted run finished: {"modules": ..., ...}
+
+    def after_capture(self) -> None:
+        """The capture is done: the embeddings are no longer needed."""
+
+    def materialize(self, block: nn.Module, prefix: str) -> None:
+        """Load the block's original weights."""
+
+    def release(self, block: nn.Module) -> None:
+        """Free the block's tensors (a streaming run keeps one block in memory)."""
+
+    def load_finished(self, index: int, block: nn.Module, prefix: str) -> None:
+        """Rebuild a finished block from what the interrupted run wrote."""
+
+    def on_block_done(self, index: int, block: nn.Module, prefix: str, modules: dict[str, nn.Module],
+                      records: list[ModuleRecord], extras: dict[str, torch.Tensor]) -> None:
+        """Keep a finished block; ``extras``: what block hooks emitted (the final norm's correction)."""
 
 
 def compress_blocks(
@@ -324,8 +333,7 @@ def compress_blocks(
         if report is not None:
             report(memory.describe())
         hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, on_disk=memory.on_disk[0])
-    if io.after_capture is not None:
-        io.after_capture()
+    io.after_capture()
     release_free_heap()   # the capture's and the tokenizer's leftovers
     records: list[ModuleRecord] = []
     last_data_block = max((i for i, p in enumerate(plans) if p.needs_data), default=-1)
@@ -349,7 +357,7 @@ def compress_blocks(
                 if advance_fp:   # the full-precision stream goes through the original weights
                     io.materialize(block, prefix)
                     record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, [], arena, write_outputs=True)
-                io.load_finished(i, block, prefix, io.finished[i])
+                io.load_finished(i, block, prefix)
                 if need_outputs:
                     run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
                 io.release(block)

@@ -118,8 +118,10 @@ def _save_figure(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def run_summary(out: Path, records: list[ModuleRecord], job, seconds: float,
-             modules: dict[str, dict]) -> dict[str, Any]:
+def run_summary(out: Path, records: list[ModuleRecord], job, rotation, seconds: float, modules: dict[str, dict],
+                notes: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary table; ``notes``: the HARP fit, the allocation and the memory plan, where
+    the run had them."""
     # Total stored bits over total weights: a mean over modules would count a 192-row k_proj (whose
     # act-order g_idx costs 0.17 bits per weight) as much as a 1536-row gate_proj.
     sizes = module_sizes(modules).values()
@@ -131,15 +133,14 @@ def run_summary(out: Path, records: list[ModuleRecord], job, seconds: float,
         "recipe": job.recipe.name,
         "calibration": f"{c['source']} {c['nsamples']}x{c['seqlen']} seed {c['seed']} (hash {c['hash']})"
         if c else "none (data-free)",
-        "rotation": _describe_rotation(job.rotation),
-        **({"HARP fit": job.harp} if job.harp else {}),
-        **({"allocation": job.allocation} if job.allocation else {}),
+        "rotation": _describe_rotation(rotation),
+        **{key: notes[key] for key in ("HARP fit", "allocation") if notes.get(key)},
         **({"ranks (torchrun)": distributed.world_size()} if distributed.active() else {}),
         "compressed modules": len(records),
         "bits per weight (codes+scales+zeros)": round(sum(b for b, _ in sizes) / weights, 4) if weights else None,
         "size on disk (MB)": round(size / 1e6, 2),
         "dense tensors stored as": str(job.dense_dtype).removeprefix("torch."),
-        **({"memory plan": job.memory.removeprefix("memory plan: ")} if job.memory else {}),
+        **({"memory plan": notes["memory plan"]} if "memory plan" in notes else {}),
         "time (s)": round(seconds, 1),
         "peak RSS (MB)": round(peak_rss_mb(), 1),
         "llmpress": __version__,

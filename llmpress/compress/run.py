@@ -15,18 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, RecipeError
-from ..io.checkpoint import (
-    RunState,
-    build_module,
-    module_manifest,
-    prepare_output,
-    save_tensors_atomic,
-    shard_name,
-    write_manifest,
-)
+from ..io.checkpoint import RunFolder, prepare_output, save_tensors_atomic
 from ..io.models import (
     LazyWeights,
-    cast_dense,
     empty_model,
     linearize,
     load_config,
@@ -42,7 +33,7 @@ from ..version import __version__
 from . import distributed
 from .arch import arch_for
 from .calibration import DEFAULT_CALIBRATION, calibration_windows, text_fingerprint
-from .pipeline import BlockIO, ModuleRecord, compress_blocks, limit_heap_fragmentation, peak_rss_mb
+from .pipeline import ModuleRecord, compress_blocks, limit_heap_fragmentation, peak_rss_mb
 from .recipe import Recipe, customize_recipe, load_recipe
 from .report import run_summary, write_report
 from .rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
@@ -66,7 +57,7 @@ def _fingerprint(model_spec: str, config, recipe: Recipe, calib_hash: str | None
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Job:
     """Everything a compression run needs, checked before the output folder is touched."""
 
@@ -84,10 +75,7 @@ class _Job:
     rest_names: list[str]
     streaming: bool
     dense_dtype: torch.dtype   # storage of the tensors the recipe leaves dense
-    rotation: ResidualRotation | None = None
-    harp: dict[str, Any] | None = None   # the HARP fit's summary, when one ran
-    allocation: dict[str, Any] | None = None   # the allocator's summary, when the recipe has one
-    memory: str | None = None   # the memory plan's line, when the run calibrates
+    rotation: ResidualRotation | None = None   # HARP's starts as the RHT it is fitted from
 
 
 def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop=None,
@@ -193,140 +181,133 @@ def compress(
                     trust_remote_code=trust_remote_code, max_memory=memory_budget)
     except BaseException:
         # A run that failed before finishing any block leaves nothing worth resuming.
-        if main and fresh and not RunState.finished_blocks(job.out):
+        if main and fresh and not RunFolder.finished_blocks(job.out):
             shutil.rmtree(job.out, ignore_errors=True)
         raise
 
 
 def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model: bool,
          trust_remote_code: bool, max_memory: int | None = None) -> CompressResult:
-    out, store, arch = job.out, job.store, arch_for(job.skeleton)
-    n_blocks = len(job.skeleton.get_submodule(arch.blocks))
-    total_shards = n_blocks + 1
-    state = RunState.load(out, job.fingerprint, total_shards)   # refuses another run's folder
-    if job.recipe.rotation is not None and job.recipe.rotation.method == "harp":
-        job.rotation = _harp_rotation(job, progress=progress, trust_remote_code=trust_remote_code)
-    if job.recipe.allocator is not None:
-        _allocate(job, progress=progress, trust_remote_code=trust_remote_code)
-    rotation = job.rotation
-    rotate_rest = rotation.rotate_rest if rotation is not None else (lambda tensors: tensors)
-    after_capture = None
-    if job.streaming:
-        model_obj = job.skeleton
-        # The head is read only when the model is kept: calibration stops before it (saves its
-        # vocabulary x hidden fp32 copy, 2 GB on an 8B model).
-        first = [n for n in job.rest_names if keep_model or job.rotation is not None or not n.startswith(arch.head + ".")]
-        model_obj.load_state_dict(rotate_rest(store.read(first)), assign=True, strict=False)
-        tie_output_embeddings(model_obj)
-        rest = None   # read again when the last shard is written
-        if rotation is None:
-            materialize = store.materialize
-        else:
-            def materialize(block: nn.Module, prefix: str) -> None:
-                rotation.unwrap(block)   # the source checkpoint's layout
-                store.materialize(block, prefix)
-                rotation.rotate_block(block)
-        release = (lambda block: None) if keep_model else store.release
-        if not keep_model:
-            def after_capture(model: nn.Module = model_obj) -> None:
-                for name in (*arch.embeddings, arch.head):   # the final norm stays: a correction reads it
-                    store.release(model.get_submodule(name))
-    else:
-        # Key names differ from the skeleton's (old layouts transformers renames on load):
-        # fall back to holding the whole model in memory.
-        model_obj = _load_linear(job.folder, trust_remote_code)
-        rest = _rotate_in_memory(model_obj, rotation, arch, job.rest_names)
-        materialize = release = lambda *a: None
-
+    arch = arch_for(job.skeleton)
     main = distributed.is_main()   # only rank 0 writes; every rank keeps the same state in memory
-    if main:
-        state.save()
-    resumed_records: list[ModuleRecord] = []
-    for entry in state.finished.values():
-        resumed_records += [ModuleRecord(**r) for r in entry["records"]]
-
-    def load_finished(index: int, block: nn.Module, prefix: str, entry: dict) -> None:
-        if rotation is not None:
-            rotation.wrap(block)
-        for name, spec in entry["modules"].items():
-            block.set_submodule(name, build_module(f"{prefix}.{name}", spec, torch.float32))
-        shard = shard_name(index, total_shards)
-        LazyWeights(out, weight_map={f"{prefix}.{k}": shard for k in block.state_dict()}).materialize(block, prefix)
-
-
-    def on_block_done(index: int, block: nn.Module, prefix: str, modules: dict, records: list, extras: dict) -> None:
-        state.finished[index] = {
-            "modules": {name: module_manifest(m) for name, m in modules.items()},
-            "records": [r.__dict__ for r in records],
-            **{key: value.tolist() for key, value in extras.items()},   # the final norm's correction
-        }
-        if main:
-            tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
-            compressed = tuple(f"{prefix}.{name}." for name in modules)   # their formats fix their dtypes
-            tensors = cast_dense(tensors, job.dense_dtype, keep=lambda key: key.startswith(compressed))
-            save_tensors_atomic(tensors, out / shard_name(index, total_shards))
-            state.save()
-
-    io = BlockIO(materialize=materialize, release=release, finished=state.finished,
-                 load_finished=load_finished, on_block_done=on_block_done, after_capture=after_capture)
-    block_arch = rotation.compress_arch() if rotation is not None else arch
-    windows = distributed.local_slice(job.windows) if job.windows is not None else None
+    folder = RunFolder.load(job.out, job.fingerprint, len(job.skeleton.get_submodule(arch.blocks)), job.dense_dtype,
+                            writes=main)   # refuses another run's folder
+    notes: dict[str, Any] = {}   # what the summary says about the transforms, allocation and memory
+    recipe, rotation = job.recipe, job.rotation
+    if recipe.rotation is not None and recipe.rotation.method == "harp":
+        rotation, notes["HARP fit"] = _harp_rotation(job, progress=progress, trust_remote_code=trust_remote_code)
+    if recipe.allocator is not None:
+        recipe, notes["allocation"] = _allocate(job, rotation, progress=progress, trust_remote_code=trust_remote_code)
+    source = _BlockSource(job, rotation, folder, keep_model=keep_model, trust_remote_code=trust_remote_code)
+    folder.save()
+    resumed = [ModuleRecord(**r) for entry in folder.finished.values() for r in entry["records"]]
 
     def report(line: str) -> None:
-        job.memory = line
+        notes["memory plan"] = line.removeprefix("memory plan: ")
         if progress:
             note(line)
 
-    records = compress_blocks(model_obj, block_arch, job.recipe, windows, io, batch_size=batch_size,
-                              progress=progress, max_memory=max_memory, report=report)
-    records = sorted(resumed_records + records, key=lambda r: (r.block, r.name))
-    kept_model = model_obj.eval() if keep_model else None
-    del model_obj
+    windows = distributed.local_slice(job.windows) if job.windows is not None else None
+    records = compress_blocks(source.model, rotation.compress_arch() if rotation is not None else arch, recipe,
+                              windows, source, batch_size=batch_size, progress=progress, max_memory=max_memory,
+                              report=report)
+    records = sorted(resumed + records, key=lambda r: (r.block, r.name))
+    kept_model = source.model.eval() if keep_model else None
+    rest = source.rest_tensors() if main else None
+    del source
     if not main:   # rank 0 writes the rest; the others wait until the folder is complete
         distributed.barrier()
-        return CompressResult(out=out, records=records, seconds=time.perf_counter() - start,
+        return CompressResult(out=job.out, records=records, seconds=time.perf_counter() - start,
                               peak_rss_mb=peak_rss_mb(), model=kept_model)
 
-    if rest is None:   # unrotated, the tensors go back as they were stored
-        rest = rotate_rest(store.read(job.rest_names)) if rotation is not None else store.read(job.rest_names, native=True)
-    head_transform = _add_head_bias(rest, state, arch, job.skeleton, kept_model)
-    rest = cast_dense(rest, job.dense_dtype)
-    save_tensors_atomic(rest, out / shard_name(n_blocks, total_shards))
-    weight_map = {n: shard_name(n_blocks, total_shards) for n in rest}
-    modules: dict[str, dict] = {}
-    for index in range(n_blocks):
-        prefix = f"{arch.blocks}.{index}"
-        modules.update({f"{prefix}.{name}": spec for name, spec in state.finished[index]["modules"].items()})
-        weight_map.update({k: shard_name(index, total_shards) for k in _shard_keys(out / shard_name(index, total_shards))})
-
-    job.tokenizer.save_pretrained(out)
+    head_transform = _add_head_bias(rest, folder, arch, job.skeleton, kept_model)
+    modules = folder.write_rest(rest, arch.blocks)
+    job.tokenizer.save_pretrained(job.out)
     if (job.folder / "generation_config.json").exists():
-        shutil.copy(job.folder / "generation_config.json", out / "generation_config.json")
-    (out / "llmpress-recipe.yaml").write_text(job.recipe.to_yaml(), encoding="utf-8")
+        shutil.copy(job.folder / "generation_config.json", job.out / "generation_config.json")
+    (job.out / "llmpress-recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     seconds = time.perf_counter() - start
-    summary = run_summary(out, records, job, seconds, modules)
-    write_report(out, records, summary)
-    extra = {
-        "transforms": ([rotation.manifest(n_blocks)] if rotation is not None else []) + head_transform,
-        "recipe": job.recipe.model_dump(mode="json"),
+    summary = run_summary(job.out, records, job, rotation, seconds, modules, notes)
+    write_report(job.out, records, summary)
+    folder.write_manifest(job.config, modules, {
+        "transforms": ([rotation.manifest(folder.n_blocks)] if rotation is not None else []) + head_transform,
+        "recipe": recipe.model_dump(mode="json"),
         "calibration": job.calib,
         "base_model": job.model_spec,
         "fingerprint": job.fingerprint,
-        "dense_dtype": str(job.dense_dtype).removeprefix("torch."),
-    }
-    job.config.dtype = job.dense_dtype   # what the folder's dense tensors are stored in
-    write_manifest(out, job.config, modules, extra, weight_map)
+    })
     distributed.barrier()
-    return CompressResult(out=out, records=records, seconds=seconds, peak_rss_mb=peak_rss_mb(), summary=summary,
+    return CompressResult(out=job.out, records=records, seconds=seconds, peak_rss_mb=peak_rss_mb(), summary=summary,
                           model=kept_model)
 
 
-def _add_head_bias(rest: dict[str, torch.Tensor], state: RunState, arch, skeleton: nn.Module,
+class _BlockSource:
+    """The run's ``BlockIO``: the source weights, streamed block by block from the checkpoint and
+    rotated as they arrive (or held whole where its key names differ from the model's: old layouts
+    transformers renames on load); finished blocks go to the output folder."""
+
+    def __init__(self, job: _Job, rotation: ResidualRotation | None, folder: RunFolder, *, keep_model: bool,
+                 trust_remote_code: bool):
+        self.job, self.rotation, self.folder, self.keep_model = job, rotation, folder, keep_model
+        self.finished, self.arch, self.rest = folder.finished, arch_for(job.skeleton), None
+        if job.streaming:
+            # The head is read only when the model is kept: calibration stops before it (saves its
+            # vocabulary x hidden fp32 copy, 2 GB on an 8B model).
+            first = [n for n in job.rest_names
+                     if keep_model or rotation is not None or not n.startswith(self.arch.head + ".")]
+            self.model = job.skeleton
+            self.model.load_state_dict(self._rotate_rest(job.store.read(first)), assign=True, strict=False)
+            tie_output_embeddings(self.model)
+        else:
+            self.model = _load_linear(job.folder, trust_remote_code)
+            self.rest = _rotate_in_memory(self.model, rotation, self.arch, job.rest_names)
+
+    def _rotate_rest(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.rotation.rotate_rest(tensors) if self.rotation is not None else tensors
+
+    def after_capture(self) -> None:
+        if self.job.streaming and not self.keep_model:
+            for name in (*self.arch.embeddings, self.arch.head):   # the final norm stays: a correction reads it
+                self.job.store.release(self.model.get_submodule(name))
+
+    def materialize(self, block: nn.Module, prefix: str) -> None:
+        if not self.job.streaming:
+            return
+        if self.rotation is not None:
+            self.rotation.unwrap(block)   # the source checkpoint's layout
+        self.job.store.materialize(block, prefix)
+        if self.rotation is not None:
+            self.rotation.rotate_block(block)
+
+    def release(self, block: nn.Module) -> None:
+        if self.job.streaming and not self.keep_model:
+            self.job.store.release(block)
+
+    def load_finished(self, index: int, block: nn.Module, prefix: str) -> None:
+        if self.rotation is not None:
+            self.rotation.wrap(block)
+        self.folder.read_block(index, block, prefix)
+
+    def on_block_done(self, index: int, block: nn.Module, prefix: str, modules: dict[str, nn.Module],
+                      records: list[ModuleRecord], extras: dict[str, torch.Tensor]) -> None:
+        self.folder.write_block(index, block, prefix, modules, {
+            "records": [r.__dict__ for r in records], **{key: value.tolist() for key, value in extras.items()}})
+
+    def rest_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors outside the blocks, as saved (unrotated, read as they were stored)."""
+        if self.rest is not None:
+            return self.rest
+        if self.rotation is not None:
+            return self.rotation.rotate_rest(self.job.store.read(self.job.rest_names))
+        return self.job.store.read(self.job.rest_names, native=True)
+
+
+def _add_head_bias(rest: dict[str, torch.Tensor], folder: RunFolder, arch, skeleton: nn.Module,
                    kept_model: nn.Module | None) -> list[dict]:
     """Fold the final norm's correction ``μ`` into the head: ``W(n + μ) = Wn + Wμ`` as a head bias
     (added to ``rest``, and to the kept model); returns the manifest transform that tells the loader
     to give a bias-less head one."""
-    shift = next((e["final_shift"] for e in state.finished.values() if "final_shift" in e), None)
+    shift = next((e["final_shift"] for e in folder.finished.values() if "final_shift" in e), None)
     if shift is None:
         return []
     mu = torch.tensor(shift, dtype=torch.float32)
@@ -388,12 +369,12 @@ def read_harp_rotation(source: str | Path, width: int) -> torch.Tensor:
     return q
 
 
-def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> ResidualRotation:
-    """Fit HARP's residual rotation (or, on ``--resume``, read the one fitted before: a refit
-    need not be bit-identical, and the finished blocks were rotated with the first)."""
+def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> tuple[ResidualRotation, dict | None]:
+    """HARP's residual rotation and what the summary says of its fit: fitted, reused from an earlier
+    run, or on ``--resume`` read from this folder (a refit need not be bit-identical, and the
+    finished blocks were rotated with the first)."""
     from safetensors.torch import load_file
 
-    from ..io.checkpoint import save_tensors_atomic
     from .report import plot_harp
     from .rotate.fuse import mean_preserving
     from .rotate.harp import collect_proxy_terms, fit_harp
@@ -401,12 +382,10 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> Res
     stage, base, arch = job.recipe.rotation, job.rotation, job.rotation.arch
     path = job.out / HARP_FILE
     if path.exists():
-        q = load_file(str(path))["q"].to(torch.float64)
-        return replace(base, q=q, method="harp")
+        return replace(base, q=load_file(str(path))["q"].to(torch.float64), method="harp"), None
     if stage.reuse is not None:   # read and checked by _prepare
         save_tensors_atomic({"q": base.q}, path)
-        job.harp = {"reused from": str(Path(stage.reuse).expanduser())}
-        return base
+        return base, {"reused from": str(Path(stage.reuse).expanduser())}
     bits, group_size, sym = job.recipe.harp_grid()
     with Status(progress) as status:
         status("HARP statistics: dense forward on the calibration windows")
@@ -419,18 +398,20 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> Res
     q = mean_preserving(result.q) if arch.rotation.norm_kind == "layer" else result.q
     save_tensors_atomic({"q": q}, path)
     plot_harp(result.history, job.out / "llmpress-harp.png")
-    job.harp = {"steps": stage.steps, "seconds": round(result.seconds, 1), "proxy start": round(result.initial, 6),
-                "proxy end": round(result.final, 6)}
-    return replace(base, q=q, method="harp")
+    return replace(base, q=q, method="harp"), {
+        "steps": stage.steps, "seconds": round(result.seconds, 1), "proxy start": round(result.initial, 6),
+        "proxy end": round(result.final, 6)}
 
 
 ALLOCATION_FILE = "llmpress-allocation.json"
 
 
-def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
-    """Profile every selected linear, solve the knapsack, and write the plan into the recipe's
-    allocator stage (each module's chosen settings as ``overrides``; dense layers ``ignore``d). The
-    plan is saved in the output folder first, so ``--resume`` reuses it instead of profiling again."""
+def _allocate(job: _Job, rotation: ResidualRotation | None, *, progress: bool,
+              trust_remote_code: bool) -> tuple[Recipe, dict[str, Any]]:
+    """Profile every selected linear (of the ``rotation``-rotated model), solve the knapsack, and
+    return the recipe with the plan written into its allocator stage (each module's chosen settings
+    as ``overrides``; dense layers ``ignore``d) and the plan's summary. The plan is saved in the
+    output folder first, so ``--resume`` reuses it instead of profiling again."""
     import re
     from collections import Counter
 
@@ -444,17 +425,18 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             choice = {str(n): None if c is None else Option(**c) for n, c in saved["choice"].items()}
-            job.allocation = dict(saved["summary"])
+            summary = dict(saved["summary"])
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ModelLoadError(f"{path} is damaged; delete it (or the folder) and run again") from None
     else:
         start = time.perf_counter()
-        tables, dense_bits, value_bits = _profile(job, stage, progress=progress, trust_remote_code=trust_remote_code)
+        tables, dense_bits, value_bits = _profile(job, stage, rotation, progress=progress,
+                                                  trust_remote_code=trust_remote_code)
         target = stage.removed_target(value_bits)
         plan = allocate_layers(tables, dense_bits, target, stage.buckets, stage.safety_cap, stage.keep_dense)
         choice = plan.choice
         kinds = Counter(_option_kind(c) for c in choice.values())
-        job.allocation = {
+        summary = {
             "target removed": round(target, 4), "removed (stored bits)": round(plan.removed, 4),
             "bits per weight": round(plan.stored_bits / (plan.dense_bits / value_bits), 4),
             "layers": dict(sorted(kinds.items())),
@@ -464,7 +446,7 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
         }
         if distributed.is_main():
             atomic_write_text(path, json.dumps({
-                "summary": job.allocation,
+                "summary": summary,
                 "choice": {n: None if c is None else c.__dict__ for n, c in choice.items()},
             }, indent=1))
             plot_allocation({n: 0.0 if c is None else c.removed for n, c in choice.items()}, target,
@@ -476,7 +458,9 @@ def _allocate(job: _Job, *, progress: bool, trust_remote_code: bool) -> None:
             ignore.append(pattern)
         else:
             overrides[pattern] = dict(c.settings)
-    job.recipe.stages[index] = stage.model_copy(update={"overrides": overrides, "ignore": ignore})
+    stages = list(job.recipe.stages)
+    stages[index] = stage.model_copy(update={"overrides": overrides, "ignore": ignore})
+    return job.recipe.model_copy(update={"stages": stages}), summary
 
 
 def _heuristic_agreement(tables) -> dict[str, float]:
@@ -508,7 +492,7 @@ def _option_kind(option) -> str:
     return "sparse coefficients" if settings.get("nnz") is not None else "low rank"
 
 
-def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
+def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: bool, trust_remote_code: bool):
     """``(options, dense bits)`` per selected linear, and the value width they were sized with.
     They depend on the model, the calibration windows and the stage's option grid, not on the
     target, so they are cached (under ``cache_dir()/profiles``) and a second budget on the same
@@ -519,10 +503,10 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
     from .stage import method_of
 
     grid = stage.model_dump(exclude={"target", "average_bits", "buckets", "safety_cap", "overrides"})
-    rotation = job.recipe.rotation.model_dump(mode="json") if job.recipe.rotation is not None else None
+    rotation_stage = job.recipe.rotation.model_dump(mode="json") if job.recipe.rotation is not None else None
     key = hashlib.sha256(json.dumps({
         "model": str(job.folder), "config": job.config.to_dict(), "calibration": job.calib, "stage": grid,
-        "rotation": rotation, "version": __version__,
+        "rotation": rotation_stage, "version": __version__,
     }, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir() / "profiles" / f"{stage.method}-{key}.json"
     if path.exists():
@@ -535,9 +519,9 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
             pass   # a damaged cache entry: profile again and replace it
     model = _load_linear(job.folder, trust_remote_code)
     arch = arch_for(model)
-    if job.rotation is not None:   # score the layers the pipeline will compress: rotated, names as it sees them
-        _rotate_in_memory(model, job.rotation, arch, job.rest_names)
-        arch = job.rotation.compress_arch()
+    if rotation is not None:   # score the layers the pipeline will compress: rotated, names as it sees them
+        _rotate_in_memory(model, rotation, arch, job.rest_names)
+        arch = rotation.compress_arch()
     value_bits = torch.finfo(next(model.parameters()).dtype).bits
     dense_bits: dict[str, int] = {}
     options_of = method_of(stage).profile
@@ -554,13 +538,6 @@ def _profile(job: _Job, stage, *, progress: bool, trust_remote_code: bool):
         atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},
                                             "dense_bits": dense_bits, "value_bits": value_bits}))
     return tables, dense_bits, value_bits
-
-
-def _shard_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
 
 
 def parse_size(size: int | str | None) -> int | None:

@@ -30,7 +30,7 @@ from ..layers import LAYER_FORMATS, CompressedLinear, OnlineHadamard
 from ..layers.online_hadamard import input_width
 from ..paths import atomic_write_text
 from ..version import __version__
-from .models import LazyWeights, empty_model, linearize, load_config, tie_output_embeddings
+from .models import LazyWeights, cast_dense, empty_model, linearize, load_config, tie_output_embeddings
 
 FORMAT_VERSION = 1
 STATE_FILE = "llmpress-state.json"
@@ -86,16 +86,23 @@ def prepare_output(folder: Path, *, overwrite: bool, resume: bool) -> None:
         raise OutputError(f"cannot write to {folder}: {e.strerror or e}") from None
 
 
-class RunState:
-    """What a run has finished, persisted after every block."""
+class RunFolder:
+    """One run's output folder as it is written: a shard per finished block with the run state
+    (the resume point), then the tensors outside the blocks, the index and, last, the manifest.
+    ``writes`` is False on the ranks of a distributed run that only keep the state in memory."""
 
-    def __init__(self, folder: Path, fingerprint: str, total_shards: int):
-        self.folder, self.fingerprint, self.total_shards = folder, fingerprint, total_shards
-        self.finished: dict[int, dict[str, Any]] = {}   # block -> {"modules": ..., "metrics": [...]}
+    def __init__(self, folder: Path, fingerprint: str, n_blocks: int, dense_dtype: torch.dtype = torch.float32,
+                 writes: bool = True):
+        self.folder, self.fingerprint, self.n_blocks = folder, fingerprint, n_blocks
+        self.dense_dtype, self.writes = dense_dtype, writes   # the storage of the tensors left dense
+        self.finished: dict[int, dict[str, Any]] = {}   # block -> {"modules": ..., "records": [...]}
+        self.weight_map: dict[str, str] = {}
 
     @classmethod
-    def load(cls, folder: Path, fingerprint: str, total_shards: int) -> RunState:
-        state = cls(folder, fingerprint, total_shards)
+    def load(cls, folder: Path, fingerprint: str, n_blocks: int, dense_dtype: torch.dtype = torch.float32,
+             writes: bool = True) -> RunFolder:
+        """The folder's state; refuses a folder another run started."""
+        state = cls(folder, fingerprint, n_blocks, dense_dtype, writes)
         path = folder / STATE_FILE
         if not path.exists():
             return state
@@ -105,11 +112,9 @@ class RunState:
                 f"{folder} was started with another model, recipe, calibration or llmpress version; "
                 "use --overwrite to start again"
             )
-        state.finished = {int(k): v for k, v in data.get("finished", {}).items()}
+        finished = {int(k): v for k, v in data.get("finished", {}).items()}
         # A shard listed as finished must exist; otherwise redo that block.
-        state.finished = {
-            i: v for i, v in state.finished.items() if (folder / shard_name(i, total_shards)).exists()
-        }
+        state.finished = {i: v for i, v in finished.items() if state.shard(i).exists()}
         return state
 
     @staticmethod
@@ -120,10 +125,58 @@ class RunState:
         except (OSError, json.JSONDecodeError):
             return 0
 
+    def shard(self, index: int) -> Path:
+        """Block ``index``'s shard; ``n_blocks`` is the rest's."""
+        return self.folder / shard_name(index, self.n_blocks + 1)
+
     def save(self) -> None:
+        if not self.writes:
+            return
         data = {"fingerprint": self.fingerprint, "llmpress_version": __version__,
                 "finished": {str(k): v for k, v in sorted(self.finished.items())}}
         atomic_write_text(self.folder / STATE_FILE, json.dumps(data, indent=1))
+
+    def write_block(self, index: int, block: nn.Module, prefix: str, modules: dict[str, nn.Module],
+                    entry: dict[str, Any]) -> None:
+        """Block ``index`` is finished: its shard (dense tensors in ``dense_dtype``, compressed
+        modules in their formats' dtypes), then the state that records it with ``entry``."""
+        self.finished[index] = {"modules": {name: module_manifest(m) for name, m in modules.items()}, **entry}
+        if self.writes:
+            compressed = tuple(f"{prefix}.{name}." for name in modules)
+            tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+            tensors = cast_dense(tensors, self.dense_dtype, keep=lambda key: key.startswith(compressed))
+            save_tensors_atomic(tensors, self.shard(index))
+            self.save()
+
+    def read_block(self, index: int, block: nn.Module, prefix: str) -> None:
+        """Rebuild finished block ``index`` in ``block`` from its shard (a resumed run)."""
+        for name, spec in self.finished[index]["modules"].items():
+            block.set_submodule(name, build_module(f"{prefix}.{name}", spec, torch.float32))
+        shard = self.shard(index).name
+        LazyWeights(self.folder, weight_map=dict.fromkeys((f"{prefix}.{k}" for k in block.state_dict()), shard)
+                    ).materialize(block, prefix)
+
+    def write_rest(self, rest: dict[str, torch.Tensor], blocks: str) -> dict[str, dict[str, Any]]:
+        """The tensors outside the blocks, as the last shard; returns every compressed module's
+        manifest entry (``blocks``: the blocks' module path)."""
+        from safetensors import safe_open
+
+        rest = cast_dense(rest, self.dense_dtype)
+        save_tensors_atomic(rest, self.shard(self.n_blocks))
+        self.weight_map = dict.fromkeys(rest, self.shard(self.n_blocks).name)
+        modules: dict[str, dict[str, Any]] = {}
+        for index in range(self.n_blocks):
+            prefix = f"{blocks}.{index}"
+            modules.update({f"{prefix}.{name}": spec for name, spec in self.finished[index]["modules"].items()})
+            with safe_open(str(self.shard(index)), framework="pt") as f:
+                self.weight_map.update(dict.fromkeys(f.keys(), self.shard(index).name))
+        return modules
+
+    def write_manifest(self, config, modules: dict[str, dict[str, Any]], extra: dict[str, Any]) -> None:
+        """The index and, last of all, ``config.json`` with the manifest: the run is complete."""
+        config.dtype = self.dense_dtype
+        write_manifest(self.folder, config, modules, {**extra, "dense_dtype": str(self.dense_dtype).removeprefix("torch.")},
+                       self.weight_map)
 
 
 def module_manifest(module: nn.Module) -> dict[str, Any]:
