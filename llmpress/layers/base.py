@@ -35,14 +35,22 @@ class CompressedLinear(nn.Module, ABC):
         if "format_name" in cls.__dict__:
             CompressedLinear.formats[cls.format_name] = cls
 
-    @abstractmethod
+    format_keys: ClassVar[tuple[str, ...]]   # the constructor's arguments, as the manifest records them
+
     def format_params(self) -> dict[str, Any]:
-        """What the manifest records to rebuild this module before its tensors are loaded."""
+        """What the manifest records to rebuild this module before its tensors are loaded (a
+        buffer's entry says whether the module has it)."""
+        return {key: self._buffers[key] is not None if key in self._buffers else getattr(self, key)
+                for key in self.format_keys}
 
     @classmethod
-    @abstractmethod
     def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> CompressedLinear:
         """The module with its tensors on the meta device, from ``format_params()``."""
+        args = {key: params[key] for key in cls.format_keys}
+        if not all(isinstance(v, int | None) or isinstance(v, list) and all(isinstance(i, int) for i in v)
+                   for v in args.values()):
+            raise ValueError("parameters must be integers, flags or lists of integers")
+        return cls(args.pop("in_features"), args.pop("out_features"), **args, dtype=dtype, device="meta")
 
     @abstractmethod
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

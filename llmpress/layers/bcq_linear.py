@@ -34,6 +34,7 @@ def triton_lut_ready() -> bool:
 
 class BCQLinear(CompressedLinear):
     format_name = "bcq"
+    format_keys = ("in_features", "out_features", "bits", "col_block", "row_groups", "terms", "bias")
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, col_block: int, row_groups: int,
                  terms: int, bias: bool, dtype: torch.dtype = torch.float32,
@@ -64,17 +65,6 @@ class BCQLinear(CompressedLinear):
         if bias is not None:
             layer.bias.copy_(bias.detach().to(dtype))
         return layer
-
-    def format_params(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
-                "col_block": self.col_block, "row_groups": self.row_groups, "terms": self.terms,
-                "bias": self.bias is not None}
-
-    @classmethod
-    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> BCQLinear:
-        return cls(int(params["in_features"]), int(params["out_features"]), bits=int(params["bits"]),
-                   col_block=int(params["col_block"]), row_groups=int(params["row_groups"]),
-                   terms=int(params["terms"]), bias=bool(params["bias"]), dtype=dtype, device="meta")
 
     def signs(self) -> torch.Tensor:
         """``[q, out, in]`` bool, True where the bit-plane holds +1."""

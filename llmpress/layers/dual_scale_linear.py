@@ -28,6 +28,7 @@ from .bcq_linear import LUT_MAX_TOKENS, triton_lut_ready
 
 class DualScaleLinear(CompressedLinear):
     format_name = "dual-scale"
+    format_keys = ("in_features", "out_features", "bits", "group_size", "bias", "column_scale")
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, bias: bool,
                  column_scale: bool, dtype: torch.dtype = torch.float32,
@@ -62,17 +63,6 @@ class DualScaleLinear(CompressedLinear):
         c = self.column_scale.to(torch.float32)
         self.column_scale = None
         return c
-
-    def format_params(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
-                "group_size": self.group_size, "bias": self.bias is not None,
-                "column_scale": self.column_scale is not None}
-
-    @classmethod
-    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> DualScaleLinear:
-        return cls(int(params["in_features"]), int(params["out_features"]), bits=int(params["bits"]),
-                   group_size=int(params["group_size"]), bias=bool(params["bias"]),
-                   column_scale=bool(params["column_scale"]), dtype=dtype, device="meta")
 
     def signs(self) -> torch.Tensor:
         """``[k, out, in]`` bool, True where the bit-plane holds +1."""

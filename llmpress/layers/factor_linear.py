@@ -24,6 +24,7 @@ from .base import CompressedLinear, Layout
 
 class FactorLinear(CompressedLinear):
     format_name = "factor"
+    format_keys = ("in_features", "out_features", "rank", "nnz", "bias")
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, nnz: int | None, bias: bool,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -61,16 +62,6 @@ class FactorLinear(CompressedLinear):
         if bias is not None:
             layer.bias.copy_(bias.detach().to(dtype))
         return layer
-
-    def format_params(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
-                "nnz": self.nnz, "bias": self.bias is not None}
-
-    @classmethod
-    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> FactorLinear:
-        nnz = params["nnz"]
-        return cls(int(params["in_features"]), int(params["out_features"]), rank=int(params["rank"]),
-                   nnz=None if nnz is None else int(nnz), bias=bool(params["bias"]), dtype=dtype, device="meta")
 
     # -- use ----------------------------------------------------------------------------------
     def coefficients(self, dtype: torch.dtype | None = None) -> torch.Tensor:

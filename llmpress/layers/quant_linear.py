@@ -25,6 +25,7 @@ from .base import CompressedLinear, Layout
 
 class QuantLinear(CompressedLinear):
     format_name = "uniform"
+    format_keys = ("in_features", "out_features", "bits", "group_size", "sym", "bias", "has_g_idx")
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class QuantLinear(CompressedLinear):
         self.register_buffer("scales", torch.zeros(out_features, self.n_groups, dtype=torch.float16, **kw))
         self.register_buffer("qzeros", torch.zeros(out_features, packed_words(self.n_groups, bits), dtype=torch.int32, **kw))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw) if has_g_idx else None)
+        self.has_g_idx = has_g_idx
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.compute_dtype = dtype
         self._int4_reason: str | None = None      # caches of the CPU int4 path (kernels/dispatch)
@@ -71,22 +73,6 @@ class QuantLinear(CompressedLinear):
         if bias is not None:
             layer.bias.copy_(bias.detach().to(dtype))
         return layer
-
-    def format_params(self) -> dict[str, Any]:
-        """What the manifest records to rebuild this module before its tensors are loaded."""
-        return {
-            "in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
-            "group_size": self.group_size, "sym": self.sym, "bias": self.bias is not None,
-            "has_g_idx": self.g_idx is not None,
-        }
-
-    @classmethod
-    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> QuantLinear:
-        return cls(
-            int(params["in_features"]), int(params["out_features"]), bits=int(params["bits"]),
-            group_size=int(params["group_size"]), sym=bool(params["sym"]), bias=bool(params["bias"]),
-            has_g_idx=bool(params["has_g_idx"]), dtype=dtype, device="meta",
-        )
 
     # -- use ----------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

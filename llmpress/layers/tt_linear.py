@@ -24,6 +24,7 @@ from .base import CompressedLinear, Layout
 
 class TTLinear(CompressedLinear):
     format_name = "tt"
+    format_keys = ("in_features", "out_features", "out_modes", "in_modes", "ranks", "bias")
 
     def __init__(self, in_features: int, out_features: int, *, out_modes: list[int], in_modes: list[int],
                  ranks: list[int], bias: bool, dtype: torch.dtype = torch.float32,
@@ -58,16 +59,6 @@ class TTLinear(CompressedLinear):
         if bias is not None:
             layer.bias.copy_(bias.detach().to(dtype))
         return layer
-
-    def format_params(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "out_modes": self.out_modes,
-                "in_modes": self.in_modes, "ranks": self.ranks, "bias": self.bias is not None}
-
-    @classmethod
-    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> TTLinear:
-        ints = {k: [int(v) for v in params[k]] for k in ("out_modes", "in_modes", "ranks")}
-        return cls(int(params["in_features"]), int(params["out_features"]), **ints, bias=bool(params["bias"]),
-                   dtype=dtype, device="meta")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``[out, in]`` weight the cores represent (for calibration and export)."""
