@@ -6,7 +6,7 @@ again: the head bias (the final-norm shift), the gate/up biases (the MLP-input s
 Taking a bias out leaves the weights that were calibrated with it in place, so those rows say what
 the bias itself does on held-out text; the no-DAC compression says what DAC does to the whole run.
 
-    python bench/dac_ablate.py 2 --seeds 0 1     # protocol of the benchmark: 128x512, ppl 2048x40
+    python bench/notes/dac_ablate.py 2 --seeds 0 1     # protocol of the benchmark: 128x512, ppl 2048x40
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 import llmpress
 
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(__file__).resolve().parents[1] / "out"   # bench/out, beside the suites' folders
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ Written when issue #2's 1.3 GB bar was missed in some runs of the same command a
 Linux only. Prints the peak as JSON; --json also writes the RSS timeline (one sample a second,
 each with the step the progress bar names then) and the largest RSS seen within each block.
 
-    python bench/rss_peak.py [--json OUT] -- smollm2-135m --recipe gptq-w4-g64 --out DIR --overwrite --no-progress
+    python bench/notes/rss_peak.py [--json OUT] -- smollm2-135m --recipe gptq-w4-g64 --out DIR --overwrite --no-progress
 """
 
 from __future__ import annotations

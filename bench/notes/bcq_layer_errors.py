@@ -7,7 +7,7 @@ dense model (wiki/train, 16x512, seed 0); it does not change under a rotation of
 shares each scale vector by 8 input columns × out/8 rows, so a column with outlier inputs cannot
 get its own range; RTN and GPTQ with groups of 64 along each row can.
 
-    python bench/bcq_layer_errors.py
+    python bench/notes/bcq_layer_errors.py
 """
 
 from __future__ import annotations

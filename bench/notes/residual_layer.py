@@ -1,7 +1,7 @@
 """GPTAQ vs ResComp modes on one random layer: how the lazy update's `org` rule depends on the
 block size (issue #4's W2 investigation; docs/algorithms.md). Seconds on a CPU.
 
-    python bench/residual_layer.py            # W3 and W2, g64, act-order, static groups, 4 seeds
+    python bench/notes/residual_layer.py            # W3 and W2, g64, act-order, static groups, 4 seeds
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ it also keeps every token's norm output; nothing in the pipeline changes. Per bl
 explain ratio, the split-half reduction and ``‖μ‖/‖T̄‖`` (the report's ``dac_shift``), and writes a
 PNG of the first two per block.
 
-    python bench/dac_diagnostics.py 2 3                 # W2 and W3, calibration wiki/train 32x512
-    python bench/dac_diagnostics.py 2 --nsamples 128    # the benchmark's calibration size
+    python bench/notes/dac_diagnostics.py 2 3                 # W2 and W3, calibration wiki/train 32x512
+    python bench/notes/dac_diagnostics.py 2 --nsamples 128    # the benchmark's calibration size
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import llmpress
 from llmpress.compress import pipeline
 
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(__file__).resolve().parents[1] / "out"   # bench/out, beside the suites' folders
 
 
 def capture_norm_outputs(rows_out: list[dict[str, float]]):

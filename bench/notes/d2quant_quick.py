@@ -3,7 +3,7 @@
 Smaller than the issue's protocol on purpose: calibration wiki/train 32x512, ppl[wiki/test, 2048x8].
 Each argument after the bit width is one run, the comma-separated stages it drops ("" = the preset):
 
-    python bench/d2quant_quick.py 2 "dsq,dac" "dac" ""     # +RHT, +RHT+DSQ, full, at W2
+    python bench/notes/d2quant_quick.py 2 "dsq,dac" "dac" ""     # +RHT, +RHT+DSQ, full, at W2
 """
 
 from __future__ import annotations

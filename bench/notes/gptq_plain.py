@@ -11,7 +11,7 @@ but the model loader, the window draw and the perplexity protocol:
 - asymmetric min/max grids that include zero; under act-order, dynamic groups fitted on the
   outer (lazily updated) weights when the loop reaches a group's first column.
 
-    python bench/gptq_plain.py --bits 3 --group 64 [--act-order] [--no-true-sequential]
+    python bench/notes/gptq_plain.py --bits 3 --group 64 [--act-order] [--no-true-sequential]
         [--draw reference|llmpress] [--seed 0] [--chunk 16] [--fit-updated] [--compare DIR --blocks 3]
 
 Prints ppl[wiki/test, 2048x40] and the compress time. Results: BENCHMARKS.md, "Independent

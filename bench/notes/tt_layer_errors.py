@@ -9,7 +9,7 @@ one of them has destroyed the model (ppl above the vocabulary size, 49152, is wo
 guess); the objective each method minimises still can. Prints the median and the worst layer per
 projection kind, and the fraction of layers where the whitened TT-SVD beats data-free TT.
 
-    python bench/tt_layer_errors.py [--removed 0.1 0.2 0.3]
+    python bench/notes/tt_layer_errors.py [--removed 0.1 0.2 0.3]
 """
 
 from __future__ import annotations

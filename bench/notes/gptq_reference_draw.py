@@ -3,7 +3,7 @@
 ``randint(0, N - seqlen - 1)`` on one tokenization of the whole split, instead of llmpress's seeded
 torch draw. Compresses, then prints ppl[wiki/test, 2048x40].
 
-    python bench/gptq_reference_draw.py gptq-w3-g64 OUT_DIR [--set act_order=false --set true_sequential=false]
+    python bench/notes/gptq_reference_draw.py gptq-w3-g64 OUT_DIR [--set act_order=false --set true_sequential=false]
 """
 
 from __future__ import annotations
