@@ -63,7 +63,7 @@ def test_identical_streams_reduce_gptaq_and_rescomp_to_gptq(kw):
         assert torch.equal(other.codes, gptq.codes), residual
         assert torch.equal(other.scales, gptq.scales)
     # ResComp's own form re-compensates (W⁰ − W)·X, which GPTQ's feedback already did: it does
-    # not reduce to GPTQ (documented in docs/algorithms.md).
+    # not reduce to GPTQ (documented in docs/methods/gptaq-rescomp.md).
     paper = gptq_quantize(W, H, residual=Residual(zero, rescomp=True, form="paper"), **kw)
     assert not torch.equal(paper.codes, gptq.codes)
 

@@ -1,5 +1,5 @@
 """GPTAQ vs ResComp modes on one random layer: how the lazy update's `org` rule depends on the
-block size (issue #4's W2 investigation; docs/algorithms.md). Seconds on a CPU.
+block size (the W2 investigation; docs/notes/rescomp-w2.md). Seconds on a CPU.
 
     python bench/notes/residual_layer.py            # W3 and W2, g64, act-order, static groups, 4 seeds
 """

@@ -11,7 +11,7 @@ For one linear, in the whitened space ``Xw = Lᵀ Wᵀ`` (whiten.py), with budge
 4. the dictionary in closed form, ``D = Xw Cᵀ (C Cᵀ + εI)⁻¹`` with
    ``ε = max(1e−6, 1e−3·tr(C Cᵀ)/k)``, kept if it beats ``U_k`` itself; ``A = L⁻ᵀ D``.
 
-Where we differ from the reference code, on purpose (docs/algorithms.md, "ROCKET"):
+Where we differ from the reference code, on purpose (docs/methods/rocket.md):
 - The recovery step fills the same number of slots in every column, so C keeps exactly ``s``
   entries per column (the code's global top-0.5% breaks that layout, pitfall 7) and the stored
   size is exactly what the budget counted.

@@ -46,7 +46,7 @@ class Residual:
     ``rescomp`` adds ResComp's compensation-aware term ``(W⁰ − W)·R`` with ``R`` built from
     ``X̃Xᵀ``, scaled by ``alpha2`` (0.25 in its code). ``form="delta"`` builds ``R`` from ``ΔX·Xᵀ``
     instead: GPTQ's own error feedback already aligns ``(W⁰ − W)·X``, only ``(W⁰ − W)·ΔX`` is new
-    (ours, see docs/algorithms.md; it reduces to GPTQ when ``X̃ = X``, the paper's form does not).
+    (ours, see docs/methods/gptaq-rescomp.md; it reduces to GPTQ when ``X̃ = X``, the paper's form does not).
     ``mode`` is ResComp's: ``org`` updates a
     column's own value to its code and feeds the codes into the lazy update (GPTAQ's code
     behaviour); ``allw`` keeps the compensated values and clamps them to the group's grid range.

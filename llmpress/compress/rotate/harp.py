@@ -4,7 +4,7 @@ The paper learns, per quantized matrix, two structured orthogonal processors app
 learn the rotation that fusion allows to be shared: the residual-stream ``Q`` that every block's
 readers and writers absorb (the paper's "per shared residual rotation where fusion requires
 it"), so the result stays a stock model with no online op beyond QuaRot's ``down_proj`` Hadamard.
-What follows the paper, and what we chose, is listed in docs/algorithms.md.
+What follows the paper, and what we chose, is listed in docs/methods/harp.md.
 
 **Parameterisation** (:class:`ButterflyOrthogonal`). ``Q = diag(s) · B_1 ⋯ B_T``: the seeded sign
 flips of the RHT, then mixed-radix butterfly stages. Stage ``t`` has radix ``b_t`` and stride
