@@ -1,23 +1,13 @@
-"""The sequential block executor.
+"""The sequential block executor (docs/pipeline.md, "The sequential executor").
 
-1. Run the embeddings on the calibration windows and capture, for every decoder block, the
-   keyword arguments it is called with (rotary tables, masks: they differ per block in Gemma),
-   and block 0's hidden states. Blocks are replaced by stubs, so nothing past them runs.
-2. For each block, for each true-sequential group of linears: run the block on the current
-   hidden states with hooks that accumulate the statistics the group's compressors need,
-   stopping the forward as soon as every linear of the group has seen its input; compress the
-   group and swap the compressed modules in, so the next group sees their outputs.
-3. Produce the block's outputs with the compressed block. When the last group is the single
-   linear that feeds the residual stream (``ArchMap.residual_linear``), its stage runs the block
-   with that linear replaced by a zero-output recorder, which yields ``h`` (the residual stream
-   without it) and its inputs ``X``; the exact outputs are ``h + X Ŵᵀ + b``: one matmul instead of
-   another pass through the block. Compressed linears run as dense proxies holding their
-   dequantized weights during calibration (the same function, dequantized once), and once the
-   attention's output linear is compressed, later stages reuse the attention's output instead of
-   recomputing it (checked bit for bit on the first batch of every stage).
-4. Write the block's tensors as one shard and the run state (resume point), then free it.
-
-Hidden states live in one fp32 tensor ``[n, seqlen, hidden]`` that is updated in place.
+Capture every block's call arguments and block 0's hidden states (blocks replaced by stubs); then
+per block and per true-sequential group of linears: run the block with hooks that accumulate the
+statistics the group's compressors need (stopping once every linear has seen its input), solve,
+and swap the compressed modules in as dense proxies. The residual linear's stage yields the block's
+outputs as ``h + X Ŵᵀ + b`` (one matmul, no extra pass); once the attention is compressed its
+output is cached (checked bit for bit on each stage's first batch). Block stages act through
+hooks (``compress/hooks.py``). Hidden states live in one fp32 ``[n, seqlen, hidden]`` tensor,
+updated in place.
 """
 
 from __future__ import annotations

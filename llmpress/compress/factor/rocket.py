@@ -1,28 +1,13 @@
 """ROCKET (arXiv 2602.11008): single-step sparse-dictionary factorization in the whitened space,
-with per-layer candidates for a global knapsack allocation.
+with per-layer candidates for a global knapsack allocation (docs/methods/rocket.md, also for
+where we depart from the reference code: sizes that count indices, per-column recovery, errors in
+the whitened space, "keep" meaning dense).
 
-For one linear, in the whitened space ``Xw = Lᵀ Wᵀ`` (whiten.py), with budget ``(k, s)``:
-
-1. the top-k left singular vectors ``U_k`` of ``Xw`` and the coefficients ``C₀ = U_kᵀ Xw``;
-2. atom sensitivity ``a_i = ‖L⁻ᵀ U_k[:, i]‖`` (the atom's norm in the input space) and scores
-   ``|C₀ij| · a_i^λ``; every output column keeps its top ``s'`` scores, ``s' = ⌊s − 0.005·k⌋``;
-3. recovery: the remaining ``s − s'`` slots of each column go to the best ``|C₀ij| · a_i`` among
-   the entries not kept;
-4. the dictionary in closed form, ``D = Xw Cᵀ (C Cᵀ + εI)⁻¹`` with
-   ``ε = max(1e−6, 1e−3·tr(C Cᵀ)/k)``, kept if it beats ``U_k`` itself; ``A = L⁻ᵀ D``.
-
-Where we differ from the reference code, on purpose (docs/methods/rocket.md):
-- The recovery step fills the same number of slots in every column, so C keeps exactly ``s``
-  entries per column (the code's global top-0.5% breaks that layout, pitfall 7) and the stored
-  size is exactly what the budget counted.
-- Candidates are scored by their relative error in the whitened space (the layer's output
-  error), the objective the factorization minimises; the code scores the weight-space error.
-- Sizes count what is stored: values *and* indices of the sparse C (the code counts values only),
-  so ``k = ⌊(1−ρ)·d1·d2 / (d1 + d2·(1 + b_idx/b_val)/κ)⌋``; κ = 1 stores C dense without indices.
-- "Keep" (ρ = 0) leaves the layer dense and costs nothing, rather than truncating to half rank
-  while being scored as lossless (pitfall 1).
-The optional masked Adam refinement and the simulated int8 quantization of the code are not run
-(the paper's method is the single step).
+For one linear, in the whitened space ``Xw = Lᵀ Wᵀ`` (whiten.py), with budget ``(k, s)``: the top-k
+left singular vectors ``U_k`` and ``C₀ = U_kᵀ Xw``; atom sensitivities ``a_i = ‖L⁻ᵀ U_k[:, i]‖``
+and scores ``|C₀ij| · a_i^λ``, of which every output keeps its top ``s' = ⌊s − 0.005·k⌋``; the
+remaining slots recovered per column by ``|C₀ij| · a_i``; the dictionary in closed form,
+``D = Xw Cᵀ (C Cᵀ + εI)⁻¹``, kept if it beats ``U_k``; ``A = L⁻ᵀ D``.
 """
 
 from __future__ import annotations

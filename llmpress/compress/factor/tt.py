@@ -1,21 +1,11 @@
 """Tensor-train matrices (TT-matrix / MPO) for linear weights: mode choice, TT-SVD, ranks for a
-budget, and the activation-aware variant.
+budget, the activation-aware variant and the edge-core refit (docs/methods/tensor-train.md).
 
-A weight ``W [M, N]`` (out, in) with ``M' = Π m_k ≥ M`` and ``N' = Π n_k ≥ N`` (zero-padded where
-the dimension has an awkward prime factor) is stored as cores ``G_k [r_{k−1}, m_k, n_k, r_k]``,
-``r_0 = r_d = 1``:
-
-    W[(i_1..i_d), (j_1..j_d)] = G_1[:, i_1, j_1, :] · G_2[:, i_2, j_2, :] ··· G_d[:, i_d, j_d, :]
-
-with row-major multi-indices (``i_1`` most significant). TT-SVD (Oseledets 2011) computes the
-cores by sequential truncated SVDs of the interleaved tensor ``[m_1 n_1, …, m_d n_d]`` in float64.
-
-The activation-aware variant is ours (the TT-LLM paper's TT path is data-free): the calibration
-Gram is approximated by a Kronecker product aligned with the input modes, ``H ≈ H_1 ⊗ … ⊗ H_d``
-(nearest Kronecker product, Van Loan–Pitsianis, applied mode by mode), so its Cholesky factor
-``L = L_1 ⊗ … ⊗ L_d`` whitens each core's input mode separately: TT-SVD runs on ``W L`` and every
-core is mapped back with ``L_k⁻¹`` on its input mode, which keeps the TT structure and the ranks.
-Plain SVD-LLM whitening would not: ``TT(W L) L⁻¹`` is not a TT of the same ranks.
+``W [M, N]`` (zero-padded to ``Π m_k × Π n_k`` where a dimension has an awkward prime) is stored as
+cores ``G_k [r_{k−1}, m_k, n_k, r_k]`` with row-major multi-indices (``formats.tt``). TT-SVD
+(Oseledets 2011) runs in float64 on the interleaved tensor ``[m_1 n_1, …, m_d n_d]``. The aware
+variant whitens with a Kronecker approximation of the Gram, ``L = L_1 ⊗ … ⊗ L_d``, one factor per
+input mode, which keeps the TT structure and ranks (``TT(W L)·L⁻¹`` with a full ``L`` would not).
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
-"""Binary-coding quantization (BCQ) with power-of-two scales: ShiftAddLLM's quantizer.
+"""Binary-coding quantization (BCQ) with power-of-two scales: ShiftAddLLM's quantizer (arXiv
+2406.05981; docs/methods/shiftadd.md). The greedy init and alternating refinement are Xu et al.
+2018's.
 
-A weight is ``Σ_t α_t · b_t`` with ``b_t ∈ {−1, +1}`` (one bit-plane per bit) and scales ``α_t``
-rounded to sums of ``terms`` signed powers of two (APoT), so dequantization and the lookup-table
-GEMV need shifts and adds only. Scales are shared by a block of ``col_block`` input columns ×
-``out/row_groups`` output rows (the paper's "Lat." layout: 8 columns × N/8 rows), which is what
-lets BCQ sit inside GPTQ's column loop: the scales of a block are fitted when the loop reaches the
-block's first column (weight objective, alternating least squares), every column is then coded
-against them and its error fed forward (output objective): the paper's multi-objective solve.
-
-Restated from the paper (arXiv 2406.05981); the greedy
-init and alternating refinement are Xu et al. 2018's.
+A weight is ``Σ_t α_t · b_t`` (``b_t ∈ {−1, +1}``) with scales rounded to sums of ``terms`` signed
+powers of two, shared by ``col_block`` input columns × ``out/row_groups`` rows (the paper's "Lat."
+layout). BCQ is a column quantizer in GPTQ's loop: a block's scales are fitted from the current
+weights when the loop reaches its first column (weight objective), every column is coded against
+them and its error fed forward (output objective): the paper's multi-objective solve.
 """
 
 from __future__ import annotations

@@ -1,25 +1,11 @@
-"""D²Quant's dual-scale quantizer (DSQ) for ``down_proj``, restated from the paper.
+"""D²Quant's dual-scale quantizer (DSQ) for ``down_proj``: the method, its defaults and where it
+departs from the paper are in docs/methods/d2quant.md.
 
-Binary-coded form (the paper's): per input group of ``group_size`` columns each weight is
-``W[i, j] ≈ c_j · Σ_t r_t[i, g] · b_t[i, j]`` with ``b_t = ±1`` (``k = bits`` planes), ``k`` scales
-``r_t ≥ 0`` per (row, group) and one scale ``c_j > 0`` per input column. The levels are non-uniform
-(``±r₁ ± r₂ …``), so the format is binary-coded (``DualScaleLinear``). ``c`` multiplies
-``down_proj``'s *inputs*, i.e. ``up_proj``'s *outputs* in a gated MLP, so it is absorbed into
-``up_proj``'s scales and costs no bits (the pipeline does that once the block is done).
-
-The scales of a group are fitted when GPTQ's column loop reaches the group's first column, on the
-current (error-compensated) weights, by alternating least squares (15 rounds in the reference):
-rows (``r`` given ``c`` and codes, a ``k×k`` normal equation per row), columns (``c`` given the
-rest, one division per column), codes (the nearest of each row's ``2^k`` levels). Every column is
-then rounded to its nearest level and its error fed forward as in GPTQ/GPTAQ.
-
-Uniform form (the onnxsim reading, not the paper's format): ``W ≈ Q_g(W·diag(1/c))·diag(c)``,
-``c`` alternated with the standard group quantizer on the weights, after which GPTQ quantizes
-``W·diag(1/c)`` against the Hessian of the scaled inputs ``diag(c)·H·diag(c)``; ``down_proj`` keeps
-the standard packed format.
-
-Column order: the reference's GAR (group-aware reordering): columns by decreasing ``H_jj`` inside
-each group, groups by their largest ``H_jj``, so every group stays whole and needs no ``g_idx``.
+Binary form: per group of input columns ``W[i, j] ≈ c_j · Σ_t r_t[i, g] · b_t[i, j]`` (``b_t = ±1``),
+a column quantizer in GPTQ's loop (``_DualScaleGrid``). Uniform form: the standard grid on
+``W·diag(1/c)``, solved against the scaled inputs' statistics. Either way ``c`` multiplies
+``down_proj``'s inputs, so a block hook absorbs it into ``up_proj`` (``ColumnScaleAbsorption``).
+Columns go in the reference's group-aware order, so groups stay whole and need no ``g_idx``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
-"""GPTQ (Frantar et al., ICLR 2023), restated from the paper.
+"""GPTQ (Frantar et al., ICLR 2023), restated from the paper; GPTAQ and ResComp as its residual
+mode (docs/methods/gptq.md and gptaq-rescomp.md, with where we depart from the reference: dead
+inputs kept, fp16 scales at fit time, damping retries, an in-place inverse factor).
 
-Per layer, minimise ``||(Ŵ - W) X||²`` column by column in a fixed order: quantize column j,
-spread its error over the columns not yet quantized through the upper Cholesky factor ``U`` of
-the damped inverse Hessian (``(H + λI)^-1 = UᵀU``), and apply the updates lazily, one GEMM per
-block of ``block_size`` columns.
-
-Where this departs from the reference, on purpose:
-- dead input channels (``H_jj == 0``) keep their original weights, quantized to the grid, where
-  the reference zeros them; the calibration objective is identical (the column sees no input)
-  but inference on inputs that do reach the channel is not broken;
-- scales are rounded to fp16 when fitted (how they are stored), so the error feedback
-  compensates the weights that are actually evaluated;
-- Cholesky failures retry with damping raised by 0.01 (GPTQModel's rule) instead of crashing.
-Kept as in the reference: dynamic group parameters are fitted on the outer, lazily updated
-``W`` slice (pitfall 1.7.3; exact when ``group_size`` divides ``block_size``).
+``solve_columns`` is the column loop: per column quantize, spread the error over the later columns
+through the upper Cholesky factor ``U`` of the damped inverse Hessian, lazily per block. Any
+column quantizer plugs in (the uniform grid here, BCQ and DSQ). Dynamic group parameters are
+fitted on the outer, lazily updated ``W`` slice, as in the reference.
 """
 
 from __future__ import annotations

@@ -1,26 +1,18 @@
-"""HARP: a learnable residual-stream rotation, initialised at the randomized Hadamard (arXiv 2605.29843).
-
-The paper learns, per quantized matrix, two structured orthogonal processors applied online. We
-learn the rotation that fusion allows to be shared: the residual-stream ``Q`` that every block's
-readers and writers absorb (the paper's "per shared residual rotation where fusion requires
-it"), so the result stays a stock model with no online op beyond QuaRot's ``down_proj`` Hadamard.
-What follows the paper, and what we chose, is listed in docs/methods/harp.md.
+"""HARP: a learnable residual-stream rotation, initialised at the randomized Hadamard (arXiv
+2605.29843). We learn the one rotation fusion lets every block's readers and writers share, so the
+result stays a stock model; what follows the paper and what we chose: docs/methods/harp.md.
 
 **Parameterisation** (:class:`ButterflyOrthogonal`). ``Q = diag(s) · B_1 ⋯ B_T``: the seeded sign
 flips of the RHT, then mixed-radix butterfly stages. Stage ``t`` has radix ``b_t`` and stride
 ``s_t = b_1 ⋯ b_{t−1}``; viewing the vector as ``[n / (b_t s_t), b_t, s_t]``, every (outer, offset)
 pair owns an independent ``b_t × b_t`` block ``K = M_b · Cayley(S)``, ``S = (Θ − Θᵀ)/2``, so ``Q`` is
-orthogonal for every ``Θ``. The fixed mixers ``M_b`` are the normalised factors of our Hadamard of
-width ``n`` (Paley for the non-power-of-two radix, Sylvester radix ≤ 8 otherwise), so at ``Θ = 0``
-``Q`` *equals* the RHT matrix of the same seed (no permutation: the stage order follows the
-Kronecker order).
+orthogonal for every ``Θ``. The fixed mixers ``M_b`` are the normalised factors of our Hadamard,
+so at ``Θ = 0`` ``Q`` equals the RHT matrix of the same seed (the stages follow the Kronecker order).
 
-**Objective** (the paper's proxy, per matrix ``W̃``, summed over all readers and writers of the
-stream): ``Σ_ij h̃_j (W̃_ij − T_ij)² / Σ_ij h̃_j W̃⁰_ij²`` with ``T`` the quantizer's dequantized
-output for ``W̃`` (a stop-gradient target, refreshed every ``refresh`` steps), ``h̃`` the diagonal
-of the input Hessian in the rotated basis (``diag(Qᵀ H Q)`` for readers, fixed for writers) and
-the denominator fixed at the start. Adam on ``Θ``; the best ``Θ`` seen at a refresh is kept, so
-the result is never worse on the proxy than the RHT it started from.
+**Objective** (the paper's proxy, summed over the stream's readers and writers):
+``Σ_ij h̃_j (W̃_ij − T_ij)² / Σ_ij h̃_j W̃⁰_ij²``, ``T`` the quantizer's output for ``W̃`` (a
+stop-gradient target refreshed every ``refresh`` steps), ``h̃`` the input Hessian's diagonal in the
+rotated basis (fixed for writers). Adam on ``Θ``; the best ``Θ`` seen at a refresh is kept.
 """
 
 from __future__ import annotations
