@@ -4,7 +4,7 @@ the input's device, with the torch reference as the oracle and the fallback.
 - ``reference``: dequantize with torch, then a dense matmul in the input's dtype. Exact to the
   format; every other path is tested against it.
 - ``cpu-int4``: torch's packed int4 CPU GEMM (``kernels.cpu_int4``), bf16 activations. ``auto``
-  takes it on CPU for 4-bit layers it fits when the input has at most ``CPU_INT4_MAX_ROWS`` rows
+  takes it on CPU for the 2-, 3- and 4-bit layers it fits when the input has at most ``CPU_INT4_MAX_ROWS`` rows
   (decoding); larger inputs (prefill, the fp32 perplexity protocol) stay on the fp32 reference.
 - ``triton``: the Triton kernels (``kernels.triton_uniform``) on CUDA devices.
 - ``cuda``: the CUDA C++ 4-bit GEMV (``kernels/csrc``) for fp16 inputs of up to 8 rows on CUDA,

@@ -6,8 +6,8 @@ Stored tensors (``<module>.<name>`` in safetensors):
 - ``alpha_exp`` and ``alpha_sign`` int8 ``[q, row_groups, col_blocks, terms]``: each scale is
   ``Σ_p sign_p · 2^exp_p`` for the block of ``out/row_groups`` rows × ``col_block`` columns;
 - ``bias`` when the original linear had one.
-``W = Σ_t α_t ⊙ b_t``. The forward uses the lookup-table GEMV (kernels/lut.py) for a few tokens
-and the dequantized weight (cached while the tensors are unchanged) otherwise.
+``W = Σ_t α_t ⊙ b_t``. The forward: ``kernels.cpu_lut.binary_coded_matmul`` (a lookup-table GEMV
+for a few tokens, the weight dequantized for that call otherwise; nothing dense is kept).
 """
 
 from __future__ import annotations
@@ -16,20 +16,10 @@ from typing import Any
 
 import torch
 
-from ..formats.bcq import BCQWeight, bcq_dense
+from ..formats.bcq import BCQWeight, apot_value, bcq_dense
 from ..formats.packing import pack_codes, packed_words, unpack_codes
-from ..kernels.lut import lut_gemv
+from ..kernels.cpu_lut import binary_coded_matmul
 from .base import CompressedLinear, Layout
-
-LUT_MAX_TOKENS = 8   # decoding batches; prefill goes through the dequantized weight
-
-
-def triton_lut_ready() -> bool:
-    try:
-        from ..kernels import triton_bcq
-    except ImportError:
-        return False
-    return triton_bcq.available()
 
 
 class BCQLinear(CompressedLinear):
@@ -52,7 +42,6 @@ class BCQLinear(CompressedLinear):
         self.register_buffer("alpha_sign", torch.zeros(bits, row_groups, col_blocks, terms, dtype=torch.int8, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.compute_dtype = dtype
-        self._dense = None
 
     @classmethod
     def from_bcq(cls, q: BCQWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> BCQLinear:
@@ -73,23 +62,10 @@ class BCQLinear(CompressedLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return bcq_dense(self.signs(), self.alpha_exp, self.alpha_sign, self.col_block).to(dtype or self.compute_dtype)
 
-    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        key = (self.sign_bits.data_ptr(), self.sign_bits._version, self.alpha_exp._version, self.alpha_sign._version, dtype)
-        if self._dense is None or self._dense[0] != key:
-            self._dense = (key, self.dequantize(dtype))
-        return self._dense[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= LUT_MAX_TOKENS and self.col_block % 8 == 0:
-            if flat.is_cuda and triton_lut_ready():
-                from ..kernels.triton_bcq import bcq_gemv
-
-                y = bcq_gemv(self, flat)
-            else:
-                y = lut_gemv(flat, self.sign_bits, self.alpha_exp, self.alpha_sign, self.col_block, self.out_features)
-        else:
-            y = flat @ self._dense_weight(x.dtype).T
+        alpha = apot_value(self.alpha_exp, self.alpha_sign).to(torch.float32)
+        y = binary_coded_matmul(flat, self.sign_bits, alpha, self.col_block, lambda: self.dequantize(x.dtype))
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 

@@ -7,10 +7,8 @@ Stored tensors (``<module>.<name>`` in safetensors):
 - ``column_scale`` fp16 ``[in]``, only while the per-column scale ``c`` is not absorbed into the
   preceding linear (it is whenever that linear is ``up_proj`` of a gated MLP);
 - ``bias`` when the original linear had one.
-``W[o, c] = column_scale[c] · Σ_t scales[t, o, c // group_size] · b_t[o, c]``. The forward uses the
-lookup-table GEMV for a few tokens (kernels/lut.py on CPU, the Triton kernel of kernels/triton_bcq.py
-on CUDA, with float scales) and the dequantized weight (cached while the tensors are unchanged)
-otherwise.
+``W[o, c] = column_scale[c] · Σ_t scales[t, o, c // group_size] · b_t[o, c]``. The forward scales
+the input by ``column_scale`` and runs ``kernels.cpu_lut.binary_coded_matmul`` on the sign planes.
 """
 
 from __future__ import annotations
@@ -21,9 +19,8 @@ import torch
 
 from ..formats.dual_scale import DualScaleWeight, dual_scale_dense
 from ..formats.packing import pack_codes, packed_words, unpack_codes
-from ..kernels.lut import lut_gemv_scaled
+from ..kernels.cpu_lut import binary_coded_matmul
 from .base import CompressedLinear, Layout
-from .bcq_linear import LUT_MAX_TOKENS, triton_lut_ready
 
 
 class DualScaleLinear(CompressedLinear):
@@ -44,7 +41,6 @@ class DualScaleLinear(CompressedLinear):
         self.register_buffer("column_scale", torch.ones(in_features, dtype=torch.float16, **kw) if column_scale else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.compute_dtype = dtype
-        self._dense = None
 
     @classmethod
     def from_dsq(cls, q: DualScaleWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> DualScaleLinear:
@@ -71,28 +67,12 @@ class DualScaleLinear(CompressedLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dual_scale_dense(self.signs(), self.scales, self.group_size, self.column_scale).to(dtype or self.compute_dtype)
 
-    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        c = self.column_scale
-        key = (self.sign_bits.data_ptr(), self.sign_bits._version, self.scales._version,
-               None if c is None else (c.data_ptr(), c._version), dtype)
-        if self._dense is None or self._dense[0] != key:
-            self._dense = (key, self.dequantize(dtype))
-        return self._dense[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        lut = flat.shape[0] <= LUT_MAX_TOKENS and self.group_size % 8 == 0
-        if lut and (not flat.is_cuda or triton_lut_ready()):
-            if self.column_scale is not None:
-                flat = flat * self.column_scale.to(flat.dtype)
-            if flat.is_cuda:
-                from ..kernels.triton_bcq import scaled_gemv
-
-                y = scaled_gemv(flat, self.sign_bits, self.scales.float(), self.group_size, self.out_features)
-            else:
-                y = lut_gemv_scaled(flat, self.sign_bits, self.scales, self.group_size, self.out_features)
-        else:
-            y = flat @ self._dense_weight(x.dtype).T
+        if self.column_scale is not None:
+            flat = flat * self.column_scale.to(flat.dtype)
+        planes = lambda: dual_scale_dense(self.signs(), self.scales, self.group_size, None).to(x.dtype)
+        y = binary_coded_matmul(flat, self.sign_bits, self.scales.to(torch.float32), self.group_size, planes)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 

@@ -1,0 +1,68 @@
+"""The C++ kernels of binary-coded weights on CPU (``csrc/lut_gemv.cpp``): the lookup-table GEMV
+for decoding and a dequantizer for prefill, built on first use with torch's extension builder.
+Where they cannot be built (no compiler), ``extension()`` says so once and returns None, and the
+layers use the torch LUT (``kernels.lut``) and the torch dequantizer instead."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .lut import lut_gemv_scaled
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+
+
+@functools.lru_cache(maxsize=1)
+def extension():
+    """The built module (``lut_gemv``, ``dequantize``), or None where it cannot be built."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="llmpress_lut_gemv", sources=[str(CSRC / "lut_gemv.cpp")],
+                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no headers: the torch path serves
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"llmpress: the C++ kernel for binary-coded layers could not be built ({first}); "
+                      "they run on the slower torch path", RuntimeWarning, stacklevel=2)
+        return None
+
+
+LUT_MAX_TOKENS = 8   # decoding batches take the LUT GEMV; prefill dequantizes once per call
+
+
+def triton_lut_ready() -> bool:
+    try:
+        from . import triton_bcq
+    except ImportError:
+        return False
+    return triton_bcq.available()
+
+
+def binary_coded_matmul(x: torch.Tensor, sign_bits: torch.Tensor, alpha: torch.Tensor, col_block: int,
+                        dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``x [B, K] · Wᵀ`` for sign planes ``[q, N, ceil(K/32)]`` with float scales ``alpha [q, R, C]``
+    (one per ``N/R`` rows × ``col_block`` columns). Decoding batches take a LUT GEMV (C++ or torch on
+    CPU, Triton on CUDA); larger inputs dequantize once for this call, and nothing dense is kept.
+    ``dense()`` is the format's own dequantizer: the reference (``LLMPRESS_KERNEL=reference``)."""
+    from .dispatch import get_backend
+
+    out_features = sign_bits.shape[1]
+    lut = x.shape[0] <= LUT_MAX_TOKENS and col_block % 8 == 0
+    if get_backend() == "reference" or (x.is_cuda and not (lut and triton_lut_ready())):
+        return x @ dense().to(x.dtype).T
+    if x.is_cuda:
+        from .triton_bcq import scaled_gemv
+
+        return scaled_gemv(x, sign_bits, alpha, col_block, out_features)
+    ext = extension()
+    if lut:
+        if ext is None:
+            return lut_gemv_scaled(x, sign_bits, alpha, col_block, out_features)
+        return ext.lut_gemv(x.to(torch.float32), sign_bits, alpha.to(torch.float32), col_block).to(x.dtype)
+    weight = dense() if ext is None else ext.dequantize(sign_bits, alpha.to(torch.float32), col_block, x.shape[1])
+    return x @ weight.to(x.dtype).T

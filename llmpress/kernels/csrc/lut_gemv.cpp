@@ -1,0 +1,113 @@
+// Lookup-table GEMV of binary-coded weights on CPU (ShiftAdd's BCQ, D²Quant's dual scales).
+//
+// W[n, k] = Σ_t alpha[t, n / rows_per, k / col_block] · (bit t of row n at column k ? +1 : −1).
+// Per token, every group of 8 inputs gets its 256 signed sums LUT[g][p] = Σ_i ±x[8g + i] (+ where
+// bit i of p is set); an output then adds, per bit-plane and group, alpha · LUT[g][byte], the byte
+// being that row's 8 sign bits (little-endian int32 words read as bytes). The packed bits are read
+// as stored: nothing is dequantized.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+void build_luts(const float* x, int64_t k, int64_t groups, float* lut) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float v[8];
+    for (int i = 0; i < 8; ++i) {
+      const int64_t c = 8 * g + i;
+      v[i] = c < k ? x[c] : 0.f;
+    }
+    float* out = lut + g * 256;
+    out[0] = -(v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7]);
+    for (int p = 1; p < 256; ++p) {
+      const int low = __builtin_ctz(p);          // p = q + 2^low with q < p: flip that input's sign
+      out[p] = out[p & (p - 1)] + 2.f * v[low];
+    }
+  }
+}
+
+}  // namespace
+
+// x [B, K] float32, sign_bits int32 [q, N, W], alpha float32 [q, R, C]; returns [B, N] float32.
+torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor sign_bits, torch::Tensor alpha, int64_t col_block) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, K] float32");
+  TORCH_CHECK(sign_bits.dim() == 3 && sign_bits.scalar_type() == torch::kInt32, "sign_bits must be int32 [q, N, W]");
+  TORCH_CHECK(alpha.dim() == 3 && alpha.scalar_type() == torch::kFloat32, "alpha must be float32 [q, R, C]");
+  TORCH_CHECK(col_block > 0 && col_block % 8 == 0, "col_block must be a multiple of 8");
+  x = x.contiguous();
+  sign_bits = sign_bits.contiguous();
+  alpha = alpha.contiguous();
+  const int64_t batch = x.size(0), k = x.size(1);
+  const int64_t planes = sign_bits.size(0), n = sign_bits.size(1), words = sign_bits.size(2);
+  const int64_t row_groups = alpha.size(1), col_blocks = alpha.size(2);
+  const int64_t groups = (k + 7) / 8, per_block = col_block / 8, rows_per = n / row_groups;
+  TORCH_CHECK(alpha.size(0) == planes && n % row_groups == 0, "alpha does not match the sign planes");
+  TORCH_CHECK(words * 4 >= groups && col_blocks * per_block >= groups, "the packed bits do not cover K");
+
+  std::vector<float> luts(batch * groups * 256);
+  for (int64_t b = 0; b < batch; ++b) build_luts(x.data_ptr<float>() + b * k, k, groups, luts.data() + b * groups * 256);
+
+  auto y = torch::zeros({batch, n}, x.options());
+  float* out = y.data_ptr<float>();
+  const auto* bytes = reinterpret_cast<const uint8_t*>(sign_bits.data_ptr<int32_t>());
+  const float* a = alpha.data_ptr<float>();
+  const float* lut = luts.data();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t r = row / rows_per;
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* l = lut + b * groups * 256;
+        float acc = 0.f;
+        for (int64_t t = 0; t < planes; ++t) {
+          const uint8_t* s = bytes + (t * n + row) * words * 4;
+          const float* at = a + (t * row_groups + r) * col_blocks;
+          for (int64_t c = 0, g = 0; g < groups; ++c) {   // one scale per block of per_block groups
+            float part = 0.f;
+            for (const int64_t stop = std::min(groups, g + per_block); g < stop; ++g) part += l[g * 256 + s[g]];
+            acc += at[c] * part;
+          }
+        }
+        out[b * n + row] = acc;
+      }
+    }
+  });
+  return y;
+}
+
+// The dense [N, K] float32 weight the same tensors stand for (prefill: one GEMM per call).
+torch::Tensor dequantize(torch::Tensor sign_bits, torch::Tensor alpha, int64_t col_block, int64_t k) {
+  TORCH_CHECK(sign_bits.dim() == 3 && sign_bits.scalar_type() == torch::kInt32, "sign_bits must be int32 [q, N, W]");
+  TORCH_CHECK(alpha.dim() == 3 && alpha.scalar_type() == torch::kFloat32, "alpha must be float32 [q, R, C]");
+  sign_bits = sign_bits.contiguous();
+  alpha = alpha.contiguous();
+  const int64_t planes = sign_bits.size(0), n = sign_bits.size(1), words = sign_bits.size(2);
+  const int64_t row_groups = alpha.size(1), col_blocks = alpha.size(2), rows_per = n / row_groups;
+  TORCH_CHECK(words * 32 >= k && col_blocks * col_block >= k, "the packed bits do not cover K");
+  auto w = torch::zeros({n, k}, alpha.options());
+  float* out = w.data_ptr<float>();
+  const int32_t* bits = sign_bits.data_ptr<int32_t>();
+  const float* a = alpha.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* w_row = out + row * k;
+      for (int64_t t = 0; t < planes; ++t) {
+        const int32_t* s = bits + (t * n + row) * words;
+        const float* at = a + (t * row_groups + row / rows_per) * col_blocks;
+        for (int64_t c = 0; c < k; ++c) {
+          const float v = at[c / col_block];
+          w_row[c] += ((s[c >> 5] >> (c & 31)) & 1) ? v : -v;
+        }
+      }
+    }
+  });
+  return w;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { 
+  m.def("lut_gemv", &lut_gemv, "lookup-table GEMV of binary-coded weights");
+  m.def("dequantize", &dequantize, "the dense weight of binary-coded weights");
+}
