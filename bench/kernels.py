@@ -1,13 +1,16 @@
-"""Kernel benchmark: decode speed of the packed model on CPU (and the GPU kernels when a GPU is here).
+"""Kernel benchmark: CPU decode speed of compressed models against the dense one (and the GPU
+kernels when a GPU is here).
 
-CPU: greedy decoding of ``smollm2-135m`` GPTQ W4 g64 (act-order) at batch 1, 128 new tokens after
-a 32-token prompt from wiki/test, through the dispatch's CPU int4 path, against the dense fp32
-model, in the same process. Decode tokens/s = 127 / (t(128 new) − t(1 new)): the prompt's
-prefill is not counted. Calibration does not change the packed layout or its speed, so the
-benchmark model is compressed with 32x512 calibration windows to save time.
+CPU: greedy decoding of ``smollm2-135m`` compressed with each recipe of ``--recipes``, at batch 1,
+128 new tokens after a 32-token prompt from wiki/test, through the fastest path (``auto``),
+against the dense fp32 model in the same process; decode tokens/s = 127 / (t(128 new) − t(1 new)),
+the prompt's prefill not counted. Each row also gives the greedy tokens shared with the reference
+path (``LLMPRESS_KERNEL=reference``, one run) and the weight memory the loaded model holds after
+decoding (parameters, buffers and kernel caches) against its folder's size. Calibration does not
+change a format's layout or its speed, so missing models are compressed with 16x256 windows.
 
-    python bench/kernels.py                   # CPU decode table, updates BENCHMARKS.md
-    python bench/kernels.py --model DIR       # an existing compressed folder
+    python bench/kernels.py                                  # the default rows, updates BENCHMARKS.md
+    python bench/kernels.py --recipes gptq-w4-g64,shiftadd-w3 --no-update
     python bench/kernels.py --gpu             # GPU: Triton GEMV/GEMM vs torch fp16 on 7B-class shapes
 """
 
@@ -15,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
-from pathlib import Path
 
 import torch
 from common import OUT, common_prefix, decode_rate, rss_mb, update_benchmarks
+
+DECODE_RECIPES = ("gptq-w4-g64", "gptq-w3-g64", "gptq-w2-g64", "rht-gptq-w3-g64", "d2quant-w2-g64", "shiftadd-w3",
+                  "shiftadd-w2", "svdllm-30")
 
 
 def gpu_table(repeats: int = 50) -> str:
@@ -66,7 +71,8 @@ def main() -> None:
     from llmpress.kernels.dispatch import use_backend
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a compressed folder (default: build gptq-w4-g64)")
+    ap.add_argument("--recipes", default=",".join(DECODE_RECIPES), help="comma-separated presets, one row each")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference path's run (slow for some formats)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-update", action="store_true")
@@ -81,44 +87,57 @@ def main() -> None:
             update_benchmarks("kernels-gpu", body, "python bench/kernels.py --gpu")
         return
 
-    folder = Path(args.model) if args.model else OUT / "kernels-gptq-w4-g64"
-    if not (folder / "config.json").exists():
-        print(f"compressing smollm2-135m with gptq-w4-g64 (32x512) into {folder} ...", flush=True)
-        llmpress.compress("smollm2-135m", "gptq-w4-g64", out=folder, nsamples=32, overwrite=True, progress=False)
     dense, tokenizer = llmpress.load("smollm2-135m")
-    packed, _ = llmpress.load(folder)
     prompt = tokenize(tokenizer, load_text("wiki/test"))[:32].unsqueeze(0)
     threads = torch.get_num_threads()
-
-    rows = []
-    rate, _ = decode_rate(dense.eval(), prompt, args.new_tokens, args.repeats)
-    rows.append(("dense fp32", "torch F.linear", rate, None))
-    # The reference path is the oracle, not a contender: one timed run is enough (it is ~20x slower).
-    with use_backend("reference"):
-        rate_ref, ref_tokens = decode_rate(packed.eval(), prompt, args.new_tokens, 1)
-    with use_backend("auto"):
-        rate_q, tokens = decode_rate(packed.eval(), prompt, args.new_tokens, args.repeats)
-    rows.append(("GPTQ W4 g64 (auto)", "CPU int4 (bf16 activations)", rate_q, common_prefix(tokens, ref_tokens)))
-    rows.append(("GPTQ W4 g64 (reference)", "torch reference (dequantize + fp32), 1 run", rate_ref, None))
-
-    base = rows[0][2]
+    base, _ = decode_rate(dense.eval(), prompt, args.new_tokens, args.repeats)
     lines = [
         f"Model `smollm2-135m`; greedy decoding, batch 1, {args.new_tokens} new tokens after a 32-token wiki/test "
         f"prompt; decode tokens/s = {args.new_tokens - 1} / (t({args.new_tokens} new) - t(1 new)), best of "
-        f"{args.repeats}; {threads} threads; same process. Packed model: `gptq-w4-g64` (act-order, g_idx).",
+        f"{args.repeats}; {threads} threads; every row in the same process as dense fp32 ({base:.1f} tok/s). "
+        "Models compressed with 16x256 calibration (speed does not depend on it).",
         "",
-        "| model | matmul path | decode tokens/s | vs dense fp32 | greedy prefix equal to the reference path |",
-        "|---|---|---|---|---|",
+        "| recipe | decode tok/s | vs dense fp32 | greedy prefix equal to the reference path | weights held (MB) "
+        "| folder (MB) |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, path, rate, agree in rows:
-        agree_s = "–" if agree is None else f"{agree}/{args.new_tokens}"
-        lines.append(f"| {name} | {path} | {rate:.1f} | {rate / base:.2f}x | {agree_s} |")
-    lines.append("")
-    lines.append(f"Peak RSS of the benchmark process: {rss_mb():.0f} MB.")
+    for recipe in [r for r in args.recipes.split(",") if r]:
+        folder = OUT / f"decode-{recipe}"
+        if not (folder / "config.json").exists():
+            print(f"compressing smollm2-135m with {recipe} (16x256) into {folder} ...", flush=True)
+            llmpress.compress("smollm2-135m", recipe, out=folder, nsamples=16, seqlen=256, overwrite=True,
+                              progress=False)
+        model, _ = llmpress.load(folder)
+        with use_backend("auto"):
+            rate, tokens = decode_rate(model.eval(), prompt, args.new_tokens, args.repeats)
+        agree = "–"
+        if not args.no_reference:   # the oracle, not a contender: one run
+            with use_backend("reference"):
+                agree = f"{common_prefix(tokens, decode_rate(model, prompt, args.new_tokens, 1)[1])}/{args.new_tokens}"
+        held = weight_bytes(model) / 1e6
+        on_disk = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
+        lines.append(f"| `{recipe}` | {rate:.1f} | {rate / base:.2f}x | {agree} | {held:.1f} | {on_disk:.1f} |")
+        print(lines[-1], flush=True)
+        del model
+    lines += ["", f"Peak RSS of the benchmark process: {rss_mb():.0f} MB."]
     body = "\n".join(lines)
     print(body)
     if not args.no_update:
         update_benchmarks("kernels-cpu", body, "python bench/kernels.py")
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every tensor the model's modules hold: parameters, buffers and kernel caches."""
+    seen, total = set(), 0
+    for module in model.modules():
+        for value in vars(module).values():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else [value]
+            for item in items:
+                for t in vars(item).values() if hasattr(item, "__dataclass_fields__") else [item]:
+                    if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        total += t.numel() * t.element_size()
+    return total
 
 
 if __name__ == "__main__":

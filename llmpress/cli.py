@@ -129,12 +129,18 @@ def eval_(
     batch_size: int = typer.Option(8, min=1, help="lm-eval: batch size."),
     include_path: Path | None = typer.Option(None, help="lm-eval: a folder of extra task YAMLs."),
     output: Path | None = typer.Option(None, help="lm-eval: write the results JSON here (and a .md table beside it); default: beside an llmpress model."),
+    decode: int = typer.Option(0, min=0, help="Instead, time greedy decoding of N new tokens at batch 1, against the dense source in the same process."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     trust_remote_code: bool = typer.Option(False),
 ) -> None:
     """Measure perplexity, printed with its protocol: ppl[DATASET, SEQLENxN] = value; or, with
-    --tasks, zero-shot accuracy through lm-eval on the loaded model (offline with the llmpress_wiki_* tasks)."""
+    --tasks, zero-shot accuracy through lm-eval on the loaded model (offline with the llmpress_wiki_* tasks);
+    or, with --decode N, tokens per second against the dense model it came from."""
     from . import api
+
+    if decode:
+        _decode(model, decode, trust_remote_code)
+        return
 
     task_list = _task_list(tasks)
     if task_list:
@@ -155,6 +161,24 @@ def eval_(
         return
     result = api.perplexity(model_obj, tok, dataset, seqlen=seqlen, windows=windows, progress=progress)
     out.print(f"{result}   ({result.seconds:.0f} s)")
+
+
+def _decode(model: str, new_tokens: int, trust_remote_code: bool) -> None:
+    from . import api
+    from .eval.decode import decode_speed
+    from .io.checkpoint import is_llmpress_output, read_manifest
+
+    folder = Path(model).expanduser()
+    source = read_manifest(folder).get("base_model") if folder.is_dir() and is_llmpress_output(folder) else None
+    model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
+    result = decode_speed(model_obj, tok, new_tokens)
+    out.print(f"{result}   ({model})")
+    if source is not None:
+        del model_obj
+        dense, tok = api.load(source, trust_remote_code=trust_remote_code)
+        base = decode_speed(dense, tok, new_tokens)
+        out.print(f"{base}   (dense source {source})")
+        out.print(f"speed-up: {result.tokens_per_second / base.tokens_per_second:.2f}x")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,11 @@ def test_compress_inspect_eval_recipes(tiny_model_factory, tmp_path):
     assert result.exit_code == 0 and "uniform" in result.output and "bits per weight" in result.output
     result, _ = _run("eval", out, "--dataset", "news", "--seqlen", "64", "--windows", "2", "--no-progress")
     assert result.exit_code == 0 and "ppl[news, 64x2] = " in result.output
+    result, _ = _run("eval", out, "--decode", "4")   # the compressed model, then its dense source
+    lines = [line for line in result.output.splitlines() if "tok/s" in line]
+    assert result.exit_code == 0 and len(lines) == 2 and str(folder) in lines[1], result.output
+    assert all("decode[wiki/test 32-token prompt, 4 new, batch 1," in line for line in lines)
+    assert re.search(r"speed-up: \d+\.\d\dx", result.output)
     result, _ = _run("recipes")
     assert result.exit_code == 0 and "gptq-w3-g64" in result.output
     result, stderr = _run("inspect", tmp_path)

@@ -1,0 +1,46 @@
+"""Decode speed under a named protocol: greedy, batch 1, ``new`` tokens after the first 32 tokens
+of wiki/test; tokens/s = (new − 1) / (t(new tokens) − t(1 token)), so the prompt's prefill is not
+counted; the best of ``repeats`` runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..io.text import load_text, tokenize
+
+
+@dataclass
+class DecodeResult:
+    new_tokens: int
+    threads: int
+    tokens_per_second: float
+
+    @property
+    def protocol(self) -> str:
+        return f"decode[wiki/test 32-token prompt, {self.new_tokens} new, batch 1, {self.threads} threads]"
+
+    def __str__(self) -> str:
+        return f"{self.protocol} = {self.tokens_per_second:.1f} tok/s"
+
+
+@torch.no_grad()
+def decode_speed(model, tokenizer, new_tokens: int = 128, repeats: int = 3) -> DecodeResult:
+    prompt = tokenize(tokenizer, load_text("wiki/test"))[:32].unsqueeze(0)
+
+    def generate(n: int) -> None:
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                       pad_token_id=tokenizer.eos_token_id or 0)
+
+    generate(2)   # warm-up: kernel packs, allocator
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate(1)
+        t1 = time.perf_counter()
+        generate(new_tokens)
+        t2 = time.perf_counter()
+        best = max(best, (new_tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
+    return DecodeResult(new_tokens, torch.get_num_threads(), best)
