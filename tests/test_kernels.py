@@ -46,13 +46,29 @@ def test_dispatch_falls_back_where_the_int4_kernel_does_not_fit():
     assert "multiple of 16" in _layer(40, 128, 4, 64).cpu_int4_reason()
     assert "group size" in _layer(32, 96, 4, 48).cpu_int4_reason()
     layer = _layer(32, 128, 4, 64)
-    assert select_path(layer, torch.randn(64, 128)) == "reference"           # prefill stays fp32
+    assert select_path(layer, torch.randn(64, 128)) in ("cpu-dequant", "reference")   # prefill stays fp32
     with use_backend("reference"):
         assert select_path(layer, torch.randn(1, 128)) == "reference"
     with use_backend("cpu-int4"):
         assert select_path(layer, torch.randn(64, 128)) == "cpu-int4"
     with pytest.raises(ValueError, match="unknown kernel backend"):
         use_backend("fast").__enter__()
+
+
+@pytest.mark.parametrize(("bits", "group", "act_order"), [(2, 64, False), (3, 64, True), (4, -1, False),
+                                                       (8, 64, True), (3, 128, False)])
+def test_prefill_dequantizes_exactly_the_reference_weight(bits, group, act_order, monkeypatch):
+    from llmpress.kernels import cpu_ext
+
+    layer = _layer(48, 576, bits, group, act_order=act_order)
+    x = torch.randn(40, 576)
+    with use_backend("reference"):
+        expected = layer(x)
+    if cpu_ext.extension() is not None:
+        assert select_path(layer, x) == "cpu-dequant"
+        assert torch.equal(layer(x), expected)     # the same weights to the bit, the same GEMM
+    monkeypatch.setattr(cpu_ext, "extension", lambda: None)
+    assert select_path(layer, x) == "reference"
 
 
 def test_int4_pack_is_rebuilt_when_the_tensors_change():
@@ -86,13 +102,13 @@ def _binary_layers():
     return layers
 
 
-def test_cpu_lut_kernels_equal_the_torch_oracle():
+def test_cpu_ext_kernels_equal_the_torch_oracle():
     from llmpress.formats.bcq import apot_value
-    from llmpress.kernels import cpu_lut
+    from llmpress.kernels import cpu_ext
     from llmpress.kernels.lut import lut_gemv_scaled
     from llmpress.layers import BCQLinear
 
-    ext = cpu_lut.extension()
+    ext = cpu_ext.extension()
     if ext is None:
         pytest.skip("no C++ compiler: the torch path serves (tested below)")
     for layer in _binary_layers():
@@ -112,10 +128,10 @@ def test_cpu_lut_kernels_equal_the_torch_oracle():
 
 @pytest.mark.parametrize("built", [True, False])
 def test_binary_coded_layers_equal_their_reference_on_every_path(built, monkeypatch):
-    from llmpress.kernels import cpu_lut
+    from llmpress.kernels import cpu_ext
 
     if not built:   # no compiler: the torch LUT and dequantizer serve
-        monkeypatch.setattr(cpu_lut, "extension", lambda: None)
+        monkeypatch.setattr(cpu_ext, "extension", lambda: None)
     for layer in _binary_layers():
         for rows in (1, 5, 8, 24):   # the LUT GEMV up to 8 rows, a dequantized weight for the call above
             x = torch.randn(rows, 100)

@@ -5,7 +5,10 @@ the input's device, with the torch reference as the oracle and the fallback.
   format; every other path is tested against it.
 - ``cpu-int4``: torch's packed int4 CPU GEMM (``kernels.cpu_int4``), bf16 activations. ``auto``
   takes it on CPU for the 2-, 3- and 4-bit layers it fits when the input has at most ``CPU_INT4_MAX_ROWS`` rows
-  (decoding); larger inputs (prefill, the fp32 perplexity protocol) stay on the fp32 reference.
+  (decoding).
+- ``cpu-dequant``: larger inputs on CPU (prefill, the fp32 perplexity protocol): the C++
+  dequantizer (``kernels.cpu_ext``, identical to the reference's weights, several times faster),
+  then one fp32 GEMM; the weight lives for that call only.
 - ``triton``: the Triton kernels (``kernels.triton_uniform``) on CUDA devices.
 - ``cuda``: the CUDA C++ 4-bit GEMV (``kernels/csrc``) for fp16 inputs of up to 8 rows on CUDA,
   built on first use; only when asked for (no GPU has been available to measure it against Triton).
@@ -21,9 +24,9 @@ import os
 
 import torch
 
-from . import cpu_int4
+from . import cpu_ext, cpu_int4
 
-BACKENDS = ("auto", "reference", "cpu-int4", "triton", "cuda")
+BACKENDS = ("auto", "reference", "cpu-int4", "cpu-dequant", "triton", "cuda")
 CPU_INT4_MAX_ROWS = 16
 _backend = os.environ.get("LLMPRESS_KERNEL", "auto")
 
@@ -71,6 +74,8 @@ def select_path(layer, x: torch.Tensor) -> str:
     small = backend == "cpu-int4" or rows <= CPU_INT4_MAX_ROWS
     if x.device.type == "cpu" and backend in ("auto", "cpu-int4") and small and layer.cpu_int4_reason() is None:
         return "cpu-int4"
+    if x.device.type == "cpu" and backend in ("auto", "cpu-dequant") and cpu_ext.extension() is not None:
+        return "cpu-dequant"
     return "reference"
 
 
@@ -88,5 +93,10 @@ def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
         from . import triton_uniform
 
         return triton_uniform.uniform_linear(layer, x)
-    weight = layer.dequantize(x.dtype)
+    if path == "cpu-dequant":
+        weight = cpu_ext.extension().dequantize_uniform(layer.qweight, layer.scales, layer.qzeros, layer.g_idx,
+                                                        layer.bits, layer.in_features, max(layer.group_size, 1))
+        weight = weight.to(x.dtype)
+    else:
+        weight = layer.dequantize(x.dtype)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))

@@ -6,7 +6,7 @@ Stored tensors (``<module>.<name>`` in safetensors):
 - ``alpha_exp`` and ``alpha_sign`` int8 ``[q, row_groups, col_blocks, terms]``: each scale is
   ``Σ_p sign_p · 2^exp_p`` for the block of ``out/row_groups`` rows × ``col_block`` columns;
 - ``bias`` when the original linear had one.
-``W = Σ_t α_t ⊙ b_t``. The forward: ``kernels.cpu_lut.binary_coded_matmul`` (a lookup-table GEMV
+``W = Σ_t α_t ⊙ b_t``. The forward: ``kernels.cpu_ext.binary_coded_matmul`` (a lookup-table GEMV
 for a few tokens, the weight dequantized for that call otherwise; nothing dense is kept).
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from ..formats.bcq import BCQWeight, apot_value, bcq_dense
 from ..formats.packing import pack_codes, packed_words, unpack_codes
-from ..kernels.cpu_lut import binary_coded_matmul
+from ..kernels.cpu_ext import binary_coded_matmul
 from .base import CompressedLinear, Layout
 
 

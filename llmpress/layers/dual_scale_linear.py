@@ -8,7 +8,7 @@ Stored tensors (``<module>.<name>`` in safetensors):
   preceding linear (it is whenever that linear is ``up_proj`` of a gated MLP);
 - ``bias`` when the original linear had one.
 ``W[o, c] = column_scale[c] · Σ_t scales[t, o, c // group_size] · b_t[o, c]``. The forward scales
-the input by ``column_scale`` and runs ``kernels.cpu_lut.binary_coded_matmul`` on the sign planes.
+the input by ``column_scale`` and runs ``kernels.cpu_ext.binary_coded_matmul`` on the sign planes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from ..formats.dual_scale import DualScaleWeight, dual_scale_dense
 from ..formats.packing import pack_codes, packed_words, unpack_codes
-from ..kernels.cpu_lut import binary_coded_matmul
+from ..kernels.cpu_ext import binary_coded_matmul
 from .base import CompressedLinear, Layout
 
 

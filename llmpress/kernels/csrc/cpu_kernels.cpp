@@ -1,5 +1,7 @@
-// Lookup-table GEMV of binary-coded weights on CPU (ShiftAdd's BCQ, D²Quant's dual scales).
+// CPU kernels of llmpress's packed formats: the lookup-table GEMV and the dequantizer of
+// binary-coded weights (ShiftAdd's BCQ, D²Quant's dual scales), and the uniform dequantizer.
 //
+// Binary-coded weights:
 // W[n, k] = Σ_t alpha[t, n / rows_per, k / col_block] · (bit t of row n at column k ? +1 : −1).
 // Per token, every group of 8 inputs gets its 256 signed sums LUT[g][p] = Σ_i ±x[8g + i] (+ where
 // bit i of p is set); an output then adds, per bit-plane and group, alpha · LUT[g][byte], the byte
@@ -107,7 +109,59 @@ torch::Tensor dequantize(torch::Tensor sign_bits, torch::Tensor alpha, int64_t c
   return w;
 }
 
+namespace {
+
+inline uint32_t code_at(const uint32_t* words, int64_t i, int64_t bits, uint32_t mask) {
+  const int64_t bit = i * bits, word = bit >> 5, shift = bit & 31;
+  uint32_t v = words[word] >> shift;
+  if (shift + bits > 32) v |= words[word + 1] << (32 - shift);   // a 3-bit code straddling two words
+  return v & mask;
+}
+
+}  // namespace
+
+// The uniform format's dense [N, K] float32 weight, W[n, c] = scale[n, g] · (q[n, c] − z[n, g]) with
+// g = g_idx[c] (or c / group_size, 0 per row): the same float operations as the torch reference,
+// so the result is identical to it.
+torch::Tensor dequantize_uniform(torch::Tensor qweight, torch::Tensor scales, torch::Tensor qzeros,
+                                 c10::optional<torch::Tensor> g_idx, int64_t bits, int64_t k, int64_t group_size) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kInt32 && qzeros.scalar_type() == torch::kInt32, "packed int32 expected");
+  TORCH_CHECK(scales.is_floating_point(), "floating-point scales expected");
+  qweight = qweight.contiguous();
+  qzeros = qzeros.contiguous();
+  auto s32 = scales.to(torch::kFloat32).contiguous();
+  const int64_t n = qweight.size(0), words = qweight.size(1), groups = s32.size(1), zwords = qzeros.size(1);
+  TORCH_CHECK(words * 32 >= k * bits && zwords * 32 >= groups * bits, "the packed words do not hold the codes");
+  torch::Tensor gi;
+  if (g_idx.has_value()) {
+    gi = g_idx->to(torch::kInt64).contiguous();
+    TORCH_CHECK(gi.numel() == k, "g_idx must have one entry per input");
+  }
+  const int64_t* gp = gi.defined() ? gi.data_ptr<int64_t>() : nullptr;
+  const uint32_t mask = (1u << bits) - 1;
+  auto w = torch::empty({n, k}, s32.options());
+  float* out = w.data_ptr<float>();
+  const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  const auto* qz = reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>());
+  const float* sp = s32.data_ptr<float>();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> zero(groups);
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t g = 0; g < groups; ++g) zero[g] = static_cast<float>(code_at(qz + row * zwords, g, bits, mask));
+      const uint32_t* wr = qw + row * words;
+      const float* sr = sp + row * groups;
+      float* o = out + row * k;
+      for (int64_t c = 0; c < k; ++c) {
+        const int64_t g = gp ? gp[c] : (groups == 1 ? 0 : c / group_size);
+        o[c] = sr[g] * (static_cast<float>(code_at(wr, c, bits, mask)) - zero[g]);
+      }
+    }
+  });
+  return w;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { 
   m.def("lut_gemv", &lut_gemv, "lookup-table GEMV of binary-coded weights");
   m.def("dequantize", &dequantize, "the dense weight of binary-coded weights");
+  m.def("dequantize_uniform", &dequantize_uniform, "the dense weight of the uniform format");
 }

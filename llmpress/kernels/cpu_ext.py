@@ -1,7 +1,7 @@
-"""The C++ kernels of binary-coded weights on CPU (``csrc/lut_gemv.cpp``): the lookup-table GEMV
-for decoding and a dequantizer for prefill, built on first use with torch's extension builder.
-Where they cannot be built (no compiler), ``extension()`` says so once and returns None, and the
-layers use the torch LUT (``kernels.lut``) and the torch dequantizer instead."""
+"""The C++ CPU kernels (``csrc/cpu_kernels.cpp``): the lookup-table GEMV of binary-coded weights
+for decoding, their dequantizer, and the uniform format's dequantizer for prefill; built on first
+use with torch's extension builder. Where they cannot be built (no compiler), ``extension()`` says
+so once and returns None, and the torch LUT (``kernels.lut``) and dequantizers serve instead."""
 
 from __future__ import annotations
 
@@ -19,16 +19,17 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 
 @functools.lru_cache(maxsize=1)
 def extension():
-    """The built module (``lut_gemv``, ``dequantize``), or None where it cannot be built."""
+    """The built module (``lut_gemv``, ``dequantize``, ``dequantize_uniform``), or None where it
+    cannot be built."""
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="llmpress_lut_gemv", sources=[str(CSRC / "lut_gemv.cpp")],
+        return load(name="llmpress_cpu_kernels", sources=[str(CSRC / "cpu_kernels.cpp")],
                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no headers: the torch path serves
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"llmpress: the C++ kernel for binary-coded layers could not be built ({first}); "
-                      "they run on the slower torch path", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"llmpress: the C++ CPU kernels could not be built ({first}); packed layers run on the "
+                      "slower torch paths", RuntimeWarning, stacklevel=2)
         return None
 
 
