@@ -1,7 +1,8 @@
 """The C++ CPU kernels (``csrc/cpu_kernels.cpp``): the lookup-table GEMV of binary-coded weights
 for decoding, their dequantizer, and the uniform format's dequantizer for prefill; built on first
 use with torch's extension builder. Where they cannot be built (no compiler), ``extension()`` says
-so once and returns None, and the torch LUT (``kernels.lut``) and dequantizers serve instead."""
+so once and returns None, and the torch LUT (``kernels.lut``) and dequantizers serve instead.
+``binary_coded_matmul`` is the one path of binary-coded layers on every device."""
 
 from __future__ import annotations
 
