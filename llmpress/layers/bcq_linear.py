@@ -42,6 +42,7 @@ class BCQLinear(CompressedLinear):
         self.register_buffer("alpha_sign", torch.zeros(bits, row_groups, col_blocks, terms, dtype=torch.int8, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.compute_dtype = dtype
+        self._scales = None
 
     @classmethod
     def from_bcq(cls, q: BCQWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> BCQLinear:
@@ -62,10 +63,18 @@ class BCQLinear(CompressedLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return bcq_dense(self.signs(), self.alpha_exp, self.alpha_sign, self.col_block).to(dtype or self.compute_dtype)
 
+    def _float_scales(self) -> torch.Tensor:
+        """The scales as float32 ``[q, row_groups, col_blocks]``, computed once and kept while the
+        stored exponents are unchanged (a few KB: the weight itself stays packed)."""
+        key = (self.alpha_exp.data_ptr(), self.alpha_exp._version, self.alpha_sign._version)
+        if self._scales is None or self._scales[0] != key:
+            self._scales = (key, apot_value(self.alpha_exp, self.alpha_sign).to(torch.float32))
+        return self._scales[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        alpha = apot_value(self.alpha_exp, self.alpha_sign).to(torch.float32)
-        y = binary_coded_matmul(flat, self.sign_bits, alpha, self.col_block, lambda: self.dequantize(x.dtype))
+        y = binary_coded_matmul(flat, self.sign_bits, self._float_scales(), self.col_block,
+                                lambda: self.dequantize(x.dtype))
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 

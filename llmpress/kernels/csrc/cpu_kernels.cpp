@@ -63,17 +63,28 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor sign_bits, torch::Tensor a
       const int64_t r = row / rows_per;
       for (int64_t b = 0; b < batch; ++b) {
         const float* l = lut + b * groups * 256;
-        float acc = 0.f;
+        // Four independent accumulators: one chain of dependent adds would wait on each add's latency.
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
         for (int64_t t = 0; t < planes; ++t) {
           const uint8_t* s = bytes + (t * n + row) * words * 4;
           const float* at = a + (t * row_groups + r) * col_blocks;
+          if (per_block == 1) {   // ShiftAdd's layout: a scale per group of 8 columns
+            int64_t g = 0;
+            for (; g + 4 <= groups; g += 4)
+              for (int u = 0; u < 4; ++u) acc[u] += at[g + u] * l[(g + u) * 256 + s[g + u]];
+            for (; g < groups; ++g) acc[0] += at[g] * l[g * 256 + s[g]];
+            continue;
+          }
           for (int64_t c = 0, g = 0; g < groups; ++c) {   // one scale per block of per_block groups
-            float part = 0.f;
-            for (const int64_t stop = std::min(groups, g + per_block); g < stop; ++g) part += l[g * 256 + s[g]];
-            acc += at[c] * part;
+            float part[4] = {0.f, 0.f, 0.f, 0.f};
+            const int64_t stop = std::min(groups, g + per_block);
+            for (; g + 4 <= stop; g += 4)
+              for (int u = 0; u < 4; ++u) part[u] += l[(g + u) * 256 + s[g + u]];
+            for (; g < stop; ++g) part[0] += l[g * 256 + s[g]];
+            acc[c & 3] += at[c] * (part[0] + part[1] + part[2] + part[3]);
           }
         }
-        out[b * n + row] = acc;
+        out[b * n + row] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
       }
     }
   });
