@@ -19,22 +19,10 @@ def rss_mb() -> float:
 
 
 def decode_rate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Best-of-``repeats`` decode tokens/s, and the generated tokens."""
-    def generate(n):
-        with torch.no_grad():
-            return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=0, use_cache=True)
-    generate(2)   # warm-up: int4 packing, allocator
-    best = 0.0
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate(1)
-        t1 = time.perf_counter()
-        out = generate(new_tokens)
-        t2 = time.perf_counter()
-        best = max(best, (new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
-    return best, out[0, prompt.shape[1]:]
+    """Best-of-``repeats`` decode tokens/s, and the generated tokens (``llmpress eval --decode``'s timing)."""
+    from llmpress.eval.decode import timed_decode
+
+    return timed_decode(model, prompt, new_tokens, repeats)
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -45,9 +33,9 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def decode_prompt(tokenizer):
     """The prompt every decode timing starts from: the first 32 tokens of wiki/test."""
-    from llmpress.io.text import load_text, tokenize
+    from llmpress.eval.decode import decode_prompt as prompt
 
-    return tokenize(tokenizer, load_text("wiki/test"))[:32].unsqueeze(0)
+    return prompt(tokenizer)
 
 
 def folder_name(name: str) -> str:

@@ -20,7 +20,7 @@ import argparse
 from functools import partial
 
 import torch
-from common import OUT, common_prefix, decode_rate, rss_mb, update_benchmarks
+from common import OUT, common_prefix, decode_prompt, decode_rate, rss_mb, update_benchmarks
 
 DECODE_RECIPES = ("gptq-w4-g64", "gptq-w3-g64", "gptq-w2-g64", "rht-gptq-w3-g64", "d2quant-w2-g64", "shiftadd-w3",
                   "shiftadd-w2", "svdllm-30")
@@ -67,7 +67,6 @@ def gpu_table(repeats: int = 50) -> str:
 
 def main() -> None:
     import llmpress
-    from llmpress.io.text import load_text, tokenize
     from llmpress.kernels.dispatch import use_backend
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,7 +87,7 @@ def main() -> None:
         return
 
     dense, tokenizer = llmpress.load("smollm2-135m")
-    prompt = tokenize(tokenizer, load_text("wiki/test"))[:32].unsqueeze(0)
+    prompt = decode_prompt(tokenizer)
     threads = torch.get_num_threads()
     base, _ = decode_rate(dense.eval(), prompt, args.new_tokens, args.repeats)
     lines = [

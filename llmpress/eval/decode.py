@@ -26,21 +26,31 @@ class DecodeResult:
         return f"{self.protocol} = {self.tokens_per_second:.1f} tok/s"
 
 
-@torch.no_grad()
-def decode_speed(model, tokenizer, new_tokens: int = 128, repeats: int = 3) -> DecodeResult:
-    prompt = tokenize(tokenizer, load_text("wiki/test"))[:32].unsqueeze(0)
+def decode_prompt(tokenizer) -> torch.Tensor:
+    """The prompt every decode timing starts from: the first 32 tokens of wiki/test."""
+    return tokenize(tokenizer, load_text("wiki/test"))[:32].unsqueeze(0)
 
-    def generate(n: int) -> None:
-        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                       pad_token_id=tokenizer.eos_token_id or 0)
+
+@torch.no_grad()
+def timed_decode(model, prompt: torch.Tensor, new_tokens: int, repeats: int,
+                 pad_token_id: int = 0) -> tuple[float, torch.Tensor]:
+    """Best-of-``repeats`` decode tokens/s (prefill not counted), and the generated tokens."""
+    def generate(n: int) -> torch.Tensor:
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                              pad_token_id=pad_token_id)
 
     generate(2)   # warm-up: kernel packs, allocator
-    best = 0.0
+    best, out = 0.0, None
     for _ in range(repeats):
         t0 = time.perf_counter()
         generate(1)
         t1 = time.perf_counter()
-        generate(new_tokens)
+        out = generate(new_tokens)
         t2 = time.perf_counter()
         best = max(best, (new_tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
-    return DecodeResult(new_tokens, torch.get_num_threads(), best)
+    return best, out[0, prompt.shape[1]:]
+
+
+def decode_speed(model, tokenizer, new_tokens: int = 128, repeats: int = 3) -> DecodeResult:
+    rate, _ = timed_decode(model, decode_prompt(tokenizer), new_tokens, repeats, tokenizer.eos_token_id or 0)
+    return DecodeResult(new_tokens, torch.get_num_threads(), rate)
