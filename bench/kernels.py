@@ -23,7 +23,7 @@ import torch
 from common import OUT, common_prefix, decode_prompt, decode_rate, rss_mb, update_benchmarks
 
 DECODE_RECIPES = ("gptq-w4-g64", "gptq-w3-g64", "gptq-w2-g64", "rht-gptq-w3-g64", "d2quant-w2-g64", "shiftadd-w3",
-                  "shiftadd-w2", "svdllm-30")
+                  "shiftadd-w2", "rocket-30", "svdllm-30", "tt-mixed-30", "tt-aware-20")
 
 
 def gpu_table(repeats: int = 50) -> str:
@@ -68,6 +68,7 @@ def gpu_table(repeats: int = 50) -> str:
 def main() -> None:
     import llmpress
     from llmpress.kernels.dispatch import use_backend
+    from llmpress.layers.memory import resident_bytes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", default=",".join(DECODE_RECIPES), help="comma-separated presets, one row each")
@@ -113,7 +114,7 @@ def main() -> None:
         if not args.no_reference:   # the oracle, not a contender: one run
             with use_backend("reference"):
                 agree = f"{common_prefix(tokens, decode_rate(model, prompt, args.new_tokens, 1)[1])}/{args.new_tokens}"
-        held = weight_bytes(model) / 1e6
+        held = resident_bytes(model) / 1e6
         on_disk = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
         lines.append(f"| `{recipe}` | {rate:.1f} | {rate / base:.2f}x | {agree} | {held:.1f} | {on_disk:.1f} |")
         print(lines[-1], flush=True)
@@ -123,20 +124,6 @@ def main() -> None:
     print(body)
     if not args.no_update:
         update_benchmarks("kernels-cpu", body, "python bench/kernels.py")
-
-
-def weight_bytes(model) -> int:
-    """Bytes of every tensor the model's modules hold: parameters, buffers and kernel caches."""
-    seen, total = set(), 0
-    for module in model.modules():
-        for value in vars(module).values():
-            items = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else [value]
-            for item in items:
-                for t in vars(item).values() if hasattr(item, "__dataclass_fields__") else [item]:
-                    if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-                        seen.add(t.data_ptr())
-                        total += t.numel() * t.element_size()
-    return total
 
 
 if __name__ == "__main__":

@@ -27,13 +27,12 @@ def _layer(out_f, in_f, bits, group, *, act_order=False, seed=0, bias=True):
 def test_cpu_int4_path_equals_the_reference(in_f, group, act_order, bits):
     layer = _layer(96, in_f, bits, group, act_order=act_order)
     assert layer.cpu_int4_reason() is None
-    pack = layer.cpu_int4_pack()
     for rows in (1, 3, 8):
         x = torch.randn(rows, in_f)
         with use_backend("reference"):
             expected = layer(x)
         # torch's kernel with fp32 activations: the same function to fp32 rounding
-        exact = cpu_int4.int4_linear(x, pack, layer.bias, compute_dtype=torch.float32)
+        exact = cpu_int4.int4_linear(x, cpu_int4.pack_for_cpu(layer, torch.float32), layer.bias)
         assert torch.allclose(exact, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
         # the bf16 fast path the dispatcher takes for decoding: bf16 accuracy, same layout
         assert select_path(layer, x) == "cpu-int4"
@@ -71,6 +70,22 @@ def test_prefill_dequantizes_exactly_the_reference_weight(bits, group, act_order
     assert select_path(layer, x) == "reference"
 
 
+@pytest.mark.parametrize(("bits", "group"), [(8, -1), (8, 64), (3, 48), (4, 40), (2, -1)])
+def test_the_cpp_gemv_decodes_the_layers_the_int4_kernel_cannot_take(bits, group):
+    from llmpress.kernels import cpu_ext
+
+    if cpu_ext.extension() is None:
+        pytest.skip("no C++ compiler: these layers decode through the dequantizer")
+    layer = _layer(40, 240, bits, group)     # 40 outputs: not a multiple of 16 either
+    assert layer.cpu_int4_reason() is not None
+    for rows in (1, 5):
+        x = torch.randn(2, rows, 240)
+        assert select_path(layer, x) == "cpu-gemv"
+        with use_backend("reference"):
+            expected = layer(x)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 def test_int4_pack_is_rebuilt_when_the_tensors_change():
     layer = _layer(32, 128, 4, 64)
     first = layer.cpu_int4_pack()
@@ -80,9 +95,94 @@ def test_int4_pack_is_rebuilt_when_the_tensors_change():
     x = torch.randn(1, 128)
     with use_backend("reference"):
         expected = layer(x)
-    exact = cpu_int4.int4_linear(x, layer.cpu_int4_pack(), layer.bias, compute_dtype=torch.float32)
+    exact = cpu_int4.int4_linear(x, cpu_int4.pack_for_cpu(layer, torch.float32), layer.bias)
+    assert torch.equal(layer(x), cpu_int4.int4_linear(x, layer.cpu_int4_pack(), layer.bias))
     assert torch.allclose(exact, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
     assert cpu_int4.pack_for_cpu(layer).group_size == 64
+
+
+def _layers_reading_one_input(in_f, specs, *, act_order):
+    """Linears quantized against one input's statistics (as q/k/v are): equal act-order groups."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(4 * in_f, in_f, generator=g) * torch.linspace(0.2, 3, in_f)
+    layers = []
+    for out_f, bits, bias in specs:
+        result = gptq_quantize(torch.randn(out_f, in_f, generator=g), 2 * X.T @ X / X.shape[0], bits=bits,
+                               group_size=64, act_order=act_order)
+        layers.append(QuantLinear.from_quantized(result, torch.randn(out_f, generator=g) if bias else None,
+                                                 torch.float32))
+    return layers
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_reading_one_input_share_one_gemm_with_the_same_results(act_order):
+    members = _layers_reading_one_input(192, [(96, 4, True), (32, 3, False), (48, 2, True)], act_order=act_order)
+    x = torch.randn(1, 2, 192)
+    alone = [m(x) for m in members]
+    gemm = cpu_int4.SharedInputGemm(members)
+    for m in members:
+        m.shared_input = gemm
+    together = [m(x) for m in members]       # the first call computes all three
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3 * float(a.abs().max()))
+    # a member called with another tensor (or the same one changed in place) computes its own
+    other = torch.randn(1, 2, 192)
+    torch.testing.assert_close(members[1](other), cpu_int4.int4_linear(other, members[1].cpu_int4_pack(), None),
+                               rtol=1e-3, atol=1e-3)
+    members[0](x)
+    x.mul_(2)
+    torch.testing.assert_close(members[2](x), 2 * alone[2] - members[2].bias, rtol=2e-2, atol=2e-2)
+    # inputs read differently cannot share a GEMM
+    assert not cpu_int4.can_share_input([members[0], _layer(32, 192, 4, 32)])
+
+
+def test_a_loaded_model_links_the_linears_that_read_one_input(tiny_model_factory, tmp_path):
+    import llmpress
+
+    llmpress.compress(tiny_model_factory("llama"), "gptq-w4-g64", out=tmp_path / "w4", nsamples=8, seqlen=32,
+                      progress=False)
+    model, _ = llmpress.load(tmp_path / "w4")
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        assert attn.q_proj.shared_input is attn.k_proj.shared_input is attn.v_proj.shared_input is not None
+        assert mlp.gate_proj.shared_input is mlp.up_proj.shared_input is not None
+        assert attn.o_proj.shared_input is None and mlp.down_proj.shared_input is None
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        with use_backend("reference"):
+            expected = model(ids).logits
+        fast = model(ids).logits    # 12 rows: the int4 path, q/k/v and gate/up as one GEMM each
+    assert (fast - expected).abs().max() <= 2 ** -5 * expected.abs().max()
+
+
+@pytest.mark.parametrize(("dtype", "head", "stored"), [("float16", "auto", torch.float16),
+                                                     ("float32", "bfloat16", torch.bfloat16)])
+def test_a_half_precision_head_stays_half_and_computes_like_its_upcast(tiny_model_factory, tmp_path, dtype, head,
+                                                                      stored):
+    import json
+
+    import llmpress
+    from llmpress.compress.recipe import load_recipe
+    from llmpress.layers.stored_dense import StoredDtypeEmbedding, StoredDtypeLinear
+
+    recipe = load_recipe("rtn-w4-g64").model_copy(update={"head": head})
+    llmpress.compress(tiny_model_factory("llama"), recipe, out=tmp_path / "q", progress=False, dtype=dtype)
+    model, _ = llmpress.load(tmp_path / "q")
+    embed, head_module = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embed, StoredDtypeEmbedding) and isinstance(head_module, StoredDtypeLinear)
+    assert embed.weight.dtype == stored and head_module.weight is embed.weight    # still tied, one tensor
+    assert model.model.norm.weight.dtype == torch.float32
+    if head != "auto":
+        report = json.loads((tmp_path / "q" / "llmpress-report.json").read_text())["summary"]
+        assert report["embedding and head stored as"] == head and report["dense tensors stored as"] == dtype
+    ids = torch.randint(0, 1000, (1, 40))
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state
+        upcast = hidden @ embed.weight.float().T
+        assert torch.equal(head_module(hidden), upcast)            # prefill: fp32 on the stored weight
+        decode = head_module(hidden[:, -1:])                       # decoding: a half-precision GEMV
+        assert (decode - upcast[:, -1:]).abs().max() <= 1e-2 * upcast.abs().max()
+        assert model(ids).logits.dtype == torch.float32
 
 
 # -- binary-coded layers (ShiftAdd's BCQ, D²Quant's dual scales) ----------------------------------
@@ -143,19 +243,7 @@ def test_binary_coded_layers_equal_their_reference_on_every_path(built, monkeypa
 
 def test_a_compressed_model_keeps_nothing_dense_after_a_prefill(tiny_model_factory, tmp_path):
     import llmpress
-
-    def resident_bytes(model) -> int:   # every tensor a module holds: parameters, buffers, caches
-        seen, total = set(), 0
-        for module in model.modules():
-            for value in vars(module).values():
-                items = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else [value]
-                for item in items:
-                    tensors = vars(item).values() if hasattr(item, "__dataclass_fields__") else [item]
-                    for t in tensors:
-                        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-                            seen.add(t.data_ptr())
-                            total += t.numel() * t.element_size()
-        return total
+    from llmpress.layers.memory import resident_bytes
 
     for recipe in ("shiftadd-w2", "gptq-w3-g64"):
         llmpress.compress(tiny_model_factory("llama"), recipe, out=tmp_path / recipe, nsamples=8, seqlen=32,

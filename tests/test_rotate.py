@@ -45,6 +45,17 @@ def test_hadamard_of_every_width_is_orthogonal_and_the_fast_transform_equals_it(
     assert (back - x).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("n", [64, 160, 576, 1536, 4864])
+def test_the_online_hadamard_rotates_decoding_rows_like_long_inputs(n):
+    module = OnlineHadamard(n)
+    module.signs.copy_(torch.randint(0, 2, (n,)) * 2.0 - 1)
+    x = torch.randn(2, 3, n, dtype=torch.float64)
+    expected = x @ (module.signs[:, None].double() * hadamard_matrix(n))
+    assert (module.rotate(x) - expected).abs().max() < 1e-10                # ≤ 16 rows: folded factors
+    long = x.repeat(1, 7, 1)                                                 # 42 rows: the long-input path
+    assert (module.rotate(long) - expected.repeat(1, 7, 1)).abs().max() < 1e-10
+
+
 def test_a_width_without_a_hadamard_gets_a_clear_error():
     with pytest.raises(HadamardError, match="no Hadamard matrix known for width 6"):
         hadamard_factors(6)

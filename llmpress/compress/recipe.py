@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,6 +29,10 @@ class Recipe(BaseModel):
 
     name: str = "custom"
     description: str = ""
+    # Storage of the input embedding and the output head (one tensor when tied): `auto` stores
+    # them like every other dense tensor (`--dtype`). The runtime reads them as stored and
+    # computes in fp32 (layers.stored_dense).
+    head: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")

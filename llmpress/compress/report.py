@@ -140,6 +140,8 @@ def run_summary(out: Path, records: list[ModuleRecord], job, rotation, seconds: 
         "bits per weight (codes+scales+zeros)": round(sum(b for b, _ in sizes) / weights, 4) if weights else None,
         "size on disk (MB)": round(size / 1e6, 2),
         "dense tensors stored as": str(job.dense_dtype).removeprefix("torch."),
+        **({"embedding and head stored as": str(job.head_dtype).removeprefix("torch.")}
+           if job.head_dtype != job.dense_dtype else {}),
         **({"memory plan": notes["memory plan"]} if "memory plan" in notes else {}),
         "time (s)": round(seconds, 1),
         "peak RSS (MB)": round(peak_rss_mb(), 1),

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, RecipeError
-from ..io.checkpoint import RunFolder, prepare_output, save_tensors_atomic
+from ..io.checkpoint import RunFolder, embedding_names, prepare_output, save_tensors_atomic
 from ..io.models import (
+    STORAGE_DTYPES,
     LazyWeights,
     empty_model,
     linearize,
@@ -75,6 +76,7 @@ class _Job:
     rest_names: list[str]
     streaming: bool
     dense_dtype: torch.dtype   # storage of the tensors the recipe leaves dense
+    head_dtype: torch.dtype    # storage of the input embedding and the output head
     rotation: ResidualRotation | None = None   # HARP's starts as the RHT it is fitted from
 
 
@@ -128,6 +130,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
         fingerprint=_fingerprint(str(model), config, recipe, calib_info and calib_info["hash"], dense_dtype),
         store=store, rest_names=[n for n in names if not n.startswith(arch.blocks + ".")],
         streaming=store.has_all(names), dense_dtype=dense_dtype, rotation=rotation,
+        head_dtype=dense_dtype if recipe.head == "auto" else STORAGE_DTYPES[recipe.head],
     )
 
 
@@ -221,7 +224,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
                               peak_rss_mb=peak_rss_mb(), model=kept_model)
 
     head_transform = _add_head_bias(rest, folder, arch, job.skeleton, kept_model)
-    modules = folder.write_rest(rest, arch.blocks)
+    modules = folder.write_rest(rest, arch.blocks, head=(embedding_names(job.skeleton), job.head_dtype))
     job.tokenizer.save_pretrained(job.out)
     if (job.folder / "generation_config.json").exists():
         shutil.copy(job.folder / "generation_config.json", job.out / "generation_config.json")

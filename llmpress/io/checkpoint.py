@@ -28,6 +28,8 @@ from torch import nn
 from ..errors import LlmpressError, ModelLoadError, OutputError
 from ..layers import LAYER_FORMATS, CompressedLinear, OnlineHadamard
 from ..layers.online_hadamard import input_width
+from ..layers.shared_input import link_shared_inputs
+from ..layers.stored_dense import keep_stored_dtype
 from ..paths import atomic_write_text
 from ..version import __version__
 from .models import LazyWeights, cast_dense, empty_model, linearize, load_config, tie_output_embeddings
@@ -156,12 +158,15 @@ class RunFolder:
         LazyWeights(self.folder, weight_map=dict.fromkeys((f"{prefix}.{k}" for k in block.state_dict()), shard)
                     ).materialize(block, prefix)
 
-    def write_rest(self, rest: dict[str, torch.Tensor], blocks: str) -> dict[str, dict[str, Any]]:
+    def write_rest(self, rest: dict[str, torch.Tensor], blocks: str,
+                   head: tuple[set[str], torch.dtype] | None = None) -> dict[str, dict[str, Any]]:
         """The tensors outside the blocks, as the last shard; returns every compressed module's
-        manifest entry (``blocks``: the blocks' module path)."""
+        manifest entry (``blocks``: the blocks' module path; ``head``: the embedding and head
+        tensors and their storage dtype, when it is not ``dense_dtype``)."""
         from safetensors import safe_open
 
-        rest = cast_dense(rest, self.dense_dtype)
+        names, dtype = head or (set(), self.dense_dtype)
+        rest = cast_dense({n: rest.pop(n) for n in [n for n in rest if n in names]}, dtype) | cast_dense(rest, self.dense_dtype)
         save_tensors_atomic(rest, self.shard(self.n_blocks))
         self.weight_map = dict.fromkeys(rest, self.shard(self.n_blocks).name)
         modules: dict[str, dict[str, Any]] = {}
@@ -251,7 +256,11 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     expected = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in expected if not (tied and n == "lm_head.weight" and n not in store.weight_map)]
-    tensors = store.read(names)
+    # Kept as stored: the embedding and head (layers.stored_dense) and every compressed module's
+    # own tensors (its format fixes their dtypes; its forward computes in the input's).
+    compressed = tuple(f"{name}." for name in manifest["modules"])
+    stored = embedding_names(model) | {n for n in names if n.startswith(compressed) and not n.endswith(".bias")}
+    tensors = store.read([n for n in names if n not in stored]) | store.read([n for n in names if n in stored], native=True)
     for n in names:
         want, got = expected[n], tensors[n]
         if tuple(want.shape) != tuple(got.shape):
@@ -264,7 +273,15 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     if leftover:
         raise ModelLoadError(f"{folder}: no weights for {leftover[0]} (and {len(leftover) - 1} more)")
     _check_codes(model)
+    keep_stored_dtype(model, dtype)
+    link_shared_inputs(model)
     return model.eval()
+
+
+def embedding_names(model: nn.Module) -> set[str]:
+    """The state-dict names of the input embedding's and the output head's weights."""
+    ends = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return {f"{name}.weight" for name, m in model.named_modules() if id(m) in ends}
 
 
 def apply_transforms(model: nn.Module, transforms: Any, dtype: torch.dtype) -> None:

@@ -13,10 +13,15 @@ rounding but 20-60x slower than a dense fp32 GEMV on this machine. ``int4_linear
 computes in bf16 by default (``x`` and the scales rounded to bf16; about 3e-3 relative error on
 a layer's outputs) and in fp32 on request (the exactness check in the tests). It serves decoding;
 the fp32 perplexity protocol uses the reference path (``kernels.dispatch``).
+
+Linears that read the same input (q/k/v, gate/up) can run as one GEMM (``SharedInputGemm``):
+each call of the kernel costs some 20 µs beyond its weights at decode sizes, and converting
+the input to bf16 once instead of three times saves as much again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +34,7 @@ GROUP_SIZES = (256, 128, 64, 32)
 @dataclass(frozen=True)
 class Int4Pack:
     weight: torch.Tensor            # torch's packed layout, uint8 [N, K/2]
-    scales_and_zeros: torch.Tensor  # fp32 [K/group, N, 2]: scale, and offset s·(8 − z)
+    scales_and_zeros: torch.Tensor  # [K/group, N, 2] in the compute dtype: scale, and offset s·(8 − z)
     group_size: int
     perm: torch.Tensor | None       # input permutation (act-order), or None
     padding: int = 0                # zero inputs appended to fill the last group
@@ -58,8 +63,10 @@ def unsupported_reason(layer) -> str | None:
     return None
 
 
-def pack_for_cpu(layer) -> Int4Pack:
-    """Convert a 2-, 3- or 4-bit ``QuantLinear`` to torch's layout (once; the caller caches it)."""
+def _centred_codes(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """A layer's codes in the kernel's grid, before torch's packing (which interleaves output rows,
+    so packs cannot be concatenated afterwards): int32 codes ``[N, K + padding]``, fp32 scales and
+    offsets ``[K/group, N, 2]``, the input permutation, the padding."""
     group = _kernel_group(layer)
     codes = unpack_codes(layer.qweight, layer.bits, layer.in_features)           # [N, K]
     zeros = unpack_codes(layer.qzeros, layer.bits, layer.n_groups).to(torch.float32)
@@ -76,25 +83,90 @@ def pack_for_cpu(layer) -> Int4Pack:
     padding = len(col_group) * group - layer.in_features
     codes = torch.nn.functional.pad(codes, (0, padding))                 # padded inputs are zero
     centre = 8 - (1 << (layer.bits - 1))
-    codes = codes + centre
     s, z = scales[:, col_group], zeros[:, col_group] + centre           # [N, K/group]
-    scales_and_zeros = torch.stack([s.T, (s * (8 - z)).T], dim=-1).contiguous()
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
-    return Int4Pack(weight, scales_and_zeros, group, perm, padding)
+    scales_and_zeros = torch.stack([s.T, (s * (8 - z)).T], dim=-1)
+    return (codes + centre).to(torch.int32), scales_and_zeros, perm, padding
 
 
-def int4_linear(
-    x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16
-) -> torch.Tensor:
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1])
+def pack_for_cpu(layers, compute_dtype: torch.dtype = torch.bfloat16) -> Int4Pack:
+    """Convert a 2-, 3- or 4-bit ``QuantLinear`` (or linears that read one input, see
+    ``can_share_input``, stacked along the outputs) to torch's layout, with the scales in the dtype
+    the kernel will compute in. Done once; the caller caches it."""
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    parts = [_centred_codes(layer) for layer in layers]
+    codes = torch.cat([p[0] for p in parts]).contiguous()
+    scales_and_zeros = torch.cat([p[1] for p in parts], dim=1).to(compute_dtype).contiguous()
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    return Int4Pack(weight, scales_and_zeros, _kernel_group(layers[0]), parts[0][2], parts[0][3])
+
+
+def int4_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x · Wᵀ (+ bias)`` in the pack's compute dtype; the result in ``x``'s dtype. Few torch
+    calls: at decode sizes each costs as much as a small layer's arithmetic."""
+    flat = x.reshape(-1, x.shape[-1]).to(pack.scales_and_zeros.dtype)
     if pack.perm is not None:
         flat = flat.index_select(-1, pack.perm)
     if pack.padding:
         flat = torch.nn.functional.pad(flat, (0, pack.padding))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        flat.to(compute_dtype).contiguous(), pack.weight, pack.group_size, pack.scales_and_zeros.to(compute_dtype)
-    ).to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*lead, y.shape[-1])
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, pack.weight, pack.group_size, pack.scales_and_zeros)
+    y = y.to(x.dtype) if bias is None else torch.add(bias, y)   # bias is in x's dtype
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def pack_key(layer) -> tuple:
+    """Changes whenever the layer's packed tensors do (a cached pack is stale then)."""
+    return (layer.qweight.data_ptr(), layer.qweight._version, layer.scales._version, layer.qzeros._version)
+
+
+def can_share_input(layers: Sequence) -> bool:
+    """Whether ``layers`` can run as one int4 GEMM: each fits the kernel, and they read their
+    input the same way (width, kernel group, act-order permutation). Bit widths may differ: the
+    codes are centred per layer."""
+    first = layers[0]
+    for layer in layers:
+        if unsupported_reason(layer) is not None or layer.in_features != first.in_features:
+            return False
+        if _kernel_group(layer) != _kernel_group(first) or (layer.g_idx is None) != (first.g_idx is None):
+            return False
+        if layer.g_idx is not None and not torch.equal(layer.g_idx, first.g_idx):
+            return False
+    return True
+
+
+class SharedInputGemm:
+    """Linears that read one input tensor, computed together: the first member called with an
+    input computes every member's output for it; each other member, called with that very tensor
+    (unchanged since), takes its own. A member called with anything else computes afresh, so the
+    grouping can cost time but never change a result."""
+
+    def __init__(self, members: Sequence) -> None:
+        if len(members) < 2 or not can_share_input(members):
+            raise ValueError("these linears cannot share one int4 GEMM")
+        self.members = list(members)
+        self._pack: tuple[tuple, Int4Pack, torch.Tensor | None] | None = None
+        self._pending: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
+
+    def _fused(self) -> tuple[Int4Pack, torch.Tensor | None]:
+        key = tuple(pack_key(m) for m in self.members)
+        if self._pack is None or self._pack[0] != key:
+            pack = pack_for_cpu(self.members)
+            bias = None
+            if any(m.bias is not None for m in self.members):
+                bias = torch.cat([torch.zeros(m.out_features) if m.bias is None else m.bias.float()
+                                  for m in self.members])
+            self._pack = (key, pack, bias)
+        return self._pack[1], self._pack[2]
+
+    def output(self, member, x: torch.Tensor) -> torch.Tensor:
+        pending = self._pending
+        if pending is not None and pending[0] is x and pending[1] == x._version and id(member) in pending[2]:
+            y = pending[2].pop(id(member))
+            if not pending[2]:
+                self._pending = None
+            return y
+        pack, bias = self._fused()
+        outputs = int4_linear(x, pack, None if bias is None else bias.to(x.dtype)).split(
+            [m.out_features for m in self.members], dim=-1)
+        others = {id(m): y for m, y in zip(self.members, outputs) if m is not member}
+        self._pending = (x, x._version, others)
+        return outputs[next(i for i, m in enumerate(self.members) if m is member)]

@@ -5,7 +5,10 @@ the input's device, with the torch reference as the oracle and the fallback.
   format; every other path is tested against it.
 - ``cpu-int4``: torch's packed int4 CPU GEMM (``kernels.cpu_int4``), bf16 activations. ``auto``
   takes it on CPU for the 2-, 3- and 4-bit layers it fits when the input has at most ``CPU_INT4_MAX_ROWS`` rows
-  (decoding).
+  (decoding); linears that read one input run as one GEMM there (``layers.shared_input``).
+- ``cpu-gemv``: decoding inputs on CPU for the layers the int4 kernel cannot take (8-bit codes,
+  other group sizes) whose groups are contiguous: the C++ GEMV (``kernels.cpu_ext``) reads the
+  packed codes as stored, in fp32.
 - ``cpu-dequant``: larger inputs on CPU (prefill, the fp32 perplexity protocol): the C++
   dequantizer (``kernels.cpu_ext``, identical to the reference's weights, several times faster),
   then one fp32 GEMM; the weight lives for that call only.
@@ -26,7 +29,7 @@ import torch
 
 from . import cpu_ext, cpu_int4
 
-BACKENDS = ("auto", "reference", "cpu-int4", "cpu-dequant", "triton", "cuda")
+BACKENDS = ("auto", "reference", "cpu-int4", "cpu-gemv", "cpu-dequant", "triton", "cuda")
 CPU_INT4_MAX_ROWS = 16
 _backend = os.environ.get("LLMPRESS_KERNEL", "auto")
 
@@ -60,12 +63,21 @@ def _triton_ready() -> bool:
     return triton_uniform.available()
 
 
+def gemv_fits(layer) -> bool:
+    """Whether the C++ GEMV can run ``layer``: contiguous groups, widths of whole 8-code chunks."""
+    group = layer.group_size if layer.group_size > 0 else layer.in_features
+    return (layer.g_idx is None or layer.n_groups == 1) and layer.in_features % 8 == 0 and group % 8 == 0
+
+
 def select_path(layer, x: torch.Tensor) -> str:
     """The path ``layer(x)`` takes under the current backend."""
     backend = _backend
     if backend == "reference":
         return "reference"
     rows = x.numel() // max(x.shape[-1], 1)
+    on_cpu = not x.is_cuda
+    if backend == "auto" and on_cpu and rows <= CPU_INT4_MAX_ROWS and not layer.cpu_int4_reason():
+        return "cpu-int4"   # decoding, the hot case: decided first
     if (backend == "cuda" and x.device.type == "cuda" and layer.bits == 4 and rows <= 8
             and x.dtype == torch.float16 and layer.in_features % 8 == 0):
         return "cuda"
@@ -74,6 +86,9 @@ def select_path(layer, x: torch.Tensor) -> str:
     small = backend == "cpu-int4" or rows <= CPU_INT4_MAX_ROWS
     if x.device.type == "cpu" and backend in ("auto", "cpu-int4") and small and layer.cpu_int4_reason() is None:
         return "cpu-int4"
+    decoding = (backend == "auto" and rows <= CPU_INT4_MAX_ROWS) or backend == "cpu-gemv"
+    if on_cpu and decoding and gemv_fits(layer) and cpu_ext.extension() is not None:
+        return "cpu-gemv"
     if x.device.type == "cpu" and backend in ("auto", "cpu-dequant") and cpu_ext.extension() is not None:
         return "cpu-dequant"
     return "reference"
@@ -81,9 +96,11 @@ def select_path(layer, x: torch.Tensor) -> str:
 
 def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
     path = select_path(layer, x)
-    bias = layer.bias
     if path == "cpu-int4":
-        return cpu_int4.int4_linear(x, layer.cpu_int4_pack(), bias)
+        if layer.shared_input is not None:
+            return layer.shared_input.output(layer, x)
+        return cpu_int4.int4_linear(x, layer.cpu_int4_pack(), layer.bias)
+    bias = layer.bias
     if path == "cuda":
         from . import cuda_ext
 
@@ -93,6 +110,12 @@ def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
         from . import triton_uniform
 
         return triton_uniform.uniform_linear(layer, x)
+    if path == "cpu-gemv":
+        flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        y = cpu_ext.extension().uniform_gemv(flat, layer.qweight, layer.scales, layer.qzeros, layer.bits,
+                                             layer.group_size).to(x.dtype)
+        y = y if bias is None else y + bias.to(x.dtype)
+        return y.view(*x.shape[:-1], layer.out_features)
     if path == "cpu-dequant":
         weight = cpu_ext.extension().dequantize_uniform(layer.qweight, layer.scales, layer.qzeros, layer.g_idx,
                                                         layer.bits, layer.in_features, max(layer.group_size, 1))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..formats.factor import Factors, index_bits
+from ..kernels.dispatch import CPU_INT4_MAX_ROWS as DECODE_ROWS
 from .base import CompressedLinear, Layout
 
 
@@ -89,6 +90,11 @@ class FactorLinear(CompressedLinear):
         return self._csr[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stored = self.dictionary.dtype
+        if stored != x.dtype and x.numel() <= DECODE_ROWS * self.in_features and not x.is_cuda and self.nnz is None:
+            # decoding: both products in the stored dtype (fp32 accumulation), no per-call upcast
+            y = (x.to(stored) @ self.dictionary.T @ self.coef.T).to(x.dtype)
+            return y + self.bias.to(x.dtype) if self.bias is not None else y
         h = x @ self.dictionary.to(x.dtype).T
         if self.nnz is None:
             y = h @ self.coef.to(x.dtype).T

@@ -14,10 +14,13 @@ kernel; otherwise through small Kronecker-factored matmuls.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..formats.hadamard import apply_hadamard, hadamard_factors
+from ..kernels.dispatch import CPU_INT4_MAX_ROWS as DECODE_ROWS
 
 try:   # optional CUDA kernel (`pip install llmpress[fast-hadamard]`)
     from fast_hadamard_transform import hadamard_transform as _fast_hadamard
@@ -39,13 +42,31 @@ class OnlineHadamard(nn.Module):
         self.size = size
         self.register_buffer("signs", torch.ones(size, dtype=dtype, device=device))
         self._factors = hadamard_factors(size)
+        self._decode_factors: tuple[torch.Tensor, ...] | None = None
         self.linear = linear
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= DECODE_ROWS * self.size and not x.is_cuda:
+            return self._rotate_rows(x)
         x = x * self.signs.to(x.dtype)
         if _fast_hadamard is not None and x.is_cuda and len(self._factors) >= 1:
             return self._rotate_fast(x)
         return apply_hadamard(x, self._factors)
+
+    def _rotate_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoding: the same product, with 1/√n folded into the first factor once and each factor
+        applied by a broadcast matmul on a view (no transposed copies): a one-row rotation costs
+        its number of torch calls, so it makes few."""
+        factors = self._decode_factors
+        if factors is None or factors[0].dtype != x.dtype:
+            scaled = [f.to(torch.float64) for f in self._factors]
+            scaled[0] = scaled[0] * self.size ** -0.5
+            factors = self._decode_factors = tuple(f.to(x.dtype) for f in scaled)
+        y = x.reshape(-1, self.size) * self.signs.to(x.dtype)
+        for i, f in enumerate(factors):
+            after = math.prod(g.shape[0] for g in factors[i + 1:])
+            y = f.T @ y.view(-1, f.shape[0], after) if after > 1 else y.view(-1, f.shape[0]) @ f
+        return y.reshape(x.shape)
 
     def _rotate_fast(self, x: torch.Tensor) -> torch.Tensor:   # pragma: no cover - CUDA only
         first = self._factors[0]

@@ -56,6 +56,7 @@ class QuantLinear(CompressedLinear):
         self.compute_dtype = dtype
         self._int4_reason: str | None = None      # caches of the CPU int4 path (kernels/dispatch)
         self._int4_pack = None
+        self.shared_input: cpu_int4.SharedInputGemm | None = None   # set by layers.shared_input
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -93,7 +94,7 @@ class QuantLinear(CompressedLinear):
     def cpu_int4_pack(self) -> cpu_int4.Int4Pack:
         """This layer in torch's int4 layout, converted on first use and kept while the packed
         tensors are unchanged."""
-        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version, self.qzeros._version)
+        key = cpu_int4.pack_key(self)
         if self._int4_pack is None or self._int4_pack[0] != key:
             self._int4_pack = (key, cpu_int4.pack_for_cpu(self))
         return self._int4_pack[1]

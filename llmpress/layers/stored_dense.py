@@ -1,0 +1,56 @@
+"""The dense embedding and head of a loaded model, kept in the dtype they are stored in (fp16 or
+bf16) while the model computes in fp32: an fp32 copy of SmolLM2's tied 28M-parameter embedding
+would double the resident size of a 4-bit model, and reading it costs more per decoded token than
+all its 4-bit linears.
+
+- ``StoredDtypeEmbedding`` looks rows up in the stored dtype and returns them in the compute
+  dtype: the same values as an upcast table.
+- ``StoredDtypeLinear`` (the head): inputs of up to ``DECODE_ROWS`` rows (decoding) are rounded to
+  the stored dtype and multiplied there (fp32 accumulation; fp16 outputs are rounded to ~5e-4
+  relative); larger inputs (prefill, the fp32 perplexity protocol) upcast the weight for that call
+  only, so their logits equal those of an fp32 copy of the stored weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.dispatch import CPU_INT4_MAX_ROWS as DECODE_ROWS
+
+
+class StoredDtypeEmbedding(nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, compute_dtype: torch.dtype):
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+                         _weight=embedding.weight.data, _freeze=True)
+        self.weight = embedding.weight   # the very tensor: a tied head keeps sharing it
+        self.compute_dtype = compute_dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids).to(self.compute_dtype)
+
+
+class StoredDtypeLinear(nn.Linear):
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= DECODE_ROWS * x.shape[-1]:
+            y = nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def keep_stored_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Wrap the input embedding and the output head whose weights are narrower than
+    ``compute_dtype`` (a tied pair keeps one shared tensor)."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    narrower = (lambda w: w.is_floating_point() and torch.finfo(w.dtype).bits < torch.finfo(compute_dtype).bits)
+    if isinstance(inp, nn.Embedding) and type(inp) is nn.Embedding and narrower(inp.weight):
+        model.set_input_embeddings(StoredDtypeEmbedding(inp, compute_dtype))
+    if isinstance(out, nn.Linear) and type(out) is nn.Linear and narrower(out.weight):
+        model.set_output_embeddings(StoredDtypeLinear(out, compute_dtype))
