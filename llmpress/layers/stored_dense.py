@@ -18,12 +18,16 @@ from torch import nn
 
 from ..kernels.dispatch import CPU_INT4_MAX_ROWS as DECODE_ROWS
 
+# The weights are buffers, not parameters: transformers takes a model's ``dtype`` from its first
+# floating parameter, and the model computes in ``compute_dtype``, not in the storage dtype.
+
 
 class StoredDtypeEmbedding(nn.Embedding):
     def __init__(self, embedding: nn.Embedding, compute_dtype: torch.dtype):
         super().__init__(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
-                         _weight=embedding.weight.data, _freeze=True)
-        self.weight = embedding.weight   # the very tensor: a tied head keeps sharing it
+                         _weight=embedding.weight.detach(), _freeze=True)
+        del self.weight
+        self.register_buffer("weight", embedding.weight.detach())
         self.compute_dtype = compute_dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -31,10 +35,10 @@ class StoredDtypeEmbedding(nn.Embedding):
 
 
 class StoredDtypeLinear(nn.Linear):
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, weight: torch.Tensor | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
+        self.register_buffer("weight", linear.weight.detach() if weight is None else weight)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
 
@@ -50,7 +54,10 @@ def keep_stored_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
     ``compute_dtype`` (a tied pair keeps one shared tensor)."""
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     narrower = (lambda w: w.is_floating_point() and torch.finfo(w.dtype).bits < torch.finfo(compute_dtype).bits)
-    if isinstance(inp, nn.Embedding) and type(inp) is nn.Embedding and narrower(inp.weight):
-        model.set_input_embeddings(StoredDtypeEmbedding(inp, compute_dtype))
-    if isinstance(out, nn.Linear) and type(out) is nn.Linear and narrower(out.weight):
-        model.set_output_embeddings(StoredDtypeLinear(out, compute_dtype))
+    embedding = None
+    if type(inp) is nn.Embedding and narrower(inp.weight):
+        embedding = StoredDtypeEmbedding(inp, compute_dtype)
+        model.set_input_embeddings(embedding)
+    if type(out) is nn.Linear and narrower(out.weight):
+        tied = embedding is not None and out.weight is inp.weight
+        model.set_output_embeddings(StoredDtypeLinear(out, compute_dtype, embedding.weight if tied else None))
