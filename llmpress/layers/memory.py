@@ -17,6 +17,10 @@ def resident_bytes(model: nn.Module) -> int:
 
     def visit(value) -> None:
         nonlocal total
+        if isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr:   # a factor layer's CSR cache
+            for part in (value.crow_indices(), value.col_indices(), value.values()):
+                visit(part)
+            return
         if isinstance(value, torch.Tensor):
             ptr = value.untyped_storage().data_ptr()
             if ptr not in seen_storage:
