@@ -53,3 +53,24 @@ def update_benchmarks(section: str, body: str, command: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def publish(lines: list[str], section: str, command: str, update: bool) -> None:
+    """Print a finished table (with the process's peak RSS) and, with ``update``, put it in
+    BENCHMARKS.md's ``section``."""
+    body = "\n".join([*lines, "", f"Peak RSS of the benchmark process: {rss_mb():.0f} MB."])
+    print(body)
+    if update:
+        update_benchmarks(section, body, command)
+
+
+def quick_model(recipe: str) -> Path:
+    """``smollm2-135m`` compressed with ``recipe`` on 16x256 windows (the speed benchmarks' models:
+    calibration does not change a format's layout or its speed), made once under bench/out."""
+    import llmpress
+
+    folder = OUT / f"decode-{recipe}"
+    if not (folder / "config.json").exists():
+        print(f"compressing smollm2-135m with {recipe} (16x256) into {folder} ...", flush=True)
+        llmpress.compress("smollm2-135m", recipe, out=folder, nsamples=16, seqlen=256, overwrite=True, progress=False)
+    return folder

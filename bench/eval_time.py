@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch
-from common import OUT, rss_mb, update_benchmarks
+from common import publish, quick_model
 
 import llmpress
 
@@ -32,13 +32,7 @@ def main() -> None:
              "| model | ppl (s) | vs dense | ppl | lastword (s) | vs dense | lastword acc |", "|---|---|---|---|---|---|---|"]
     base = None
     for name, recipe in ROWS:
-        folder = "smollm2-135m"
-        if recipe is not None:
-            folder = OUT / f"decode-{recipe}"
-            if not (folder / "config.json").exists():
-                llmpress.compress("smollm2-135m", recipe, out=folder, nsamples=16, seqlen=256, overwrite=True,
-                                  progress=False)
-        model, tokenizer = llmpress.load(folder)
+        model, tokenizer = llmpress.load("smollm2-135m" if recipe is None else quick_model(recipe))
         start = time.perf_counter()
         ppl = llmpress.perplexity(model, tokenizer, "wiki/test", windows=8).ppl
         t_ppl = time.perf_counter() - start
@@ -51,11 +45,7 @@ def main() -> None:
                      f"{t_task / base[1]:.2f}x | {acc:.3f} |")
         print(lines[-1], flush=True)
         del model
-    lines += ["", f"Peak RSS of the benchmark process: {rss_mb():.0f} MB."]
-    body = "\n".join(lines)
-    print(body)
-    if not args.no_update:
-        update_benchmarks("eval-time", body, "python bench/eval_time.py")
+    publish(lines, "eval-time", "python bench/eval_time.py", not args.no_update)
 
 
 if __name__ == "__main__":

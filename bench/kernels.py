@@ -20,7 +20,7 @@ import argparse
 from functools import partial
 
 import torch
-from common import OUT, common_prefix, decode_prompt, decode_rate, rss_mb, update_benchmarks
+from common import common_prefix, decode_prompt, decode_rate, publish, quick_model, update_benchmarks
 
 DECODE_RECIPES = ("gptq-w4-g64", "gptq-w3-g64", "gptq-w2-g64", "rht-gptq-w3-g64", "d2quant-w2-g64", "shiftadd-w3",
                   "shiftadd-w2", "rocket-30", "svdllm-30", "tt-mixed-30", "tt-aware-20")
@@ -102,11 +102,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for recipe in [r for r in args.recipes.split(",") if r]:
-        folder = OUT / f"decode-{recipe}"
-        if not (folder / "config.json").exists():
-            print(f"compressing smollm2-135m with {recipe} (16x256) into {folder} ...", flush=True)
-            llmpress.compress("smollm2-135m", recipe, out=folder, nsamples=16, seqlen=256, overwrite=True,
-                              progress=False)
+        folder = quick_model(recipe)
         model, _ = llmpress.load(folder)
         with use_backend("auto"):
             rate, tokens = decode_rate(model.eval(), prompt, args.new_tokens, args.repeats)
@@ -119,11 +115,7 @@ def main() -> None:
         lines.append(f"| `{recipe}` | {rate:.1f} | {rate / base:.2f}x | {agree} | {held:.1f} | {on_disk:.1f} |")
         print(lines[-1], flush=True)
         del model
-    lines += ["", f"Peak RSS of the benchmark process: {rss_mb():.0f} MB."]
-    body = "\n".join(lines)
-    print(body)
-    if not args.no_update:
-        update_benchmarks("kernels-cpu", body, "python bench/kernels.py")
+    publish(lines, "kernels-cpu", "python bench/kernels.py", not args.no_update)
 
 
 if __name__ == "__main__":

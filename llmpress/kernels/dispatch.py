@@ -4,7 +4,7 @@ the input's device, with the torch reference as the oracle and the fallback.
 - ``reference``: dequantize with torch, then a dense matmul in the input's dtype. Exact to the
   format; every other path is tested against it.
 - ``cpu-int4``: torch's packed int4 CPU GEMM (``kernels.cpu_int4``), bf16 activations. ``auto``
-  takes it on CPU for the 2-, 3- and 4-bit layers it fits when the input has at most ``CPU_INT4_MAX_ROWS`` rows
+  takes it on CPU for the 2-, 3- and 4-bit layers it fits when the input has at most ``DECODE_MAX_ROWS`` rows
   (decoding); linears that read one input run as one GEMM there (``layers.shared_input``).
 - ``cpu-gemv``: decoding inputs on CPU for the layers the int4 kernel cannot take (8-bit codes,
   other group sizes) whose groups are contiguous: the C++ GEMV (``kernels.cpu_ext``) reads the
@@ -30,7 +30,7 @@ import torch
 from . import cpu_ext, cpu_int4
 
 BACKENDS = ("auto", "reference", "cpu-int4", "cpu-gemv", "cpu-dequant", "triton", "cuda")
-CPU_INT4_MAX_ROWS = 16
+DECODE_MAX_ROWS = 16
 _backend = os.environ.get("LLMPRESS_KERNEL", "auto")
 
 
@@ -76,17 +76,17 @@ def select_path(layer, x: torch.Tensor) -> str:
         return "reference"
     rows = x.numel() // max(x.shape[-1], 1)
     on_cpu = not x.is_cuda
-    if backend == "auto" and on_cpu and rows <= CPU_INT4_MAX_ROWS and not layer.cpu_int4_reason():
+    if backend == "auto" and on_cpu and rows <= DECODE_MAX_ROWS and not layer.cpu_int4_reason():
         return "cpu-int4"   # decoding, the hot case: decided first
     if (backend == "cuda" and x.device.type == "cuda" and layer.bits == 4 and rows <= 8
             and x.dtype == torch.float16 and layer.in_features % 8 == 0):
         return "cuda"
     if x.device.type == "cuda" and backend in ("auto", "triton") and _triton_ready():
         return "triton"
-    small = backend == "cpu-int4" or rows <= CPU_INT4_MAX_ROWS
+    small = backend == "cpu-int4" or rows <= DECODE_MAX_ROWS
     if x.device.type == "cpu" and backend in ("auto", "cpu-int4") and small and layer.cpu_int4_reason() is None:
         return "cpu-int4"
-    decoding = (backend == "auto" and rows <= CPU_INT4_MAX_ROWS) or backend == "cpu-gemv"
+    decoding = (backend == "auto" and rows <= DECODE_MAX_ROWS) or backend == "cpu-gemv"
     if on_cpu and decoding and gemv_fits(layer) and cpu_ext.extension() is not None:
         return "cpu-gemv"
     if x.device.type == "cpu" and backend in ("auto", "cpu-dequant") and cpu_ext.extension() is not None:

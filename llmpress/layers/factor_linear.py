@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..formats.factor import Factors, index_bits
-from ..kernels.dispatch import CPU_INT4_MAX_ROWS as DECODE_ROWS
+from ..kernels.dispatch import DECODE_MAX_ROWS
 from .base import CompressedLinear, Layout
 
 
@@ -91,7 +91,7 @@ class FactorLinear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stored = self.dictionary.dtype
-        if stored != x.dtype and x.numel() <= DECODE_ROWS * self.in_features and not x.is_cuda and self.nnz is None:
+        if stored != x.dtype and x.numel() <= DECODE_MAX_ROWS * self.in_features and not x.is_cuda and self.nnz is None:
             # decoding: both products in the stored dtype (fp32 accumulation), no per-call upcast
             y = (x.to(stored) @ self.dictionary.T @ self.coef.T).to(x.dtype)
             return y + self.bias.to(x.dtype) if self.bias is not None else y

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..formats.hadamard import apply_hadamard, hadamard_factors
-from ..kernels.dispatch import CPU_INT4_MAX_ROWS as DECODE_ROWS
+from ..kernels.dispatch import DECODE_MAX_ROWS
 
 try:   # optional CUDA kernel (`pip install llmpress[fast-hadamard]`)
     from fast_hadamard_transform import hadamard_transform as _fast_hadamard
@@ -46,7 +46,7 @@ class OnlineHadamard(nn.Module):
         self.linear = linear
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= DECODE_ROWS * self.size and not x.is_cuda:
+        if x.numel() <= DECODE_MAX_ROWS * self.size and not x.is_cuda:
             return self._rotate_rows(x)
         x = x * self.signs.to(x.dtype)
         if _fast_hadamard is not None and x.is_cuda and len(self._factors) >= 1:

@@ -5,7 +5,7 @@ all its 4-bit linears.
 
 - ``StoredDtypeEmbedding`` looks rows up in the stored dtype and returns them in the compute
   dtype: the same values as an upcast table.
-- ``StoredDtypeLinear`` (the head): inputs of up to ``DECODE_ROWS`` rows (decoding) are rounded to
+- ``StoredDtypeLinear`` (the head): inputs of up to ``DECODE_MAX_ROWS`` rows (decoding) are rounded to
   the stored dtype and multiplied there (fp32 accumulation; fp16 outputs are rounded to ~5e-4
   relative); larger inputs (prefill, the fp32 perplexity protocol) upcast the weight for that call
   only, so their logits equal those of an fp32 copy of the stored weight.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.dispatch import CPU_INT4_MAX_ROWS as DECODE_ROWS
+from ..kernels.dispatch import DECODE_MAX_ROWS
 
 # The weights are buffers, not parameters: transformers takes a model's ``dtype`` from its first
 # floating parameter, and the model computes in ``compute_dtype``, not in the storage dtype.
@@ -43,7 +43,7 @@ class StoredDtypeLinear(nn.Linear):
         self.compute_dtype = compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= DECODE_ROWS * x.shape[-1]:
+        if x.numel() <= DECODE_MAX_ROWS * x.shape[-1]:
             y = nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
