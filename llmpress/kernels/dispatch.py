@@ -74,23 +74,23 @@ def select_path(layer, x: torch.Tensor) -> str:
     backend = _backend
     if backend == "reference":
         return "reference"
+    if x.device.type == "cpu":   # decoding on CPU is the hot case: decided first
+        decoding = backend == "auto" and x.numel() <= DECODE_MAX_ROWS * x.shape[-1]
+        if (decoding or backend == "cpu-int4") and not layer.cpu_int4_reason():
+            return "cpu-int4"
+        if (decoding or backend == "cpu-gemv") and gemv_fits(layer) and cpu_ext.extension() is not None:
+            return "cpu-gemv"
+        if backend in ("auto", "cpu-dequant") and cpu_ext.extension() is not None:
+            return "cpu-dequant"
+        return "reference"
+    if not x.is_cuda:
+        return "reference"
     rows = x.numel() // max(x.shape[-1], 1)
-    on_cpu = not x.is_cuda
-    if backend == "auto" and on_cpu and rows <= DECODE_MAX_ROWS and not layer.cpu_int4_reason():
-        return "cpu-int4"   # decoding, the hot case: decided first
-    if (backend == "cuda" and x.device.type == "cuda" and layer.bits == 4 and rows <= 8
-            and x.dtype == torch.float16 and layer.in_features % 8 == 0):
+    if (backend == "cuda" and layer.bits == 4 and rows <= 8 and x.dtype == torch.float16
+            and layer.in_features % 8 == 0):
         return "cuda"
-    if x.device.type == "cuda" and backend in ("auto", "triton") and _triton_ready():
+    if backend in ("auto", "triton") and _triton_ready():
         return "triton"
-    small = backend == "cpu-int4" or rows <= DECODE_MAX_ROWS
-    if x.device.type == "cpu" and backend in ("auto", "cpu-int4") and small and layer.cpu_int4_reason() is None:
-        return "cpu-int4"
-    decoding = (backend == "auto" and rows <= DECODE_MAX_ROWS) or backend == "cpu-gemv"
-    if on_cpu and decoding and gemv_fits(layer) and cpu_ext.extension() is not None:
-        return "cpu-gemv"
-    if x.device.type == "cpu" and backend in ("auto", "cpu-dequant") and cpu_ext.extension() is not None:
-        return "cpu-dequant"
     return "reference"
 
 

@@ -17,11 +17,11 @@ def resident_bytes(model: nn.Module) -> int:
 
     def visit(value) -> None:
         nonlocal total
-        if isinstance(value, torch.Tensor) and value.layout == torch.sparse_csr:   # a factor layer's CSR cache
-            for part in (value.crow_indices(), value.col_indices(), value.values()):
-                visit(part)
-            return
         if isinstance(value, torch.Tensor):
+            if value.layout == torch.sparse_csr:   # a factor layer's CSR cache: count its parts
+                for part in (value.crow_indices(), value.col_indices(), value.values()):
+                    visit(part)
+                return
             ptr = value.untyped_storage().data_ptr()
             if ptr not in seen_storage:
                 seen_storage.add(ptr)
