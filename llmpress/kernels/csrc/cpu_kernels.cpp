@@ -17,24 +17,19 @@
 
 namespace {
 
-// LUT[g][p] = Σ_i ±x[8g + i] (+ where bit i of p is set), as the outer sum of two 16-entry tables
-// (inputs 0-3 and 4-7): 16 vectorisable rows of 16 adds per group instead of 255 dependent adds.
-void build_luts(const float* x, int64_t k, int64_t groups, float* lut) {
-  for (int64_t g = 0; g < groups; ++g) {
-    float v[8];
-    for (int i = 0; i < 8; ++i) {
-      const int64_t c = 8 * g + i;
-      v[i] = c < k ? x[c] : 0.f;
-    }
-    float lo[16], hi[16];
-    for (int p = 0; p < 16; ++p) {
-      lo[p] = ((p & 1) ? v[0] : -v[0]) + ((p & 2) ? v[1] : -v[1]) + ((p & 4) ? v[2] : -v[2]) + ((p & 8) ? v[3] : -v[3]);
-      hi[p] = ((p & 1) ? v[4] : -v[4]) + ((p & 2) ? v[5] : -v[5]) + ((p & 4) ? v[6] : -v[6]) + ((p & 8) ? v[7] : -v[7]);
-    }
-    float* out = lut + g * 256;
-    for (int h = 0; h < 16; ++h)
-      for (int l = 0; l < 16; ++l) out[h * 16 + l] = hi[h] + lo[l];
+// One group's table: lut[p] = Σ_i ±x[i] (+ where bit i of p is set) over its 8 inputs (``left`` of
+// them inside K, the rest zero), as the outer sum of two 16-entry tables (inputs 0-3 and 4-7):
+// 16 vectorisable rows of 16 adds instead of 255 dependent adds.
+void build_lut(const float* x, int64_t left, float* lut) {
+  float v[8];
+  for (int i = 0; i < 8; ++i) v[i] = i < left ? x[i] : 0.f;
+  float lo[16], hi[16];
+  for (int p = 0; p < 16; ++p) {
+    lo[p] = ((p & 1) ? v[0] : -v[0]) + ((p & 2) ? v[1] : -v[1]) + ((p & 4) ? v[2] : -v[2]) + ((p & 8) ? v[3] : -v[3]);
+    hi[p] = ((p & 1) ? v[4] : -v[4]) + ((p & 2) ? v[5] : -v[5]) + ((p & 4) ? v[6] : -v[6]) + ((p & 8) ? v[7] : -v[7]);
   }
+  for (int h = 0; h < 16; ++h)
+    for (int l = 0; l < 16; ++l) lut[h * 16 + l] = hi[h] + lo[l];
 }
 
 // Groups of 8 inputs per K tile: 16 KB of LUT, which stays in L1 while every row of the thread's
@@ -63,7 +58,7 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor sign_bits, torch::Tensor a
   at::parallel_for(0, batch * groups, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / groups, g = i % groups;
-      build_luts(x.data_ptr<float>() + b * k + 8 * g, k - 8 * g, 1, luts.data() + i * 256);
+      build_lut(x.data_ptr<float>() + b * k + 8 * g, k - 8 * g, luts.data() + i * 256);
     }
   });
 
