@@ -147,6 +147,13 @@ SHIFTADD = [
     ("GPTQ W2 g64", "gptq-w2-g64", [], None),
 ]
 
+# Issue #28: llama.cpp's own quantizer (its scale search, round to grid; no importance matrix) against
+# GPTQ on the very same grid, per GGML type; both export to GGUF files of identical size.
+GGUF = [("dense", None, [], None)]
+for _type in ("q3_k", "q2_k", "q4_0", "q4_k"):
+    GGUF += [(f"llama.cpp {_type.upper()} (round to grid)", f"rtn-{_type}", [], None),
+             (f"GPTQ {_type.upper()}", f"gptq-{_type}", [], None)]
+
 # Issue #2: how far the calibration draw alone moves the act-order preset (the reference's 33.46
 # came from its own draw of 128 windows; ours is seed 0).
 GPTQ_SEEDS = [
@@ -155,7 +162,8 @@ GPTQ_SEEDS = [
 ]
 
 SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
-          "rotation": ROTATION, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD}
+          "rotation": ROTATION, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD,
+          "gguf": GGUF}
 MEASURE_DECODE = {"factor", "tt", "shiftadd"}   # suites whose rows also time CPU decoding
 
 
@@ -210,6 +218,11 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
     result.update(ppl=ppl.ppl, protocol=ppl.protocol, eval_s=ppl.seconds)
     if recipe is not None:
         result["linear_bytes_ratio"] = decoder_linear_bytes_ratio(m, model)
+    if suite == "gguf" and recipe is not None:
+        from llmpress.io.export import export
+
+        gguf_file = export(out, OUT / f"{folder_name(name)}.gguf", "gguf", overwrite=True)
+        result["gguf_mb"] = gguf_file.stat().st_size / 1e6
     if suite in MEASURE_DECODE:
         import torch
         torch.set_num_threads(1)   # one core: comparable rows even while another job runs
@@ -261,6 +274,7 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
     extra = [(k, title, fmt) for k, title, fmt in (
         ("linear_bytes_ratio", "decoder-linear bytes / dense", "{:.3f}"),
         ("decode_tok_s", "CPU decode tok/s (1 thread)", "{:.1f}"),
+        ("gguf_mb", "GGUF file (MB)", "{:.2f}"),
     ) if any(k in r for r in rows)]
     if extra:
         lines[-2] += "".join(f" {title} |" for _, title, _ in extra)

@@ -231,14 +231,15 @@ def inspect(
 @app.command()
 @_user_errors
 def export(
-    folder: Path = typer.Argument(..., help="An llmpress output folder."),
-    fmt: str = typer.Option(..., "--format", "-f", help="dense | compressed-tensors | gptq"),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (must not exist unless --overwrite)."),
+    folder: Path = typer.Argument(..., help="An llmpress output folder (for gguf also a plain model: a dense GGUF)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="dense | compressed-tensors | gptq | gguf"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (for gguf: the .gguf file); must not exist unless --overwrite."),
     dtype: str = typer.Option("float16", help="float16 | bfloat16 | float32: dense weights, scales and the rest of the model."),
     overwrite: bool = typer.Option(False, help="Replace an existing llmpress export folder."),
 ) -> None:
     """Write a compressed model in a format other tools load: dequantized dense weights,
-    compressed-tensors `pack-quantized` (transformers, vLLM), or GPTQ (v1; gptq_v2 when asymmetric)."""
+    compressed-tensors `pack-quantized` (transformers, vLLM), GPTQ (v1; gptq_v2 when asymmetric), or
+    GGUF (llama.cpp; GGML-grid layers copied byte for byte)."""
     from .io.export import export as run_export
 
     path = run_export(folder, out_dir, fmt, dtype=dtype, overwrite=overwrite)

@@ -13,7 +13,7 @@ import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
@@ -89,6 +89,44 @@ class UniformQuantStage(StageBase):
         if v == 0 or v < -1:
             raise ValueError(f"group_size must be -1 (per row) or positive, got {v}")
         return v
+
+
+# GGML's grids a layer stage can solve on (formats/ggml.py), with the bit width each is named for
+GGML_GRIDS = {"q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "q8_0": 8,
+              "q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6}
+
+
+class GridQuantStage(UniformQuantStage):
+    """A uniform quantizer that can also solve on one of GGML's block grids (``grid: q4_k``): the
+    grid is then fitted first with llama.cpp's own search and the method only chooses the codes;
+    ``bits`` and ``group_size`` follow from the grid, whatever else the recipe says (rows llama.cpp
+    cannot store in the type fall back as its quantizer does)."""
+
+    grid: Literal["uniform", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] = "uniform"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_bits(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("grid", "uniform") in GGML_GRIDS:
+            # the grid fixes both (an override that switches grid replaces them too)
+            data = {**data, "bits": GGML_GRIDS[data["grid"]],
+                    "group_size": 32 if data["grid"].endswith(("_0", "_1")) else 256}
+        return data
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:   # checked against the grid below
+        return v
+
+    @model_validator(mode="after")
+    def _bits_match_grid(self):
+        if self.grid == "uniform" and self.bits not in ALLOWED_BITS:
+            raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {self.bits}")
+        return self
+
+    @property
+    def label(self) -> str:
+        return super().label if self.grid == "uniform" else f"{self.method} {self.grid.upper()}"
 
 
 class AllocatorStage(StageBase):

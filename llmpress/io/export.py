@@ -5,6 +5,8 @@
   ``weight_packed`` is our ``qweight`` bit for bit (both are dense little-endian bitstreams of the
   unsigned codes along the input dimension); its signed convention ``(q − 8) − (z − 8)`` equals
   our ``q − z``; zero points are packed along the output dimension.
+- ``gguf``: one file for llama.cpp (io/export_gguf.py); the source may also be a plain model (a
+  dense GGUF).
 - ``gptq``: the AutoGPTQ layout. ``qweight`` is ``[in·b/32, out]`` (our ``qweight`` transposed:
   for 2/4/8 bits words of ``32/b`` codes, for 3 bits the same continuous bitstream that AutoGPTQ's
   3-bit packer writes), ``scales`` fp16 ``[groups, out]``, ``g_idx`` int32 ``[in]`` (the group of
@@ -39,7 +41,7 @@ from ..version import __version__
 from .checkpoint import is_llmpress_output, load_compressed, read_manifest
 from .models import load_tokenizer
 
-FORMATS = ("dense", "compressed-tensors", "gptq")
+FORMATS = ("dense", "compressed-tensors", "gptq", "gguf")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 EXPORT_MARKER = "llmpress-export.json"
 SHARD_BYTES = 2 << 30
@@ -56,6 +58,8 @@ def export(src: str | Path, out: str | Path, fmt: str, *, dtype: str = "float16"
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if fmt == "gguf":
+        return _export_gguf(src, out, dtype, overwrite)
     if not src.is_dir() or not is_llmpress_output(src):
         raise ExportError(f"{src} is not an llmpress output folder")
     manifest = read_manifest(src)
@@ -102,6 +106,28 @@ def export(src: str | Path, out: str | Path, fmt: str, *, dtype: str = "float16"
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def _export_gguf(src: Path, out: Path, dtype: str, overwrite: bool) -> Path:
+    from .export_gguf import export_gguf
+    from .models import load_dense, resolve_model
+
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder; a GGUF export is one file (for example {out / 'model.gguf'})")
+    if out.exists():
+        if not overwrite:
+            raise OutputError(f"{out} already exists; pass --overwrite to replace it")
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise OutputError(f"{out} is not a GGUF file; refusing to overwrite it")
+    if src.is_dir() and is_llmpress_output(src):
+        model, folder = load_compressed(src, dtype=torch.float32), src
+    else:
+        folder = resolve_model(str(src))
+        model = load_dense(folder, dtype=torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_gguf(model, load_tokenizer(folder), folder, out, dtype, name=src.name)
     return out
 
 

@@ -6,6 +6,7 @@ from .base import CompressedLinear, Layout
 from .bcq_linear import BCQLinear
 from .dual_scale_linear import DualScaleLinear
 from .factor_linear import FactorLinear
+from .ggml_linear import GGMLLinear
 from .online_hadamard import OnlineHadamard
 from .quant_linear import QuantLinear
 from .tt_linear import TTLinear
@@ -26,5 +27,5 @@ def module_sizes(modules: dict[str, dict]) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-__all__ = ["LAYER_FORMATS", "BCQLinear", "CompressedLinear", "DualScaleLinear", "FactorLinear", "Layout",
+__all__ = ["LAYER_FORMATS", "BCQLinear", "CompressedLinear", "DualScaleLinear", "FactorLinear", "GGMLLinear", "Layout",
            "OnlineHadamard", "QuantLinear", "TTLinear", "module_sizes"]

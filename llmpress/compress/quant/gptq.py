@@ -18,9 +18,10 @@ from pydantic import Field
 
 from ...errors import LlmpressError
 from ...formats.uniform import QuantizedWeight, group_count
-from ...layers import QuantLinear
-from ..stage import UniformQuantStage, register
+from ...layers import GGMLLinear, QuantLinear
+from ..stage import GridQuantStage, register
 from ..stats import all_finite
+from .ggml_grid import FixedGGMLGrid, reference_quantize
 from .grid import dequantize_codes, fit_grid, max_code, quantize_codes
 
 
@@ -387,7 +388,7 @@ def _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, allw
 
 # -- the method ------------------------------------------------------------------------------
 
-class GPTQStage(UniformQuantStage):
+class GPTQStage(GridQuantStage):
     """GPTQ with act-order, static groups, damping and true-sequential groups; with ``residual``
     also GPTAQ (asymmetric calibration) and GPTAQ+ResComp (compensation-aware error)."""
 
@@ -427,7 +428,26 @@ def residual_of(stage: GPTQStage, stats: dict, column_scale: torch.Tensor | None
                     form=stage.rescomp_form, mode=mode)
 
 
+def gptq_on_ggml_grid(weight: torch.Tensor, hessian: torch.Tensor, grid: str, *, act_order: bool = True,
+                      damp: float = 0.01, block_size: int = 128, residual: Residual | None = None):
+    """GPTQ's column updates on a GGML grid fitted first by llama.cpp's own search: the fp16 scales
+    and quantized sub-block scales are fixed, the solve chooses only the codes. Returns the
+    ``GGMLWeight`` and the solve's metrics."""
+    import dataclasses
+
+    fitted = reference_quantize(weight, grid)
+    perm = act_order_permutation(hessian) if act_order else None
+    solved = solve_columns(weight, hessian, FixedGGMLGrid(fitted, perm), order=perm, damp=damp,
+                           block_size=block_size, residual=residual)
+    return dataclasses.replace(fitted, codes=solved.codes.to(torch.uint8)), solved.metrics
+
+
 def _compress(stage: GPTQStage, weight: torch.Tensor, stats: dict, bias, dtype):
+    if stage.grid != "uniform":
+        fitted, metrics = gptq_on_ggml_grid(weight, stats["hessian"], stage.grid, act_order=stage.act_order,
+                                            damp=stage.damp, block_size=stage.block_size,
+                                            residual=residual_of(stage, stats))
+        return GGMLLinear.from_weight(fitted, bias, dtype), metrics
     q = gptq_quantize(
         weight, stats["hessian"], bits=stage.bits, group_size=stage.group_size, sym=stage.sym,
         mse=stage.mse, act_order=stage.act_order, static_groups=stage.static_groups,

@@ -7,8 +7,9 @@ from typing import Literal
 import torch
 
 from ...formats.uniform import QuantizedWeight, group_count
-from ...layers import QuantLinear
-from ..stage import UniformQuantStage, register
+from ...layers import GGMLLinear, QuantLinear
+from ..stage import GridQuantStage, register
+from .ggml_grid import reference_quantize
 from .grid import fit_grid, quantize_codes
 
 
@@ -36,13 +37,16 @@ def rtn_quantize(
 
 # -- the method ------------------------------------------------------------------------------
 
-class RTNStage(UniformQuantStage):
-    """Round-to-nearest, per row or per group; data-free."""
+class RTNStage(GridQuantStage):
+    """Round-to-nearest, per row or per group; data-free. On a GGML grid it is llama.cpp's own
+    quantizer without an importance matrix (``ggml_grid.reference_quantize``)."""
 
     method: Literal["rtn"] = "rtn"
 
 
 def _compress(stage: RTNStage, weight: torch.Tensor, stats: dict, bias, dtype):
+    if stage.grid != "uniform":
+        return GGMLLinear.from_weight(reference_quantize(weight, stage.grid), bias, dtype), {}
     q = rtn_quantize(weight, bits=stage.bits, group_size=stage.group_size, sym=stage.sym, mse=stage.mse)
     return QuantLinear.from_quantized(q, bias, dtype), q.metrics
 

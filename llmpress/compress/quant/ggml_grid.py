@@ -1,0 +1,312 @@
+"""Fitting GGML's grids: llama.cpp's own reference quantizers, restated from its published format
+(``ggml-quants.c``, MIT), vectorized over every block of a weight.
+
+``reference_quantize(w, type)`` is what ``llama-quantize`` writes without an importance matrix:
+the legacy types through the ``gguf`` package's bit-exact port; the K-quants through the same
+searches, in the same fp32 order of operations (sums accumulated element by element):
+
+- ``Q2_K``: ``make_qkx2_quants(16, 3, weights |x|, rmin −0.5, step 0.1, 15 steps, absolute error)``
+  per sub-block of 16, then the 16 scales and 16 minima quantized to 4 bits against the largest;
+- ``Q3_K``: ``make_q3_quants(16, 4, rmse)`` (a coordinate descent on the codes, 5 passes), scales
+  to signed 6 bits against the largest magnitude;
+- ``Q4_K``/``Q5_K``: ``make_qkx2_quants(32, 15|31, weights √mean(x²) + |x|, rmin −1|−0.5, 0.1,
+  20|15 steps, squared error)``, scales and minima to 6 bits;
+- ``Q6_K``: ``make_qx_quants(16, 32, rmse_type 1)`` (19 trial scales), scales to signed 8 bits.
+
+Every type then rounds each weight to the grid it stored (the quantized sub-block scales), which
+is why GPTQ can take the grid and replace only that last rounding (``FixedGGMLGrid``).
+
+llama.cpp is compiled with FMA contraction allowed, so a sum there may round differently from
+ours in its last bit; where two candidate scales tie to that precision the choice can differ
+(docs/methods/gguf.md measures how often).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...formats.ggml import QK_K, TYPES, GGMLType, GGMLWeight, dequantize_codes, grid_step_offset
+
+_F = torch.float32
+GROUP_MAX_EPS = 1e-15
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(np.float32(v), dtype=_F)
+
+
+def _first_max_abs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed value of largest magnitude along the last axis (the first one on ties) and that magnitude."""
+    idx = x.abs().argmax(dim=-1, keepdim=True)
+    value = torch.gather(x, -1, idx).squeeze(-1)
+    return value, value.abs()
+
+
+def _clamp_round(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return torch.clamp(torch.round(v), lo, hi)
+
+
+def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                     nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale, minimum (positive: subtracted) and codes of each row of ``x`` ``[N, n]`` on an
+    asymmetric ``nmax + 1``-level grid: the min/max grid, then ``nstep + 1`` trial scales each
+    refined by weighted least squares, the one of least weighted error kept."""
+    n = x.shape[1]
+    xmin = x.min(dim=1).values.clamp(max=0)
+    xmax = x.max(dim=1).values
+    sum_w = weights[:, 0].clone()
+    sum_x = sum_w * x[:, 0]
+    for i in range(1, n):
+        sum_w = sum_w + weights[:, i]
+        sum_x = sum_x + weights[:, i] * x[:, i]
+    flat = xmax == xmin
+    span = torch.where(flat, torch.ones_like(xmax), xmax - xmin)
+
+    def codes_at(iscale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+        return _clamp_round(iscale[:, None] * (x - minimum[:, None]), 0, nmax)
+
+    def error(scale: torch.Tensor, minimum: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(scale)
+        for i in range(n):
+            diff = scale * codes[:, i] + minimum - x[:, i]
+            diff = diff.abs() if use_mad else diff * diff
+            total = total + weights[:, i] * diff
+        return total
+
+    iscale = _f32(nmax) / span
+    scale = 1 / iscale
+    minimum = xmin.clone()
+    codes = codes_at(iscale, minimum)
+    best = error(scale, minimum, codes)
+    for step in range(nstep + 1):
+        trial = (_f32(rmin) + _f32(rdelta) * _f32(step)) + _f32(nmax)
+        # the reference updates `min` as it goes: later trials start from the best fit so far
+        span = torch.where(flat, torch.ones_like(xmax), xmax - minimum)
+        cand = codes_at(trial / span, minimum)
+        sum_l = torch.zeros_like(xmax)
+        sum_l2 = torch.zeros_like(xmax)
+        sum_xl = torch.zeros_like(xmax)
+        for i in range(n):
+            wl = weights[:, i] * cand[:, i]
+            sum_l = sum_l + wl
+            sum_l2 = sum_l2 + wl * cand[:, i]
+            sum_xl = sum_xl + wl * x[:, i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe = torch.where(ok, det, torch.ones_like(det))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+        positive = this_min > 0
+        this_scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
+        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        cur = error(this_scale, this_min, cand)
+        better = ok & (cur < best)
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, this_scale, scale)
+        minimum = torch.where(better, this_min, minimum)
+        codes = torch.where(better[:, None], cand, codes)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    codes = torch.where(flat[:, None], torch.zeros_like(codes), codes)
+    return scale, -minimum, codes
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed scale and codes ``[0, 2·nmax)`` of each row of ``x`` ``[N, n]``: codes from the
+    largest magnitude, then up to five passes of per-code changes that raise ``(Σw·x·l)²/Σw·l²``
+    (``w = x²``), the scale their weighted least-squares fit."""
+    n = x.shape[1]
+    top, amax = _first_max_abs(x)
+    zero = amax < GROUP_MAX_EPS
+    iscale = -_f32(nmax) / torch.where(zero, torch.ones_like(top), top)
+    L = _clamp_round(iscale[:, None] * x, -nmax, nmax - 1)
+    w = x * x
+    sumlx = torch.zeros_like(top)
+    suml2 = torch.zeros_like(top)
+    for i in range(n):
+        sumlx = sumlx + w[:, i] * x[:, i] * L[:, i]
+        suml2 = suml2 + w[:, i] * L[:, i] * L[:, i]
+    for _ in range(5):   # a pass without a change leaves the state as it was: extra passes are no-ops
+        for i in range(n):
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
+            slx = sumlx - wi * xi * li
+            pos = slx > 0
+            sl2 = suml2 - wi * li * li
+            new_l = _clamp_round(xi * sl2 / torch.where(pos, slx, torch.ones_like(slx)), -nmax, nmax - 1)
+            changed = pos & (new_l != li)
+            slx2 = slx + wi * xi * new_l
+            sl2b = sl2 + wi * new_l * new_l
+            take = changed & (sl2b > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl2b)
+            L[:, i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl2b, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero[:, None], torch.full_like(L, -nmax), L)
+    return scale, L + nmax
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed scale and codes ``[0, 2·nmax)`` of each row of ``x`` (``rmse_type`` 1: weights
+    ``x²``): 19 trial scales around ``−nmax / max``, each refit by weighted least squares."""
+    n = x.shape[1]
+    top, amax = _first_max_abs(x)
+    zero = amax < GROUP_MAX_EPS
+    top_safe = torch.where(zero, torch.ones_like(top), top)
+    w = x * x
+
+    def trial(iscale: torch.Tensor):
+        L = _clamp_round(iscale[:, None] * x, -nmax, nmax - 1)
+        sumlx = torch.zeros_like(top)
+        suml2 = torch.zeros_like(top)
+        for i in range(n):
+            sumlx = sumlx + w[:, i] * x[:, i] * L[:, i]
+            suml2 = suml2 + w[:, i] * L[:, i] * L[:, i]
+        return L, sumlx, suml2
+
+    L, sumlx, suml2 = trial(-_f32(nmax) / top_safe)
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        cand, slx, sl2 = trial(-(_f32(nmax) + _f32(0.1) * _f32(step)) / top_safe)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        L = torch.where(better[:, None], cand, L)
+        scale = torch.where(better, slx / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), scale)
+        best = torch.where(better, scale * slx, best)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero[:, None], torch.full_like(L, -nmax), L)
+    return scale, L + nmax
+
+
+def _round_to_grid(t: GGMLType, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
+                   fallback: torch.Tensor) -> torch.Tensor:
+    """The reference's last step: every weight rounded on the stored grid (``x`` ``[N, sub]``, ``a``
+    ``[N]``); sub-blocks whose step is zero keep the search's codes ``fallback``."""
+    safe = torch.where(a == 0, torch.ones_like(a), a)[:, None]
+    if t.zero is None:
+        codes = _clamp_round((x + b[:, None]) / safe, 0, t.max_code)
+    else:
+        codes = _clamp_round(x / safe, -t.zero, t.max_code - t.zero) + t.zero
+    return torch.where((a == 0)[:, None], fallback, codes)
+
+
+def _k_quant(t: GGMLType, w: torch.Tensor) -> GGMLWeight:
+    rows, cols = w.shape
+    nb, per = cols // QK_K, QK_K // t.sub
+    x = w.reshape(rows * nb * per, t.sub)
+    dmin = mn = None
+    if t.name in ("q2_k", "q4_k", "q5_k"):
+        if t.name == "q2_k":
+            weights = x.abs()
+            scales, mins, L = make_qkx2_quants(x, weights, 3, -0.5, 0.1, 15, True)
+            levels = 15
+        else:
+            sum_x2 = torch.zeros(x.shape[0], dtype=_F)
+            for i in range(t.sub):
+                sum_x2 = sum_x2 + x[:, i] * x[:, i]
+            weights = torch.sqrt(sum_x2 / _f32(32))[:, None] + x.abs()
+            nmax, rmin, nstep = (15, -1.0, 20) if t.name == "q4_k" else (31, -0.5, 15)
+            scales, mins, L = make_qkx2_quants(x, weights, nmax, rmin, 0.1, nstep, False)
+            levels = 63
+        scales, mins = scales.view(rows * nb, per), mins.view(rows * nb, per)
+        # the reference starts both maxima at +0 (a flat block must not store a −0 scale)
+        max_scale = scales.max(dim=1).values
+        max_scale = torch.where(max_scale > 0, max_scale, 0)
+        max_min = mins.max(dim=1).values
+        max_min = torch.where(max_min > 0, max_min, 0)
+        inv_scale = torch.where(max_scale > 0, _f32(levels) / torch.where(max_scale > 0, max_scale, 1), 0)
+        inv_min = torch.where(max_min > 0, _f32(levels) / torch.where(max_min > 0, max_min, 1), 0)
+        sc = torch.round(inv_scale[:, None] * scales).clamp(max=levels)
+        mn = torch.round(inv_min[:, None] * mins).clamp(max=levels)
+        d = (max_scale / _f32(levels)).to(torch.float16)
+        dmin = (max_min / _f32(levels)).to(torch.float16)
+    elif t.name == "q3_k":
+        scales, L = make_q3_quants(x)
+        scales = scales.view(rows * nb, per)
+        top, _ = _first_max_abs(scales)
+        nonzero = top != 0
+        iscale = -_f32(32) / torch.where(nonzero, top, 1)
+        sc = torch.where(nonzero[:, None], _clamp_round(iscale[:, None] * scales, -32, 31), -32)
+        d = torch.where(nonzero, 1 / iscale, 0).to(torch.float16)
+    else:   # q6_k
+        scales, L = make_qx_quants(x, 32)
+        scales = scales.view(rows * nb, per)
+        top, amax = _first_max_abs(scales)
+        live = amax >= GROUP_MAX_EPS
+        iscale = -_f32(128) / torch.where(live, top, 1)
+        sc = torch.where(live[:, None], torch.round(iscale[:, None] * scales).clamp(max=127), 0)
+        d = torch.where(live, 1 / iscale, 0).to(torch.float16)
+        L = torch.where(live.repeat_interleave(per)[:, None], L, 0)
+    d, sc = d.view(rows, nb), sc.view(rows, nb * per).to(torch.int32)
+    if dmin is not None:
+        dmin, mn = dmin.view(rows, nb), mn.view(rows, nb * per).to(torch.int32)
+    a, b = grid_step_offset(t, d, dmin, sc, mn)
+    codes = _round_to_grid(t, x, a.reshape(-1), b.reshape(-1) if b is not None else None, L)
+    return GGMLWeight(t, codes.view(rows, cols).to(torch.uint8), d, dmin, sc, mn)
+
+
+def _legacy(t: GGMLType, w: torch.Tensor) -> GGMLWeight:
+    import gguf
+
+    from ...formats.ggml import unpack
+
+    data = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType(t.type_id))
+    return unpack(t, torch.from_numpy(data), w.shape[1])
+
+
+def reference_quantize(weight: torch.Tensor, type_name: str) -> GGMLWeight:
+    """``weight`` ``[rows, cols]`` as llama.cpp's quantizer writes it (no importance matrix); the
+    type falls back as llama.cpp's does when ``cols`` is not a whole number of its blocks."""
+    from ...formats.ggml import type_for_width
+
+    w = weight.detach().to(_F).contiguous()
+    t = type_for_width(type_name, w.shape[1])
+    return _k_quant(t, w) if t.k_quant else _legacy(t, w)
+
+
+class FixedGGMLGrid:
+    """GPTQ's column quantizer on a grid fitted beforehand (``GGMLWeight``'s scales and minima):
+    each processed column is rounded on its sub-block's stored step and offset."""
+
+    def __init__(self, fitted: GGMLWeight, order: torch.Tensor | None = None) -> None:
+        t = fitted.type
+        self.type = t
+        a, b = fitted.step_and_offset()
+        col_sub = torch.arange(fitted.codes.shape[1]) // t.sub
+        if order is not None:
+            col_sub = col_sub[order]
+        self.col_sub = col_sub.tolist()
+        self.a = a.T.contiguous()                          # [sub-blocks, rows]
+        self.b = b.T.contiguous() if b is not None else None
+        self.safe = torch.where(self.a == 0, torch.ones_like(self.a), self.a)
+
+    def round(self, j: int, w: torch.Tensor, Wt=None, block=None) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.col_sub[j]
+        a, safe = self.a[s], self.safe[s]
+        t = self.type
+        if t.zero is None:
+            q = _clamp_round((w + self.b[s]) / safe, 0, t.max_code)
+            value = a * q - self.b[s]
+        else:
+            q = _clamp_round(w / safe, -t.zero, t.max_code - t.zero) + t.zero
+            value = a * (q - t.zero)
+        return q, value
+
+    def bounds(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.col_sub[j]
+        a, t = self.a[s], self.type
+        if t.zero is None:
+            lo, hi = -self.b[s], a * t.max_code - self.b[s]
+        else:
+            lo, hi = a * (0 - t.zero), a * (t.max_code - t.zero)
+        return torch.minimum(lo, hi), torch.maximum(lo, hi)
+
+
+def dequantize(fitted: GGMLWeight) -> torch.Tensor:
+    a, b = fitted.step_and_offset()
+    return dequantize_codes(fitted.type, fitted.codes, a, b)
+
+
+__all__ = ["TYPES", "FixedGGMLGrid", "reference_quantize"]

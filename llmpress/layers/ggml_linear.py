@@ -1,0 +1,73 @@
+"""``GGMLLinear``: a weight stored in one of GGML's block formats, byte for byte as a GGUF file holds it.
+
+Stored tensors (``<module>.<name>`` in safetensors):
+- ``blocks`` uint8 ``[out, (in / block) · type_size]``: each row's blocks (formats/ggml.py);
+- ``bias`` in the model's dtype, when the original linear had one.
+The manifest records the GGML type id. The GGUF export copies ``blocks`` unchanged, so the file
+llama.cpp runs holds exactly the weights llmpress measured. The forward dequantizes per call (the
+reference path; no dense copy is kept).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional
+
+from ..formats.ggml import TYPE_BY_ID, GGMLWeight, dequantize_bytes, pack, row_bytes
+from .base import CompressedLinear, Layout
+
+
+class GGMLLinear(CompressedLinear):
+    format_name = "ggml"
+    format_keys = ("in_features", "out_features", "ggml_type", "bias")
+
+    def __init__(self, in_features: int, out_features: int, *, ggml_type: int, bias: bool,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if ggml_type not in TYPE_BY_ID:
+            raise ValueError(f"unknown GGML type id {ggml_type}")
+        t = TYPE_BY_ID[ggml_type]
+        if in_features % t.block:
+            raise ValueError(f"{in_features} inputs are not a whole number of {t.name} blocks of {t.block}")
+        self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
+        kw = {"device": device}
+        self.register_buffer("blocks", torch.zeros(out_features, row_bytes(t, in_features), dtype=torch.uint8, **kw))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+        self.compute_dtype = dtype
+
+    @property
+    def type(self):
+        return TYPE_BY_ID[self.ggml_type]
+
+    @classmethod
+    def from_weight(cls, w: GGMLWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> GGMLLinear:
+        out_features, in_features = w.codes.shape
+        layer = cls(in_features, out_features, ggml_type=w.type.type_id, bias=bias is not None, dtype=dtype)
+        layer.blocks.copy_(pack(w))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(dtype))
+        return layer
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_bytes(self.type, self.blocks, self.in_features).to(dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.linear(x, self.dequantize(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def stored_bits(self) -> int:
+        return self.blocks.numel() * 8
+
+    @classmethod
+    def describe(cls, params: dict[str, Any]) -> Layout:
+        t = TYPE_BY_ID[int(params["ggml_type"])]
+        return Layout(bits=f"{t.bits_per_weight:.4g}", group=str(t.sub), detail=f"GGUF {t.name.upper()}")
+
+    def validate(self) -> None:
+        w = self.dequantize(torch.float32)
+        if not torch.isfinite(w).all():
+            raise ValueError("blocks hold NaN or Inf scales")
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, type={self.type.name.upper()}"

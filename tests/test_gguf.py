@@ -1,0 +1,272 @@
+"""GGML grids and the GGUF export: the bytes are llama.cpp's, the weights are what llmpress measured."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import llmpress
+from llmpress.cli import app
+from llmpress.compress.quant.ggml_grid import FixedGGMLGrid, reference_quantize
+from llmpress.compress.quant.gptq import gptq_on_ggml_grid
+from llmpress.compress.recipe import parse_recipe
+from llmpress.formats import ggml
+from llmpress.io.export import export
+from llmpress.io.export_gguf import GGUFExportError
+from llmpress.layers import GGMLLinear
+
+
+def _random_fields(t: ggml.GGMLType, rows: int, cols: int, gen: torch.Generator) -> ggml.GGMLWeight:
+    nb, nsub = cols // t.block, cols // t.sub
+    codes = torch.randint(0, t.max_code + 1, (rows, cols), generator=gen).to(torch.uint8)
+    d = (torch.rand(rows, nb, generator=gen) * 0.01).half()
+    dmin = sc = mn = None
+    if t.k_quant:
+        lo, hi = {"q3_k": (-32, 32), "q6_k": (-128, 128), "q2_k": (0, 16)}.get(t.name, (0, 64))
+        sc = torch.randint(lo, hi, (rows, nsub), generator=gen)
+        if t.zero is None:
+            mn = torch.randint(0, hi, (rows, nsub), generator=gen)
+            dmin = (torch.rand(rows, nb, generator=gen) * 0.01).half()
+    elif t.zero is None:
+        dmin = (torch.randn(rows, nb, generator=gen) * 0.01).half()
+    return ggml.GGMLWeight(t, codes, d, dmin, sc, mn)
+
+
+@pytest.mark.parametrize("name", sorted(ggml.TYPES))
+def test_blocks_round_trip_and_dequantize_as_the_gguf_package(name):
+    t = ggml.TYPES[name]
+    w = _random_fields(t, 5, 512, torch.Generator().manual_seed(t.type_id))
+    data = ggml.pack(w)
+    assert data.shape == (5, ggml.row_bytes(t, 512)) and data.dtype == torch.uint8
+    back = ggml.unpack(t, data, 512)
+    assert torch.equal(back.codes, w.codes) and torch.equal(back.d, w.d)
+    for field in ("dmin", "sc", "mn"):
+        a, b = getattr(w, field), getattr(back, field)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a.to(torch.float64), b.to(torch.float64))
+    theirs = gguf.quants.dequantize(data.numpy(), gguf.GGMLQuantizationType(t.type_id))
+    assert np.array_equal(theirs, w.dequantize().numpy())
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_legacy_reference_is_the_gguf_packages_quantizer(name):
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    t = ggml.TYPES[name]
+    theirs = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType(t.type_id))
+    assert np.array_equal(ggml.pack(reference_quantize(w, name)).numpy(), theirs)
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+def test_k_quant_reference_rounds_every_weight_to_its_stored_grid(name):
+    """After the scale search every weight is the nearest point of its sub-block's stored grid
+    (what llama.cpp's reference does last), and more bits give a smaller error."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 512, generator=gen) * 0.03
+    w[0] = 0.0                                   # a flat row: zero scales, no NaN
+    q = reference_quantize(w, name)
+    t = q.type
+    a, b = q.step_and_offset()
+    values = torch.arange(t.max_code + 1, dtype=torch.float32)
+    sub = w.view(16, -1, t.sub)
+    grid = a[..., None] * values - b[..., None] if b is not None else a[..., None] * (values - t.zero)
+    nearest = (sub[..., None] - grid[:, :, None, :]).abs().min(dim=-1).values
+    err = (q.dequantize().view_as(sub) - sub).abs()
+    assert torch.allclose(err, nearest, atol=1e-7)
+    assert torch.equal(q.dequantize()[0], torch.zeros(512))
+    assert torch.isfinite(q.dequantize()).all()
+
+
+def test_more_bits_less_error():
+    w = torch.randn(32, 512, generator=torch.Generator().manual_seed(3)) * 0.03
+    errors = [float((reference_quantize(w, n).dequantize() - w).norm()) for n in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_types_fall_back_as_llama_quantize_does():
+    assert ggml.type_for_width("q4_k", 576).name == "q5_0"
+    assert ggml.type_for_width("q2_k", 576).name == "q4_0"
+    assert ggml.type_for_width("q3_k", 1536).name == "q3_k"
+    assert ggml.type_for_width("q6_k", 576).name == "q8_0"
+    assert ggml.type_for_width("q5_k", 96).name == "q5_1"
+    with pytest.raises(ValueError, match="whole number"):
+        ggml.type_for_width("q4_0", 100)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q2_k", "q3_k", "q4_k", "q6_k"])
+def test_gptq_on_the_grid_keeps_the_grid_and_lowers_the_output_error(name):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2048, 256, generator=gen) @ (torch.randn(256, 256, generator=gen) * 0.2 + torch.eye(256))
+    hessian = x.T @ x / x.shape[0]
+    w = torch.randn(64, 256, generator=gen) * 0.05
+    ref = reference_quantize(w, name)
+    solved, _ = gptq_on_ggml_grid(w, hessian, name)
+    for field in ("d", "dmin", "sc", "mn"):
+        a, b = getattr(ref, field), getattr(solved, field)
+        assert (a is None and b is None) or torch.equal(a, b)
+
+    def output_error(q):
+        delta = q.dequantize() - w
+        return float(((delta @ hessian) * delta).sum())
+
+    assert output_error(solved) < 0.8 * output_error(ref)
+
+
+def test_fixed_grid_rounds_like_the_reference_without_updates():
+    """With an identity Hessian GPTQ spreads no error, so its codes are the reference's."""
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(5)) * 0.05
+    for name in ("q3_k", "q4_k"):
+        ref = reference_quantize(w, name)
+        grid = FixedGGMLGrid(ref)
+        codes = torch.stack([grid.round(j, w[:, j])[0] for j in range(256)], dim=1)
+        assert torch.equal(codes.to(torch.uint8), ref.codes)
+
+
+def test_grid_stage_settings():
+    stage = parse_recipe({"stages": [{"method": "gptq", "grid": "q3_k"}]}).stages[0]
+    assert (stage.bits, stage.group_size, stage.label) == (3, 256, "gptq Q3_K")
+    mixed = parse_recipe({"stages": [{"method": "rtn", "grid": "q4_k", "overrides": {"down_proj": {"grid": "q6_k"}}}]})
+    assert mixed.stages[0].for_module("layers.0.mlp.down_proj").bits == 6
+    uniform = mixed.stages[0].for_module("layers.0.self_attn.q_proj")
+    assert (uniform.grid, uniform.bits) == ("q4_k", 4)
+
+
+# -- export ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def k_quant_llama(tmp_path_factory, smol_tokenizer):
+    """A random Llama whose linears are whole K-quant super-blocks wide (256 and 512)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("k-llama")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _logits(model):
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _gguf_logits(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return _logits(model.eval())
+
+
+def _check_gguf(src, path):
+    """The file loads in transformers with llmpress's logits, and every quantized tensor
+    dequantizes (gguf's own code) to the module's weight."""
+    model, _ = llmpress.load(src)
+    a, b = _logits(model), _gguf_logits(path)
+    assert float((a - b).abs().max() / a.abs().max()) <= 1e-4
+    reader = gguf.GGUFReader(path)
+    quantized = [t for t in reader.tensors if t.tensor_type.name.lower() in ggml.TYPES]
+    modules = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    assert quantized and len(quantized) == len(modules)
+    return reader
+
+
+@pytest.mark.parametrize("recipe", [
+    {"method": "rtn", "grid": "q4_k"},
+    {"method": "gptq", "grid": "q3_k", "overrides": {"down_proj": {"grid": "q6_k"}}},
+    {"method": "gptq", "grid": "q2_k", "act_order": False},
+])
+def test_k_quant_model_exports_to_gguf_that_transformers_runs(recipe, k_quant_llama, tmp_path):
+    out = tmp_path / "m"
+    llmpress.compress(k_quant_llama, parse_recipe({"stages": [recipe]}), out=out, nsamples=4, seqlen=32, progress=False)
+    path = export(out, tmp_path / "m.gguf", "gguf", dtype="float32")
+    reader = _check_gguf(out, path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == recipe["grid"].upper()
+    if "overrides" in recipe:
+        assert types["blk.1.ffn_down.weight"] == "Q6_K"
+    assert types["token_embd.weight"] == "F32" and types["blk.0.attn_norm.weight"] == "F32"
+    # the q/k rows are in llama.cpp's rotary order; gguf's dequantizer agrees with the stored module
+    model, _ = llmpress.load(out)
+    by_name = {t.name: t for t in reader.tensors}
+    v = model.get_submodule("model.layers.1.self_attn.v_proj")
+    theirs = gguf.quants.dequantize(np.asarray(by_name["blk.1.attn_v.weight"].data), by_name["blk.1.attn_v.weight"].tensor_type)
+    assert np.array_equal(theirs, v.dequantize(torch.float32).numpy())
+
+
+def _qwen3_wide_heads(folder, tokenizer):
+    """transformers' GGUF reader takes Qwen3's head width from its config default (128), not from
+    the file's key length: the tiny Qwen3 gets 128-wide heads to be readable there."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    config = Qwen3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=128, vocab_size=49152, max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_legacy_grid_and_uniform_groups_of_32_export_for_each_family(arch, tiny_model_factory, smol_tokenizer, tmp_path):
+    folder = _qwen3_wide_heads(tmp_path / "src", smol_tokenizer) if arch == "qwen3" else tiny_model_factory(arch)
+    out = tmp_path / "m"
+    recipe = {"method": "gptq", "grid": "q4_0", "overrides": {"v_proj": {"grid": "q8_0"}, "down_proj": {"grid": "q5_1"}}}
+    llmpress.compress(folder, parse_recipe({"stages": [recipe]}), out=out, nsamples=4, seqlen=32, progress=False)
+    _check_gguf(out, export(out, tmp_path / "m.gguf", "gguf", dtype="float32"))
+    # llmpress's own uniform grid: symmetric 4-bit groups of 32 are Q4_0 exactly
+    uni = tmp_path / "u"
+    llmpress.compress(folder, parse_recipe({"stages": [{"method": "rtn", "bits": 4, "group_size": 32, "sym": True}]}),
+                      out=uni, progress=False)
+    path = export(uni, tmp_path / "u.gguf", "gguf", dtype="float32")
+    model, _ = llmpress.load(uni)
+    a, b = _logits(model), _gguf_logits(path)
+    assert float((a - b).abs().max() / a.abs().max()) <= 1e-4
+
+
+def test_dense_model_exports_to_gguf(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("qwen2")   # q/k/v biases, untied head
+    path = export(folder, tmp_path / "d.gguf", "gguf", dtype="float32")
+    model, _ = llmpress.load(folder)
+    a, b = _logits(model), _gguf_logits(path)
+    assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert fields["tokenizer.ggml.tokens"].contents()[1] == "<|im_start|>"
+
+
+def test_gguf_export_refuses_what_no_ggml_type_holds(tiny_model_factory, tmp_path):
+    folder = tiny_model_factory("llama")
+    cases = [
+        ({"method": "gptq", "bits": 4, "group_size": 32, "act_order": True}, "act-order"),
+        ({"method": "rtn", "bits": 3, "group_size": 32}, "gptq-q3_k"),
+        ({"method": "shiftadd", "bits": 2}, "no GGUF type"),
+    ]
+    for i, (stage, message) in enumerate(cases):
+        out = tmp_path / f"m{i}"
+        llmpress.compress(folder, parse_recipe({"stages": [stage]}), out=out, nsamples=4, seqlen=32, progress=False)
+        with pytest.raises(GGUFExportError, match=message):
+            export(out, tmp_path / f"m{i}.gguf", "gguf")
+        assert not (tmp_path / f"m{i}.gguf").exists() and not list(tmp_path.glob(".m*.gguf.tmp-*"))
+    unsupported = tiny_model_factory("opt")
+    result = CliRunner().invoke(app, ["export", str(unsupported), "--format", "gguf", "--out", str(tmp_path / "o.gguf")])
+    assert result.exit_code != 0 and "GGUF export supports" in result.output and "Traceback" not in result.output
+    (tmp_path / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["export", str(folder), "--format", "gguf", "--out", str(tmp_path / "notes.txt"),
+                                      "--overwrite"])
+    assert result.exit_code != 0 and "not a GGUF file" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_inspect_names_the_ggml_type(tiny_model_factory, tmp_path):
+    out = tmp_path / "m"
+    llmpress.compress(tiny_model_factory("llama"), "rtn-q4_k", out=out, progress=False)
+    result = CliRunner().invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 0
+    # 64- and 160-wide rows are not whole Q4_K super-blocks: llama.cpp's fallback type, named
+    assert "GGUF Q5_0" in result.output
