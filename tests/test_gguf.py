@@ -212,9 +212,21 @@ def _qwen3_wide_heads(folder, tokenizer):
     return folder
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def _gpt2_long_context(folder, tokenizer):
+    """transformers' GGUF reader sizes GPT-2's position table from its config default (1024)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=49152)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"])
 def test_legacy_grid_and_uniform_groups_of_32_export_for_each_family(arch, tiny_model_factory, smol_tokenizer, tmp_path):
-    folder = _qwen3_wide_heads(tmp_path / "src", smol_tokenizer) if arch == "qwen3" else tiny_model_factory(arch)
+    custom = {"qwen3": _qwen3_wide_heads, "gpt2": _gpt2_long_context}.get(arch)
+    folder = custom(tmp_path / "src", smol_tokenizer) if custom else tiny_model_factory(arch)
     out = tmp_path / "m"
     recipe = {"method": "gptq", "grid": "q4_0", "overrides": {"v_proj": {"grid": "q8_0"}, "down_proj": {"grid": "q5_1"}}}
     llmpress.compress(folder, parse_recipe({"stages": [recipe]}), out=out, nsamples=4, seqlen=32, progress=False)
@@ -253,7 +265,7 @@ def test_gguf_export_refuses_what_no_ggml_type_holds(tiny_model_factory, tmp_pat
         with pytest.raises(GGUFExportError, match=message):
             export(out, tmp_path / f"m{i}.gguf", "gguf")
         assert not (tmp_path / f"m{i}.gguf").exists() and not list(tmp_path.glob(".m*.gguf.tmp-*"))
-    unsupported = tiny_model_factory("opt")
+    unsupported = tiny_model_factory("opt")   # no GGUF architecture in llama.cpp
     result = CliRunner().invoke(app, ["export", str(unsupported), "--format", "gguf", "--out", str(tmp_path / "o.gguf")])
     assert result.exit_code != 0 and "GGUF export supports" in result.output and "Traceback" not in result.output
     (tmp_path / "notes.txt").write_text("keep me")
@@ -270,3 +282,40 @@ def test_inspect_names_the_ggml_type(tiny_model_factory, tmp_path):
     assert result.exit_code == 0
     # 64- and 160-wide rows are not whole Q4_K super-blocks: llama.cpp's fallback type, named
     assert "GGUF Q5_0" in result.output
+
+
+def test_q4_k_m_mixture_is_llama_cpps_assignment(tiny_model_factory, tmp_path):
+    from llmpress.compress.quant.ggml_grid import mixture_overrides
+
+    picked = mixture_overrides("q4_k_m", "model.layers", 30, ["self_attn.v_proj", "mlp.down_proj", "mlp.up_proj"])
+    layers = sorted({int(p.split(r"\.")[2]) for p in picked})
+    assert layers == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert all("up_proj" not in p for p in picked) and all(v == {"grid": "q6_k"} for v in picked.values())
+    out = tmp_path / "m"
+    llmpress.compress(tiny_model_factory("llama"), "rtn-q4_k_m", out=out, progress=False)
+    model, _ = llmpress.load(out)
+    types = {n: m.type.name for n, m in model.named_modules() if isinstance(m, GGMLLinear)}
+    # three layers: only the last gets more bits; 64/160-wide rows take the K types' fallbacks
+    assert types["model.layers.2.self_attn.v_proj"] == "q8_0" and types["model.layers.1.self_attn.v_proj"] == "q5_0"
+    assert types["model.layers.2.mlp.down_proj"] == "q8_0" and types["model.layers.2.mlp.up_proj"] == "q5_0"
+
+
+@pytest.mark.parametrize("name", sorted(ggml.TYPES))
+def test_decoding_gemv_equals_the_reference(name):
+    """Decoding rows on CPU take the C++ affine GEMV on the decoded codes; it computes the
+    reference's product (dequantize, then matmul) to fp32 rounding, and notices new blocks."""
+    from llmpress.kernels.dispatch import use_backend
+
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(96, 512, generator=gen) * 0.05
+    layer = GGMLLinear.from_weight(reference_quantize(w, name), torch.randn(96, generator=gen), torch.float32)
+    x = torch.randn(2, 3, 512, generator=gen)
+    fast = layer(x)
+    with use_backend("reference"):
+        ref = layer(x)
+    assert fast.shape == ref.shape == (2, 3, 96)
+    assert float((fast - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    layer.blocks.copy_(ggml.pack(reference_quantize(-w, name)))
+    with use_backend("reference"):
+        flipped = layer(x)
+    assert torch.allclose(layer(x), flipped, rtol=0, atol=1e-5 * float(flipped.abs().max()))

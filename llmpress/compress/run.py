@@ -95,6 +95,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     skeleton = empty_model(config, trust_remote_code=trust_remote_code, source=folder)
     transposed = linearize(skeleton)   # GPT-2's Conv1D weights, stored [in, out]
     arch = arch_for(skeleton)
+    recipe = _expand_mixtures(recipe, arch, len(skeleton.get_submodule(arch.blocks)))
     tokenizer = load_tokenizer(folder, trust_remote_code)
     windows = calib_info = None
     if recipe.rotation is not None and recipe.rotation.method == "harp":
@@ -187,6 +188,19 @@ def compress(
         if main and fresh and not RunFolder.finished_blocks(job.out):
             shutil.rmtree(job.out, ignore_errors=True)
         raise
+
+
+def _expand_mixtures(recipe: Recipe, arch, n_blocks: int) -> Recipe:
+    """A layer stage's GGML ``mixture`` as explicit per-module overrides (the saved recipe holds them)."""
+    from .quant.ggml_grid import mixture_overrides
+
+    stages = []
+    for stage in recipe.stages:
+        if getattr(stage, "mixture", "none") != "none":
+            generated = mixture_overrides(stage.mixture, arch.blocks, n_blocks, list(arch.linears))
+            stage = stage.model_copy(update={"overrides": {**generated, **stage.overrides}, "mixture": "none"})
+        stages.append(stage)
+    return recipe.model_copy(update={"stages": stages})
 
 
 def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model: bool,

@@ -103,6 +103,9 @@ class GridQuantStage(UniformQuantStage):
     cannot store in the type fall back as its quantizer does)."""
 
     grid: Literal["uniform", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] = "uniform"
+    # llama.cpp's per-tensor type assignment of a named file type, expanded into per-module
+    # `overrides` once the model's depth is known (compress/quant/ggml_grid.mixture_overrides)
+    mixture: Literal["none", "q4_k_m"] = "none"
 
     @model_validator(mode="before")
     @classmethod

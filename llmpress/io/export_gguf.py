@@ -34,15 +34,20 @@ class GGUFExportError(LlmpressError):
 
 @dataclass(frozen=True)
 class Family:
-    arch: str               # gguf.MODEL_ARCH member name
-    permute_qk: bool        # llama.cpp's Llama graph wants q/k rows in its rotary (interleaved) order
+    arch: str                  # gguf.MODEL_ARCH member name
+    permute_qk: bool = False   # llama.cpp's Llama graph wants q/k rows in its rotary (interleaved) order
+    norm_offset: float = 0.0   # Gemma's RMSNorm scales by 1 + w; llama.cpp's by the stored weight
+    rotary: bool = True        # GPT-2 has learned positions instead
 
 
 FAMILIES = {
-    "llama": Family("LLAMA", True),
-    "mistral": Family("LLAMA", True),
-    "qwen2": Family("QWEN2", False),
-    "qwen3": Family("QWEN3", False),
+    "llama": Family("LLAMA", permute_qk=True),
+    "mistral": Family("LLAMA", permute_qk=True),
+    "qwen2": Family("QWEN2"),
+    "qwen3": Family("QWEN3"),
+    "gemma2": Family("GEMMA2", norm_offset=1.0),
+    "gemma3_text": Family("GEMMA3", norm_offset=1.0),
+    "gpt2": Family("GPT2", rotary=False),
 }
 
 # HF pre-tokenizers to the llama.cpp pre-tokenizer that splits text the same way
@@ -189,6 +194,8 @@ def gguf_tensors(model: nn.Module, family: Family, dtype: str) -> dict[str, tupl
             tensor = tensor[rows]
         if field not in ("weight", "bias"):
             raise GGUFExportError(f"{key} is neither a weight nor a bias; GGUF's map has no place for it")
+        if family.norm_offset and gname.endswith("norm") and field == "weight":
+            tensor = tensor.to(torch.float32) + family.norm_offset
         out[f"{gname}.{field}"] = _dense_array(tensor, dtype)
     return out
 
@@ -197,25 +204,36 @@ def gguf_tensors(model: nn.Module, family: Family, dtype: str) -> dict[str, tupl
 
 def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in params:   # Gemma3: per attention kind; the global layers' is the file's
+        params = params["full_attention"]
     if params.get("rope_type", "default") != "default":
         raise GGUFExportError(f"rope scaling {params['rope_type']!r} is not mapped to GGUF yet; use --format dense")
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def _hyperparameters(writer, config, family: Family) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
+    writer.add_vocab_size(config.vocab_size)
+    if not family.rotary:   # GPT-2: LayerNorm, learned positions, a 4x MLP unless n_inner says otherwise
+        writer.add_feed_forward_length(getattr(config, "n_inner", None) or 4 * config.hidden_size)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)       # readers default it to a family's usual width otherwise (Qwen3: 128)
     writer.add_value_length(head_dim)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+    if family.arch == "GEMMA2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 def _pre_tokenizer(folder: Path) -> str:

@@ -9,6 +9,8 @@ the input's device, with the torch reference as the oracle and the fallback.
 - ``cpu-gemv``: decoding inputs on CPU for the layers the int4 kernel cannot take (8-bit codes,
   other group sizes) whose groups are contiguous: the C++ GEMV (``kernels.cpu_ext``) reads the
   packed codes as stored, in fp32.
+- ``cpu-gemv`` also runs GGML block weights (``layers.GGMLLinear``) for decoding inputs: the C++
+  affine GEMV on their codes decoded to bytes once (``ggml_linear``); otherwise they dequantize per call.
 - ``cpu-dequant``: larger inputs on CPU (prefill, the fp32 perplexity protocol): the C++
   dequantizer (``kernels.cpu_ext``, identical to the reference's weights, several times faster),
   then one fp32 GEMM; the weight lives for that call only.
@@ -123,3 +125,20 @@ def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
     else:
         weight = layer.dequantize(x.dtype)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def ggml_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """``x · Wᵀ (+ bias)`` of GGML block weights: decoding rows on CPU through the C++ affine GEMV on
+    the layer's byte codes with a step and offset per sub-block (``layer.decoded()``), everything
+    else (and the ``reference`` backend) through a dequantized weight that lives for this call."""
+    bias = layer.bias
+    rows = x.numel() // max(x.shape[-1], 1)
+    ext = None
+    if x.device.type == "cpu" and rows <= DECODE_MAX_ROWS and _backend in ("auto", "cpu-gemv"):
+        ext = cpu_ext.extension()
+    if ext is None:
+        return torch.nn.functional.linear(x, layer.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+    codes, step, offset, sub = layer.decoded()
+    y = ext.affine_gemv(x.reshape(-1, layer.in_features).to(torch.float32), codes, step, offset, sub).to(x.dtype)
+    y = y if bias is None else y + bias.to(x.dtype)
+    return y.view(*x.shape[:-1], layer.out_features)

@@ -5,7 +5,9 @@ Stored tensors (``<module>.<name>`` in safetensors):
 - ``bias`` in the model's dtype, when the original linear had one.
 The manifest records the GGML type id. The GGUF export copies ``blocks`` unchanged, so the file
 llama.cpp runs holds exactly the weights llmpress measured. The forward dequantizes per call (the
-reference path; no dense copy is kept).
+reference path; no dense copy is kept); decoding inputs on CPU run the C++ affine GEMV
+(``kernels.dispatch.ggml_linear``) on the codes decoded to bytes once, with fp32 steps and offsets
+per sub-block (about 8 + 64/sub bits per weight held beside the stored blocks).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.nn import functional
 
-from ..formats.ggml import TYPE_BY_ID, GGMLWeight, dequantize_bytes, pack, row_bytes
+from ..formats.ggml import TYPE_BY_ID, GGMLWeight, dequantize_bytes, pack, row_bytes, unpack
+from ..kernels.dispatch import ggml_linear
 from .base import CompressedLinear, Layout
 
 
@@ -36,6 +38,7 @@ class GGMLLinear(CompressedLinear):
         self.register_buffer("blocks", torch.zeros(out_features, row_bytes(t, in_features), dtype=torch.uint8, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.compute_dtype = dtype
+        self._decoded = None   # (key, (codes, step, offset, sub)) for the decoding GEMV
 
     @property
     def type(self):
@@ -54,7 +57,18 @@ class GGMLLinear(CompressedLinear):
         return dequantize_bytes(self.type, self.blocks, self.in_features).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional.linear(x, self.dequantize(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+        return ggml_linear(self, x)
+
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Byte codes ``[out, in]`` and fp32 ``step``, ``offset`` ``[out, sub-blocks]`` with
+        ``W = step·q − offset``, decoded once and kept while ``blocks`` is unchanged."""
+        key = (self.blocks.data_ptr(), self.blocks._version)
+        if self._decoded is None or self._decoded[0] != key:
+            w = unpack(self.type, self.blocks, self.in_features)
+            a, b = w.step_and_offset()
+            offset = b if b is not None else a * self.type.zero   # the zero is a power of two: exact
+            self._decoded = (key, (w.codes.contiguous(), a.contiguous(), offset.contiguous(), self.type.sub))
+        return self._decoded[1]
 
     def stored_bits(self) -> int:
         return self.blocks.numel() * 8

@@ -23,10 +23,12 @@ ours in its last bit; where two candidate scales tie to that precision the choic
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
-from ...formats.ggml import QK_K, TYPES, GGMLType, GGMLWeight, dequantize_codes, grid_step_offset
+from ...formats.ggml import QK_K, GGMLType, GGMLWeight, grid_step_offset
 
 _F = torch.float32
 GROUP_MAX_EPS = 1e-15
@@ -304,9 +306,18 @@ class FixedGGMLGrid:
         return torch.minimum(lo, hi), torch.maximum(lo, hi)
 
 
-def dequantize(fitted: GGMLWeight) -> torch.Tensor:
-    a, b = fitted.step_and_offset()
-    return dequantize_codes(fitted.type, fitted.codes, a, b)
+def _more_bits(index: int, count: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third between."""
+    return index < count // 8 or index >= 7 * count // 8 or (index - count // 8) % 3 == 2
 
 
-__all__ = ["TYPES", "FixedGGMLGrid", "reference_quantize"]
+def mixture_overrides(mixture: str, blocks: str, n_blocks: int, linears: list[str]) -> dict[str, dict]:
+    """Per-module ``overrides`` reproducing llama.cpp's tensor-type choice for ``mixture`` (only
+    ``q4_k_m`` so far: ``Q6_K`` for the value and down projections of the layers ``use_more_bits``
+    picks, ``Q4_K`` elsewhere; its ``Q6_K`` output head is not a decoder linear, see the GGUF page)."""
+    if mixture != "q4_k_m":
+        raise ValueError(f"unknown mixture {mixture!r}")
+    wide = [n for n in linears if n.rsplit(".", 1)[-1] in ("v_proj", "down_proj")]
+    return {f"^{re.escape(f'{blocks}.{i}.{name}')}$": {"grid": "q6_k"}
+            for i in range(n_blocks) if _more_bits(i, n_blocks) for name in wide}
+

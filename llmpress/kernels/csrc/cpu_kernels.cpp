@@ -278,9 +278,53 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor
   return y;
 }
 
+// x [B, K] float32 · Wᵀ for weights held as byte codes with one step and offset per sub-block of
+// `sub` columns (GGML's block formats, decoded once at load): W[n, c] = step[n, s]·q[n, c] − offset[n, s],
+// y[b, n] = Σ_s step[n, s]·Σ_{c∈s} q[n, c]·x[b, c] − offset[n, s]·Σ_{c∈s} x[b, c]. For decoding batches.
+torch::Tensor affine_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor step, torch::Tensor offset, int64_t sub) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, K] float32");
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && step.scalar_type() == torch::kFloat32 &&
+              offset.scalar_type() == torch::kFloat32, "uint8 codes and float32 steps and offsets expected");
+  x = x.contiguous();
+  codes = codes.contiguous();
+  step = step.contiguous();
+  offset = offset.contiguous();
+  const int64_t batch = x.size(0), k = x.size(1), n = codes.size(0), subs = step.size(1);
+  TORCH_CHECK(codes.size(1) == k && k == subs * sub && offset.sizes() == step.sizes(), "shapes do not match");
+  auto xsum = x.view({batch, subs, sub}).sum(-1).contiguous();
+  auto y = torch::empty({batch, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* xs = xsum.data_ptr<float>();
+  const uint8_t* qp = codes.data_ptr<uint8_t>();
+  const float* sp = step.data_ptr<float>();
+  const float* op = offset.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(batch);
+    for (int64_t row = begin; row < end; ++row) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const uint8_t* q = qp + row * k;
+      for (int64_t s = 0; s < subs; ++s) {
+        const float a = sp[row * subs + s], b = op[row * subs + s];
+        const uint8_t* qs = q + s * sub;
+        for (int64_t bt = 0; bt < batch; ++bt) {
+          const float* xb = xp + bt * k + s * sub;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < sub; ++i) dot += static_cast<float>(qs[i]) * xb[i];
+          acc[bt] += a * dot - b * xs[bt * subs + s];
+        }
+      }
+      for (int64_t bt = 0; bt < batch; ++bt) yp[bt * n + row] = acc[bt];
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { 
   m.def("lut_gemv", &lut_gemv, "lookup-table GEMV of binary-coded weights");
   m.def("dequantize", &dequantize, "the dense weight of binary-coded weights");
   m.def("dequantize_uniform", &dequantize_uniform, "the dense weight of the uniform format");
   m.def("uniform_gemv", &uniform_gemv, "decoding GEMV of the uniform format with contiguous groups");
+  m.def("affine_gemv", &affine_gemv, "decoding GEMV of byte codes with a step and offset per sub-block");
 }

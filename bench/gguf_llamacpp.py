@@ -1,0 +1,143 @@
+"""GGUF files in llama.cpp: the runtime's perplexity against llmpress's on the same windows, and
+the plain round-to-grid presets against what `llama-quantize` writes, tensor by tensor.
+
+Needs llama.cpp's command-line tools, built from the source the `llama-cpp-python` sdist carries
+(about 7 minutes on 2 cores; see data.md):
+
+    pip download --no-deps llama-cpp-python==0.3.36 -d dl && tar xzf dl/llama_cpp_python-0.3.36.tar.gz
+    L=llama_cpp_python-0.3.36/vendor/llama.cpp
+    cmake -S $L -B $L/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \\
+          -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
+    cmake --build $L/build -j2 --target llama-perplexity llama-quantize
+    LLAMA_CPP_BIN=$L/build/bin python bench/gguf_llamacpp.py
+
+It reads the models the `gguf` suite of bench/quality.py wrote under bench/out (run that first),
+exports the dense model as an F32 GGUF, and for each file runs `llama-perplexity -c 2048 --chunks N`
+(llama.cpp's protocol: each 2048-token chunk of the whole tokenized text, the second half scored)
+beside the same scoring in torch on llmpress's model. `llama-quantize --pure` with F16 embedding
+and output (the presets keep those dense) gives the reference file of each `rtn-*` preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import OUT, folder_name, publish
+
+ROWS = [("dense", None)] + [(f"{kind} {t.upper()}", f"{name}-{t}") for t in ("q3_k", "q2_k", "q4_0", "q4_k")
+                            for kind, name in (("llama.cpp", "rtn"), ("GPTQ", "gptq"))]
+SUITE_NAMES = {"rtn": "llama.cpp {T} (round to grid)", "gptq": "GPTQ {T}"}
+
+
+def llama_cpp_ppl(binary: Path, gguf_file: Path, text: Path, chunks: int) -> float:
+    env = {**os.environ, "LD_LIBRARY_PATH": str(binary)}
+    proc = subprocess.run([str(binary / "llama-perplexity"), "-m", str(gguf_file), "-f", str(text), "-c", "2048",
+                           "--chunks", str(chunks), "-t", str(torch.get_num_threads())],
+                          capture_output=True, text=True, env=env)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+    if not found:
+        raise SystemExit(f"llama-perplexity failed on {gguf_file}:\n{proc.stderr[-2000:]}")
+    return float(found.group(1))
+
+
+def torch_ppl_llama_cpp_protocol(model, tokens: torch.Tensor, chunks: int, n_ctx: int = 2048) -> float:
+    """llama-perplexity's scoring: per chunk, positions n_ctx/2 .. n_ctx−2 predict the next token."""
+    nll, count = 0.0, 0
+    first = n_ctx // 2
+    with torch.no_grad():
+        for c in range(chunks):
+            chunk = tokens[c * n_ctx:(c + 1) * n_ctx].unsqueeze(0)
+            logits = model(input_ids=chunk).logits[0, first - 1:n_ctx - 1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, first:], reduction="sum"))
+            count += n_ctx - first
+    return float(np.exp(nll / count))
+
+
+def same_tensors(a: Path, b: Path) -> tuple[int, int, float]:
+    """(tensors identical, tensors compared, fraction of differing bytes) of two GGUF files."""
+    import gguf
+
+    theirs = {t.name: t for t in gguf.GGUFReader(b).tensors}
+    same = total = 0
+    differing = nbytes = 0
+    for t in gguf.GGUFReader(a).tensors:
+        u = theirs[t.name]
+        x, y = np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8)
+        total += 1
+        if t.tensor_type != u.tensor_type or x.shape != y.shape:
+            continue
+        same += bool(np.array_equal(x, y))
+        differing += int((x != y).sum())
+        nbytes += x.size
+    return same, total, differing / max(nbytes, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--no-update", action="store_true")
+    args = ap.parse_args()
+    binary = Path(os.environ.get("LLAMA_CPP_BIN", ""))
+    if not (binary / "llama-perplexity").exists():
+        raise SystemExit("set LLAMA_CPP_BIN to llama.cpp's build/bin (see this script's docstring)")
+    import llmpress
+    from llmpress.io.export import export
+    from llmpress.io.text import load_text
+
+    text = OUT / "wiki-test.txt"
+    text.write_text(load_text("wiki/test"))
+    dense_gguf = export("smollm2-135m", OUT / "dense-f32.gguf", "gguf", dtype="float32", overwrite=True)
+    env = {**os.environ, "LD_LIBRARY_PATH": str(binary)}
+    version = subprocess.run([str(binary / "llama-perplexity"), "--version"], capture_output=True, text=True, env=env)
+    build = (version.stdout + version.stderr).strip().splitlines()[0] if (version.stdout + version.stderr).strip() else "?"
+    lines = [
+        f"llama.cpp {build} (llama-cpp-python 0.3.36's vendored source, built with GGML_NATIVE); "
+        f"`llama-perplexity -c 2048 --chunks {args.chunks}` on wiki/test (second half of each chunk scored) beside "
+        "the same scoring in torch on llmpress's model; `llama-quantize --pure --token-embedding-type f16 "
+        "--output-tensor-type f16` of the F32 file as each round-to-grid preset's reference.",
+        "",
+        "| model | GGUF file | llama.cpp ppl | llmpress ppl | difference | tensors identical to llama-quantize's | bytes differing |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    tokens = None
+    for label, recipe in ROWS:
+        if recipe is None:
+            folder, gguf_file = "smollm2-135m", dense_gguf
+        else:
+            kind, t = recipe.split("-", 1)
+            name = SUITE_NAMES[kind].format(T=t.upper())
+            folder, gguf_file = OUT / folder_name(name), OUT / f"{folder_name(name)}.gguf"
+            if not gguf_file.exists():
+                print(f"skipping {label}: run `python bench/quality.py --suite gguf` first", file=sys.stderr)
+                continue
+        model, tok = llmpress.load(folder)
+        if tokens is None:
+            tokens = tok(text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+        ours = torch_ppl_llama_cpp_protocol(model, tokens, args.chunks)
+        theirs = llama_cpp_ppl(binary, gguf_file, text, args.chunks)
+        identical = "–"
+        if recipe is not None and recipe.startswith("rtn-"):
+            ref = OUT / f"llama-quantize-{t}.gguf"
+            subprocess.run([str(binary / "llama-quantize"), "--pure", "--token-embedding-type", "f16",
+                            "--output-tensor-type", "f16", str(dense_gguf), str(ref), t.upper(), "2"],
+                           capture_output=True, env=env, check=True)
+            same, total, frac = same_tensors(gguf_file, ref)
+            identical = f"{same}/{total} | {frac:.2e}"
+        else:
+            identical += " | –"
+        lines.append(f"| {label} | {gguf_file.stat().st_size / 1e6:.2f} MB | {theirs:.4f} | {ours:.4f} | "
+                     f"{(theirs / ours - 1) * 100:+.3f}% | {identical} |")
+        print(lines[-1], flush=True)
+    publish(lines, "gguf-llamacpp", f"LLAMA_CPP_BIN=... python bench/gguf_llamacpp.py --chunks {args.chunks}",
+            not args.no_update)
+
+
+if __name__ == "__main__":
+    main()
