@@ -8,8 +8,8 @@ Needs llama.cpp's command-line tools, built from the source the `llama-cpp-pytho
     L=llama_cpp_python-0.3.36/vendor/llama.cpp
     cmake -S $L -B $L/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \\
           -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
-    cmake --build $L/build -j2 --target llama-perplexity llama-quantize
-    LLAMA_CPP_BIN=$L/build/bin python bench/gguf_llamacpp.py
+    cmake --build $L/build -j2 --target llama-perplexity llama-quantize llama-imatrix
+    LLAMA_CPP_BIN=$L/build/bin python bench/gguf_llamacpp.py --imatrix
 
 It reads the models the `gguf` suite of bench/quality.py wrote under bench/out (run that first),
 exports the dense model as an F32 GGUF, and for each file runs `llama-perplexity -c 2048 --chunks N`
@@ -82,6 +82,8 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--imatrix", action="store_true",
+                    help="also quantize with an importance matrix (llama-imatrix -c 512 --chunks 128 on wiki/train)")
     ap.add_argument("--no-update", action="store_true")
     args = ap.parse_args()
     binary = Path(os.environ.get("LLAMA_CPP_BIN", ""))
@@ -135,7 +137,24 @@ def main() -> None:
         lines.append(f"| {label} | {gguf_file.stat().st_size / 1e6:.2f} MB | {theirs:.4f} | {ours:.4f} | "
                      f"{(theirs / ours - 1) * 100:+.3f}% | {identical} |")
         print(lines[-1], flush=True)
-    publish(lines, "gguf-llamacpp", f"LLAMA_CPP_BIN=... python bench/gguf_llamacpp.py --chunks {args.chunks}",
+    if args.imatrix:
+        # llama.cpp's best: an importance matrix from the calibration text the GPTQ rows used
+        train = OUT / "wiki-train.txt"
+        train.write_text(load_text("wiki/train"))
+        imatrix = OUT / "imatrix.gguf"
+        subprocess.run([str(binary / "llama-imatrix"), "-m", str(dense_gguf), "-f", str(train), "-c", "512",
+                        "--chunks", "128", "-o", str(imatrix), "-t", str(torch.get_num_threads())],
+                       capture_output=True, env=env, check=True)
+        for t in ("q3_k", "q2_k", "q4_0", "q4_k"):
+            ref = OUT / f"llama-quantize-imatrix-{t}.gguf"
+            subprocess.run([str(binary / "llama-quantize"), "--imatrix", str(imatrix), "--pure",
+                            "--token-embedding-type", "f16", "--output-tensor-type", "f16", str(dense_gguf), str(ref),
+                            t.upper(), "2"], capture_output=True, env=env, check=True)
+            theirs = llama_cpp_ppl(binary, ref, text, args.chunks)
+            lines.append(f"| llama.cpp {t.upper()} + imatrix (wiki/train 128x512) | {ref.stat().st_size / 1e6:.2f} MB | "
+                         f"{theirs:.4f} | – | – | – | – |")
+            print(lines[-1], flush=True)
+    publish(lines, "gguf-llamacpp", f"LLAMA_CPP_BIN=... python bench/gguf_llamacpp.py --chunks {args.chunks}" + (" --imatrix" if args.imatrix else ""),
             not args.no_update)
 
 

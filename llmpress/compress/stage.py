@@ -118,11 +118,11 @@ class GridQuantStage(UniformQuantStage):
 
     @field_validator("bits")
     @classmethod
-    def _bits(cls, v: int) -> int:   # checked against the grid below
+    def _bits(cls, v: int) -> int:   # a GGML grid brings its own width: checked below, without one
         return v
 
     @model_validator(mode="after")
-    def _bits_match_grid(self):
+    def _bits_without_grid(self):
         if self.grid == "uniform" and self.bits not in ALLOWED_BITS:
             raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {self.bits}")
         return self
