@@ -16,9 +16,10 @@ searches, in the same fp32 order of operations (sums accumulated element by elem
 Every type then rounds each weight to the grid it stored (the quantized sub-block scales), which
 is why GPTQ can take the grid and replace only that last rounding (``FixedGGMLGrid``).
 
-llama.cpp is compiled with FMA contraction allowed, so a sum there may round differently from
-ours in its last bit; where two candidate scales tie to that precision the choice can differ
-(docs/methods/gguf.md measures how often).
+Bit-exactness rests on plain IEEE fp32 arithmetic on both sides (llama.cpp's reference quantizers
+live in ``ggml-base``, built without FMA or fast-math) and on correctly rounded square roots
+(torch's fp32 ``sqrt`` can be one ulp off: it is taken in fp64). docs/methods/gguf.md gives the
+measured agreement with llama.cpp's own bytes.
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ def _k_quant(t: GGMLType, w: torch.Tensor) -> GGMLWeight:
             sum_x2 = torch.zeros(x.shape[0], dtype=_F)
             for i in range(t.sub):
                 sum_x2 = sum_x2 + x[:, i] * x[:, i]
-            weights = torch.sqrt(sum_x2 / _f32(32))[:, None] + x.abs()
+            # sqrtf is correctly rounded; torch's fp32 sqrt can be one ulp off, its fp64 one is not
+            weights = torch.sqrt((sum_x2 / _f32(32)).double()).float()[:, None] + x.abs()
             nmax, rmin, nstep = (15, -1.0, 20) if t.name == "q4_k" else (31, -0.5, 15)
             scales, mins, L = make_qkx2_quants(x, weights, nmax, rmin, 0.1, nstep, False)
             levels = 63
