@@ -11,8 +11,8 @@ Needs llama.cpp's command-line tools, built from the source the `llama-cpp-pytho
     cmake --build $L/build -j2 --target llama-perplexity llama-quantize llama-imatrix
     LLAMA_CPP_BIN=$L/build/bin python bench/gguf_llamacpp.py --imatrix
 
-It reads the models the `gguf` suite of bench/quality.py wrote under bench/out (run that first),
-exports the dense model as an F32 GGUF, and for each file runs `llama-perplexity -c 2048 --chunks N`
+It reads the models the `gguf` suite of bench/quality.py wrote under bench/out (and compresses, with
+the suite's settings, those that are missing), exports the dense model as an F32 GGUF, and for each file runs `llama-perplexity -c 2048 --chunks N`
 (llama.cpp's protocol: each 2048-token chunk of the whole tokenized text, the second half scored)
 beside the same scoring in torch on llmpress's model. `llama-quantize --pure` with F16 embedding
 and output (the presets keep those dense) gives the reference file of each `rtn-*` preset.
@@ -47,13 +47,16 @@ def llama_cpp_ppl(binary: Path, gguf_file: Path, text: Path, chunks: int) -> flo
     return float(found.group(1))
 
 
-def torch_ppl_llama_cpp_protocol(model, tokens: torch.Tensor, chunks: int, n_ctx: int = 2048) -> float:
-    """llama-perplexity's scoring: per chunk, positions n_ctx/2 .. n_ctx−2 predict the next token."""
+def torch_ppl_llama_cpp_protocol(model, tokens: torch.Tensor, bos: int, chunks: int, n_ctx: int = 2048) -> float:
+    """llama-perplexity's scoring: the text tokenized with a leading BOS, cut into chunks of n_ctx
+    whose first token is replaced by BOS; per chunk, positions n_ctx/2 .. n_ctx−2 predict the next."""
     nll, count = 0.0, 0
     first = n_ctx // 2
+    tokens = torch.cat([torch.tensor([bos]), tokens])
     with torch.no_grad():
         for c in range(chunks):
-            chunk = tokens[c * n_ctx:(c + 1) * n_ctx].unsqueeze(0)
+            chunk = tokens[c * n_ctx:(c + 1) * n_ctx].clone().unsqueeze(0)
+            chunk[0, 0] = bos
             logits = model(input_ids=chunk).logits[0, first - 1:n_ctx - 1].float()
             nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, first:], reduction="sum"))
             count += n_ctx - first
@@ -117,12 +120,14 @@ def main() -> None:
             name = SUITE_NAMES[kind].format(T=t.upper())
             folder, gguf_file = OUT / folder_name(name), OUT / f"{folder_name(name)}.gguf"
             if not gguf_file.exists():
-                print(f"skipping {label}: run `python bench/quality.py --suite gguf` first", file=sys.stderr)
-                continue
+                # the suite's settings (128x512 wiki/train, seed 0), without its 40-window evaluation
+                print(f"compressing {label} ({recipe}) into {folder}", file=sys.stderr, flush=True)
+                llmpress.compress("smollm2-135m", recipe, out=folder, overwrite=True, progress=False)
+                export(folder, gguf_file, "gguf", overwrite=True)
         model, tok = llmpress.load(folder)
         if tokens is None:
             tokens = tok(text.read_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
-        ours = torch_ppl_llama_cpp_protocol(model, tokens, args.chunks)
+        ours = torch_ppl_llama_cpp_protocol(model, tokens, tok.bos_token_id, args.chunks)
         theirs = llama_cpp_ppl(binary, gguf_file, text, args.chunks)
         identical = "–"
         if recipe is not None and recipe.startswith("rtn-"):

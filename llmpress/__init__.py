@@ -6,7 +6,7 @@
     print(llmpress.perplexity(model, tokenizer, "wiki/test", windows=4))
 """
 
-from .api import CompressResult, compress, evaluate, load, perplexity
+from .api import CompressResult, compress, evaluate, generate, load, perplexity
 from .version import __version__
 
-__all__ = ["CompressResult", "__version__", "compress", "evaluate", "load", "perplexity"]
+__all__ = ["CompressResult", "__version__", "compress", "evaluate", "generate", "load", "perplexity"]

@@ -1,4 +1,4 @@
-"""The Python API: ``compress``, ``load``, ``perplexity``, ``evaluate``. The CLI is a thin layer
+"""The Python API: ``compress``, ``load``, ``perplexity``, ``evaluate``, ``generate``. The CLI is a thin layer
 over these; one run's orchestration lives in ``compress/run.py``."""
 
 from __future__ import annotations
@@ -40,5 +40,58 @@ def evaluate(model, tokenizer, tasks: list[str] | str, *, output: str | Path | N
     return results
 
 
-__all__ = ["CompressResult", "ModelLoadError", "PerplexityResult", "compress", "evaluate", "load", "parse_size",
-           "perplexity"]
+def recorded_base_model(path: str | Path) -> str | None:
+    """The model an llmpress output folder was compressed from (its manifest's ``base_model``)."""
+    from .io.checkpoint import read_manifest
+
+    p = Path(path).expanduser()
+    return read_manifest(p).get("base_model") if p.is_dir() and is_llmpress_output(p) else None
+
+
+def generate(model, prompts: str | list[str], *, tokenizer=None, fallback: Any = "auto", max_new_tokens: int = 256,
+             chat: bool = False, on_text=None, trust_remote_code: bool = False, **options):
+    """Generate for one prompt (a ``GenerationResult``) or a list of them (a list of results).
+
+    ``model`` is a loaded model (then pass ``tokenizer``) or anything ``load`` takes. ``options``
+    are the fields of ``GenerationControls`` (``loop_rescue``, ``fallback_tokens``, ``plan_tokens``,
+    ``plan_until``, ``close_with``, ...) and of ``SamplingSettings`` (``do_sample``, ``temperature``,
+    ``top_k``, ``top_p``, ``seed``, ...). ``fallback`` is the model that plans and rescues: a loaded
+    model, a model spec, or ``"auto"``, the compressed folder's recorded base model, loaded only when
+    a control needs it. ``on_text(delta, event)`` streams (see ``Generator``)."""
+    from dataclasses import fields
+
+    from .eval.generate import GenerationControls, Generator, SamplingSettings
+
+    control_keys = {f.name for f in fields(GenerationControls)}
+    sampling_keys = {f.name for f in fields(SamplingSettings)}
+    unknown = set(options) - control_keys - sampling_keys
+    if unknown:
+        raise TypeError(f"generate: unknown options {sorted(unknown)}")
+    controls = GenerationControls(**{k: v for k, v in options.items() if k in control_keys})
+    sampling = SamplingSettings(**{k: v for k, v in options.items() if k in sampling_keys})
+    source = None
+    if isinstance(model, (str, Path)):
+        source = recorded_base_model(model)
+        model, tokenizer = load(model, trust_remote_code=trust_remote_code)
+    elif tokenizer is None:
+        raise TypeError("generate: pass the tokenizer with a loaded model")
+    if not controls.needs_fallback:
+        fallback = None
+    elif isinstance(fallback, str) and fallback == "auto":
+        if source is None:
+            raise ModelLoadError("this control needs a fallback model: pass one (--fallback), or a compressed "
+                                 "folder that records its base model")
+        fallback = source
+    if isinstance(fallback, (str, Path)):
+        fallback_model, fallback_tok = load(fallback, trust_remote_code=trust_remote_code)
+        if fallback_tok.get_vocab() != tokenizer.get_vocab():
+            raise ModelLoadError(f"the fallback {fallback} has another vocabulary than the model")
+        fallback = fallback_model
+    run = Generator(model, tokenizer, fallback=fallback, controls=controls, sampling=sampling)
+    if isinstance(prompts, str):
+        return run(prompts, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text)
+    return [run(p, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text) for p in prompts]
+
+
+__all__ = ["CompressResult", "ModelLoadError", "PerplexityResult", "compress", "evaluate", "generate", "load",
+           "parse_size", "perplexity", "recorded_base_model"]

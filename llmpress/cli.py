@@ -181,6 +181,161 @@ def _decode(model: str, new_tokens: int, trust_remote_code: bool) -> None:
         out.print(f"speed-up: {result.tokens_per_second / base.tokens_per_second:.2f}x")
 
 
+def _read_prompts(spec: str) -> list[str]:
+    """``FILE.jsonl[:field]`` (default field ``prompt``), one record per line."""
+    from .errors import CalibrationError
+
+    path_part, _, field = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    path, field = Path(path_part).expanduser(), field or "prompt"
+    if not path.is_file():
+        raise CalibrationError(f"--prompts: no file {path}")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"--prompts: {path} line {n} is not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise CalibrationError(f"--prompts: {path} line {n} has no string field {field!r}")
+        prompts.append(record[field])
+    if not prompts:
+        raise CalibrationError(f"--prompts: {path} holds no prompts")
+    return prompts
+
+
+def _parse_loop_settings(items: list[str] | None):
+    from dataclasses import fields
+
+    from .errors import SettingsError
+    from .eval.loops import LoopSettings
+
+    names = {f.name for f in fields(LoopSettings)}
+    values = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or key not in names or not value.strip().isdigit():
+            raise SettingsError(f"--loop {item}: expected KEY=INTEGER with KEY one of {', '.join(sorted(names))}")
+        values[key] = int(value)
+    return LoopSettings(**values)
+
+
+def _stream_printer():
+    """Prints streamed text as it comes: the fallback's text in cyan, forced text dim, and a line on
+    stderr where a rollback drops text."""
+    styles = {"compressed": "", "fallback": "cyan", "forced": "dim"}
+
+    def on_text(delta: str, event: str) -> None:
+        if event == "rollback":
+            err.print(Text(f"\n[loop: rolled back {len(delta)} characters]", style="yellow"))
+            return
+        out.print(Text(delta, style=styles.get(event, "")), end="")
+    return on_text
+
+
+@app.command()
+@_user_errors
+def generate(
+    model: str = typer.Argument(..., help="An llmpress output folder or any model spec."),
+    prompt: str | None = typer.Option(None, help="The prompt."),
+    prompts: str | None = typer.Option(None, help="FILE.jsonl[:field]: one prompt per record (default field `prompt`)."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Token budget of each generation."),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
+    do_sample: bool = typer.Option(False, help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    top_k: int = typer.Option(50, help="Sample from the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    min_p: float = typer.Option(0.0, help="Drop tokens below this fraction of the top probability."),
+    repetition_penalty: float = typer.Option(1.0, help="transformers' repetition penalty (1: none)."),
+    seed: int = typer.Option(0, help="Sampling seed (each prompt starts from it)."),
+    loop_rescue: str | None = typer.Option(None, help="On a detected loop: commit (stop, keep the loop's first copy) or fallback (roll back; the fallback model continues)."),
+    loop: list[str] | None = typer.Option(None, help="Loop detector threshold KEY=VALUE (min_repeats, max_period, min_span, ngram, ngram_repeats, line_repeats, window; repeatable)."),
+    fallback: str | None = typer.Option(None, help="The model that plans and rescues (default: the compressed model's recorded base model)."),
+    fallback_tokens: int | None = typer.Option(None, min=1, help="After a rescue the fallback writes this many tokens, then hands back (default: the rest)."),
+    max_rescues: int = typer.Option(4, min=0, help="Rescues per generation; a later loop is committed."),
+    plan_tokens: int = typer.Option(0, min=0, help="The fallback writes the first N tokens, then the model continues."),
+    plan_until: str | None = typer.Option(None, help="End the plan early once this text appears in it."),
+    close_with: str | None = typer.Option(None, help="When the budget runs out (or a loop is committed), append this text and let the model finish."),
+    close_tokens: int = typer.Option(32, min=0, help="Tokens allowed after --close-with."),
+    output: Path | None = typer.Option(None, help="Write one JSON record per prompt (text, tokens per model, loops, finish, seconds)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --output file."),
+    stream: bool = typer.Option(True, help="Print text as it is generated (a single --prompt)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom modeling code from the model folder."),
+) -> None:
+    """Generate text with a compressed (or any) model, optionally with loop rescue, full-precision
+    planning and a forced close; reports the tokens each model wrote, loops and wall time."""
+    from . import api
+    from .errors import OutputError, SettingsError
+    from .eval.generate import GenerationControls, Generator, SamplingSettings
+
+    if (prompt is None) == (prompts is None):
+        raise SettingsError("give exactly one of --prompt and --prompts")
+    texts = [prompt] if prompt is not None else _read_prompts(prompts)
+    if output is not None and output.exists() and not overwrite:
+        raise OutputError(f"{output} exists; pass --overwrite to replace it")
+    controls = GenerationControls(loop_rescue=loop_rescue, loop=_parse_loop_settings(loop), fallback_tokens=fallback_tokens,
+                                  max_rescues=max_rescues, plan_tokens=plan_tokens, plan_until=plan_until,
+                                  close_with=close_with, close_tokens=close_tokens)
+    sampling = SamplingSettings(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty, seed=seed)
+    fallback_spec = fallback or api.recorded_base_model(model)
+    model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
+    fallback_obj = None
+    if controls.needs_fallback:
+        if fallback_spec is None:
+            raise SettingsError(f"{model} records no base model: pass --fallback for --loop-rescue fallback / --plan-tokens")
+        fallback_obj, fallback_tok = api.load(fallback_spec, trust_remote_code=trust_remote_code)
+        if fallback_tok.get_vocab() != tok.get_vocab():
+            raise SettingsError(f"the fallback {fallback_spec} has another vocabulary than {model}")
+    run = Generator(model_obj, tok, fallback=fallback_obj, controls=controls, sampling=sampling)
+    single = len(texts) == 1
+    on_text = _stream_printer() if single and stream else None
+    partial = output.with_name(output.name + ".partial") if output is not None else None
+    results = []
+    from .progress import track
+
+    with (partial.open("w") if partial else open("/dev/null", "w")) as sink:
+        for text in track(texts, "generate", len(texts), enabled=not single):
+            result = run(text, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text)
+            results.append(result)
+            sink.write(json.dumps(result.summary()) + "\n")
+            sink.flush()
+            if single:
+                if on_text is None:
+                    out.print(result.text)
+                else:
+                    out.print()
+    if partial is not None:
+        partial.replace(output)
+    _generation_report(results, fallback_spec if controls.needs_fallback else None, output)
+
+
+def _generation_report(results, fallback: str | None, output: Path | None) -> None:
+    """One row per prompt (a single prompt) or the totals over many."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("prompts", "new tokens (mean / max)", "model steps", "fallback steps", "loops detected", "finish",
+                "seconds (mean)"):
+        table.add_column(col, justify="left" if col == "finish" else "right")
+    finishes: dict[str, int] = {}
+    for r in results:
+        finishes[r.finish] = finishes.get(r.finish, 0) + 1
+    n = len(results)
+    lengths = [len(r.tokens) for r in results]
+    table.add_row(str(n), f"{sum(lengths) / n:.1f} / {max(lengths)}", str(sum(r.steps["compressed"] for r in results)),
+                  str(sum(r.steps["fallback"] for r in results)), str(sum(len(r.loops) for r in results)),
+                  ", ".join(f"{k} {v}" for k, v in sorted(finishes.items())), f"{sum(r.seconds for r in results) / n:.2f}")
+    err.print(table)
+    for r in results if n == 1 else []:
+        for e in r.loops:
+            err.print(Text(f"loop at token {e.at} ({e.loop.signal}, period {e.loop.period} x {e.loop.repeats}, "
+                           f"from token {e.loop.start}) written by the {e.writer} model: {e.action}"))
+    if fallback is not None:
+        err.print(Text(f"fallback model: {fallback}"))
+    if output is not None:
+        err.print(Text(f"results: {output}"))
+
+
 @app.command()
 @_user_errors
 def inspect(

@@ -21,6 +21,10 @@ class OutputError(LlmpressError):
     """An output folder that cannot be written safely."""
 
 
+class SettingsError(LlmpressError, ValueError):
+    """A setting out of its range (generation controls, sampling, the loop detector)."""
+
+
 def cause_of(e: BaseException) -> str:
     """``Type: first line`` of the innermost cause: libraries wrap the reason (transformers'
     config validation puts "The hidden size (66) is not a multiple ..." inside a generic error)."""

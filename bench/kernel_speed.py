@@ -9,9 +9,9 @@ path (``LLMPRESS_KERNEL=reference``, one run) and the weight memory the loaded m
 decoding (parameters, buffers and kernel caches) against its folder's size. Calibration does not
 change a format's layout or its speed, so missing models are compressed with 16x256 windows.
 
-    python bench/kernels.py                                  # the default rows, updates BENCHMARKS.md
-    python bench/kernels.py --recipes gptq-w4-g64,shiftadd-w3 --no-update
-    python bench/kernels.py --gpu             # GPU: Triton GEMV/GEMM vs torch fp16 on 7B-class shapes
+    python bench/kernel_speed.py                                  # the default rows, updates BENCHMARKS.md
+    python bench/kernel_speed.py --recipes gptq-w4-g64,shiftadd-w3 --no-update
+    python bench/kernel_speed.py --gpu             # GPU: Triton GEMV/GEMM vs torch fp16 on 7B-class shapes
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
         body = gpu_table()
         print(body)
         if not args.no_update:
-            update_benchmarks("kernels-gpu", body, "python bench/kernels.py --gpu")
+            update_benchmarks("kernels-gpu", body, "python bench/kernel_speed.py --gpu")
         return
 
     dense, tokenizer = llmpress.load("smollm2-135m")
@@ -115,7 +115,7 @@ def main() -> None:
         lines.append(f"| `{recipe}` | {rate:.1f} | {rate / base:.2f}x | {agree} | {held:.1f} | {on_disk:.1f} |")
         print(lines[-1], flush=True)
         del model
-    publish(lines, "kernels-cpu", "python bench/kernels.py", not args.no_update)
+    publish(lines, "kernels-cpu", "python bench/kernel_speed.py", not args.no_update)
 
 
 if __name__ == "__main__":
