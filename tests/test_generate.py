@@ -263,6 +263,12 @@ def test_cli_generate_writes_records(tiny_model_factory, tmp_path):
     assert not (tmp_path / "r.jsonl.partial").exists()
     res = runner.invoke(app, ["generate", str(folder), "--prompt", "x", "--output", str(out)])
     assert res.exit_code == 2 and "exists" in res.output
+    res = runner.invoke(app, ["generate", str(folder), "--prompt", "One", "--max-new-tokens", "8", "--loop-rescue",
+                              "commit", "--output", str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    (single,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert single == {**records[0], "seconds": single["seconds"]}      # streamed or not, the same generation
+    assert single["text"] in res.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,6 +16,7 @@ the quantized-reasoning study (its own thresholds are unpublished; these default
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import SettingsError
@@ -56,9 +57,9 @@ class Loop:
         return self.start + self.period
 
 
-def periodic_suffix(tokens: list[int], max_period: int, min_repeats: int, min_span: int) -> Loop | None:
-    """The shortest period ``p`` whose back-to-back copies end ``tokens``, if they number at least
-    ``min_repeats`` and cover ``min_span`` tokens."""
+def periodic_suffix(tokens: Sequence, max_period: int, min_repeats: int, min_span: int) -> Loop | None:
+    """The shortest period ``p`` whose back-to-back copies end ``tokens`` (token ids, or the
+    characters of a string), if they number at least ``min_repeats`` and cover ``min_span`` items."""
     n = len(tokens)
     for p in range(1, min(max_period, n // min_repeats) + 1):
         run = 0   # tokens[n-1-i] == tokens[n-1-i-p] for i < run
@@ -132,12 +133,4 @@ def text_loops(text: str, min_repeats: int = 4, max_unit: int = 200, min_chars: 
     generations, independent of the token-level detector: it sees the decoded text and asks for
     more copies over a longer span."""
     s = re.sub(r"\s+", " ", text).strip()
-    n = len(s)
-    for p in range(1, min(max_unit, n // min_repeats) + 1):
-        run = 0
-        while run + p < n and s[n - 1 - run] == s[n - 1 - run - p]:
-            run += 1
-        covered = run + p
-        if covered // p >= min_repeats and covered >= min_chars:
-            return True
-    return False
+    return periodic_suffix(s, max_unit, min_repeats, min_chars) is not None
