@@ -48,6 +48,14 @@ def recorded_base_model(path: str | Path) -> str | None:
     return read_manifest(p).get("base_model") if p.is_dir() and is_llmpress_output(p) else None
 
 
+def load_fallback(spec: str | Path, tokenizer, *, trust_remote_code: bool = False):
+    """The model that plans and rescues for a model with ``tokenizer``; it must share the vocabulary."""
+    model, fallback_tokenizer = load(spec, trust_remote_code=trust_remote_code)
+    if fallback_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ModelLoadError(f"the fallback {spec} has another vocabulary than the model")
+    return model
+
+
 def generate(model, prompts: str | list[str], *, tokenizer=None, fallback: Any = "auto", max_new_tokens: int = 256,
              chat: bool = False, on_text=None, trust_remote_code: bool = False, **options):
     """Generate for one prompt (a ``GenerationResult``) or a list of them (a list of results).
@@ -83,10 +91,7 @@ def generate(model, prompts: str | list[str], *, tokenizer=None, fallback: Any =
                                  "folder that records its base model")
         fallback = source
     if isinstance(fallback, (str, Path)):
-        fallback_model, fallback_tok = load(fallback, trust_remote_code=trust_remote_code)
-        if fallback_tok.get_vocab() != tokenizer.get_vocab():
-            raise ModelLoadError(f"the fallback {fallback} has another vocabulary than the model")
-        fallback = fallback_model
+        fallback = load_fallback(fallback, tokenizer, trust_remote_code=trust_remote_code)
     run = Generator(model, tokenizer, fallback=fallback, controls=controls, sampling=sampling)
     if isinstance(prompts, str):
         return run(prompts, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text)
@@ -94,4 +99,4 @@ def generate(model, prompts: str | list[str], *, tokenizer=None, fallback: Any =
 
 
 __all__ = ["CompressResult", "ModelLoadError", "PerplexityResult", "compress", "evaluate", "generate", "load",
-           "parse_size", "perplexity", "recorded_base_model"]
+           "load_fallback", "parse_size", "perplexity", "recorded_base_model"]

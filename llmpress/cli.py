@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from functools import wraps
 from pathlib import Path
 
@@ -268,6 +269,7 @@ def generate(
     from . import api
     from .errors import OutputError, SettingsError
     from .eval.generate import GenerationControls, Generator, SamplingSettings
+    from .progress import track
 
     if (prompt is None) == (prompts is None):
         raise SettingsError("give exactly one of --prompt and --prompts")
@@ -285,22 +287,19 @@ def generate(
     if controls.needs_fallback:
         if fallback_spec is None:
             raise SettingsError(f"{model} records no base model: pass --fallback for --loop-rescue fallback / --plan-tokens")
-        fallback_obj, fallback_tok = api.load(fallback_spec, trust_remote_code=trust_remote_code)
-        if fallback_tok.get_vocab() != tok.get_vocab():
-            raise SettingsError(f"the fallback {fallback_spec} has another vocabulary than {model}")
+        fallback_obj = api.load_fallback(fallback_spec, tok, trust_remote_code=trust_remote_code)
     run = Generator(model_obj, tok, fallback=fallback_obj, controls=controls, sampling=sampling)
     single = len(texts) == 1
     on_text = _stream_printer() if single and stream else None
     partial = output.with_name(output.name + ".partial") if output is not None else None
     results = []
-    from .progress import track
-
-    with (partial.open("w") if partial else open("/dev/null", "w")) as sink:
+    with partial.open("w") if partial else nullcontext() as sink:
         for text in track(texts, "generate", len(texts), enabled=not single):
             result = run(text, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text)
             results.append(result)
-            sink.write(json.dumps(result.summary()) + "\n")
-            sink.flush()
+            if sink is not None:
+                sink.write(json.dumps(result.summary()) + "\n")
+                sink.flush()
             if single:
                 if on_text is None:
                     out.print(result.text)
@@ -312,7 +311,7 @@ def generate(
 
 
 def _generation_report(results, fallback: str | None, output: Path | None) -> None:
-    """One row per prompt (a single prompt) or the totals over many."""
+    """The totals over the prompts, then (for a single prompt) its loops."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("prompts", "new tokens (mean / max)", "model steps", "fallback steps", "loops detected", "finish",
                 "seconds (mean)"):
