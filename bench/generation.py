@@ -144,7 +144,7 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     lines = [
         f"Model `smollm2-135m` (Instruct) and its compressed versions (best preset per width: "
-        f"{', '.join(f'{k} `{v}`' for k, v in MODELS.items() if v)}); {len(tasks)} items (arith, count, wiki; seed "
+        f"{', '.join(f'{k} `{MODELS[k]}`' for k in args.models.split(',') if MODELS[k])}); {len(tasks)} items (arith, count, wiki; seed "
         f"{args.seed}); chat template, greedy, budget {args.budget} new tokens; plan {args.plan_tokens} tokens by the "
         f"dense model; a rescue hands {args.fallback_tokens} tokens to the dense model (4 rescues, then commit); "
         f"loop detector defaults. fp32, {torch.get_num_threads()} threads, CPU. Loops graded by `text_loops` "
@@ -172,7 +172,8 @@ def main() -> None:
                          f"{s['mean steps']:.1f} | {s['p95 steps']:.0f} | {s['budget']:.3f} | {s['fallback share']:.3f} | "
                          f"{s['seconds']:.2f} |")
             print(lines[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
-    publish(lines, "generation", f"python bench/generation.py --items {args.items} --budget {args.budget}",
+    publish(lines, "generation", f"python bench/generation.py --items {args.items} --budget {args.budget} "
+            f"--models {args.models} --controls '{args.controls}'",
             not args.no_update)
 
 
