@@ -12,9 +12,10 @@ Needs llama.cpp's command-line tools, built from the source the `llama-cpp-pytho
     LLAMA_CPP_BIN=$L/build/bin python bench/gguf_llamacpp.py --imatrix
 
 It reads the models the `gguf` suite of bench/quality.py wrote under bench/out (and compresses, with
-the suite's settings, those that are missing), exports the dense model as an F32 GGUF, and for each file runs `llama-perplexity -c 2048 --chunks N`
-(llama.cpp's protocol: each 2048-token chunk of the whole tokenized text, BOS first, the second half scored)
-beside the same scoring in torch on llmpress's model. `llama-quantize --pure` with F16 embedding
+the suite's settings, those that are missing), exports the dense model as an F32 GGUF, and for each
+file runs `llama-perplexity -c 2048 --chunks N` (llama.cpp's protocol: each 2048-token chunk of the
+whole tokenized text, BOS first, the second half scored) beside the same scoring in torch on
+llmpress's model. `llama-quantize --pure` with F16 embedding
 and output (the presets keep those dense) gives the reference file of each `rtn-*` preset.
 """
 

@@ -48,11 +48,22 @@ def recorded_base_model(path: str | Path) -> str | None:
     return read_manifest(p).get("base_model") if p.is_dir() and is_llmpress_output(p) else None
 
 
-def load_fallback(spec: str | Path, tokenizer, *, trust_remote_code: bool = False):
-    """The model that plans and rescues for a model with ``tokenizer``; it must share the vocabulary."""
-    model, fallback_tokenizer = load(spec, trust_remote_code=trust_remote_code)
+def load_fallback(fallback: Any, source: str | None, tokenizer, controls, *, trust_remote_code: bool = False):
+    """The model that plans and rescues, or ``None`` when ``controls`` need none. ``fallback`` is a
+    loaded model, a model spec, or ``"auto"``/``None``: ``source``, the base model a compressed folder
+    records. A spec is loaded and must share ``tokenizer``'s vocabulary."""
+    if not controls.needs_fallback:
+        return None
+    if fallback is None or (isinstance(fallback, str) and fallback == "auto"):
+        if source is None:
+            raise ModelLoadError("this control needs a fallback model: pass one (--fallback), or a compressed "
+                                 "folder that records its base model")
+        fallback = source
+    if not isinstance(fallback, (str, Path)):
+        return fallback
+    model, fallback_tokenizer = load(fallback, trust_remote_code=trust_remote_code)
     if fallback_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ModelLoadError(f"the fallback {spec} has another vocabulary than the model")
+        raise ModelLoadError(f"the fallback {fallback} has another vocabulary than the model")
     return model
 
 
@@ -83,15 +94,7 @@ def generate(model, prompts: str | list[str], *, tokenizer=None, fallback: Any =
         model, tokenizer = load(model, trust_remote_code=trust_remote_code)
     elif tokenizer is None:
         raise TypeError("generate: pass the tokenizer with a loaded model")
-    if not controls.needs_fallback:
-        fallback = None
-    elif isinstance(fallback, str) and fallback == "auto":
-        if source is None:
-            raise ModelLoadError("this control needs a fallback model: pass one (--fallback), or a compressed "
-                                 "folder that records its base model")
-        fallback = source
-    if isinstance(fallback, (str, Path)):
-        fallback = load_fallback(fallback, tokenizer, trust_remote_code=trust_remote_code)
+    fallback = load_fallback(fallback, source, tokenizer, controls, trust_remote_code=trust_remote_code)
     run = Generator(model, tokenizer, fallback=fallback, controls=controls, sampling=sampling)
     if isinstance(prompts, str):
         return run(prompts, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text)

@@ -283,11 +283,7 @@ def generate(
                                 repetition_penalty=repetition_penalty, seed=seed)
     fallback_spec = fallback or api.recorded_base_model(model)
     model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
-    fallback_obj = None
-    if controls.needs_fallback:
-        if fallback_spec is None:
-            raise SettingsError(f"{model} records no base model: pass --fallback for --loop-rescue fallback / --plan-tokens")
-        fallback_obj = api.load_fallback(fallback_spec, tok, trust_remote_code=trust_remote_code)
+    fallback_obj = api.load_fallback(fallback_spec, None, tok, controls, trust_remote_code=trust_remote_code)
     run = Generator(model_obj, tok, fallback=fallback_obj, controls=controls, sampling=sampling)
     single = len(texts) == 1
     on_text = _stream_printer() if single and stream else None

@@ -23,6 +23,7 @@ Controls, each optional:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class LoopEvent:
 
     at: int
     loop: Loop
-    action: str          # "commit" | "fallback" | "none"
+    action: str          # "commit" | "fallback"
     writer: str          # the model that wrote the loop
 
 
@@ -125,10 +126,11 @@ class _Writer:
     def next_logits(self, sequence: list[int]) -> torch.Tensor:
         from transformers import DynamicCache
 
-        keep = 0
         limit = min(len(self.held), len(sequence) - 1)   # at least one token goes in
-        while keep < limit and self.held[keep] == sequence[keep]:
-            keep += 1
+        if sequence[:limit] == self.held[:limit]:          # the usual step: tokens were only appended
+            keep = limit
+        else:
+            keep = len(os.path.commonprefix([self.held[:limit], sequence[:limit]]))
         if self.cache is None or keep == 0:
             self.cache, keep = DynamicCache(config=self.model.config), 0
         elif keep < len(self.held):
@@ -185,7 +187,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
             raise SettingsError("--chat: this tokenizer has no chat template")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)   # a BatchEncoding in transformers 5
     return tokenizer(prompt, add_special_tokens=True).input_ids
 
 
@@ -236,9 +238,7 @@ class Generator:
             if text.startswith(streamed):
                 delta = text[len(streamed):]
             else:   # a rollback: say what was dropped, then the text from there
-                common = 0
-                while common < min(len(text), len(streamed)) and text[common] == streamed[common]:
-                    common += 1
+                common = len(os.path.commonprefix([text, streamed]))
                 on_text(streamed[common:], "rollback")
                 delta = text[common:]
             if delta:
@@ -303,10 +303,3 @@ class Generator:
         return GenerationResult(prompt, text, generated, sources, steps, loops, finish,
                                 finish != "eos" and bool(c.close_with), time.perf_counter() - start_time)
 
-
-def generate(model, tokenizer, prompt: str, *, fallback=None, controls: GenerationControls | None = None,
-             sampling: SamplingSettings | None = None, max_new_tokens: int = 256, chat: bool = False,
-             on_text: Callable[[str, str], None] | None = None) -> GenerationResult:
-    """One prompt through a ``Generator`` (see there and the module docstring)."""
-    return Generator(model, tokenizer, fallback=fallback, controls=controls, sampling=sampling)(
-        prompt, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text)
