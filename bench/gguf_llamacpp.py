@@ -15,8 +15,10 @@ It reads the models the `gguf` suite of bench/quality.py wrote under bench/out (
 the suite's settings, those that are missing), exports the dense model as an F32 GGUF, and for each
 file runs `llama-perplexity -c 2048 --chunks N` (llama.cpp's protocol: each 2048-token chunk of the
 whole tokenized text, BOS first, the second half scored) beside the same scoring in torch on
-llmpress's model. `llama-quantize --pure` with F16 embedding
-and output (the presets keep those dense) gives the reference file of each `rtn-*` preset.
+llmpress's model. `llama-quantize --pure` with F16 embedding and output (the presets keep those
+dense) gives the reference file of each plain `rtn-*` row. With `--imatrix`, `llama-imatrix` on the
+calibration text and `llama-quantize --imatrix` give llama.cpp's best file per type, and llmpress's
+importance search, fed llama.cpp's own matrix, is compared with it tensor by tensor.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import OUT, folder_name, publish
+from quality import GGUF
 
-ROWS = [("dense", None)] + [(f"{kind} {t.upper()}", f"{name}-{t}") for t in ("q3_k", "q2_k", "q4_0", "q4_k")
-                            for kind, name in (("llama.cpp", "rtn"), ("GPTQ", "gptq"))]
-SUITE_NAMES = {"rtn": "llama.cpp {T} (round to grid)", "gptq": "GPTQ {T}"}
+# the quality suite's rows (name, preset, settings, reference), but for llmpress's own imatrix twin:
+# with --imatrix its search is checked byte for byte against llama-quantize --imatrix instead
+ROWS = [row for row in GGUF if not (row[1] or "").startswith("rtn-") or not row[2]]
 
 
 def llama_cpp_ppl(binary: Path, gguf_file: Path, text: Path, chunks: int) -> float:
@@ -83,6 +86,41 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int, float]:
     return same, total, differing / max(nbytes, 1)
 
 
+def read_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """llama.cpp's importance per tensor from a GGUF imatrix file: each input's summed square over
+    its count, as `llama-quantize` computes it."""
+    import gguf
+
+    sums, counts = {}, {}
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name.endswith(".in_sum2"):
+            sums[t.name.removesuffix(".in_sum2")] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        elif t.name.endswith(".counts"):
+            counts[t.name.removesuffix(".counts")] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    return {name: s / counts[name][0] if counts[name][0] > 0 else np.ones_like(s) for name, s in sums.items()}
+
+
+def importance_twin_identical(dense_gguf: Path, importance: dict[str, np.ndarray], ref: Path,
+                              type_name: str) -> tuple[int, int]:
+    """(tensors identical, tensors compared): llmpress's importance search on the F32 file's weights
+    with llama.cpp's matrix against the bytes `llama-quantize --imatrix` wrote."""
+    import gguf
+
+    from llmpress.compress.quant.ggml_grid import importance_quantize
+    from llmpress.formats import ggml
+
+    dense = {t.name: t for t in gguf.GGUFReader(dense_gguf).tensors}
+    same = total = 0
+    for t in gguf.GGUFReader(ref).tensors:
+        if t.name not in importance or int(t.tensor_type) not in ggml.TYPE_BY_ID:
+            continue
+        w = torch.from_numpy(np.asarray(dense[t.name].data, dtype=np.float32))
+        mine = ggml.pack(importance_quantize(w, type_name, torch.from_numpy(importance[t.name])))
+        total += 1
+        same += bool(np.array_equal(mine.numpy().reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1)))
+    return same, total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, default=8)
@@ -113,17 +151,16 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     tokens = None
-    for label, recipe in ROWS:
+    for label, recipe, settings, _reference in ROWS:
         if recipe is None:
             folder, gguf_file = "smollm2-135m", dense_gguf
         else:
-            kind, t = recipe.split("-", 1)
-            name = SUITE_NAMES[kind].format(T=t.upper())
-            folder, gguf_file = OUT / folder_name(name), OUT / f"{folder_name(name)}.gguf"
+            t = recipe.split("-", 1)[1]
+            folder, gguf_file = OUT / folder_name(label), OUT / f"{folder_name(label)}.gguf"
             if not gguf_file.exists():
                 # the suite's settings (128x512 wiki/train, seed 0), without its 40-window evaluation
-                print(f"compressing {label} ({recipe}) into {folder}", file=sys.stderr, flush=True)
-                llmpress.compress("smollm2-135m", recipe, out=folder, overwrite=True, progress=False)
+                print(f"compressing {label} ({recipe} {settings}) into {folder}", file=sys.stderr, flush=True)
+                llmpress.compress("smollm2-135m", recipe, out=folder, settings=settings, overwrite=True, progress=False)
                 export(folder, gguf_file, "gguf", overwrite=True)
         model, tok = llmpress.load(folder)
         if tokens is None:
@@ -131,7 +168,7 @@ def main() -> None:
         ours = torch_ppl_llama_cpp_protocol(model, tokens, tok.bos_token_id, args.chunks)
         theirs = llama_cpp_ppl(binary, gguf_file, text, args.chunks)
         identical = "–"
-        if recipe is not None and recipe.startswith("rtn-"):
+        if recipe is not None and recipe.startswith("rtn-") and not settings:
             ref = OUT / f"llama-quantize-{t}.gguf"
             subprocess.run([str(binary / "llama-quantize"), "--pure", "--token-embedding-type", "f16",
                             "--output-tensor-type", "f16", str(dense_gguf), str(ref), t.upper(), "2"],
@@ -151,14 +188,17 @@ def main() -> None:
         subprocess.run([str(binary / "llama-imatrix"), "-m", str(dense_gguf), "-f", str(train), "-c", "512",
                         "--chunks", "128", "-o", str(imatrix), "-t", str(torch.get_num_threads())],
                        capture_output=True, env=env, check=True)
+        importance = read_imatrix(imatrix)
         for t in ("q3_k", "q2_k", "q4_0", "q4_k"):
             ref = OUT / f"llama-quantize-imatrix-{t}.gguf"
             subprocess.run([str(binary / "llama-quantize"), "--imatrix", str(imatrix), "--pure",
                             "--token-embedding-type", "f16", "--output-tensor-type", "f16", str(dense_gguf), str(ref),
                             t.upper(), "2"], capture_output=True, env=env, check=True)
             theirs = llama_cpp_ppl(binary, ref, text, args.chunks)
-            lines.append(f"| llama.cpp {t.upper()} + imatrix (wiki/train 128x512) | {ref.stat().st_size / 1e6:.2f} MB | "
-                         f"{theirs:.4f} | – | – | – | – |")
+            same, total = importance_twin_identical(dense_gguf, importance, ref, t)
+            lines.append(f"| llama-quantize {t.upper()} --imatrix (llama-imatrix, wiki/train 128x512) | "
+                         f"{ref.stat().st_size / 1e6:.2f} MB | {theirs:.4f} | – | – | {same}/{total} (llmpress's search, "
+                         "this matrix) | – |")
             print(lines[-1], flush=True)
     publish(lines, "gguf-llamacpp", f"LLAMA_CPP_BIN=... python bench/gguf_llamacpp.py --chunks {args.chunks}" + (" --imatrix" if args.imatrix else ""),
             not args.no_update)

@@ -4,7 +4,8 @@ kernels when a GPU is here).
 CPU: greedy decoding of ``smollm2-135m`` compressed with each recipe of ``--recipes``, at batch 1,
 128 new tokens after a 32-token prompt from wiki/test, through the fastest path (``auto``),
 against the dense fp32 model in the same process; decode tokens/s = 127 / (t(128 new) − t(1 new)),
-the prompt's prefill not counted. Each row also gives the greedy tokens shared with the reference
+the prompt's prefill not counted; and the prefill of a 64-token prompt on its own (a speed ratio
+above 1 is faster than dense). Each row also gives the greedy tokens shared with the reference
 path (``LLMPRESS_KERNEL=reference``, one run) and the weight memory the loaded model holds after
 decoding (parameters, buffers and kernel caches) against its folder's size. Calibration does not
 change a format's layout or its speed, so missing models are compressed with 16x256 windows.
@@ -21,6 +22,22 @@ from functools import partial
 
 import torch
 from common import common_prefix, decode_prompt, decode_rate, publish, quick_model, update_benchmarks
+
+PREFILL_TOKENS = 64   # a short prompt: a chat turn, a few-shot question
+
+
+def prefill_ms(model, ids: torch.Tensor, repeats: int) -> float:
+    """Best-of-``repeats`` milliseconds of one forward over ``ids`` (time to the first token)."""
+    import time
+
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):   # the first call warms the kernels' caches
+            start = time.perf_counter()
+            model(input_ids=ids)
+            best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
 
 DECODE_RECIPES = ("gptq-w4-g64", "gptq-w3-g64", "gptq-w2-g64", "rht-gptq-w3-g64", "d2quant-w2-g64", "shiftadd-w3",
                   "shiftadd-w2", "rocket-30", "svdllm-30", "tt-mixed-30", "tt-aware-20")
@@ -91,28 +108,35 @@ def main() -> None:
     prompt = decode_prompt(tokenizer)
     threads = torch.get_num_threads()
     base, _ = decode_rate(dense.eval(), prompt, args.new_tokens, args.repeats)
+    from llmpress.io.text import load_text, tokenize
+
+    prefill_ids = tokenize(tokenizer, load_text("wiki/test"))[:PREFILL_TOKENS].unsqueeze(0)
+    base_prefill = prefill_ms(dense, prefill_ids, args.repeats)
     lines = [
         f"Model `smollm2-135m`; greedy decoding, batch 1, {args.new_tokens} new tokens after a 32-token wiki/test "
         f"prompt; decode tokens/s = {args.new_tokens - 1} / (t({args.new_tokens} new) - t(1 new)), best of "
-        f"{args.repeats}; {threads} threads; every row in the same process as dense fp32 ({base:.1f} tok/s). "
-        "Models compressed with 16x256 calibration (speed does not depend on it).",
+        f"{args.repeats}; prefill: one forward over the first {PREFILL_TOKENS} tokens of wiki/test, best of "
+        f"{args.repeats}; {threads} threads; every row in the same process as dense fp32 ({base:.1f} tok/s, "
+        f"prefill {base_prefill:.0f} ms). Models compressed with 16x256 calibration (speed does not depend on it).",
         "",
-        "| recipe | decode tok/s | vs dense fp32 | greedy prefix equal to the reference path | weights held (MB) "
-        "| folder (MB) |",
-        "|---|---|---|---|---|---|",
+        f"| recipe | decode tok/s | vs dense fp32 | prefill {PREFILL_TOKENS} tok (ms) | vs dense fp32 "
+        "| greedy prefix equal to the reference path | weights held (MB) | folder (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for recipe in [r for r in args.recipes.split(",") if r]:
         folder = quick_model(recipe)
         model, _ = llmpress.load(folder)
         with use_backend("auto"):
             rate, tokens = decode_rate(model.eval(), prompt, args.new_tokens, args.repeats)
+            prefill = prefill_ms(model, prefill_ids, args.repeats)
         agree = "–"
         if not args.no_reference:   # the oracle, not a contender: one run
             with use_backend("reference"):
                 agree = f"{common_prefix(tokens, decode_rate(model, prompt, args.new_tokens, 1)[1])}/{args.new_tokens}"
         held = resident_bytes(model) / 1e6
         on_disk = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
-        lines.append(f"| `{recipe}` | {rate:.1f} | {rate / base:.2f}x | {agree} | {held:.1f} | {on_disk:.1f} |")
+        lines.append(f"| `{recipe}` | {rate:.1f} | {rate / base:.2f}x | {prefill:.0f} | {base_prefill / prefill:.2f}x "
+                     f"| {agree} | {held:.1f} | {on_disk:.1f} |")
         print(lines[-1], flush=True)
         del model
     publish(lines, "kernels-cpu", "python bench/kernel_speed.py", not args.no_update)

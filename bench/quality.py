@@ -147,12 +147,15 @@ SHIFTADD = [
     ("GPTQ W2 g64", "gptq-w2-g64", [], None),
 ]
 
-# Issue #28: llama.cpp's own quantizer (its scale search, round to grid; no importance matrix) against
-# GPTQ on the very same grid, per GGML type; both export to GGUF files of identical size.
+# Issue #28: llama.cpp's own quantizer (its scale search, round to grid), without and with an
+# importance matrix from the calibration data, against GPTQ on the very same grid (fitted with the
+# importance search, the default, and without it), per GGML type; every file has the same size.
 GGUF = [("dense", None, [], None)]
 for _type in ("q3_k", "q2_k", "q4_0", "q4_k"):
     GGUF += [(f"llama.cpp {_type.upper()} (round to grid)", f"rtn-{_type}", [], None),
-             (f"GPTQ {_type.upper()}", f"gptq-{_type}", [], None)]
+             (f"llama.cpp {_type.upper()} + imatrix", f"rtn-{_type}", ["imatrix=true"], None),
+             (f"GPTQ {_type.upper()} (plain grid)", f"gptq-{_type}", ["imatrix=false"], None),
+             (f"GPTQ {_type.upper()} (imatrix grid)", f"gptq-{_type}", ["imatrix=true"], None)]
 
 # Issue #2: how far the calibration draw alone moves the act-order preset (the reference's 33.46
 # came from its own draw of 128 windows; ours is seed 0).

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import llmpress
 from llmpress.cli import app
-from llmpress.compress.quant.ggml_grid import FixedGGMLGrid, reference_quantize
+from llmpress.compress.quant.ggml_grid import FixedGGMLGrid, importance_quantize, reference_quantize
 from llmpress.compress.quant.gptq import gptq_on_ggml_grid
 from llmpress.compress.recipe import parse_recipe
 from llmpress.formats import ggml
@@ -96,14 +96,57 @@ def test_types_fall_back_as_llama_quantize_does():
         ggml.type_for_width("q4_0", 100)
 
 
+def _uneven_inputs(gen: torch.Generator, cols: int = 256) -> torch.Tensor:
+    """Correlated calibration inputs whose columns differ in scale by up to 20x."""
+    x = torch.randn(2048, cols, generator=gen) @ (torch.randn(cols, cols, generator=gen) * 0.2 + torch.eye(cols))
+    return x * (0.15 + 2.85 * torch.rand(cols, generator=gen))
+
+
+@pytest.mark.parametrize("name", sorted(ggml.TYPES))
+def test_importance_search_weighs_the_inputs(name):
+    """llama.cpp's imatrix search: a lower importance-weighted error than the plain search (equal
+    bytes for Q8_0, which has none), the same bytes for any power-of-two multiple of the
+    importance, and, for K-quants, every weight still on its nearest stored grid point."""
+    gen = torch.Generator().manual_seed(6)
+    importance = _uneven_inputs(gen).pow(2).mean(dim=0)
+    w = torch.randn(32, 256, generator=gen) * 0.05
+    w[0] = 0.0                                   # a flat row: zero scales, no NaN
+    fitted = importance_quantize(w, name, importance)
+    assert torch.equal(ggml.pack(importance_quantize(w, name, importance * 4)), ggml.pack(fitted))
+    plain = reference_quantize(w, name)
+
+    def weighted_error(q):
+        return float((((q.dequantize() - w) ** 2) * importance).sum())
+
+    if name == "q8_0":
+        assert torch.equal(ggml.pack(fitted), ggml.pack(plain))
+    else:
+        assert weighted_error(fitted) < weighted_error(plain)
+    assert torch.equal(fitted.dequantize()[0], torch.zeros(256)) and torch.isfinite(fitted.dequantize()).all()
+    t = fitted.type
+    if t.k_quant:
+        a, b = fitted.step_and_offset()
+        live = a != 0
+        values = torch.arange(t.max_code + 1, dtype=torch.float32)
+        sub = w.view(32, -1, t.sub)
+        grid = a[..., None] * values - b[..., None] if b is not None else a[..., None] * (values - t.zero)
+        nearest = (sub[..., None] - grid[:, :, None, :]).abs().min(dim=-1).values
+        err = (fitted.dequantize().view_as(sub) - sub).abs()
+        assert torch.allclose(err[live], nearest[live], atol=1e-7)
+    with pytest.raises(ValueError, match="importance has 255 entries"):
+        importance_quantize(w, name, importance[:255])
+
+
+@pytest.mark.parametrize("imatrix", [False, True])
 @pytest.mark.parametrize("name", ["q4_0", "q2_k", "q3_k", "q4_k", "q6_k"])
-def test_gptq_on_the_grid_keeps_the_grid_and_lowers_the_output_error(name):
+def test_gptq_on_the_grid_keeps_the_grid_and_lowers_the_output_error(name, imatrix):
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(2048, 256, generator=gen) @ (torch.randn(256, 256, generator=gen) * 0.2 + torch.eye(256))
+    x = _uneven_inputs(gen) if imatrix else \
+        torch.randn(2048, 256, generator=gen) @ (torch.randn(256, 256, generator=gen) * 0.2 + torch.eye(256))
     hessian = x.T @ x / x.shape[0]
     w = torch.randn(64, 256, generator=gen) * 0.05
-    ref = reference_quantize(w, name)
-    solved, _ = gptq_on_ggml_grid(w, hessian, name)
+    ref = importance_quantize(w, name, torch.diagonal(hessian)) if imatrix else reference_quantize(w, name)
+    solved, _ = gptq_on_ggml_grid(w, hessian, name, imatrix=imatrix)
     for field in ("d", "dmin", "sc", "mn"):
         a, b = getattr(ref, field), getattr(solved, field)
         assert (a is None and b is None) or torch.equal(a, b)
@@ -127,7 +170,12 @@ def test_fixed_grid_rounds_like_the_reference_without_updates():
 
 def test_grid_stage_settings():
     stage = parse_recipe({"stages": [{"method": "gptq", "grid": "q3_k"}]}).stages[0]
-    assert (stage.bits, stage.group_size, stage.label) == (3, 256, "gptq Q3_K")
+    assert (stage.bits, stage.group_size, stage.label, stage.imatrix) == (3, 256, "gptq Q3_K imatrix", True)
+    rtn = parse_recipe({"stages": [{"method": "rtn", "grid": "q3_k"}]}).stages[0]
+    assert not rtn.imatrix and rtn.needs == frozenset() and rtn.label == "rtn Q3_K"
+    assert rtn.model_copy(update={"imatrix": True}).needs == frozenset({"hessian"})
+    # on the uniform grid the setting has nothing to fit: no calibration asked for
+    assert parse_recipe({"stages": [{"method": "rtn", "bits": 4, "imatrix": True}]}).stages[0].needs == frozenset()
     mixed = parse_recipe({"stages": [{"method": "rtn", "grid": "q4_k", "overrides": {"down_proj": {"grid": "q6_k"}}}]})
     assert mixed.stages[0].for_module("layers.0.mlp.down_proj").bits == 6
     uniform = mixed.stages[0].for_module("layers.0.self_attn.q_proj")
@@ -178,6 +226,7 @@ def _check_gguf(src, path):
 
 @pytest.mark.parametrize("recipe", [
     {"method": "rtn", "grid": "q4_k"},
+    {"method": "rtn", "grid": "q4_k", "imatrix": True},
     {"method": "gptq", "grid": "q3_k", "overrides": {"down_proj": {"grid": "q6_k"}}},
     {"method": "gptq", "grid": "q2_k", "act_order": False},
 ])
@@ -303,7 +352,8 @@ def test_q4_k_m_mixture_is_llama_cpps_assignment(tiny_model_factory, tmp_path):
 @pytest.mark.parametrize("name", sorted(ggml.TYPES))
 def test_decoding_gemv_equals_the_reference(name):
     """Decoding rows on CPU take the C++ affine GEMV on the decoded codes; it computes the
-    reference's product (dequantize, then matmul) to fp32 rounding, and notices new blocks."""
+    reference's product (dequantize, then matmul) to fp32 rounding, and notices new blocks; larger
+    inputs get the reference's weight exactly."""
     from llmpress.kernels.dispatch import use_backend
 
     gen = torch.Generator().manual_seed(6)
@@ -319,3 +369,8 @@ def test_decoding_gemv_equals_the_reference(name):
     with use_backend("reference"):
         flipped = layer(x)
     assert torch.allclose(layer(x), flipped, rtol=0, atol=1e-5 * float(flipped.abs().max()))
+    # prefill rows compute the weight from the decoded codes with the reference's arithmetic: equal
+    prefill = torch.randn(40, 512, generator=gen)
+    with use_backend("reference"):
+        expected = layer(prefill)
+    assert torch.equal(layer(prefill), expected)

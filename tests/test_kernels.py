@@ -233,7 +233,7 @@ def test_binary_coded_layers_equal_their_reference_on_every_path(built, monkeypa
     if not built:   # no compiler: the torch LUT and dequantizer serve
         monkeypatch.setattr(cpu_ext, "extension", lambda: None)
     for layer in _binary_layers():
-        for rows in (1, 5, 8, 24):   # the LUT GEMV up to 8 rows, a dequantized weight for the call above
+        for rows in (1, 4, 5, 24):   # the LUT GEMV up to 4 rows, a dequantized weight for the call above
             x = torch.randn(rows, 100)
             with use_backend("reference"):
                 expected = layer(x)

@@ -106,6 +106,10 @@ class GridQuantStage(UniformQuantStage):
     # llama.cpp's per-tensor type assignment of a named file type, expanded into per-module
     # `overrides` once the model's depth is known (compress/quant/ggml_grid.mixture_overrides)
     mixture: Literal["none", "q4_k_m"] = "none"
+    # fit a GGML grid with llama.cpp's importance-matrix search (what `llama-quantize --imatrix`
+    # writes), the importance being each input's mean square on the calibration data: the
+    # Hessian's diagonal, which is what `llama-imatrix` collects. No effect on the uniform grid.
+    imatrix: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -128,8 +132,14 @@ class GridQuantStage(UniformQuantStage):
         return self
 
     @property
+    def fits_with_importance(self) -> bool:
+        return self.imatrix and self.grid != "uniform"
+
+    @property
     def label(self) -> str:
-        return super().label if self.grid == "uniform" else f"{self.method} {self.grid.upper()}"
+        if self.grid == "uniform":
+            return super().label
+        return f"{self.method} {self.grid.upper()}" + (" imatrix" if self.fits_with_importance else "")
 
 
 class AllocatorStage(StageBase):

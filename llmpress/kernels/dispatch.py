@@ -10,7 +10,8 @@ the input's device, with the torch reference as the oracle and the fallback.
   other group sizes) whose groups are contiguous: the C++ GEMV (``kernels.cpu_ext``) reads the
   packed codes as stored, in fp32.
 - ``cpu-gemv`` also runs GGML block weights (``layers.GGMLLinear``) for decoding inputs: the C++
-  affine GEMV on their codes decoded to bytes once (``ggml_linear``); otherwise they dequantize per call.
+  affine GEMV on their codes decoded to bytes once (``ggml_linear``); larger inputs compute the
+  weight from those codes per call.
 - ``cpu-dequant``: larger inputs on CPU (prefill, the fp32 perplexity protocol): the C++
   dequantizer (``kernels.cpu_ext``, identical to the reference's weights, several times faster),
   then one fp32 GEMM; the weight lives for that call only.
@@ -129,16 +130,26 @@ def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
 
 def ggml_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``x · Wᵀ (+ bias)`` of GGML block weights: decoding rows on CPU through the C++ affine GEMV on
-    the layer's byte codes with a step and offset per sub-block (``layer.decoded()``), everything
-    else (and the ``reference`` backend) through a dequantized weight that lives for this call."""
-    bias = layer.bias
+    the layer's byte codes with a step and offset per sub-block (``layer.decoded()``); larger inputs
+    on CPU through a weight computed from those codes for this call (the reference's arithmetic,
+    without unpacking the blocks again); the ``reference`` backend and other devices dequantize the
+    blocks."""
+    from ..formats.ggml import dequantize_codes
+
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
     rows = x.numel() // max(x.shape[-1], 1)
     ext = None
     if x.device.type == "cpu" and rows <= DECODE_MAX_ROWS and _backend in ("auto", "cpu-gemv"):
         ext = cpu_ext.extension()
     if ext is None:
-        return torch.nn.functional.linear(x, layer.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+        if x.device.type == "cpu" and _backend in ("auto", "cpu-dequant"):
+            codes, step, offset, _ = layer.decoded()
+            zero_point = layer.type.zero is not None   # offset = step·z there: w = step·(q − z), as the reference
+            weight = dequantize_codes(layer.type, codes, step, None if zero_point else offset).to(x.dtype)
+        else:
+            weight = layer.dequantize(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
     codes, step, offset, sub = layer.decoded()
     y = ext.affine_gemv(x.reshape(-1, layer.in_features).to(torch.float32), codes, step, offset, sub).to(x.dtype)
-    y = y if bias is None else y + bias.to(x.dtype)
+    y = y if bias is None else y + bias
     return y.view(*x.shape[:-1], layer.out_features)

@@ -16,6 +16,11 @@ searches, in the same fp32 order of operations (sums accumulated element by elem
 Every type then rounds each weight to the grid it stored (the quantized sub-block scales), which
 is why GPTQ can take the grid and replace only that last rounding (``FixedGGMLGrid``).
 
+``importance_quantize(w, type, importance)`` is what ``llama-quantize --imatrix`` writes: the same
+searches weighted by each input's mean square (``quantize_row_*_impl``), and the K-quants' sub-block
+scales fitted by ``make_qp_quants`` (their ``make_qkx3_quants`` is ``make_qkx2_quants`` below with
+the weights given).
+
 Bit-exactness rests on plain IEEE fp32 arithmetic on both sides (llama.cpp's reference quantizers
 live in ``ggml-base``, built without FMA or fast-math) and on correctly rounded square roots
 (torch's fp32 ``sqrt`` can be one ulp off: it is taken in fp64). docs/methods/gguf.md gives the
@@ -149,14 +154,14 @@ def make_q3_quants(x: torch.Tensor, nmax: int = 4) -> tuple[torch.Tensor, torch.
     return scale, L + nmax
 
 
-def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Signed scale and codes ``[0, 2·nmax)`` of each row of ``x`` (``rmse_type`` 1: weights
-    ``x²``): 19 trial scales around ``−nmax / max``, each refit by weighted least squares."""
+    ``x²`` unless given): 19 trial scales around ``−nmax / max``, each refit by weighted least squares."""
     n = x.shape[1]
     top, amax = _first_max_abs(x)
     zero = amax < GROUP_MAX_EPS
     top_safe = torch.where(zero, torch.ones_like(top), top)
-    w = x * x
+    w = x * x if weights is None else weights
 
     def trial(iscale: torch.Tensor):
         L = _clamp_round(iscale[:, None] * x, -nmax, nmax - 1)
@@ -181,6 +186,58 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero[:, None], torch.full_like(L, -nmax), L)
     return scale, L + nmax
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and codes ``[0, nmax]`` of each row of non-negative ``x`` ``[N, n]`` (the sub-block
+    scales or minima of a super-block): the best of nine trial scales around ``max / nmax`` by
+    weighted squared error, then up to five passes of per-code changes that raise
+    ``(Σw·x·l)²/Σw·l²``, the scale their weighted least-squares fit."""
+    n = x.shape[1]
+    top = x.max(dim=1).values.clamp(min=0)
+    zero = top < GROUP_MAX_EPS
+    top_safe = torch.where(zero, torch.ones_like(top), top)
+
+    def mse(scale: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(top)
+        for i in range(n):
+            diff = x[:, i] - scale * L[:, i]
+            total = total + weights[:, i] * diff * diff
+        return total
+
+    iscale = _f32(nmax) / top_safe
+    best = mse(1 / iscale, torch.round(iscale[:, None] * x))
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        trial = (_f32(0.1) * _f32(step) + _f32(nmax)) / top_safe
+        cur = mse(1 / trial, torch.round(trial[:, None] * x).clamp(max=nmax))
+        better = cur < best
+        best = torch.where(better, cur, best)
+        iscale = torch.where(better, trial, iscale)
+    L = torch.round(iscale[:, None] * x).clamp(max=nmax)
+    sumlx = torch.zeros_like(top)
+    suml2 = torch.zeros_like(top)
+    for i in range(n):
+        sumlx = sumlx + weights[:, i] * x[:, i] * L[:, i]
+        suml2 = suml2 + weights[:, i] * L[:, i] * L[:, i]
+    for _ in range(5):   # a pass without a change leaves the state as it was: extra passes are no-ops
+        for i in range(n):
+            wi, xi, li = weights[:, i], x[:, i], L[:, i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            live = (slx > 0) & (sl2 > 0)
+            new_l = torch.round(xi * sl2 / torch.where(live, slx, torch.ones_like(slx))).clamp(max=nmax)
+            slx2 = slx + wi * xi * new_l
+            sl2b = sl2 + wi * new_l * new_l
+            take = live & (new_l != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl2b)
+            L[:, i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl2b, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero[:, None], torch.zeros_like(L), L)
+    return scale, L
 
 
 def _round_to_grid(t: GGMLType, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
@@ -268,6 +325,104 @@ def reference_quantize(weight: torch.Tensor, type_name: str) -> GGMLWeight:
     w = weight.detach().to(_F).contiguous()
     t = type_for_width(type_name, w.shape[1])
     return _k_quant(t, w) if t.k_quant else _legacy(t, w)
+
+
+# -- with an importance matrix ---------------------------------------------------------------
+
+def _sum_sq(x: torch.Tensor) -> torch.Tensor:
+    """``Σ x²`` along the last axis, accumulated element by element as the reference does."""
+    total = torch.zeros(x.shape[:-1], dtype=_F)
+    for i in range(x.shape[-1]):
+        total = total + x[..., i] * x[..., i]
+    return total
+
+
+def _sqrtf(v: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(v.double()).float()   # correctly rounded, as C's sqrtf
+
+
+def _importance_weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's per-weight importance ``qw·√(σ² + x²)``: the input's mean square times the
+    weight's magnitude, softened by the block's spread ``σ²`` (``x`` ``[N, n]``, ``sigma2`` ``[N]``)."""
+    return qw * _sqrtf(sigma2[:, None] + x * x)
+
+
+def _legacy_with_importance(t: GGMLType, w: torch.Tensor, importance: torch.Tensor) -> GGMLWeight:
+    """``quantize_row_q{4,5}_{0,1}_impl``: σ² over the whole row, one searched scale per block of
+    32 and its codes kept as found (these types store an fp16 scale, no second rounding)."""
+    rows, cols = w.shape
+    nb = cols // t.block
+    sigma2 = (_sum_sq(w) / _f32(cols)).repeat_interleave(nb)
+    x = w.reshape(rows * nb, t.block)
+    weights = _importance_weights(x, importance.reshape(1, nb, t.block).expand(rows, -1, -1).reshape(-1, t.block), sigma2)
+    dmin = None
+    if t.zero is not None:
+        d, L = make_qx_quants(x, t.zero, weights)
+    else:
+        d, the_min, L = make_qkx2_quants(x, weights, t.max_code, -0.9, 0.05, 36, False)
+        dmin = (-the_min).to(torch.float16).view(rows, nb)
+    return GGMLWeight(t, L.view(rows, cols).to(torch.uint8), d.to(torch.float16).view(rows, nb), dmin)
+
+
+def _k_quant_with_importance(t: GGMLType, w: torch.Tensor, importance: torch.Tensor) -> GGMLWeight:
+    """``quantize_row_q{2..6}_K_impl``: sub-block scales searched with the importance weights,
+    then the sub-block scales (and minima) themselves fitted with the sub-blocks' total importance
+    as weights (``make_qp_quants``/``make_qx_quants``) instead of against the largest."""
+    rows, cols = w.shape
+    nb, per = cols // QK_K, QK_K // t.sub
+    x = w.reshape(rows * nb * per, t.sub)
+    qw = importance.reshape(1, nb * per, t.sub).expand(rows, -1, -1).reshape(-1, t.sub)
+    # σ² per super-block: Q2_K uses the mean square, Q3_K..Q5_K twice it; Q6_K uses qw alone
+    sum_x2 = _sum_sq(w.reshape(rows * nb, QK_K))
+    sigma2 = (sum_x2 if t.name == "q2_k" else _f32(2) * sum_x2) / _f32(QK_K)
+    weights = qw if t.name == "q6_k" else _importance_weights(x, qw, sigma2.repeat_interleave(per))
+    sw = torch.zeros(x.shape[0], dtype=_F)
+    for i in range(t.sub):
+        sw = sw + weights[:, i]
+    sw = sw.view(rows * nb, per)
+    dmin = mn = None
+    if t.zero is None:   # q2_k, q4_k, q5_k
+        scales, mins, L = make_qkx2_quants(x, weights, t.max_code, -0.9, 0.05, 36, False)
+        levels = 15 if t.name == "q2_k" else 63
+        d, sc = make_qp_quants(scales.view(rows * nb, per), levels, sw)
+        dm, mn = make_qp_quants(mins.view(rows * nb, per), levels, sw)
+        d, dmin = d.to(torch.float16), dm.to(torch.float16)
+    elif t.name == "q3_k":
+        scales, L = make_qx_quants(x, 4, weights)
+        d, ls = make_qx_quants(scales.view(rows * nb, per), 32, sw)
+        d, sc = d.to(torch.float16), ls - 32
+    else:   # q6_k: as without importance, the search weighted by qw
+        scales, L = make_qx_quants(x, 32, weights)
+        scales = scales.view(rows * nb, per)
+        top, amax = _first_max_abs(scales)
+        live = amax >= GROUP_MAX_EPS
+        iscale = -_f32(128) / torch.where(live, top, 1)
+        sc = torch.where(live[:, None], torch.round(iscale[:, None] * scales).clamp(max=127), 0)
+        d = torch.where(live, 1 / iscale, 0).to(torch.float16)
+        L = torch.where(live.repeat_interleave(per)[:, None], L, 0)
+    d, sc = d.view(rows, nb), sc.view(rows, nb * per).to(torch.int32)
+    if dmin is not None:
+        dmin, mn = dmin.view(rows, nb), mn.view(rows, nb * per).to(torch.int32)
+    a, b = grid_step_offset(t, d, dmin, sc, mn)
+    codes = _round_to_grid(t, x, a.reshape(-1), b.reshape(-1) if b is not None else None, L)
+    return GGMLWeight(t, codes.view(rows, cols).to(torch.uint8), d, dmin, sc, mn)
+
+
+def importance_quantize(weight: torch.Tensor, type_name: str, importance: torch.Tensor) -> GGMLWeight:
+    """``weight`` ``[rows, cols]`` as ``llama-quantize --imatrix`` writes it: ``importance``
+    ``[cols]`` is llama.cpp's importance matrix for this tensor, each input's mean square over the
+    calibration tokens (any positive multiple gives the same result). ``Q8_0`` has no importance
+    search in llama.cpp and is quantized as without one."""
+    from ...formats.ggml import type_for_width
+
+    w = weight.detach().to(_F).contiguous()
+    qw = importance.detach().to(_F).reshape(-1)
+    if qw.numel() != w.shape[1]:
+        raise ValueError(f"importance has {qw.numel()} entries for rows of {w.shape[1]} weights")
+    t = type_for_width(type_name, w.shape[1])
+    if t.k_quant:
+        return _k_quant_with_importance(t, w, qw)
+    return _legacy(t, w) if t.name == "q8_0" else _legacy_with_importance(t, w, qw)
 
 
 class FixedGGMLGrid:

@@ -21,7 +21,7 @@ from ...formats.uniform import QuantizedWeight, group_count
 from ...layers import GGMLLinear, QuantLinear
 from ..stage import GridQuantStage, register
 from ..stats import all_finite
-from .ggml_grid import FixedGGMLGrid, reference_quantize
+from .ggml_grid import FixedGGMLGrid, importance_quantize, reference_quantize
 from .grid import dequantize_codes, fit_grid, max_code, quantize_codes
 
 
@@ -407,6 +407,9 @@ class GPTQStage(GridQuantStage):
     # allw: ResComp's consistent mode. auto: its code's rule (org at 2 bits, else allw), whose 'org'
     # lazy update over-compensates and made ResComp worse than GPTAQ at W2 (docs/notes/rescomp-w2.md).
     rescomp_mode: Literal["auto", "org", "allw"] = "allw"
+    # on a GGML grid, fit the scales with llama.cpp's importance-matrix search before the solve
+    # (llama.cpp's quantizer with an imatrix beat GPTQ on its plain grid; docs/methods/gguf.md)
+    imatrix: bool = True
 
     @property
     def needs(self) -> frozenset[str]:
@@ -429,13 +432,18 @@ def residual_of(stage: GPTQStage, stats: dict, column_scale: torch.Tensor | None
 
 
 def gptq_on_ggml_grid(weight: torch.Tensor, hessian: torch.Tensor, grid: str, *, act_order: bool = True,
-                      damp: float = 0.01, block_size: int = 128, residual: Residual | None = None):
-    """GPTQ's column updates on a GGML grid fitted first by llama.cpp's own search: the fp16 scales
-    and quantized sub-block scales are fixed, the solve chooses only the codes. Returns the
-    ``GGMLWeight`` and the solve's metrics."""
+                      damp: float = 0.01, block_size: int = 128, residual: Residual | None = None,
+                      imatrix: bool = True):
+    """GPTQ's column updates on a GGML grid fitted first by llama.cpp's own search (with
+    ``imatrix`` its importance-matrix search, the importance being the Hessian's diagonal): the
+    fp16 scales and quantized sub-block scales are fixed, the solve chooses only the codes.
+    Returns the ``GGMLWeight`` and the solve's metrics."""
     import dataclasses
 
-    fitted = reference_quantize(weight, grid)
+    if imatrix:
+        fitted = importance_quantize(weight, grid, torch.diagonal(hessian))
+    else:
+        fitted = reference_quantize(weight, grid)
     perm = act_order_permutation(hessian) if act_order else None
     solved = solve_columns(weight, hessian, FixedGGMLGrid(fitted, perm), order=perm, damp=damp,
                            block_size=block_size, residual=residual)
@@ -446,7 +454,7 @@ def _compress(stage: GPTQStage, weight: torch.Tensor, stats: dict, bias, dtype):
     if stage.grid != "uniform":
         fitted, metrics = gptq_on_ggml_grid(weight, stats["hessian"], stage.grid, act_order=stage.act_order,
                                             damp=stage.damp, block_size=stage.block_size,
-                                            residual=residual_of(stage, stats))
+                                            residual=residual_of(stage, stats), imatrix=stage.imatrix)
         return GGMLLinear.from_weight(fitted, bias, dtype), metrics
     q = gptq_quantize(
         weight, stats["hessian"], bits=stage.bits, group_size=stage.group_size, sym=stage.sym,

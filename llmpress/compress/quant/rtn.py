@@ -9,7 +9,7 @@ import torch
 from ...formats.uniform import QuantizedWeight, group_count
 from ...layers import GGMLLinear, QuantLinear
 from ..stage import GridQuantStage, register
-from .ggml_grid import reference_quantize
+from .ggml_grid import importance_quantize, reference_quantize
 from .grid import fit_grid, quantize_codes
 
 
@@ -39,12 +39,21 @@ def rtn_quantize(
 
 class RTNStage(GridQuantStage):
     """Round-to-nearest, per row or per group; data-free. On a GGML grid it is llama.cpp's own
-    quantizer without an importance matrix (``ggml_grid.reference_quantize``)."""
+    quantizer: without an importance matrix (``ggml_grid.reference_quantize``), or with
+    ``imatrix: true`` ``llama-quantize --imatrix`` (``ggml_grid.importance_quantize``, which then
+    reads the calibration data)."""
 
     method: Literal["rtn"] = "rtn"
 
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"}) if self.fits_with_importance else frozenset()
+
 
 def _compress(stage: RTNStage, weight: torch.Tensor, stats: dict, bias, dtype):
+    if stage.fits_with_importance:
+        fitted = importance_quantize(weight, stage.grid, torch.diagonal(stats["hessian"]))
+        return GGMLLinear.from_weight(fitted, bias, dtype), {}
     if stage.grid != "uniform":
         return GGMLLinear.from_weight(reference_quantize(weight, stage.grid), bias, dtype), {}
     q = rtn_quantize(weight, bits=stage.bits, group_size=stage.group_size, sym=stage.sym, mse=stage.mse)

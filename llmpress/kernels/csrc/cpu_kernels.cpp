@@ -105,7 +105,23 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor sign_bits, torch::Tensor a
   return y;
 }
 
+namespace {
+
+// kSigns[p][i] = +1 where bit i of byte p is set, else −1: a byte of sign bits becomes eight
+// multipliers, so that dequantizing is eight independent multiply-adds per byte.
+struct SignTable {
+  float v[256][8];
+  SignTable() {
+    for (int p = 0; p < 256; ++p)
+      for (int i = 0; i < 8; ++i) v[p][i] = ((p >> i) & 1) ? 1.f : -1.f;
+  }
+};
+const SignTable kSigns;
+
+}  // namespace
+
 // The dense [N, K] float32 weight the same tensors stand for (prefill: one GEMM per call).
+// W[n, c] = 0 + (±alpha_0) + (±alpha_1) + ..., planes in order (v·(±1) is exactly ±v).
 torch::Tensor dequantize(torch::Tensor sign_bits, torch::Tensor alpha, int64_t col_block, int64_t k) {
   TORCH_CHECK(sign_bits.dim() == 3 && sign_bits.scalar_type() == torch::kInt32, "sign_bits must be int32 [q, N, W]");
   TORCH_CHECK(alpha.dim() == 3 && alpha.scalar_type() == torch::kFloat32, "alpha must be float32 [q, R, C]");
@@ -118,13 +134,23 @@ torch::Tensor dequantize(torch::Tensor sign_bits, torch::Tensor alpha, int64_t c
   float* out = w.data_ptr<float>();
   const int32_t* bits = sign_bits.data_ptr<int32_t>();
   const float* a = alpha.data_ptr<float>();
+  // whole bytes of columns that share one scale: the table path; the rest bit by bit
+  const int64_t whole = col_block % 8 == 0 ? k / 8 : 0;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       float* w_row = out + row * k;
       for (int64_t t = 0; t < planes; ++t) {
         const int32_t* s = bits + (t * n + row) * words;
+        const auto* bytes = reinterpret_cast<const uint8_t*>(s);
         const float* at = a + (t * row_groups + row / rows_per) * col_blocks;
-        for (int64_t c = 0; c < k; ++c) {
+        for (int64_t gb = 0; gb < whole; ++gb) {
+          const float v = at[gb * 8 / col_block];
+          const float* sign = kSigns.v[bytes[gb]];
+          float* o = w_row + gb * 8;
+#pragma omp simd
+          for (int i = 0; i < 8; ++i) o[i] += v * sign[i];
+        }
+        for (int64_t c = whole * 8; c < k; ++c) {
           const float v = at[c / col_block];
           w_row[c] += ((s[c >> 5] >> (c & 31)) & 1) ? v : -v;
         }
@@ -145,9 +171,22 @@ inline uint32_t code_at(const uint32_t* words, int64_t i, int64_t bits, uint32_t
 
 }  // namespace
 
+namespace {
+
+// Eight codes of BITS bits fill BITS bytes, starting on a byte: the row's bitstream is LSB-first.
+template <int BITS>
+inline void decode8(const uint8_t* p, float* out) {
+  uint64_t v = 0;
+  std::memcpy(&v, p, BITS);
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<float>((v >> (i * BITS)) & ((1u << BITS) - 1));
+}
+
+}  // namespace
+
 // The uniform format's dense [N, K] float32 weight, W[n, c] = scale[n, g] · (q[n, c] − z[n, g]) with
 // g = g_idx[c] (or c / group_size, 0 per row): the same float operations as the torch reference,
-// so the result is identical to it.
+// so the result is identical to it. Each row's codes are decoded first (eight at a time where K
+// is a multiple of 8), then scaled group by group.
 torch::Tensor dequantize_uniform(torch::Tensor qweight, torch::Tensor scales, torch::Tensor qzeros,
                                  c10::optional<torch::Tensor> g_idx, int64_t bits, int64_t k, int64_t group_size) {
   TORCH_CHECK(qweight.scalar_type() == torch::kInt32 && qzeros.scalar_type() == torch::kInt32, "packed int32 expected");
@@ -164,21 +203,44 @@ torch::Tensor dequantize_uniform(torch::Tensor qweight, torch::Tensor scales, to
   }
   const int64_t* gp = gi.defined() ? gi.data_ptr<int64_t>() : nullptr;
   const uint32_t mask = (1u << bits) - 1;
+  const int64_t group = groups == 1 ? k : group_size;
   auto w = torch::empty({n, k}, s32.options());
   float* out = w.data_ptr<float>();
   const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
   const auto* qz = reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>());
   const float* sp = s32.data_ptr<float>();
+  auto decode_row = [&](const uint32_t* wr, float* codes) {
+    const auto* bytes = reinterpret_cast<const uint8_t*>(wr);
+    if (k % 8 == 0 && (bits == 2 || bits == 3 || bits == 4 || bits == 8)) {
+      for (int64_t j = 0; j < k; j += 8) {
+        const uint8_t* p = bytes + j / 8 * bits;
+        switch (bits) {
+          case 2: decode8<2>(p, codes + j); break;
+          case 3: decode8<3>(p, codes + j); break;
+          case 4: decode8<4>(p, codes + j); break;
+          default: decode8<8>(p, codes + j); break;
+        }
+      }
+    } else {
+      for (int64_t c = 0; c < k; ++c) codes[c] = static_cast<float>(code_at(wr, c, bits, mask));
+    }
+  };
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(groups);
+    std::vector<float> zero(groups), codes(k);
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t g = 0; g < groups; ++g) zero[g] = static_cast<float>(code_at(qz + row * zwords, g, bits, mask));
-      const uint32_t* wr = qw + row * words;
+      decode_row(qw + row * words, codes.data());
       const float* sr = sp + row * groups;
       float* o = out + row * k;
-      for (int64_t c = 0; c < k; ++c) {
-        const int64_t g = gp ? gp[c] : (groups == 1 ? 0 : c / group_size);
-        o[c] = sr[g] * (static_cast<float>(code_at(wr, c, bits, mask)) - zero[g]);
+      if (gp) {
+        for (int64_t c = 0; c < k; ++c) o[c] = sr[gp[c]] * (codes[c] - zero[gp[c]]);
+        continue;
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t c0 = g * group, c1 = std::min(k, c0 + group);
+        const float scale = sr[g], z = zero[g];
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) o[c] = scale * (codes[c] - z);
       }
     }
   });
@@ -186,14 +248,6 @@ torch::Tensor dequantize_uniform(torch::Tensor qweight, torch::Tensor scales, to
 }
 
 namespace {
-
-// Eight codes of BITS bits fill BITS bytes, starting on a byte: the row's bitstream is LSB-first.
-template <int BITS>
-inline void decode8(const uint8_t* p, float* out) {
-  uint64_t v = 0;
-  std::memcpy(&v, p, BITS);
-  for (int i = 0; i < 8; ++i) out[i] = static_cast<float>((v >> (i * BITS)) & ((1u << BITS) - 1));
-}
 
 template <int BITS>
 void uniform_gemv_rows(const float* x, const float* xsum, const uint32_t* qw, const uint32_t* qz, const float* sp,
