@@ -95,10 +95,12 @@ def ensure_model(recipe: str):
     return folder
 
 
-def run_row(run: Generator, tasks: list[dict], budget: int, log) -> list[dict]:
+def run_row(run: Generator, tasks: list[dict], budget: int, log) -> tuple[list[dict], int]:
+    """Every task's record (from ``log`` where it holds one) and how many were generated now."""
     done = {}
     if log.exists():
         done = {r["id"]: r for r in map(json.loads, log.read_text().splitlines()) if r}
+    generated = 0
     with log.open("a") as sink:
         for t in tasks:
             if t["id"] in done:
@@ -110,7 +112,8 @@ def run_row(run: Generator, tasks: list[dict], budget: int, log) -> list[dict]:
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             done[t["id"]] = record
-    return [done[t["id"]] for t in tasks]
+            generated += 1
+    return [done[t["id"]] for t in tasks], generated
 
 
 def row_stats(records: list[dict]) -> dict:
@@ -155,6 +158,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     wanted = args.controls.split(",")
+    generated_here = 0
     for label in args.models.split(","):
         model = dense if MODELS[label] is None else llmpress.load(ensure_model(MODELS[label]))[0]
         for name in wanted if MODELS[label] else ["none"]:
@@ -166,12 +170,17 @@ def main() -> None:
             run = Generator(model, tok, fallback=dense, controls=GenerationControls(**options))
             slug = re.sub(r"[^a-z0-9]+", "-", f"{label}-{name}".lower()).strip("-")
             start = time.perf_counter()
-            s = row_stats(run_row(run, tasks, args.budget, logs / f"{slug}.jsonl"))
+            records, generated = run_row(run, tasks, args.budget, logs / f"{slug}.jsonl")
+            generated_here += generated
+            s = row_stats(records)
             fam = " / ".join(f"{s['by family'][f]:.2f}" for f in ("arith", "count", "wiki"))
             lines.append(f"| {label} | {name} | {s['accuracy']:.3f} | {fam} | {s['loops']:.3f} | {s['detected']:.3f} | "
                          f"{s['mean steps']:.1f} | {s['p95 steps']:.0f} | {s['budget']:.3f} | {s['fallback share']:.3f} | "
                          f"{s['seconds']:.2f} |")
             print(lines[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if not generated_here:
+        lines += ["", "Every record was read from an earlier run's bench/out/generation/ (wall times are that run's); "
+                      "the peak RSS below is this table rebuild's."]
     publish(lines, "generation", f"python bench/generation.py --items {args.items} --budget {args.budget} "
             f"--models {args.models} --controls '{args.controls}'",
             not args.no_update)

@@ -267,7 +267,8 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
         "(unless the name gives another); "
         "asymmetric grids; fp32 on CPU (2 cores). Each row is its own process: time and peak RSS are "
         "the compress job's alone (model load, calibration, solve, save).",
-        *(["† measured in an earlier run of the same protocol (`--reuse`), taken from bench/out/*.jsonl."]
+        *(["† measured in an earlier run of the same protocol and code path (`--reuse`, `--from-log`), taken "
+           "from bench/out/*.jsonl."]
           if any(r.get("reused") for r in rows) else []),
         "",
         f"| configuration | recipe and settings | {protocol} | reference | vs reference | ppl / dense | "

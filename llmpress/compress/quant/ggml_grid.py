@@ -119,35 +119,43 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     return scale, -minimum, codes
 
 
+def _refine_codes(x: torch.Tensor, w: torch.Tensor, L: torch.Tensor, lo: int | None, hi: int,
+                  rest_positive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's per-code refinement of a fixed-scale fit: up to five passes over the codes, each
+    moved to ``round(x·Σ'w·l²/Σ'w·x·l)`` (sums over the others, clamped to ``[lo, hi]``) where that
+    raises ``(Σw·x·l)²/Σw·l²``; a code is tried only where the others' ``Σw·x·l`` is positive
+    (``make_q3_quants``), and their ``Σw·l²`` too with ``rest_positive`` (``make_qp_quants``).
+    Returns the codes and their two sums."""
+    sumlx = torch.zeros(x.shape[0], dtype=_F)
+    suml2 = torch.zeros(x.shape[0], dtype=_F)
+    for i in range(x.shape[1]):
+        sumlx = sumlx + w[:, i] * x[:, i] * L[:, i]
+        suml2 = suml2 + w[:, i] * L[:, i] * L[:, i]
+    for _ in range(5):   # a pass without a change leaves the state as it was: extra passes are no-ops
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            live = (slx > 0) & (sl2 > 0) if rest_positive else slx > 0
+            new_l = torch.round(xi * sl2 / torch.where(live, slx, torch.ones_like(slx))).clamp(lo, hi)
+            slx2 = slx + wi * xi * new_l
+            sl2b = sl2 + wi * new_l * new_l
+            take = live & (new_l != li) & (sl2b > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl2b)
+            L[:, i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl2b, suml2)
+    return L, sumlx, suml2
+
+
 def make_q3_quants(x: torch.Tensor, nmax: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Signed scale and codes ``[0, 2·nmax)`` of each row of ``x`` ``[N, n]``: codes from the
     largest magnitude, then up to five passes of per-code changes that raise ``(Σw·x·l)²/Σw·l²``
     (``w = x²``), the scale their weighted least-squares fit."""
-    n = x.shape[1]
     top, amax = _first_max_abs(x)
     zero = amax < GROUP_MAX_EPS
     iscale = -_f32(nmax) / torch.where(zero, torch.ones_like(top), top)
     L = _clamp_round(iscale[:, None] * x, -nmax, nmax - 1)
-    w = x * x
-    sumlx = torch.zeros_like(top)
-    suml2 = torch.zeros_like(top)
-    for i in range(n):
-        sumlx = sumlx + w[:, i] * x[:, i] * L[:, i]
-        suml2 = suml2 + w[:, i] * L[:, i] * L[:, i]
-    for _ in range(5):   # a pass without a change leaves the state as it was: extra passes are no-ops
-        for i in range(n):
-            wi, xi, li = w[:, i], x[:, i], L[:, i]
-            slx = sumlx - wi * xi * li
-            pos = slx > 0
-            sl2 = suml2 - wi * li * li
-            new_l = _clamp_round(xi * sl2 / torch.where(pos, slx, torch.ones_like(slx)), -nmax, nmax - 1)
-            changed = pos & (new_l != li)
-            slx2 = slx + wi * xi * new_l
-            sl2b = sl2 + wi * new_l * new_l
-            take = changed & (sl2b > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl2b)
-            L[:, i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl2b, suml2)
+    L, sumlx, suml2 = _refine_codes(x, x * x, L, -nmax, nmax - 1, rest_positive=False)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero[:, None], torch.full_like(L, -nmax), L)
@@ -216,24 +224,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
         best = torch.where(better, cur, best)
         iscale = torch.where(better, trial, iscale)
     L = torch.round(iscale[:, None] * x).clamp(max=nmax)
-    sumlx = torch.zeros_like(top)
-    suml2 = torch.zeros_like(top)
-    for i in range(n):
-        sumlx = sumlx + weights[:, i] * x[:, i] * L[:, i]
-        suml2 = suml2 + weights[:, i] * L[:, i] * L[:, i]
-    for _ in range(5):   # a pass without a change leaves the state as it was: extra passes are no-ops
-        for i in range(n):
-            wi, xi, li = weights[:, i], x[:, i], L[:, i]
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            live = (slx > 0) & (sl2 > 0)
-            new_l = torch.round(xi * sl2 / torch.where(live, slx, torch.ones_like(slx))).clamp(max=nmax)
-            slx2 = slx + wi * xi * new_l
-            sl2b = sl2 + wi * new_l * new_l
-            take = live & (new_l != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl2b)
-            L[:, i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl2b, suml2)
+    L, sumlx, suml2 = _refine_codes(x, weights, L, None, nmax, rest_positive=True)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero[:, None], torch.zeros_like(L), L)
@@ -250,6 +241,32 @@ def _round_to_grid(t: GGMLType, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     else:
         codes = _clamp_round(x / safe, -t.zero, t.max_code - t.zero) + t.zero
     return torch.where((a == 0)[:, None], fallback, codes)
+
+
+def _q6_k_fit(x: torch.Tensor, weights: torch.Tensor | None, per: int):
+    """Q6_K's sub-block search (``make_qx_quants``, 32 levels a side) and its scales to signed 8
+    bits against the largest of each super-block: ``d``, ``sc`` ``[super-blocks, per]``, codes."""
+    scales, L = make_qx_quants(x, 32, weights)
+    scales = scales.view(-1, per)
+    top, amax = _first_max_abs(scales)
+    live = amax >= GROUP_MAX_EPS
+    iscale = -_f32(128) / torch.where(live, top, 1)
+    sc = torch.where(live[:, None], torch.round(iscale[:, None] * scales).clamp(max=127), 0)
+    d = torch.where(live, 1 / iscale, 0).to(torch.float16)
+    return d, sc, torch.where(live.repeat_interleave(per)[:, None], L, 0)
+
+
+def _on_stored_grid(t: GGMLType, x: torch.Tensor, shape: tuple[int, int], d, sc, L, dmin, mn) -> GGMLWeight:
+    """A K-quant's fields in a ``[rows, cols]`` weight's layout, every weight rounded on the grid
+    they store (``L``, the search's codes, where a sub-block's step is zero)."""
+    rows, cols = shape
+    nb = cols // QK_K
+    d, sc = d.view(rows, nb), sc.reshape(rows, -1).to(torch.int32)
+    if dmin is not None:
+        dmin, mn = dmin.view(rows, nb), mn.reshape(rows, -1).to(torch.int32)
+    a, b = grid_step_offset(t, d, dmin, sc, mn)
+    codes = _round_to_grid(t, x, a.reshape(-1), b.reshape(-1) if b is not None else None, L)
+    return GGMLWeight(t, codes.view(rows, cols).to(torch.uint8), d, dmin, sc, mn)
 
 
 def _k_quant(t: GGMLType, w: torch.Tensor) -> GGMLWeight:
@@ -291,21 +308,9 @@ def _k_quant(t: GGMLType, w: torch.Tensor) -> GGMLWeight:
         iscale = -_f32(32) / torch.where(nonzero, top, 1)
         sc = torch.where(nonzero[:, None], _clamp_round(iscale[:, None] * scales, -32, 31), -32)
         d = torch.where(nonzero, 1 / iscale, 0).to(torch.float16)
-    else:   # q6_k
-        scales, L = make_qx_quants(x, 32)
-        scales = scales.view(rows * nb, per)
-        top, amax = _first_max_abs(scales)
-        live = amax >= GROUP_MAX_EPS
-        iscale = -_f32(128) / torch.where(live, top, 1)
-        sc = torch.where(live[:, None], torch.round(iscale[:, None] * scales).clamp(max=127), 0)
-        d = torch.where(live, 1 / iscale, 0).to(torch.float16)
-        L = torch.where(live.repeat_interleave(per)[:, None], L, 0)
-    d, sc = d.view(rows, nb), sc.view(rows, nb * per).to(torch.int32)
-    if dmin is not None:
-        dmin, mn = dmin.view(rows, nb), mn.view(rows, nb * per).to(torch.int32)
-    a, b = grid_step_offset(t, d, dmin, sc, mn)
-    codes = _round_to_grid(t, x, a.reshape(-1), b.reshape(-1) if b is not None else None, L)
-    return GGMLWeight(t, codes.view(rows, cols).to(torch.uint8), d, dmin, sc, mn)
+    else:
+        d, sc, L = _q6_k_fit(x, None, per)
+    return _on_stored_grid(t, x, (rows, cols), d, sc, L, dmin, mn)
 
 
 def _legacy(t: GGMLType, w: torch.Tensor) -> GGMLWeight:
@@ -392,20 +397,8 @@ def _k_quant_with_importance(t: GGMLType, w: torch.Tensor, importance: torch.Ten
         d, ls = make_qx_quants(scales.view(rows * nb, per), 32, sw)
         d, sc = d.to(torch.float16), ls - 32
     else:   # q6_k: as without importance, the search weighted by qw
-        scales, L = make_qx_quants(x, 32, weights)
-        scales = scales.view(rows * nb, per)
-        top, amax = _first_max_abs(scales)
-        live = amax >= GROUP_MAX_EPS
-        iscale = -_f32(128) / torch.where(live, top, 1)
-        sc = torch.where(live[:, None], torch.round(iscale[:, None] * scales).clamp(max=127), 0)
-        d = torch.where(live, 1 / iscale, 0).to(torch.float16)
-        L = torch.where(live.repeat_interleave(per)[:, None], L, 0)
-    d, sc = d.view(rows, nb), sc.view(rows, nb * per).to(torch.int32)
-    if dmin is not None:
-        dmin, mn = dmin.view(rows, nb), mn.view(rows, nb * per).to(torch.int32)
-    a, b = grid_step_offset(t, d, dmin, sc, mn)
-    codes = _round_to_grid(t, x, a.reshape(-1), b.reshape(-1) if b is not None else None, L)
-    return GGMLWeight(t, codes.view(rows, cols).to(torch.uint8), d, dmin, sc, mn)
+        d, sc, L = _q6_k_fit(x, weights, per)
+    return _on_stored_grid(t, x, (rows, cols), d, sc, L, dmin, mn)
 
 
 def importance_quantize(weight: torch.Tensor, type_name: str, importance: torch.Tensor) -> GGMLWeight:
