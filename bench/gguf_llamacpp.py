@@ -126,6 +126,11 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--imatrix", action="store_true",
                     help="also quantize with an importance matrix (llama-imatrix -c 512 --chunks 128 on wiki/train)")
+    ap.add_argument("--only", default=None,
+                    help="the rows whose name this regex searches (and dense); with --imatrix, the GGML types "
+                         "named in those rows")
+    ap.add_argument("--reuse-imatrix", action="store_true",
+                    help="take bench/out/imatrix.gguf as it is when present instead of running llama-imatrix again")
     ap.add_argument("--no-update", action="store_true")
     args = ap.parse_args()
     binary = Path(os.environ.get("LLAMA_CPP_BIN", ""))
@@ -151,7 +156,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     tokens = None
-    for label, recipe, settings, _reference in ROWS:
+    rows = [r for r in ROWS if r[1] is None or not args.only or re.search(args.only, r[0])]
+    for label, recipe, settings, _reference in rows:
         if recipe is None:
             folder, gguf_file = "smollm2-135m", dense_gguf
         else:
@@ -185,11 +191,13 @@ def main() -> None:
         train = OUT / "wiki-train.txt"
         train.write_text(load_text("wiki/train"))
         imatrix = OUT / "imatrix.gguf"
-        subprocess.run([str(binary / "llama-imatrix"), "-m", str(dense_gguf), "-f", str(train), "-c", "512",
-                        "--chunks", "128", "-o", str(imatrix), "-t", str(torch.get_num_threads())],
-                       capture_output=True, env=env, check=True)
+        if not (args.reuse_imatrix and imatrix.exists()):
+            subprocess.run([str(binary / "llama-imatrix"), "-m", str(dense_gguf), "-f", str(train), "-c", "512",
+                            "--chunks", "128", "-o", str(imatrix), "-t", str(torch.get_num_threads())],
+                           capture_output=True, env=env, check=True)
         importance = read_imatrix(imatrix)
-        for t in ("q3_k", "q2_k", "q4_0", "q4_k"):
+        types = [t for t in ("q3_k", "q2_k", "q4_0", "q4_k") if any(r[1] and r[1].endswith(t) for r in rows[1:])]
+        for t in types:
             ref = OUT / f"llama-quantize-imatrix-{t}.gguf"
             subprocess.run([str(binary / "llama-quantize"), "--imatrix", str(imatrix), "--pure",
                             "--token-embedding-type", "f16", "--output-tensor-type", "f16", str(dense_gguf), str(ref),
@@ -200,8 +208,9 @@ def main() -> None:
                          f"{ref.stat().st_size / 1e6:.2f} MB | {theirs:.4f} | – | – | {same}/{total} (llmpress's search, "
                          "this matrix) | – |")
             print(lines[-1], flush=True)
-    publish(lines, "gguf-llamacpp", f"LLAMA_CPP_BIN=... python bench/gguf_llamacpp.py --chunks {args.chunks}" + (" --imatrix" if args.imatrix else ""),
-            not args.no_update)
+    command = f"LLAMA_CPP_BIN=... python bench/gguf_llamacpp.py --chunks {args.chunks}" + \
+        (" --imatrix" if args.imatrix else "") + (f" --only '{args.only}'" if args.only else "")
+    publish(lines, "gguf-llamacpp", command, not args.no_update)
 
 
 if __name__ == "__main__":
