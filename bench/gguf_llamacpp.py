@@ -114,7 +114,7 @@ def importance_twin_identical(dense_gguf: Path, importance: dict[str, np.ndarray
     for t in gguf.GGUFReader(ref).tensors:
         if t.name not in importance or int(t.tensor_type) not in ggml.TYPE_BY_ID:
             continue
-        w = torch.from_numpy(np.asarray(dense[t.name].data, dtype=np.float32))
+        w = torch.from_numpy(np.array(dense[t.name].data, dtype=np.float32))
         mine = ggml.pack(importance_quantize(w, type_name, torch.from_numpy(importance[t.name])))
         total += 1
         same += bool(np.array_equal(mine.numpy().reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1)))
