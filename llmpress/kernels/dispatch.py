@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from ..formats.ggml import dequantize_codes
 from . import cpu_ext, cpu_int4
 
 BACKENDS = ("auto", "reference", "cpu-int4", "cpu-gemv", "cpu-dequant", "triton", "cuda")
@@ -134,8 +135,6 @@ def ggml_linear(layer, x: torch.Tensor) -> torch.Tensor:
     on CPU through a weight computed from those codes for this call (the reference's arithmetic,
     without unpacking the blocks again); the ``reference`` backend and other devices dequantize the
     blocks."""
-    from ..formats.ggml import dequantize_codes
-
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     rows = x.numel() // max(x.shape[-1], 1)
     ext = None

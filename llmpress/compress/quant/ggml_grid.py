@@ -44,6 +44,15 @@ def _f32(v: float) -> torch.Tensor:
     return torch.tensor(np.float32(v), dtype=_F)
 
 
+def _sequential_sum(v: torch.Tensor) -> torch.Tensor:
+    """``Σ v`` along the last axis, accumulated element by element as the reference does (fp32
+    addition is not associative: torch's own sum would change bytes)."""
+    total = torch.zeros(v.shape[:-1], dtype=_F)
+    for i in range(v.shape[-1]):
+        total = total + v[..., i]
+    return total
+
+
 def _first_max_abs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The signed value of largest magnitude along the last axis (the first one on ties) and that magnitude."""
     idx = x.abs().argmax(dim=-1, keepdim=True)
@@ -63,11 +72,8 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     n = x.shape[1]
     xmin = x.min(dim=1).values.clamp(max=0)
     xmax = x.max(dim=1).values
-    sum_w = weights[:, 0].clone()
-    sum_x = sum_w * x[:, 0]
-    for i in range(1, n):
-        sum_w = sum_w + weights[:, i]
-        sum_x = sum_x + weights[:, i] * x[:, i]
+    sum_w = _sequential_sum(weights)
+    sum_x = _sequential_sum(weights * x)
     flat = xmax == xmin
     span = torch.where(flat, torch.ones_like(xmax), xmax - xmin)
 
@@ -280,9 +286,7 @@ def _k_quant(t: GGMLType, w: torch.Tensor) -> GGMLWeight:
             scales, mins, L = make_qkx2_quants(x, weights, 3, -0.5, 0.1, 15, True)
             levels = 15
         else:
-            sum_x2 = torch.zeros(x.shape[0], dtype=_F)
-            for i in range(t.sub):
-                sum_x2 = sum_x2 + x[:, i] * x[:, i]
+            sum_x2 = _sequential_sum(x * x)
             # sqrtf is correctly rounded; torch's fp32 sqrt can be one ulp off, its fp64 one is not
             weights = torch.sqrt((sum_x2 / _f32(32)).double()).float()[:, None] + x.abs()
             nmax, rmin, nstep = (15, -1.0, 20) if t.name == "q4_k" else (31, -0.5, 15)
@@ -334,14 +338,6 @@ def reference_quantize(weight: torch.Tensor, type_name: str) -> GGMLWeight:
 
 # -- with an importance matrix ---------------------------------------------------------------
 
-def _sum_sq(x: torch.Tensor) -> torch.Tensor:
-    """``Σ x²`` along the last axis, accumulated element by element as the reference does."""
-    total = torch.zeros(x.shape[:-1], dtype=_F)
-    for i in range(x.shape[-1]):
-        total = total + x[..., i] * x[..., i]
-    return total
-
-
 def _sqrtf(v: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(v.double()).float()   # correctly rounded, as C's sqrtf
 
@@ -357,7 +353,7 @@ def _legacy_with_importance(t: GGMLType, w: torch.Tensor, importance: torch.Tens
     32 and its codes kept as found (these types store an fp16 scale, no second rounding)."""
     rows, cols = w.shape
     nb = cols // t.block
-    sigma2 = (_sum_sq(w) / _f32(cols)).repeat_interleave(nb)
+    sigma2 = (_sequential_sum(w * w) / _f32(cols)).repeat_interleave(nb)
     x = w.reshape(rows * nb, t.block)
     weights = _importance_weights(x, importance.reshape(1, nb, t.block).expand(rows, -1, -1).reshape(-1, t.block), sigma2)
     dmin = None
@@ -378,13 +374,10 @@ def _k_quant_with_importance(t: GGMLType, w: torch.Tensor, importance: torch.Ten
     x = w.reshape(rows * nb * per, t.sub)
     qw = importance.reshape(1, nb * per, t.sub).expand(rows, -1, -1).reshape(-1, t.sub)
     # σ² per super-block: Q2_K uses the mean square, Q3_K..Q5_K twice it; Q6_K uses qw alone
-    sum_x2 = _sum_sq(w.reshape(rows * nb, QK_K))
+    sum_x2 = _sequential_sum((w * w).reshape(rows * nb, QK_K))
     sigma2 = (sum_x2 if t.name == "q2_k" else _f32(2) * sum_x2) / _f32(QK_K)
     weights = qw if t.name == "q6_k" else _importance_weights(x, qw, sigma2.repeat_interleave(per))
-    sw = torch.zeros(x.shape[0], dtype=_F)
-    for i in range(t.sub):
-        sw = sw + weights[:, i]
-    sw = sw.view(rows * nb, per)
+    sw = _sequential_sum(weights).view(rows * nb, per)
     dmin = mn = None
     if t.zero is None:   # q2_k, q4_k, q5_k
         scales, mins, L = make_qkx2_quants(x, weights, t.max_code, -0.9, 0.05, 36, False)
