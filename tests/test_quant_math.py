@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -156,9 +158,10 @@ def test_damping_rises_until_the_cholesky_succeeds():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 7, 64, 577])
-def test_inplace_inverse_factor_is_the_upper_cholesky_of_the_damped_inverse(dtype, n):
-    """The CPU path (LAPACK in place) gives U upper with UᵀU = (H + λI)⁻¹, equal to the torch
-    path's factor, and leaves H untouched."""
+def test_inplace_inverse_factor_is_the_upper_cholesky_of_the_damped_inverse(dtype, n, monkeypatch):
+    """The CPU path of large layers (LAPACK in place) gives U upper with UᵀU = (H + λI)⁻¹, equal to
+    the torch path's factor, and leaves H untouched."""
+    monkeypatch.setattr(sys.modules[damped_inverse_cholesky.__module__], "IN_PLACE_FROM", 0)
     x = _correlated(n_in=n, tokens=2 * n + 8).to(dtype)
     h = x.T @ x
     before = h.clone()

@@ -234,6 +234,21 @@ def test_torchrun_two_ranks_equal_one_process(recipe, tiny_model_factory, tmp_pa
         json.loads((tmp_path / "one" / "config.json").read_text())["quantization_config"]["fingerprint"]
 
 
+def test_solve_owners_balance_the_cost_and_agree_on_every_rank():
+    from llmpress.compress.distributed import assign_owners
+
+    # SmolLM2's q/k/v (576, 192, 192 rows of 576 columns): q on one rank, k and v on the other
+    qkv = [576.0**2 * (576 + 576), 576.0**2 * (576 + 192), 576.0**2 * (576 + 192)]
+    assert assign_owners(qkv, ranks=2) == [0, 1, 1]
+    assert assign_owners([5, 1, 1, 3], ranks=2) == [0, 1, 1, 1]        # loads 5 and 5
+    assert assign_owners([2, 2, 2], ranks=1) == [0, 0, 0]
+    assert assign_owners([1.0], ranks=4) == [0]
+    costs = torch.rand(12, generator=torch.Generator().manual_seed(0)).tolist()
+    owners = assign_owners(costs, ranks=3)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(3)]
+    assert max(loads) <= 4 / 3 * max(sum(costs) / 3, max(costs)) + 1e-9   # LPT's bound
+
+
 def test_activations_beyond_the_memory_budget_go_to_disk_and_change_nothing(tiny_model_factory, tmp_path):
     from llmpress.api import parse_size
 

@@ -29,11 +29,12 @@ class _TwoHeads(nn.Module):
         return self.c(self.a(x) * self.b(x))
 
 
-def test_gram_update_is_the_symmetric_product():
+@pytest.mark.parametrize("panel", [256, 7, 1])
+def test_gram_update_is_the_symmetric_product(panel):
     x = torch.randn(300, 24)
     acc = torch.zeros(24, 24)
-    gram_update(acc, x[:100].contiguous())
-    gram_update(acc, x[100:].contiguous())
+    gram_update(acc, x[:100].contiguous(), panel=panel)
+    gram_update(acc, x[100:].contiguous(), panel=panel)
     assert torch.allclose(symmetrize(acc), x.T @ x, rtol=1e-5, atol=1e-4)
 
 
@@ -120,3 +121,43 @@ def test_reset_keeps_the_hooks_removable():
         model(torch.randn(3, 4))
     assert stats.tokens["a"] == 3                       # only what came after the reset
     assert not model[0]._forward_pre_hooks              # and no hook left behind
+
+
+def test_slab_copies_are_equal_aligned_and_independent():
+    from llmpress.compress.stats import _Slabs
+
+    slabs = _Slabs()
+    sources = [torch.randn(3, 5), torch.randn(7), torch.randn(2, 2, 3).double()]
+    copies = [slabs.copy(t) for t in sources]
+    for src, copy in zip(sources, copies):
+        assert torch.equal(src, copy) and copy.dtype == src.dtype
+        assert copy.data_ptr() % 64 == 0
+    sources[0].zero_()
+    assert not torch.equal(copies[0], sources[0])   # a copy, not a view of the source
+    assert copies[0].untyped_storage().data_ptr() == copies[1].untyped_storage().data_ptr()   # one buffer
+
+
+def test_phase_clock_times_phases_exclusively_and_counts_linear_flops():
+    import time
+
+    from llmpress.compress.phases import PhaseClock, add_flops, phase
+
+    linear = nn.Linear(16, 8)
+    with PhaseClock() as clock:
+        start = time.perf_counter()
+        with phase("outer"):
+            time.sleep(0.05)
+            with phase("inner"):
+                time.sleep(0.05)
+                add_flops(10.0)
+            linear(torch.randn(3, 4, 16))
+        wall = time.perf_counter() - start
+    add_flops(5.0)   # no clock: ignored
+    outer, inner = clock.totals["outer"], clock.totals["inner"]
+    # the nested phase's time is not counted in its parent's: together they make the wall time
+    assert outer.seconds >= 0.05 and inner.seconds >= 0.05
+    assert abs(outer.seconds + inner.seconds - wall) < 0.01
+    assert inner.flops == 10.0 and outer.flops == 2.0 * 16 * 8 * 12
+    assert outer.calls == inner.calls == 1
+    linear(torch.randn(2, 16))
+    assert outer.flops == 2.0 * 16 * 8 * 12   # the hook is gone with the clock

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .phases import add_flops, phase
 from .stage import StageBase, method_of
 
 
@@ -32,6 +33,7 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
 
 def output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """``||ΔW X||² / ||W X||²`` on the calibration inputs, from ``H ∝ X Xᵀ``."""
+    add_flops(4.0 * weight.numel() * hessian.shape[0])
     num = ((delta @ hessian) * delta).sum()
     den = ((weight @ hessian) * weight).sum()
     return float(num / den) if den > 0 else float("nan")
@@ -53,10 +55,11 @@ def compress_linear(
     input_scale = rest[0] if rest else None
     metrics = dict(metrics)
     dense = dense_weight(module, input_scale)
-    delta = dense - weight
-    metrics["weight_error"] = float(delta.norm() / weight.norm()) if weight.norm() > 0 else 0.0
-    if "hessian" in stats:
-        metrics["output_error"] = output_error(delta, weight, stats["hessian"])
+    with phase("metrics"):
+        delta = dense - weight
+        metrics["weight_error"] = float(delta.norm() / weight.norm()) if weight.norm() > 0 else 0.0
+        if "hessian" in stats:
+            metrics["output_error"] = output_error(delta, weight, stats["hessian"])
     if "input_drift" in stats:
         metrics["input_drift"] = stats["input_drift"]
     metrics["bits_per_weight"] = module.stored_bits() / weight.numel()

@@ -1,7 +1,8 @@
 """Data-parallel calibration over ``torch.distributed`` (``torchrun --nproc-per-node N -m llmpress
 compress ...``): each rank runs the blocks on its slice of the calibration windows, statistics are
-summed over ranks before every solve, solves are spread over ranks and their results broadcast, so
-every rank ends each block with the same compressed modules. Rank 0 alone writes the output.
+summed over ranks before every solve, the linears of a true-sequential group are solved on their
+owner ranks at the same time (``assign_owners``), then every result is broadcast, so every rank
+ends each block with the same compressed modules. Rank 0 alone writes the output.
 
 gloo on CPU, NCCL on GPU. Outside torchrun every helper is a no-op, so the single-process path is
 the same code.
@@ -84,9 +85,16 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_numbers([1.0 if flag else 0.0])[0] > 0
 
 
-def owner_of(index: int) -> int:
-    """The rank that solves the ``index``-th linear of a group."""
-    return index % world_size()
+def assign_owners(costs: list[float], ranks: int | None = None) -> list[int]:
+    """The rank that solves each item, balancing the summed cost per rank: longest first, each to
+    the least loaded rank (ties to the lower rank), so that every rank computes the same answer."""
+    ranks = world_size() if ranks is None else ranks
+    load = [0.0] * ranks
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owners[i] = min(range(ranks), key=lambda r: (load[r], r))
+        load[owners[i]] += costs[i]
+    return owners
 
 
 def broadcast_object(obj, src: int):

@@ -29,6 +29,7 @@ from . import distributed
 from .arch import ArchMap, blocks_of
 from .compressors import compress_linear, dense_proxy, dense_weight, linear_weight
 from .hooks import BlockContext, BlockHooks, Solved
+from .phases import phase
 from .recipe import Recipe
 from .stage import StageBase, method_of
 from .stats import InputRecorder, InputStats, SpillArena, StopForward, all_finite, disk_tensor
@@ -62,16 +63,17 @@ def _glibc():
         return None
 
 
-def limit_heap_fragmentation(threshold: int = 1 << 20) -> None:
+def limit_heap_fragmentation(threshold: int = 16 << 20) -> None:
     """Serve allocations of ``threshold`` bytes and more with mmap, returned to the OS on free.
 
-    glibc raises its mmap threshold after each large free (up to 32 MB), after which the ~10 MB
-    activation buffers of every calibration batch come from the heap and fragment it: its free
-    space cannot be given back while later allocations sit above it. Measured on SmolLM2
-    (GPTQ W4 g64, 128x512): set only when the blocks start, the heap had already grown to 446 MB
-    during model loading, tokenization and the capture, 290 MB of it free, and peak RSS spread
-    over 1.13-1.46 GB (1.09 GB since); with no fixed threshold at all, 1.65 GB after 20 blocks.
-    ``compress`` calls it first thing. A no-op where the C library is not glibc.
+    glibc's threshold is dynamic (it rises after each large free, up to 32 MB); fixed, it stops
+    moving. Its height trades memory against time: every mmapped buffer is page-faulted and zeroed
+    afresh by the kernel on each use. Measured on SmolLM2 (GPTQ W4 g64, 128x512, ``python
+    bench/compress_profile.py``): at 1 MB, where the per-batch activations (9-25 MB) were all
+    mmapped, 285 s and 1090 MB peak RSS (a forward of the whole model took 9.6 s instead of 7.5 s
+    per 4096 tokens); at 16 MB 218 s and 1325 MB; at 32 MB 211 s and 1350 MB. Long-lived copies
+    are packed into large buffers (``stats._Slabs``) so that they do not fragment the heap between
+    the temporaries. ``compress`` calls it first thing. A no-op where the C library is not glibc.
     """
     libc = _glibc()
     if libc is not None:
@@ -322,7 +324,8 @@ def compress_blocks(
                              max_memory if max_memory is not None else available_memory() // 2)
         if report is not None:
             report(memory.describe())
-        hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, on_disk=memory.on_disk[0])
+        with phase("capture"):
+            hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, on_disk=memory.on_disk[0])
     io.after_capture()
     release_free_heap()   # the capture's and the tokenizer's leftovers
     records: list[ModuleRecord] = []
@@ -353,11 +356,14 @@ def compress_blocks(
                 io.release(block)
                 bar.advance()
                 continue
-            io.materialize(block, prefix)
+            with phase("load weights"):
+                io.materialize(block, prefix)
             reference = None
             if plan.fp_linears or advance_fp:
                 bar.describe(f"block {i + 1} · full-precision stream")
-                reference = record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, plan.fp_linears, arena, advance_fp)
+                with phase("full-precision stream"):
+                    reference = record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, plan.fp_linears, arena,
+                                                 advance_fp)
             extras: dict[str, Any] = {}
             ctx = BlockContext(
                 index=i, block=block, prefix=prefix, plan=plan, arch=arch, model=model, last=i == len(blocks) - 1,
@@ -372,7 +378,8 @@ def compress_blocks(
                 if reference is not None:
                     reference.close()
             if need_outputs and not outputs_done:   # a block with nothing to compress
-                run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
+                with phase("outputs"):
+                    run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
             if need_outputs and distributed.any_rank(not all_finite(hidden)):
                 raise LlmpressError(
                     f"block {i} of the compressed model produced NaN/Inf activations on the calibration "
@@ -380,7 +387,8 @@ def compress_blocks(
                 )
             for h in hooks:
                 h.outputs_ready(ctx)
-            io.on_block_done(i, block, prefix, modules, block_records, extras)
+            with phase("write"):
+                io.on_block_done(i, block, prefix, modules, block_records, extras)
             io.release(block)
             release_free_heap()   # else the heap's free space creeps up by ~3 MB a block (SmolLM2)
             records.extend(block_records)
@@ -425,17 +433,23 @@ def _hidden_size(model: nn.Module) -> int:
     return 4096
 
 
-def _receive_module(module: nn.Module | None, metrics: dict | None, input_scale: torch.Tensor | None, owner: int,
-                    dtype: torch.dtype):
-    """Rank ``owner``'s compressed module, metrics and input scale, on every rank of a distributed run."""
+def _solve_cost(linear: nn.Module) -> float:
+    """A linear's solve cost for balancing ranks, as GPTQ's: the factor (``in³``) and the column
+    loop's updates (``out·in²``)."""
+    out_features, in_features = linear.weight.shape
+    return float(in_features) ** 2 * (in_features + out_features)
+
+
+def _receive_result(result: tuple | None, owner: int, dtype: torch.dtype) -> tuple:
+    """Rank ``owner``'s ``(module, metrics, input scale, solve seconds)``, on every rank of a
+    distributed run (``result`` is ``None`` on the other ranks)."""
     from ..io.checkpoint import build_module, module_manifest
 
-    sent = (module_manifest(module), metrics, input_scale) if module is not None else None
-    spec, metrics, input_scale = distributed.broadcast_object(sent, owner)
-    if module is None:
-        module = build_module("received", spec, dtype).to_empty(device="cpu")
+    sent = (module_manifest(result[0]), *result[1:]) if result is not None else None
+    spec, metrics, input_scale, seconds = distributed.broadcast_object(sent, owner)
+    module = result[0] if result is not None else build_module("received", spec, dtype).to_empty(device="cpu")
     distributed.broadcast_tensors(dict(module.state_dict()), owner)
-    return module, metrics, input_scale
+    return module, metrics, input_scale, seconds
 
 
 class _ZeroOutput(nn.Module):
@@ -493,6 +507,35 @@ class _SkippedNorm(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         return x if self.attention.verified else self.real(x, *args, **kwargs)
+
+
+@torch.no_grad()
+def _attention_outputs(inputs, proxy: nn.Linear) -> list[torch.Tensor]:
+    """The attention's output per batch from its output linear's kept inputs: written over each
+    input where the shapes agree (no second stream's worth of memory), else each input is freed as
+    its output is made."""
+    outputs = []
+    for x in inputs.drain():
+        y = proxy(x.to(torch.float32))
+        if y.shape == x.shape and x.dtype == y.dtype:
+            outputs.append(x.copy_(y))
+        else:
+            outputs.append(y)
+        del x, y
+    return outputs
+
+
+@torch.no_grad()
+def _add_residual_outputs(name: str, hidden: torch.Tensor, inputs, proxy: nn.Linear, batch_size: int) -> None:
+    """The block's outputs from the residual linear's kept inputs, per token (OPT flattens tokens
+    before its MLP): ``h += X Ŵᵀ + b`` in place; the kept inputs are then closed."""
+    for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
+        x = inputs[b].reshape(-1, proxy.in_features).to(torch.float32)
+        target = hidden[s:e].view(-1, proxy.out_features)
+        if x.shape[0] != target.shape[0]:
+            raise RuntimeError(f"{name}: its inputs do not line up with the block's tokens")
+        target += proxy(x)
+    inputs.close()
 
 
 def _compress_block(
@@ -564,8 +607,9 @@ def _compress_block(
             budget = (1 << 40) if cache_attention else (32 << 20)
             fp_group = any("fp_inputs" in plan.assignment[n].needs for n in data_members)
             group_reference = reference if fp_group else None
-            with InputStats(watched, keep_inputs=keep, stop_when_seen=not residual, spill_budget=budget,
-                            spill_arena=arena, reference=group_reference) as stats:
+            with phase("statistics forward"), InputStats(
+                    watched, keep_inputs=keep, stop_when_seen=not residual, spill_budget=budget, spill_arena=arena,
+                    reference=group_reference) as stats:
                 run(stats=stats, write_outputs=residual)
             stats.all_reduce()   # a distributed run: every rank now holds the statistics of all samples
             if residual:
@@ -573,29 +617,40 @@ def _compress_block(
             hessians, kept, crosses = stats.hessians(), stats.kept, stats.cross_terms()
             drift = stats.input_drift()
             del stats
-        for position, name in enumerate(members):
+        # Every rank solves the linears it owns, then every result is broadcast: under torchrun the
+        # ranks solve at the same time instead of one after the other.
+        owners = distributed.assign_owners([_solve_cost(block.get_submodule(n)) for n in members])
+        solved_here, dense_here = {}, {}
+        for name, owner in zip(members, owners):
+            if owner != distributed.rank():
+                continue
             stage = plan.assignment[name]
             ctx.describe(f"block {index + 1} · {name} · {stage.label}")
-            linear = block.get_submodule(name)
-            start = time.perf_counter()
             module_stats = {"hessian": hessians[name]} if name in hessians else {}
             if name in crosses:
                 module_stats["cross"] = crosses[name]
                 module_stats["input_drift"] = drift[name]
             elif "fp_inputs" in stage.needs:
                 raise LlmpressError(f"{prefix}.{name}: no full-precision inputs were recorded for it")
-            owner = distributed.owner_of(position)
-            if distributed.rank() == owner:
-                try:
-                    module, metrics, dense, input_scale = compress_linear(
-                        stage, linear, module_stats, dtype=dtype
-                    )
-                except LlmpressError as e:
-                    raise type(e)(f"{prefix}.{name}: {e}") from None
-            if distributed.active():   # the solve ran on one rank: every rank takes its result
-                mine = distributed.rank() == owner
-                module, metrics, input_scale = _receive_module(module if mine else None, metrics if mine else None,
-                                                               input_scale if mine else None, owner, dtype)
+            start = time.perf_counter()
+            try:
+                with phase("solve"):
+                    module, metrics, dense, input_scale = compress_linear(stage, block.get_submodule(name),
+                                                                          module_stats, dtype=dtype)
+            except LlmpressError as e:
+                raise type(e)(f"{prefix}.{name}: {e}") from None
+            solved_here[name] = (module, metrics, input_scale, time.perf_counter() - start)
+            dense_here[name] = dense
+        for name, owner in zip(members, owners):
+            stage = plan.assignment[name]
+            start = time.perf_counter()
+            result = solved_here.pop(name, None)
+            if distributed.active():   # the owner's result, on every rank
+                with phase("share solves"):
+                    result = _receive_result(result, owner, dtype)
+            module, metrics, input_scale, seconds = result
+            dense = dense_here.pop(name, None)
+            if dense is None:
                 dense = dense_weight(module, input_scale)
             modules[name], ctx.metrics[name] = module, metrics
             solved = Solved(name, stage, module, input_scale)
@@ -605,33 +660,29 @@ def _compress_block(
                 dense = dense_weight(module, solved.input_scale)
             proxy = dense_proxy(module, dense)
             if residual:
-                for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
-                    # Per token (OPT flattens tokens before its MLP): h += X Ŵᵀ + b.
-                    x = kept[name][b].reshape(-1, proxy.in_features).to(torch.float32)
-                    target = hidden[s:e].view(-1, proxy.out_features)
-                    if x.shape[0] != target.shape[0]:
-                        raise RuntimeError(f"{name}: its inputs do not line up with the block's tokens")
-                    target += proxy(x)
-                kept[name].close()
+                with phase("outputs"):
+                    _add_residual_outputs(name, hidden, kept[name], proxy, batch_size)
                 outputs_done = True
             block.set_submodule(name, proxy)   # before the stub: the path runs through the attention
             if cache_attention:
-                with torch.no_grad():   # each input is freed as its output is made: one stream's worth at a time
-                    outputs = [proxy(x.to(torch.float32)) for x in kept[name].drain()]
+                with phase("outputs"):
+                    outputs = _attention_outputs(kept[name], proxy)
                 attention = _CachedAttention(real_attention, outputs)
                 block.set_submodule(arch.attention, attention)
                 if real_norm is not None:
                     block.set_submodule(arch.attention_norm, _SkippedNorm(real_norm, attention))
             records.append(ModuleRecord(
                 name=f"{prefix}.{name}", block=index, method=stage.method, bits=getattr(stage, "bits", None),
-                group_size=getattr(stage, "group_size", None), seconds=time.perf_counter() - start, metrics=metrics,
+                group_size=getattr(stage, "group_size", None), seconds=seconds + time.perf_counter() - start,
+                metrics=metrics,
             ))
         for h in hooks:
             h.after_group(ctx, group)
         del hessians, kept, crosses
     if not outputs_done and need_outputs:
         ctx.describe(f"block {index + 1} · outputs")
-        run(write_outputs=True)
+        with phase("outputs"):
+            run(write_outputs=True)
         outputs_done = True
     if attention is not None:
         block.set_submodule(arch.attention, real_attention)

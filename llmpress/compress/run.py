@@ -34,6 +34,7 @@ from ..version import __version__
 from . import distributed
 from .arch import arch_for
 from .calibration import DEFAULT_CALIBRATION, calibration_windows, text_fingerprint
+from .phases import phase
 from .pipeline import ModuleRecord, compress_blocks, limit_heap_fragmentation, peak_rss_mb
 from .recipe import Recipe, customize_recipe, load_recipe
 from .report import run_summary, write_report
@@ -89,14 +90,15 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
         check_text_source(calib)
         if not needs_data and distributed.is_main():
             note(f"--calib {calib} is unused: recipe {recipe.name} needs no calibration data")
-    folder = resolve_model(str(model))
-    config = load_config(folder, trust_remote_code)
-    dense_dtype = storage_dtype(dtype, str(model), config)
-    skeleton = empty_model(config, trust_remote_code=trust_remote_code, source=folder)
-    transposed = linearize(skeleton)   # GPT-2's Conv1D weights, stored [in, out]
-    arch = arch_for(skeleton)
-    recipe = _expand_mixtures(recipe, arch, len(skeleton.get_submodule(arch.blocks)))
-    tokenizer = load_tokenizer(folder, trust_remote_code)
+    with phase("load model"):
+        folder = resolve_model(str(model))
+        config = load_config(folder, trust_remote_code)
+        dense_dtype = storage_dtype(dtype, str(model), config)
+        skeleton = empty_model(config, trust_remote_code=trust_remote_code, source=folder)
+        transposed = linearize(skeleton)   # GPT-2's Conv1D weights, stored [in, out]
+        arch = arch_for(skeleton)
+        recipe = _expand_mixtures(recipe, arch, len(skeleton.get_submodule(arch.blocks)))
+        tokenizer = load_tokenizer(folder, trust_remote_code)
     windows = calib_info = None
     if recipe.rotation is not None and recipe.rotation.method == "harp":
         recipe.harp_grid()   # a missing grid fails before anything runs
@@ -105,7 +107,8 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
                               "(the fitted rotation is reused with --resume)")
     if needs_data:
         calib = calib or DEFAULT_CALIBRATION
-        windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
+        with phase("tokenize"):
+            windows = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
         calib_info = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                       "hash": text_fingerprint(windows)}
     rotation = None
@@ -215,7 +218,8 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         rotation, notes["HARP fit"] = _harp_rotation(job, progress=progress, trust_remote_code=trust_remote_code)
     if recipe.allocator is not None:
         recipe, notes["allocation"] = _allocate(job, rotation, progress=progress, trust_remote_code=trust_remote_code)
-    source = _BlockSource(job, rotation, folder, keep_model=keep_model, trust_remote_code=trust_remote_code)
+    with phase("load model"):
+        source = _BlockSource(job, rotation, folder, keep_model=keep_model, trust_remote_code=trust_remote_code)
     folder.save()
     resumed = [ModuleRecord(**r) for entry in folder.finished.values() for r in entry["records"]]
 
@@ -238,7 +242,8 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
                               peak_rss_mb=peak_rss_mb(), model=kept_model)
 
     head_transform = _add_head_bias(rest, folder, arch, job.skeleton, kept_model)
-    modules = folder.write_rest(rest, arch.blocks, head=(embedding_names(job.skeleton), job.head_dtype))
+    with phase("write"):
+        modules = folder.write_rest(rest, arch.blocks, head=(embedding_names(job.skeleton), job.head_dtype))
     job.tokenizer.save_pretrained(job.out)
     if (job.folder / "generation_config.json").exists():
         shutil.copy(job.folder / "generation_config.json", job.out / "generation_config.json")

@@ -415,6 +415,8 @@ class FixedGGMLGrid:
     """GPTQ's column quantizer on a grid fitted beforehand (``GGMLWeight``'s scales and minima):
     each processed column is rounded on its sub-block's stored step and offset."""
 
+    reads_ahead = False   # the grid is fixed: the solver's block need not be up to date
+
     def __init__(self, fitted: GGMLWeight, order: torch.Tensor | None = None) -> None:
         t = fitted.type
         self.type = t

@@ -19,6 +19,7 @@ from pydantic import Field
 from ...errors import LlmpressError
 from ...formats.uniform import QuantizedWeight, group_count
 from ...layers import GGMLLinear, QuantLinear
+from ..phases import add_flops
 from ..stage import GridQuantStage, register
 from ..stats import all_finite
 from .ggml_grid import FixedGGMLGrid, importance_quantize, reference_quantize
@@ -63,6 +64,10 @@ def residual_projection(cross: torch.Tensor, upper: torch.Tensor) -> torch.Tenso
     return torch.triu(cross @ upper.T, diagonal=1) @ upper
 
 
+SUB_BLOCK = 16         # columns per inner lazy batch of solve_columns
+IN_PLACE_FROM = 4096   # columns; below, the out-of-place chain holds at most ~400 MB
+
+
 def damped_inverse_cholesky(
     hessian: torch.Tensor, damp: float, *, max_damp: float = 1.0
 ) -> tuple[torch.Tensor, float]:
@@ -73,14 +78,18 @@ def damped_inverse_cholesky(
     reference's Cholesky, ``cholesky_inverse`` and a second Cholesky (the same factor, about 2.5x
     faster at 1536 columns and up to 9x at 576 on this CPU). ``hessian`` is left unchanged.
 
-    On CPU every step runs in place in one ``n x n`` buffer (LAPACK ``potrf`` and ``trtri``): on
-    an 8B model's ``down_proj`` (n = 14336, 822 MB per matrix) the out-of-place chain of identity,
-    damped copy, flip, factor, inverse and flip back would hold six such matrices at once.
+    Past ``IN_PLACE_FROM`` columns on CPU every step runs in place in one ``n x n`` buffer (scipy's
+    LAPACK ``potrf`` and ``trtri``): on an 8B model's ``down_proj`` (n = 14336, 822 MB per matrix)
+    the out-of-place chain of identity, damped copy, flip, factor, inverse and flip back would hold
+    six such matrices at once. Below it torch's own solvers run: scipy's OpenBLAS threads keep
+    spinning after each call and slow the column loop that follows (measured on 2 cores, GPTQ of a
+    576x576 layer 136 ms after scipy's factor, 51 ms after torch's).
     """
     if not all_finite(hessian):
         raise HessianError("the Hessian has NaN or Inf entries: the calibration activations overflowed")
     mean_diag = float(torch.diagonal(hessian).mean())
-    factor = _inverse_factor_inplace if hessian.device.type == "cpu" else _inverse_factor
+    in_place = hessian.device.type == "cpu" and hessian.shape[0] > IN_PLACE_FROM
+    factor = _inverse_factor_inplace if in_place else _inverse_factor
     work = None
     current = damp
     while current <= max_damp + 1e-9:
@@ -97,7 +106,7 @@ def damped_inverse_cholesky(
 
 
 def _inverse_factor(hessian: torch.Tensor, shift: float, work: torch.Tensor | None):
-    """``J L⁻¹ J`` for ``J (H + shift·I) J = L Lᵀ`` with torch's out-of-place solvers (GPU);
+    """``J L⁻¹ J`` for ``J (H + shift·I) J = L Lᵀ`` with torch's out-of-place solvers;
     ``None`` when the Cholesky fails."""
     damped = hessian.flip(0, 1)
     damped.diagonal().add_(shift)
@@ -258,6 +267,8 @@ def solve_columns(
 
     U, used_damp = damped_inverse_cholesky(H, damp)
     del H
+    # potrf + trtri (n³/3 each), then the lazy-batch updates of the later columns (rows·n²).
+    add_flops(2.0 * cols**3 / 3 + float(rows) * cols**2 + (8.0 * cols**3 if residual is not None else 0.0))
     if residual is not None:
         # P: GPTAQ's correction of the later columns for the residual of each input; R: the same
         # for ResComp's C (X̃Xᵀ in the paper's form, ΔXXᵀ in ours).
@@ -287,13 +298,24 @@ def solve_columns(
             _residual_block(Wt, W1, err_block, U, P, R, W0t, i1, i2, codes_t, grid, allw)
             loss += float(err_block.double().pow(2).sum()) / 2
             continue
-        for i in range(i2 - i1):
-            j = i1 + i
-            w = W1[i]
-            codes_t[j], value = grid.round(j, w, Wt, (i1, W1))
-            err = (w - value) / diag[i]
-            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
-            err_block[i] = err
+        # Within the lazy block, a second level of lazy batches: a column's error reaches the
+        # next columns of its sub-block at once and the rest of the block in one GEMM per
+        # sub-block (the per-column rank-1 update of the whole block was most of the loop's time
+        # on CPU). A grid that fits on the block's later rows (BCQ, DSQ) needs them updated: it
+        # keeps one sub-block per block.
+        step = (i2 - i1) if getattr(grid, "reads_ahead", True) else SUB_BLOCK
+        for s1 in range(0, i2 - i1, step):
+            s2 = min(s1 + step, i2 - i1)
+            for i in range(s1, s2):
+                j = i1 + i
+                w = W1[i]
+                codes_t[j], value = grid.round(j, w, Wt, (i1, W1))
+                err = err_block[i]
+                torch.sub(w, value, out=err).div_(diag[i])
+                if i + 1 < s2:
+                    W1[i + 1:s2].addr_(U1[i, i + 1:s2], err, alpha=-1.0)
+            if s2 < i2 - i1:
+                W1[s2:].addmm_(U1[s1:s2, s2:].T, err_block[s1:s2], alpha=-1.0)
         loss += float(err_block.double().pow(2).sum()) / 2
         Wt[i2:].addmm_(U[i1:i2, i2:].T, err_block, alpha=-1.0)
     codes = codes_t.T
@@ -318,6 +340,7 @@ class _ColumnGrid:
     zeros: torch.Tensor
     position_group: torch.Tensor
     current: object = None   # the parameters in force; carried across lazy blocks
+    reads_ahead = False      # fits on the outer weights only, never on the block's later rows
 
     def at(self, j: int, Wt: torch.Tensor):
         """The parameters for processed column ``j`` (columns are visited in order)."""
