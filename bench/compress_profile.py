@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--set", action="append", default=[], dest="settings")
+    parser.add_argument("--activations", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-update", action="store_true")
     args = parser.parse_args()
 
@@ -66,7 +67,8 @@ def main() -> None:
     try:
         with PhaseClock() as clock:
             result = llmpress.compress(args.model, args.recipe, out=f"{out}/model", nsamples=args.nsamples,
-                                       seqlen=args.seqlen, settings=args.settings, overwrite=True, progress=False)
+                                       seqlen=args.seqlen, settings=args.settings, overwrite=True, progress=False,
+                                       activations=args.activations)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     wall = time.perf_counter() - start
@@ -75,7 +77,8 @@ def main() -> None:
     ranks, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     where = f"rank {rank} of {ranks} (torchrun), " if ranks > 1 else ""
     lines = [
-        f"`{args.recipe}` on `{args.model}`, calibration {args.nsamples}x{args.seqlen}, "
+        f"`{args.recipe}` on `{args.model}`, calibration {args.nsamples}x{args.seqlen} "
+        f"({args.activations} activations), "
         f"{where}{torch.get_num_threads()} threads; this machine's fp32 matmul rate over the decoder's shapes "
         f"{rate:.0f} GFLOP/s. Wall {wall:.1f} s, peak RSS {rss_mb():.0f} MB.",
         "",

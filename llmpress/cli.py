@@ -62,6 +62,7 @@ def compress(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint (off by default)."),
     max_memory: str | None = typer.Option(None, help="RAM for calibration activations, e.g. 8GB (default: half the available RAM); beyond it they are memory-mapped files."),
     dtype: str = typer.Option("auto", help="auto | float16 | bfloat16 | float32: storage of the tensors the recipe leaves dense (embeddings, norms, head, ignored linears); auto: the source's own precision."),
+    activations: str = typer.Option("float32", help="float32 | bfloat16: storage of the calibration activations; bfloat16 halves their memory (computation stays fp32)."),
 ) -> None:
     """Compress MODEL with a recipe, block by block, into an output folder."""
     from . import api
@@ -75,7 +76,7 @@ def compress(
     result = api.compress(
         model, recipe, out=out_dir, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
         batch_size=batch_size, resume=resume, overwrite=overwrite, settings=set_, progress=progress,
-        trust_remote_code=trust_remote_code, max_memory=max_memory, drop=drop, dtype=dtype,
+        trust_remote_code=trust_remote_code, max_memory=max_memory, drop=drop, dtype=dtype, activations=activations,
     )
     from .compress import distributed
 

@@ -216,3 +216,41 @@ def test_cached_attention_output_changes_nothing(arch, tiny_model_factory, tmp_p
     cached, plain = _with_and_without(tiny_model_factory(arch), tmp_path, monkeypatch, attention_output=None)
     for k in cached:
         assert torch.equal(cached[k], plain[k]), k
+
+
+def test_bf16_activations_halve_the_streams_and_move_the_result_little(tiny_model_factory, tmp_path, monkeypatch):
+    """bf16 storage of the streams (two for GPTAQ) and of the attention cache: half the bytes, the
+    attention cache still verified on every stage (never replaced by the real attention), codes
+    close to the fp32 run's; and a run cannot resume the other's folder."""
+    folder = tiny_model_factory("llama")
+    mismatches = []
+    real_forward = pipeline._CachedAttention.forward
+
+    def counting(self, *args, **kwargs):
+        try:
+            return real_forward(self, *args, **kwargs)
+        except pipeline._AttentionCacheMismatch:
+            mismatches.append(self)
+            raise
+
+    monkeypatch.setattr(pipeline._CachedAttention, "forward", counting)
+    runs = {}
+    for kind in ("float32", "bfloat16"):
+        runs[kind] = llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / kind, nsamples=8, seqlen=32,
+                                       progress=False, activations=kind)
+    assert not mismatches
+    assert "2 fp32 activation stream(s)" in runs["float32"].summary["memory plan"]
+    assert "2 bf16 activation stream(s)" in runs["bfloat16"].summary["memory plan"]
+    plans = [pipeline.plan_memory(128, 512, 576, 1, 0, 1 << 40, size) for size in (4, 2)]
+    assert plans[0].stream_bytes == 2 * plans[1].stream_bytes == 128 * 512 * 576 * 4
+    fp32, bf16 = _shards(tmp_path / "float32"), _shards(tmp_path / "bfloat16")
+    assert fp32.keys() == bf16.keys() and any(not torch.equal(fp32[k], bf16[k]) for k in fp32)
+    # 3-bit GPTQ on a random model flips many codes for any change of H: compare the solves' own
+    # output errors instead, which bf16 inputs must not make worse
+    errors = {kind: sum(r.metrics["output_error"] for r in run.records) for kind, run in runs.items()}
+    assert 0.8 < errors["bfloat16"] / errors["float32"] < 1.2, errors
+    with pytest.raises(llmpress.errors.OutputError, match="another model, recipe"):
+        llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / "float32", nsamples=8, seqlen=32, progress=False,
+                          activations="bfloat16", resume=True)
+    with pytest.raises(llmpress.errors.RecipeError, match="activations must be one of"):
+        llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / "x", activations="int8", progress=False)

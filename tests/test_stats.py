@@ -124,9 +124,9 @@ def test_reset_keeps_the_hooks_removable():
 
 
 def test_slab_copies_are_equal_aligned_and_independent():
-    from llmpress.compress.stats import _Slabs
+    from llmpress.compress.stats import Slabs
 
-    slabs = _Slabs()
+    slabs = Slabs()
     sources = [torch.randn(3, 5), torch.randn(7), torch.randn(2, 2, 3).double()]
     copies = [slabs.copy(t) for t in sources]
     for src, copy in zip(sources, copies):

@@ -96,7 +96,8 @@ def block_output_mean(block: nn.Module, norm: nn.Module, run: Callable[[], None]
 @torch.no_grad()
 def batches_mean(hidden: torch.Tensor, batch_size: int, norm: nn.Module, skip_first: int) -> torch.Tensor:
     """The mean (all ranks) of ``norm(hidden)`` over ``[n, seq, width]`` hidden states, in batches."""
-    return _mean([_token_sum(norm(hidden[s:s + batch_size]), skip_first) for s in range(0, hidden.shape[0], batch_size)])
+    return _mean([_token_sum(norm(hidden[s:s + batch_size].to(torch.float32)), skip_first)
+                  for s in range(0, hidden.shape[0], batch_size)])
 
 
 def mean_shift(teacher: torch.Tensor, student: torch.Tensor, clip: float, scale: float) -> torch.Tensor:

@@ -5,9 +5,9 @@ per block and per true-sequential group of linears: run the block with hooks tha
 statistics the group's compressors need (stopping once every linear has seen its input), solve,
 and swap the compressed modules in as dense proxies. The residual linear's stage yields the block's
 outputs as ``h + X Ŵᵀ + b`` (one matmul, no extra pass); once the attention is compressed its
-output is cached (checked bit for bit on each stage's first batch). Block stages act through
-hooks (``compress/hooks.py``). Hidden states live in one fp32 ``[n, seqlen, hidden]`` tensor,
-updated in place.
+output is cached (checked on each stage's first batch). Block stages act through hooks
+(``compress/hooks.py``). Hidden states live in one ``[n, seqlen, hidden]`` tensor, updated in
+place, stored in fp32 or, with ``activation_dtype=bfloat16``, in bf16 (computation stays fp32).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .hooks import BlockContext, BlockHooks, Solved
 from .phases import phase
 from .recipe import Recipe
 from .stage import StageBase, method_of
-from .stats import InputRecorder, InputStats, SpillArena, StopForward, all_finite, disk_tensor
+from .stats import InputRecorder, InputStats, Slabs, SpillArena, StopForward, all_finite, disk_tensor
 
 
 @dataclass
@@ -72,7 +72,7 @@ def limit_heap_fragmentation(threshold: int = 16 << 20) -> None:
     bench/compress_profile.py``): at 1 MB, where the per-batch activations (9-25 MB) were all
     mmapped, 285 s and 1090 MB peak RSS (a forward of the whole model took 9.6 s instead of 7.5 s
     per 4096 tokens); at 16 MB 218 s and 1325 MB; at 32 MB 211 s and 1350 MB. Long-lived copies
-    are packed into large buffers (``stats._Slabs``) so that they do not fragment the heap between
+    are packed into large buffers (``stats.Slabs``) so that they do not fragment the heap between
     the temporaries. ``compress`` calls it first thing. A no-op where the C library is not glibc.
     """
     libc = _glibc()
@@ -116,7 +116,7 @@ class _Catcher(nn.Module):
 class MemoryPlan:
     """Where the calibration activations live, decided before the run from a memory budget.
 
-    The hidden-state streams ``[n, seqlen, hidden]`` fp32 (one, or two for GPTAQ-style stages) are
+    The hidden-state streams ``[n, seqlen, hidden]`` (one, or two for GPTAQ-style stages) are
     the only buffers that grow with the calibration set; a stream that does not fit in the budget
     left after the resident parts is a memory-mapped file (``disk_tensor``) instead."""
 
@@ -125,6 +125,7 @@ class MemoryPlan:
     streams: int
     resident: int             # the largest block's weights, three copies (original, proxy, packed)
     on_disk: list[bool]       # per stream
+    element_size: int = 4     # bytes per stored activation (fp32 or bf16)
 
     @property
     def predicted_peak(self) -> int:
@@ -135,20 +136,22 @@ class MemoryPlan:
     def describe(self) -> str:
         mb = 1 << 20
         where = ", ".join("disk" if d else "RAM" for d in self.on_disk)
-        return (f"memory plan: {self.streams} activation stream(s) of {self.stream_bytes / mb:.0f} MB ({where}), "
+        kind = "fp32" if self.element_size == 4 else "bf16"
+        return (f"memory plan: {self.streams} {kind} activation stream(s) of {self.stream_bytes / mb:.0f} MB ({where}), "
                 f"block {self.resident / mb:.0f} MB; predicted peak above the process's base "
                 f"{self.predicted_peak / mb:.0f} MB of {self.budget / mb:.0f} MB budget")
 
 
-def plan_memory(n: int, seqlen: int, hidden_size: int, streams: int, block_bytes: int, budget: int) -> MemoryPlan:
-    stream = n * seqlen * hidden_size * 4
+def plan_memory(n: int, seqlen: int, hidden_size: int, streams: int, block_bytes: int, budget: int,
+                element_size: int = 4) -> MemoryPlan:
+    stream = n * seqlen * hidden_size * element_size
     resident = 3 * block_bytes + stream   # the block, and the attention cache's stream
     on_disk, left = [], budget - resident
     for _ in range(streams):
         fits = stream <= left
         on_disk.append(not fits)
         left -= stream if fits else 0
-    return MemoryPlan(budget, stream, streams, 3 * block_bytes, on_disk)
+    return MemoryPlan(budget, stream, streams, 3 * block_bytes, on_disk, element_size)
 
 
 def available_memory() -> int:
@@ -166,9 +169,10 @@ def available_memory() -> int:
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int, on_disk: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, list[list[tuple[tuple, dict[str, Any]]]]]:
-    """Block 0's inputs ``[n, seqlen, hidden]`` (on disk with ``on_disk``) and every block's other
-    arguments, per batch."""
+    """Block 0's inputs ``[n, seqlen, hidden]`` stored as ``dtype`` (on disk with ``on_disk``) and
+    every block's other arguments, per batch."""
     blocks = blocks_of(model, arch)
     originals = list(blocks)
     sink: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in originals]
@@ -185,7 +189,7 @@ def capture_block_inputs(
             batch = hidden.pop()
             if out is None:   # the width is known once the first batch has run
                 shape = (windows.shape[0], *batch.shape[1:])
-                out = disk_tensor(shape) if on_disk else torch.empty(shape, dtype=torch.float32)
+                out = disk_tensor(shape, dtype) if on_disk else torch.empty(shape, dtype=dtype)
             out[s:e] = batch
     finally:
         for i, block in enumerate(originals):
@@ -203,7 +207,7 @@ def run_block(
             stats.begin_batch()
         args, kw = kwargs[b]
         try:
-            out = block(hidden[s:e], *args, **kw)
+            out = block(hidden[s:e].to(torch.float32), *args, **kw)
         except StopForward:
             continue
         if write_outputs:
@@ -243,7 +247,7 @@ def record_fp_inputs(
             if recorder is not None:
                 recorder.begin_batch()
             args, kw = kwargs[b]
-            out = block(fp_hidden[s:e], *args, **kw)
+            out = block(fp_hidden[s:e].to(torch.float32), *args, **kw)
             if write_outputs:
                 fp_hidden[s:e] = (out[0] if isinstance(out, tuple) else out).to(fp_hidden.dtype)
     return recorder
@@ -293,11 +297,15 @@ def compress_blocks(
     progress: bool = True,
     max_memory: int | None = None,
     report: Callable[[str], None] | None = None,
+    activation_dtype: torch.dtype = torch.float32,
 ) -> list[ModuleRecord]:
     """Run every layer-compressor stage of ``recipe`` over the decoder blocks, in order.
 
     ``max_memory`` (bytes; default half the available RAM) decides whether the activation streams
-    stay in RAM or go to memory-mapped files; ``report`` receives the plan's one-line summary."""
+    stay in RAM or go to memory-mapped files; ``report`` receives the plan's one-line summary.
+    ``activation_dtype`` stores the hidden-state streams and the attention cache (bf16 halves
+    them); the inputs kept for a solve stay fp32, and every block, statistic and solve computes in
+    fp32."""
     limit_heap_fragmentation()
     blocks = blocks_of(model, arch)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -321,11 +329,13 @@ def compress_blocks(
         width = _hidden_size(model)
         block_bytes = sum(p.numel() * 4 for p in blocks[0].parameters())
         memory = plan_memory(windows.shape[0], windows.shape[1], width, 2 if last_fp_block >= 0 else 1, block_bytes,
-                             max_memory if max_memory is not None else available_memory() // 2)
+                             max_memory if max_memory is not None else available_memory() // 2,
+                             torch.empty((), dtype=activation_dtype).element_size())
         if report is not None:
             report(memory.describe())
         with phase("capture"):
-            hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, on_disk=memory.on_disk[0])
+            hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, on_disk=memory.on_disk[0],
+                                                  dtype=activation_dtype)
     io.after_capture()
     release_free_heap()   # the capture's and the tokenizer's leftovers
     records: list[ModuleRecord] = []
@@ -336,7 +346,7 @@ def compress_blocks(
         last_data_block = len(blocks)
     fp_hidden = None
     if last_fp_block >= 0:
-        fp_hidden = disk_tensor(tuple(hidden.shape)) if memory.on_disk[1] else torch.empty_like(hidden)
+        fp_hidden = disk_tensor(tuple(hidden.shape), hidden.dtype) if memory.on_disk[1] else torch.empty_like(hidden)
         fp_hidden.copy_(hidden)
 
     with Progress(len(blocks), progress) as bar, contextlib.closing(SpillArena()) as arena:
@@ -472,12 +482,13 @@ class _AttentionCacheMismatch(Exception):
 class _CachedAttention(nn.Module):
     """Stands in for a block's attention once all its linears are compressed: returns, batch by
     batch, the output computed once from the kept inputs of its output linear. The first call of
-    every stage runs the real attention and checks that it returns exactly that output."""
+    every stage runs the real attention and checks that it returns exactly that output (as stored:
+    bf16 activations keep it rounded to bf16, the one place where they change a block's output)."""
 
     def __init__(self, real: nn.Module, outputs: list[torch.Tensor]):
         super().__init__()
         self.real, self.outputs = real, outputs
-        self.calls, self.arity, self.verified = 0, None, False
+        self.calls, self.arity, self.verified, self.dtype = 0, None, False, None
 
     def restart(self) -> None:
         self.calls = 0
@@ -488,12 +499,13 @@ class _CachedAttention(nn.Module):
         if not self.verified:
             out = self.real(*args, **kwargs)
             first = out[0] if isinstance(out, tuple) else out
-            if first.shape != self.outputs[batch].shape or not torch.equal(first, self.outputs[batch]):
+            cached = self.outputs[batch]
+            if first.shape != cached.shape or not torch.equal(first.to(cached.dtype), cached):
                 raise _AttentionCacheMismatch
             self.arity = len(out) if isinstance(out, tuple) else None
-            self.verified = True
+            self.verified, self.dtype = True, first.dtype
             return out
-        cached = self.outputs[batch]
+        cached = self.outputs[batch].to(self.dtype)
         return cached if self.arity is None else (cached,) + (None,) * (self.arity - 1)
 
 
@@ -510,17 +522,17 @@ class _SkippedNorm(nn.Module):
 
 
 @torch.no_grad()
-def _attention_outputs(inputs, proxy: nn.Linear) -> list[torch.Tensor]:
-    """The attention's output per batch from its output linear's kept inputs: written over each
-    input where the shapes agree (no second stream's worth of memory), else each input is freed as
-    its output is made."""
-    outputs = []
+def _attention_outputs(inputs, proxy: nn.Linear, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The attention's output per batch from its output linear's kept inputs, stored as ``dtype``:
+    written over each input where shape and dtype agree (no second stream's worth of memory), else
+    each input is freed as its output is made."""
+    outputs, slabs = [], Slabs()
     for x in inputs.drain():
         y = proxy(x.to(torch.float32))
-        if y.shape == x.shape and x.dtype == y.dtype:
+        if y.shape == x.shape and x.dtype == dtype:
             outputs.append(x.copy_(y))
         else:
-            outputs.append(y)
+            outputs.append(slabs.copy(y.to(dtype)))
         del x, y
     return outputs
 
@@ -666,7 +678,7 @@ def _compress_block(
             block.set_submodule(name, proxy)   # before the stub: the path runs through the attention
             if cache_attention:
                 with phase("outputs"):
-                    outputs = _attention_outputs(kept[name], proxy)
+                    outputs = _attention_outputs(kept[name], proxy, hidden.dtype)
                 attention = _CachedAttention(real_attention, outputs)
                 block.set_submodule(arch.attention, attention)
                 if real_norm is not None:

@@ -40,6 +40,8 @@ from .recipe import Recipe, customize_recipe, load_recipe
 from .report import run_summary, write_report
 from .rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
 
+ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 @dataclass
 class CompressResult:
@@ -51,10 +53,13 @@ class CompressResult:
     model: nn.Module | None = None   # the in-memory compressed model, with keep_model=True
 
 
-def _fingerprint(model_spec: str, config, recipe: Recipe, calib_hash: str | None, dense_dtype: torch.dtype) -> str:
+def _fingerprint(model_spec: str, config, recipe: Recipe, calib_hash: str | None, dense_dtype: torch.dtype,
+                 activation_dtype: torch.dtype) -> str:
     payload = json.dumps({
         "model": model_spec, "config": config.to_dict(), "recipe": recipe.model_dump(mode="json"),
         "calibration": calib_hash, "version": __version__, "dense dtype": str(dense_dtype),
+        # fp32 activations keep the fingerprints of runs from before the option existed
+        **({"activation dtype": str(activation_dtype)} if activation_dtype != torch.float32 else {}),
     }, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -78,12 +83,16 @@ class _Job:
     streaming: bool
     dense_dtype: torch.dtype   # storage of the tensors the recipe leaves dense
     head_dtype: torch.dtype    # storage of the input embedding and the output head
+    activation_dtype: torch.dtype   # storage of the calibration streams (computation stays fp32)
     rotation: ResidualRotation | None = None   # HARP's starts as the RHT it is fitted from
 
 
 def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop=None,
-             dtype: str = "auto") -> _Job:
+             dtype: str = "auto", activations: str = "float32") -> _Job:
     recipe = load_recipe(recipe, settings, drop) if isinstance(recipe, str) else customize_recipe(recipe, settings, drop)
+    if activations not in ACTIVATION_DTYPES:
+        raise RecipeError(f"activations must be one of {', '.join(ACTIVATION_DTYPES)}, not {activations!r}")
+    activation_dtype = ACTIVATION_DTYPES[activations]
     needs_data = any(s.needs for s in recipe.layer_stages) or any(
         s.needs for s in (recipe.rotation, recipe.correction) if s is not None)
     if calib is not None:   # a typo fails before the model is read, whether or not the recipe reads it
@@ -131,10 +140,12 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     return _Job(
         model_spec=str(model), recipe=recipe, out=Path(out).expanduser(), folder=folder, config=config,
         skeleton=skeleton, tokenizer=tokenizer, windows=windows, calib=calib_info,
-        fingerprint=_fingerprint(str(model), config, recipe, calib_info and calib_info["hash"], dense_dtype),
+        fingerprint=_fingerprint(str(model), config, recipe, calib_info and calib_info["hash"], dense_dtype,
+                                 activation_dtype),
         store=store, rest_names=[n for n in names if not n.startswith(arch.blocks + ".")],
         streaming=store.has_all(names), dense_dtype=dense_dtype, rotation=rotation,
         head_dtype=dense_dtype if recipe.head == "auto" else STORAGE_DTYPES[recipe.head],
+        activation_dtype=activation_dtype,
     )
 
 
@@ -157,6 +168,7 @@ def compress(
     drop: list[str] | None = None,
     max_memory: int | str | None = None,
     dtype: str = "auto",
+    activations: str = "float32",
 ) -> CompressResult:
     """Compress ``model`` (a folder, ``.gguf`` file, hub id or built-in name) with ``recipe`` (a
     preset name, YAML file or ``Recipe``) into the folder ``out``; see ``llmpress compress --help``.
@@ -169,13 +181,15 @@ def compress(
     calibration activations held in RAM: streams beyond it are memory-mapped files.
     ``dtype`` (``auto``, ``float16``, ``bfloat16``, ``float32``) is the storage of every tensor the
     recipe leaves dense; ``auto`` is the source's own precision (see ``io.models.storage_dtype``).
-    Computation stays fp32.
+    ``activations`` (``float32``, ``bfloat16``) stores the calibration activation streams: bf16
+    halves their memory (docs/pipeline.md says what it moves). Computation stays fp32.
     """
     start = time.perf_counter()
     limit_heap_fragmentation()   # before loading and tokenizing: they would fragment the heap first
     distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
     memory_budget = parse_size(max_memory)
-    job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop, dtype)
+    job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop, dtype,
+                   activations)
     # Everything the user gave has been checked: only now is the output folder touched (by rank 0).
     main = distributed.is_main()
     fresh = not job.out.exists()
@@ -231,7 +245,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     windows = distributed.local_slice(job.windows) if job.windows is not None else None
     records = compress_blocks(source.model, rotation.compress_arch() if rotation is not None else arch, recipe,
                               windows, source, batch_size=batch_size, progress=progress, max_memory=max_memory,
-                              report=report)
+                              report=report, activation_dtype=job.activation_dtype)
     records = sorted(resumed + records, key=lambda r: (r.block, r.name))
     kept_model = source.model.eval() if keep_model else None
     rest = source.rest_tensors() if main else None

@@ -112,7 +112,7 @@ class SpillArena:
 SLAB_BYTES = 64 << 20
 
 
-class _Slabs:
+class Slabs:
     """Copies of tensors packed into 64 MB buffers: a buffer that size is above the executor's mmap
     threshold (``pipeline.limit_heap_fragmentation``), so glibc maps it apart and gives it back
     whole when its last view is dropped. A long-lived copy of each batch taken from the heap
@@ -140,14 +140,14 @@ class SpilledTensors:
     Used for the raw inputs a stage must keep until its linear is solved (down_proj's inputs are
     400 MB in fp32 for SmolLM2 at 128x512): RAM stays flat, the page cache and disk take the rest.
     The file comes from the run's :class:`SpillArena` when there is one, else it is its own. In RAM
-    the copies live in :class:`_Slabs`.
+    the copies live in :class:`Slabs`.
     """
 
     def __init__(self, budget_bytes: int = 32 << 20, arena: SpillArena | None = None):
         self.budget = budget_bytes
         self.arena = arena
         self.in_memory: list[torch.Tensor | None] = []   # None: drained
-        self._slabs = _Slabs()
+        self._slabs = Slabs()
         self.meta: list[tuple[int, torch.Size, torch.dtype]] = []
         self.file = None
         self._own_file = False
@@ -209,7 +209,7 @@ class SpilledTensors:
             self.file = None
         self.in_memory.clear()
         self.meta.clear()
-        self._slabs = _Slabs()
+        self._slabs = Slabs()
 
 
 class _InputHooks:

@@ -298,7 +298,13 @@ class LazyWeights:
                         t = f.get_tensor(k)
                     except Exception as e:  # noqa: BLE001
                         raise ModelLoadError(f"corrupt tensor {k} in {self.folder / file}: {e}") from None
+                    stored = t
                     t = t.to(self.dtype) if t.is_floating_point() and not native else t
+                    if t is stored:
+                        # A view of the file's mapping: the pages it touched would stay in the
+                        # resident set for as long as any tensor of the file lives (the final
+                        # norm), 108 MB of SmolLM2's fp32 embeddings.
+                        t = t.clone()
                     out[k] = t.T if k in self.transposed else t
         return out
 
