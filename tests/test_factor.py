@@ -245,3 +245,31 @@ def test_a_second_budget_reuses_the_cached_profile(tiny_model_factory, tmp_path,
     assert first.summary["allocation"]["removed (stored bits)"] >= 0.2
     with pytest.raises(AssertionError, match="profiled again"):   # other calibration: a new profile
         llmpress.compress(folder, "rocket-50", out=tmp_path / "c", nsamples=8, seqlen=64, seed=1, progress=False)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_the_profiling_pass_streams_blocks_and_scores_what_the_whole_model_would(tiny_model_factory, rotated):
+    """An allocator's profile reads one block at a time (rotated as the run will compress it) and
+    sees the same weights and Hessians as a pass over the whole model, rotated in memory."""
+    from llmpress.compress.pipeline import profile_blocks
+    from llmpress.compress.recipe import parse_recipe
+    from llmpress.compress.run import _load_linear, _prepare, _rotate_in_memory, _StreamedWeights
+
+    folder = tiny_model_factory("llama")
+    stages = [{"method": "rht", "seed": 0}] if rotated else []
+    recipe = parse_recipe({"stages": [*stages, {"method": "gptq", "bits": 4, "group_size": 32}]})
+    job = _prepare(folder, recipe, "unused", None, 4, 32, 0, [], False)
+
+    def score(name, weight, hessian):
+        return weight.clone(), hessian.clone()
+
+    streamed = _StreamedWeights(job, job.rotation)
+    arch = job.rotation.compress_arch() if rotated else streamed.arch
+    got = profile_blocks(streamed.model, arch, job.windows, lambda n: True, score, progress=False, weights=streamed)
+    assert all(p.device.type == "meta" for p in streamed.model.model.layers.parameters())
+    whole = _load_linear(folder, False)
+    _rotate_in_memory(whole, job.rotation, streamed.arch, job.rest_names)
+    want = profile_blocks(whole, arch, job.windows, lambda n: True, score, progress=False)
+    assert list(got) == list(want) and len(got) == 7 * len(whole.model.layers)
+    for name in want:
+        assert torch.equal(got[name][0], want[name][0]) and torch.equal(got[name][1], want[name][1])

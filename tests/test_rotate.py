@@ -194,6 +194,49 @@ def test_tampered_online_hadamard_manifest_is_refused(perturbed, tmp_path):
         llmpress.load(tmp_path / "rot")
 
 
+def test_row_chunked_rotation_equals_the_whole_product_in_place_and_across_dtypes(monkeypatch):
+    from llmpress.compress.rotate import fuse
+
+    monkeypatch.setattr(fuse, "_CHUNK_BYTES", 5 * 8 * 64)   # 5 rows per chunk: a ragged last chunk
+    g = torch.Generator().manual_seed(0)
+    w, scale, q = torch.randn(23, 64, generator=g), torch.rand(64, generator=g) + 0.5, randomized_hadamard(64, 3)
+    whole = ((w.double() * scale.double()) @ q).float()
+    assert torch.equal(fuse.rotate_input(w, q, scale), whole)
+    assert torch.equal(fuse.rotate_input(w.half(), q, scale, dtype=torch.float32), ((w.half().double() * scale.double()) @ q).float())
+    inplace = w.clone()
+    assert fuse.rotate_input(inplace, q, scale, out=inplace) is inplace and torch.equal(inplace, whole)
+    with pytest.raises(fuse.RotationError, match="float16's range"):
+        fuse.rotate_input(torch.full((2, 64), 60000.0, dtype=torch.float16), q)
+
+
+def test_rotate_rest_leaves_a_shared_or_widened_input_as_it_was(tiny_model_factory):
+    """A tied head reads the embeddings before they are rotated in place; a tensor rotated into
+    another dtype, or held under two names, is not written over."""
+    from llmpress.compress.arch import arch_for
+    from llmpress.compress.rotate.fuse import randomized_hadamard_rotation
+    from llmpress.io.models import load_dense
+
+    model = load_dense(tiny_model_factory("llama"))
+    rotation = randomized_hadamard_rotation(arch_for(model), model.config, seed=0)
+    e = model.model.embed_tokens.weight.detach().clone()
+    gamma = torch.rand(e.shape[1]) + 0.5
+    q = rotation.q
+    tensors = {"model.embed_tokens.weight": e.clone(), "model.norm.weight": gamma}
+    out = rotation.rotate_rest(tensors)
+    assert out["model.embed_tokens.weight"] is tensors["model.embed_tokens.weight"]   # in place
+    assert torch.equal(out["model.embed_tokens.weight"], (e.double() @ q).float())
+    assert torch.equal(out["lm_head.weight"], ((e.double() * gamma.double()) @ q).float())   # the unrotated E
+    assert torch.equal(out["model.norm.weight"], torch.ones_like(gamma))
+    kept = {"model.embed_tokens.weight": e.clone(), "model.norm.weight": gamma}
+    wide = rotation.rotate_rest(kept, head=False, dtypes={"model.embed_tokens.weight": torch.float64})
+    assert torch.equal(kept["model.embed_tokens.weight"], e) and "lm_head.weight" not in wide
+    assert wide["model.embed_tokens.weight"].dtype == torch.float64
+    both = {"model.embed_tokens.weight": e.clone(), "model.norm.weight": gamma}
+    both["lm_head.weight"] = both["model.embed_tokens.weight"]
+    rotation.rotate_rest(both)
+    assert torch.equal(both["lm_head.weight"], e)
+
+
 # -- HARP ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [64, 160, 576])
@@ -222,6 +265,36 @@ def test_harp_fit_lowers_the_proxy_of_a_single_matrix():
     assert result.final < 0.97 * result.initial          # it learns something...
     assert result.history[0][1] == result.initial         # ...starting from the RHT
     assert (result.q @ result.q.T - torch.eye(64, dtype=torch.float64)).abs().max() < 1e-6
+
+
+def test_harp_statistics_stream_block_by_block_and_equal_the_residual_stream(perturbed):
+    """The Hessians of every block's first norm, gathered one streamed block at a time, equal the
+    Gram matrix of that block's normalised input taken from a whole-model forward, and the
+    streamed pass builds the same terms as one over the model held whole."""
+    from llmpress.compress.recipe import parse_recipe as parse
+    from llmpress.compress.rotate.harp import collect_proxy_terms
+    from llmpress.compress.run import _prepare, _StreamedWeights
+
+    folder = perturbed("llama")
+    recipe = parse({"stages": [{"method": "harp", "steps": 1, "bits": 3, "group_size": 32}]})
+    job = _prepare(folder, recipe, "unused", None, 4, 32, 0, [], False)
+    rotation = job.rotation
+    streamed = _StreamedWeights(job, None)
+    terms = collect_proxy_terms(streamed.model, rotation.arch, job.windows, rotation, weights=streamed, batch_size=3)
+    assert all(p.device.type == "meta" for p in streamed.model.model.layers.parameters())   # released
+    whole, _ = llmpress.load(folder)
+    reference = collect_proxy_terms(whole, rotation.arch, job.windows, rotation, batch_size=3)
+    assert [t.name for t in terms] == [t.name for t in reference]
+    for a, b in zip(terms, reference, strict=True):
+        assert torch.equal(a.rows, b.rows)
+        assert torch.equal(a.hessian, b.hessian) if a.reader else torch.equal(a.h_diag, b.h_diag)
+    with torch.no_grad():
+        states = whole(input_ids=job.windows, output_hidden_states=True).hidden_states
+    for i, layer in enumerate(whole.model.layers):
+        x = states[i].reshape(-1, states[i].shape[-1]).double()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.input_layernorm.variance_epsilon)
+        h = next(t.hessian for t in terms if t.name == f"model.layers.{i}.self_attn.q_proj")
+        assert torch.allclose(h.double(), x.T @ x, rtol=1e-4, atol=1e-3 * float((x.T @ x).abs().max()))
 
 
 def test_harp_rotation_keeps_the_function(perturbed, tmp_path, tiny_model_factory):

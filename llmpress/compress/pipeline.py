@@ -264,10 +264,9 @@ def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
     return BlockPlan(assignment, groups)
 
 
-class BlockIO(Protocol):
-    """Where the executor gets a block's weights and hands finished blocks on."""
-
-    finished: dict[int, dict[str, Any]]   # blocks an interrupted run finished: {"modules": ..., ...}
+class BlockWeights(Protocol):
+    """Where a pass over the blocks gets each block's weights (a streaming source keeps one block
+    in memory)."""
 
     def after_capture(self) -> None:
         """The capture is done: the embeddings are no longer needed."""
@@ -276,7 +275,13 @@ class BlockIO(Protocol):
         """Load the block's original weights."""
 
     def release(self, block: nn.Module) -> None:
-        """Free the block's tensors (a streaming run keeps one block in memory)."""
+        """Free the block's tensors."""
+
+
+class BlockIO(BlockWeights, Protocol):
+    """Where the executor gets a block's weights and hands finished blocks on."""
+
+    finished: dict[int, dict[str, Any]]   # blocks an interrupted run finished: {"modules": ..., ...}
 
     def load_finished(self, index: int, block: nn.Module, prefix: str) -> None:
         """Rebuild a finished block from what the interrupted run wrote."""
@@ -410,18 +415,24 @@ def compress_blocks(
 def profile_blocks(
     model: nn.Module, arch: ArchMap, windows: torch.Tensor, select: Callable[[str], bool],
     score: Callable[[str, torch.Tensor, torch.Tensor], Any], *, batch_size: int = 8, progress: bool = True,
+    weights: BlockWeights | None = None,
 ) -> dict[str, Any]:
     """``score(name, weight, hessian)`` for every selected linear of the unchanged model, block by
     block on the full-precision stream (the profiling pass of an allocator: its candidates must be
-    known for every layer before any layer is compressed)."""
+    known for every layer before any layer is compressed). ``weights`` streams the blocks' weights
+    (default: ``model`` holds them all)."""
     limit_heap_fragmentation()
     blocks = blocks_of(model, arch)
     hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
+    if weights is not None:
+        weights.after_capture()
     results: dict[str, Any] = {}
     with Progress(len(blocks), progress, title="profile") as bar:
         for i, block in enumerate(blocks):
             prefix = f"{arch.blocks}.{i}"
             names = [n for n in arch.linears if select(f"{prefix}.{n}")]
+            if weights is not None:
+                weights.materialize(block, prefix)
             bar.describe(f"block {i + 1} · statistics")
             with InputStats({n: block.get_submodule(n) for n in names}, stop_when_seen=False) as stats:
                 run_block(block, hidden, kwargs[i], batch_size, stats=stats, write_outputs=i < len(blocks) - 1)
@@ -431,6 +442,8 @@ def profile_blocks(
                 bar.describe(f"block {i + 1} · {n} · candidates")
                 weight = linear_weight(block.get_submodule(n))
                 results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessians[n])
+            if weights is not None:
+                weights.release(block)
             bar.advance()
     return results
 

@@ -277,29 +277,29 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
                           model=kept_model)
 
 
-class _BlockSource:
-    """The run's ``BlockIO``: the source weights, streamed block by block from the checkpoint and
-    rotated as they arrive (or held whole where its key names differ from the model's: old layouts
-    transformers renames on load); finished blocks go to the output folder."""
+class _StreamedWeights:
+    """A ``BlockWeights`` over the job's checkpoint: the source weights, streamed block by block
+    and rotated as they arrive (or held whole where its key names differ from the model's: old
+    layouts transformers renames on load). ``model`` is the job's skeleton with the tensors outside
+    the blocks loaded (the head only with ``keep_model``)."""
 
-    def __init__(self, job: _Job, rotation: ResidualRotation | None, folder: RunFolder, *, keep_model: bool,
-                 trust_remote_code: bool):
-        self.job, self.rotation, self.folder, self.keep_model = job, rotation, folder, keep_model
-        self.finished, self.arch, self.rest = folder.finished, arch_for(job.skeleton), None
+    def __init__(self, job: _Job, rotation: ResidualRotation | None, *, keep_model: bool = False,
+                 trust_remote_code: bool = False):
+        self.job, self.rotation, self.keep_model = job, rotation, keep_model
+        self.arch, self.rest = arch_for(job.skeleton), None
         if job.streaming:
             # The head is read only when the model is kept: calibration stops before it (saves its
             # vocabulary x hidden fp32 copy, 2 GB on an 8B model).
-            first = [n for n in job.rest_names
-                     if keep_model or rotation is not None or not n.startswith(self.arch.head + ".")]
+            first = [n for n in job.rest_names if keep_model or not n.startswith(self.arch.head + ".")]
             self.model = job.skeleton
-            self.model.load_state_dict(self._rotate_rest(job.store.read(first)), assign=True, strict=False)
+            tensors = job.store.read(first)
+            if rotation is not None:
+                tensors = rotation.rotate_rest(tensors, head=keep_model)
+            self.model.load_state_dict(tensors, assign=True, strict=False)
             tie_output_embeddings(self.model)
         else:
             self.model = _load_linear(job.folder, trust_remote_code)
             self.rest = _rotate_in_memory(self.model, rotation, self.arch, job.rest_names)
-
-    def _rotate_rest(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.rotation.rotate_rest(tensors) if self.rotation is not None else tensors
 
     def after_capture(self) -> None:
         if self.job.streaming and not self.keep_model:
@@ -319,6 +319,15 @@ class _BlockSource:
         if self.job.streaming and not self.keep_model:
             self.job.store.release(block)
 
+
+class _BlockSource(_StreamedWeights):
+    """The run's ``BlockIO``: the streamed source weights; finished blocks go to the output folder."""
+
+    def __init__(self, job: _Job, rotation: ResidualRotation | None, folder: RunFolder, *, keep_model: bool,
+                 trust_remote_code: bool):
+        super().__init__(job, rotation, keep_model=keep_model, trust_remote_code=trust_remote_code)
+        self.folder, self.finished = folder, folder.finished
+
     def load_finished(self, index: int, block: nn.Module, prefix: str) -> None:
         if self.rotation is not None:
             self.rotation.wrap(block)
@@ -330,12 +339,18 @@ class _BlockSource:
             "records": [r.__dict__ for r in records], **{key: value.tolist() for key, value in extras.items()}})
 
     def rest_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors outside the blocks, as saved (unrotated, read as they were stored)."""
+        """The tensors outside the blocks as they will be saved: read as stored, rotated where the
+        run rotates."""
         if self.rest is not None:
             return self.rest
-        if self.rotation is not None:
-            return self.rotation.rotate_rest(self.job.store.read(self.job.rest_names))
-        return self.job.store.read(self.job.rest_names, native=True)
+        tensors = self.job.store.read(self.job.rest_names, native=True)
+        if self.rotation is None:
+            return tensors
+        # Rotated as stored, or wider where the output keeps more (an fp16 source written in fp32).
+        head = embedding_names(self.job.skeleton)
+        source = {n: tensors.get(n, tensors[f"{self.arch.embeddings[0]}.weight"]) for n in head}
+        return self.rotation.rotate_rest(
+            tensors, dtypes={n: torch.promote_types(t.dtype, self.job.head_dtype) for n, t in source.items()})
 
 
 def _add_head_bias(rest: dict[str, torch.Tensor], folder: RunFolder, arch, skeleton: nn.Module,
@@ -425,9 +440,10 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> tup
     bits, group_size, sym = job.recipe.harp_grid()
     with Status(progress) as status:
         status("HARP statistics: dense forward on the calibration windows")
-        model = _load_linear(job.folder, trust_remote_code)
-        terms = collect_proxy_terms(model, arch, job.windows[: stage.fit_samples], base, progress=status)
-        del model
+        weights = _StreamedWeights(job, None, trust_remote_code=trust_remote_code)
+        terms = collect_proxy_terms(weights.model, arch, job.windows[: stage.fit_samples], base, progress=status,
+                                    weights=weights)
+        del weights
         result = fit_harp(terms, base.q.shape[0], bits=bits, group_size=group_size, sym=sym, seed=stage.seed,
                           steps=stage.steps, lr=stage.lr, refresh=stage.refresh,
                           groups_per_step=stage.groups_per_step, progress=status)
@@ -553,12 +569,10 @@ def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: b
             return tables, {n: int(b) for n, b in saved["dense_bits"].items()}, int(saved.get("value_bits", 32))
         except (ValueError, KeyError, TypeError):
             pass   # a damaged cache entry: profile again and replace it
-    model = _load_linear(job.folder, trust_remote_code)
-    arch = arch_for(model)
-    if rotation is not None:   # score the layers the pipeline will compress: rotated, names as it sees them
-        _rotate_in_memory(model, rotation, arch, job.rest_names)
-        arch = rotation.compress_arch()
-    value_bits = torch.finfo(next(model.parameters()).dtype).bits
+    # Score the layers the pipeline will compress: rotated, names as it sees them.
+    weights = _StreamedWeights(job, rotation, trust_remote_code=trust_remote_code)
+    arch = rotation.compress_arch() if rotation is not None else arch_for(weights.model)
+    value_bits = torch.finfo(job.store.dtype).bits
     dense_bits: dict[str, int] = {}
     options_of = method_of(stage).profile
 
@@ -566,9 +580,9 @@ def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: b
         dense_bits[name] = weight.numel() * value_bits
         return options_of(stage, weight, hessian, value_bits)
 
-    tables = profile_blocks(model, arch, distributed.local_slice(job.windows), stage.selects, score,
-                            progress=progress)
-    del model
+    tables = profile_blocks(weights.model, arch, distributed.local_slice(job.windows), stage.selects, score,
+                            progress=progress, weights=weights)
+    del weights
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -292,20 +293,29 @@ class LazyWeights:
             by_file.setdefault(self.weight_map[n], []).append(n)
         out = {}
         for file, keys in by_file.items():
-            with _open_safetensors(self.folder / file, safe_open) as f:
+            path = self.folder / file
+            large = []
+            with _open_safetensors(path, safe_open) as f:
                 for k in keys:
                     try:
+                        sl = f.get_slice(k)
+                        shape, stored = sl.get_shape(), _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                        dtype = self.dtype if stored is not None and stored.is_floating_point and not native else stored
+                        if stored is not None and shape and math.prod(shape) * stored.itemsize > _CHUNK_BYTES:
+                            large.append((k, shape, stored, dtype))
+                            continue
                         t = f.get_tensor(k)
                     except Exception as e:  # noqa: BLE001
-                        raise ModelLoadError(f"corrupt tensor {k} in {self.folder / file}: {e}") from None
-                    stored = t
+                        raise ModelLoadError(f"corrupt tensor {k} in {path}: {e}") from None
+                    # get_tensor gives a view of the file's mapping: a copy lets the mapping go
+                    # (its touched pages would stay resident while any view lives).
+                    view = t
                     t = t.to(self.dtype) if t.is_floating_point() and not native else t
-                    if t is stored:
-                        # A view of the file's mapping: the pages it touched would stay in the
-                        # resident set for as long as any tensor of the file lives (the final
-                        # norm), 108 MB of SmolLM2's fp32 embeddings.
-                        t = t.clone()
+                    t = t.clone() if t is view else t
                     out[k] = t.T if k in self.transposed else t
+            for k, shape, stored, dtype in large:
+                t = _read_in_chunks(path, k, shape, stored, dtype, safe_open)
+                out[k] = t.T if k in self.transposed else t
         return out
 
     def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
@@ -334,6 +344,28 @@ class LazyWeights:
     @staticmethod
     def release(module: nn.Module) -> None:
         module.to("meta")
+
+
+# A tensor above this size is read a slab of rows at a time, each through a mapping of its own that
+# is gone before the next: a vocabulary-sized fp16 embedding converted to fp32 never has its file
+# pages (1 GB on an 8B model) resident beside the fp32 copy.
+_CHUNK_BYTES = 64 << 20
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_in_chunks(path: Path, key: str, shape: list[int], stored: torch.dtype, dtype: torch.dtype,
+                    safe_open) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype)
+    rows = max(1, _CHUNK_BYTES // max(1, math.prod(shape[1:]) * stored.itemsize))
+    for start in range(0, shape[0], rows):
+        with _open_safetensors(path, safe_open) as f:
+            try:
+                out[start:start + rows] = f.get_slice(key)[start:start + rows]
+            except Exception as e:  # noqa: BLE001
+                raise ModelLoadError(f"corrupt tensor {key} in {path}: {e}") from None
+    return out
 
 
 class _open_safetensors:

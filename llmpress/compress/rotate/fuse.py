@@ -38,12 +38,31 @@ class RotationError(LlmpressError):
     pass
 
 
-def rotate_input(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``W diag(scale) Q``: the linear now reads ``x Q`` (after a norm whose scale it absorbs)."""
-    w = weight.double()
-    if scale is not None:
-        w = w * scale.double()
-    return (w @ q).to(weight.dtype)
+# Rows per float64 chunk of a row rotation: a row's result depends on that row alone, so a
+# 128k-row embedding never needs a float64 copy of itself (4.2 GB on an 8B model), only ~64 MB.
+_CHUNK_BYTES = 64 << 20
+
+
+def rotate_input(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None, *,
+                 dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W diag(scale) Q``: the linear now reads ``x Q`` (after a norm whose scale it absorbs).
+
+    Computed in float64 a chunk of rows at a time and stored in ``dtype`` (default: the weight's),
+    into ``out`` where given (``out`` may be ``weight`` itself: the rotation in place)."""
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype or weight.dtype)
+    scale = None if scale is None else scale.double()
+    step = max(1, _CHUNK_BYTES // (8 * weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        w = weight[start:start + step].double()
+        if scale is not None:
+            w = w * scale
+        w = w @ q
+        if out.dtype == torch.float16 and bool(w.abs().max() > torch.finfo(torch.float16).max):
+            raise RotationError("a rotated weight exceeds float16's range; store the dense tensors in "
+                                "float32 or bfloat16 (--dtype)")
+        out[start:start + step] = w
+    return out
 
 
 def rotate_output(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor):
@@ -123,19 +142,30 @@ class ResidualRotation:
 
     # -- the parts outside the blocks ------------------------------------------------------
 
-    def rotate_rest(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Embeddings, final norm and head (``lm_head.weight`` is added when it was tied)."""
+    def rotate_rest(self, tensors: dict[str, torch.Tensor], *, head: bool = True,
+                    dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+        """Embeddings, final norm and, with ``head``, the head (``lm_head.weight`` is added when it
+        was tied). The matrices are rotated in place, unless ``dtypes`` gives one another storage
+        type (then the input is left as it was): the caller hands over tensors it owns, and a
+        vocabulary-sized matrix is never copied whole."""
         if self.q is None:
             return tensors
         a = self.arch
+        dtypes = dtypes or {}
         out = dict(tensors)
         norm_key, head_key = f"{a.final_norm}.weight", f"{a.head}.weight"
-        head = tensors.get(head_key, tensors[f"{a.embeddings[0]}.weight"])
-        for name in a.embeddings:
-            e = tensors[f"{name}.weight"]
-            out[f"{name}.weight"] = (e.double() @ self.q).to(e.dtype)
+
+        def rotate(key: str, source: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+            dtype = dtypes.get(key, source.dtype)
+            shared = sum(t is source for t in tensors.values()) > 1
+            in_place = dtype == source.dtype and tensors.get(key) is source and not shared
+            return rotate_input(source, self.q, scale, dtype=dtype, out=source if in_place else None)
+
         gamma = tensors[norm_key]
-        out[head_key] = rotate_input(head, self.q, gamma)
+        if head:   # before the embeddings: a tied head reads them unrotated
+            out[head_key] = rotate(head_key, tensors.get(head_key, tensors[f"{a.embeddings[0]}.weight"]), gamma)
+        for name in a.embeddings:
+            out[f"{name}.weight"] = rotate(f"{name}.weight", tensors[f"{name}.weight"])
         out[norm_key] = torch.ones_like(gamma)
         beta = tensors.get(f"{a.final_norm}.bias")
         if beta is not None:   # the head has no bias to take it: keep it in the norm, rotated

@@ -27,6 +27,7 @@ from torch import nn
 
 from ...errors import LlmpressError
 from ...formats.hadamard import apply_hadamard, hadamard_factors
+from ..arch import blocks_of
 from ..quant.grid import fake_quantize, fit_grid
 from ..stage import ALLOWED_BITS, RotationStage, register
 from .fuse import rotate_heads_input
@@ -140,72 +141,84 @@ def _normalised(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation, *, batch_size: int = 8,
-                        progress=None) -> list[ProxyTerm]:
-    """Run the dense model on ``windows`` once and build every reader's and writer's term.
+                        progress=None, weights=None) -> list[ProxyTerm]:
+    """Run the dense model on ``windows`` once, block by block, and build every reader's and
+    writer's term. ``weights`` (a ``pipeline.BlockWeights``) streams the blocks' weights, so only
+    one block is in memory beside the terms; without it ``model`` holds them all.
 
     ``rotation`` supplies the fixed within-head and online rotations, which change the writers'
     inputs (their Hessian diagonals are taken in that basis)."""
+    from ..pipeline import capture_block_inputs
+
     rot = arch.rotation
-    blocks = model.get_submodule(arch.blocks)
-    hessians: dict[tuple[int, str], torch.Tensor] = {}
-    diags: dict[tuple[int, str], torch.Tensor] = {}
-    handles = []
-
-    def weight(lin):
-        return lin.weight.detach().to(torch.float64)
-
-    for i, block in enumerate(blocks):
-        for norm_name, _readers in rot.norm_readers:
-            norm = block.get_submodule(norm_name)
-            eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-            def norm_hook(_m, args, key=(i, norm_name), eps=eps):
-                x = _normalised(args[0], rot.norm_kind, eps).reshape(-1, args[0].shape[-1])
-                h = hessians.get(key)
-                hessians[key] = x.T @ x if h is None else h.addmm_(x.T, x)
-            handles.append(norm.register_forward_pre_hook(norm_hook))
-        for name in rot.residual_writers:
-            def writer_hook(_m, args, key=(i, name), name=name):
-                x = args[0].to(torch.float32)
-                x = x.reshape(-1, x.shape[-1])
-                if name == rot.attn_output and rotation.head is not None:
-                    d = rotation.head.shape[0]
-                    x = (x.reshape(-1, d).double() @ rotation.head).reshape(x.shape).float()
-                if name == rot.online_input and rotation.online_signs is not None:
-                    x = apply_hadamard(x * rotation.online_signs.float(), hadamard_factors(x.shape[-1]))
-                d2 = x.pow(2).sum(0)
-                diags[key] = d2 if key not in diags else diags[key] + d2
-            handles.append(block.get_submodule(name).register_forward_pre_hook(writer_hook))
-    # The head's logits are not needed (8 windows of 512 tokens over a 49k vocabulary: 805 MB).
-    head = model.get_submodule(arch.head)
-    model.set_submodule(arch.head, nn.Identity())
-    try:
-        for s in range(0, windows.shape[0], batch_size):
-            if progress is not None:
-                progress(f"HARP statistics · windows {s + 1}-{min(s + batch_size, windows.shape[0])}")
-            model(input_ids=windows[s:s + batch_size], use_cache=False)
-    finally:
-        model.set_submodule(arch.head, head)
-        for h in handles:
-            h.remove()
-
+    blocks = blocks_of(model, arch)
+    hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
+    if weights is not None:
+        weights.after_capture()
     terms: list[ProxyTerm] = []
     for i, block in enumerate(blocks):
         prefix = f"{arch.blocks}.{i}"
+        if weights is not None:
+            weights.materialize(block, prefix)
+        hessians, diags = _block_statistics(block, rot, rotation, hidden, kwargs[i], batch_size,
+                                            write_outputs=i < len(blocks) - 1)
+        if progress is not None:
+            progress(f"HARP statistics · block {i + 1}/{len(blocks)}")
         for norm_name, readers in rot.norm_readers:
             gamma = block.get_submodule(norm_name).weight.detach().to(torch.float64)
             for name in readers:
-                terms.append(ProxyTerm(f"{prefix}.{name}", (weight(block.get_submodule(name)) * gamma).float(),
-                                       reader=True, hessian=hessians[(i, norm_name)]))
+                w = block.get_submodule(name).weight.detach().to(torch.float64)
+                terms.append(ProxyTerm(f"{prefix}.{name}", (w * gamma).float(), reader=True,
+                                       hessian=hessians[norm_name]))
         for name in rot.residual_writers:
-            w = weight(block.get_submodule(name))
+            w = block.get_submodule(name).weight.detach().to(torch.float64)
             if name == rot.attn_output and rotation.head is not None:
                 w = rotate_heads_input(w, rotation.head)
             if name == rot.online_input and rotation.online_signs is not None:
                 w = w @ signed_hadamard(rotation.online_signs)
-            terms.append(ProxyTerm(f"{prefix}.{name}", w.T.contiguous().float(), reader=False,
-                                   h_diag=diags[(i, name)]))
+            terms.append(ProxyTerm(f"{prefix}.{name}", w.T.contiguous().float(), reader=False, h_diag=diags[name]))
+        if weights is not None:
+            weights.release(block)
     return terms
+
+
+def _block_statistics(block: nn.Module, rot, rotation, hidden: torch.Tensor, kwargs, batch_size: int, *,
+                      write_outputs: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One block's pass: the Hessian of each norm's normalised input and the diagonal of each
+    writer's input Hessian (in the basis of the fixed rotations); the block's outputs replace
+    ``hidden`` with ``write_outputs``."""
+    from ..pipeline import run_block
+
+    hessians: dict[str, torch.Tensor] = {}
+    diags: dict[str, torch.Tensor] = {}
+    handles = []
+    for norm_name, _readers in rot.norm_readers:
+        norm = block.get_submodule(norm_name)
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+        def norm_hook(_m, args, key=norm_name, eps=eps):
+            x = _normalised(args[0], rot.norm_kind, eps).reshape(-1, args[0].shape[-1])
+            h = hessians.get(key)
+            hessians[key] = x.T @ x if h is None else h.addmm_(x.T, x)
+        handles.append(norm.register_forward_pre_hook(norm_hook))
+    for name in rot.residual_writers:
+        def writer_hook(_m, args, name=name):
+            x = args[0].to(torch.float32)
+            x = x.reshape(-1, x.shape[-1])
+            if name == rot.attn_output and rotation.head is not None:
+                d = rotation.head.shape[0]
+                x = (x.reshape(-1, d).double() @ rotation.head).reshape(x.shape).float()
+            if name == rot.online_input and rotation.online_signs is not None:
+                x = apply_hadamard(x * rotation.online_signs.float(), hadamard_factors(x.shape[-1]))
+            d2 = x.pow(2).sum(0)
+            diags[name] = d2 if name not in diags else diags[name] + d2
+        handles.append(block.get_submodule(name).register_forward_pre_hook(writer_hook))
+    try:
+        run_block(block, hidden, kwargs, batch_size, write_outputs=write_outputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians, diags
 
 
 # -- the fit ---------------------------------------------------------------------------------------
