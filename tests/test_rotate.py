@@ -209,6 +209,31 @@ def test_row_chunked_rotation_equals_the_whole_product_in_place_and_across_dtype
         fuse.rotate_input(torch.full((2, 64), 60000.0, dtype=torch.float16), q)
 
 
+@pytest.mark.parametrize("n", [64, 160, 576, 1536, 4864])
+def test_the_fast_rht_map_equals_the_matrix_and_a_replaced_rotation_uses_its_own(n, tiny_model_factory):
+    from dataclasses import replace
+
+    from llmpress.compress.rotate.fuse import _householder_vector, _reflected, mean_preserving
+    from llmpress.compress.rotate.hadamard import random_signs, signed_hadamard, signed_hadamard_map
+
+    signs = random_signs(n, 7)
+    x = torch.randn(5, n, dtype=torch.float64)
+    q = signed_hadamard(signs)
+    assert torch.allclose(signed_hadamard_map(signs)(x), x @ q, rtol=0, atol=1e-12)
+    layer = _reflected(_householder_vector(q), signed_hadamard_map(signs))   # LayerNorm families
+    assert torch.allclose(layer(x), x @ mean_preserving(q), rtol=0, atol=1e-12)
+    if n == 64:
+        from llmpress.compress.arch import arch_for
+        from llmpress.compress.rotate.fuse import randomized_hadamard_rotation
+        from llmpress.io.models import load_dense
+
+        model = load_dense(tiny_model_factory("llama"))
+        rotation = randomized_hadamard_rotation(arch_for(model), model.config, seed=0)
+        assert callable(rotation.times_q)
+        fitted = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))[0]
+        assert replace(rotation, q=fitted, method="harp").times_q is fitted
+
+
 def test_rotate_rest_leaves_a_shared_or_widened_input_as_it_was(tiny_model_factory):
     """A tied head reads the embeddings before they are rotated in place; a tensor rotated into
     another dtype, or held under two names, is not written over."""

@@ -23,7 +23,8 @@ streams like the rest of the pipeline; the pure functions take and return tensor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch import nn
 from ...errors import LlmpressError
 from ...layers.online_hadamard import OnlineHadamard
 from ..arch import ARCHITECTURES, ArchMap
-from .hadamard import random_signs, randomized_hadamard, signed_hadamard
+from .hadamard import random_signs, randomized_hadamard, signed_hadamard, signed_hadamard_map
 
 
 class RotationError(LlmpressError):
@@ -42,13 +43,21 @@ class RotationError(LlmpressError):
 # 128k-row embedding never needs a float64 copy of itself (4.2 GB on an 8B model), only ~64 MB.
 _CHUNK_BYTES = 64 << 20
 
+RowMap = Callable[[torch.Tensor], torch.Tensor]   # float64 rows x ↦ x Q
 
-def rotate_input(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None, *,
+
+def _row_map(q: torch.Tensor | RowMap) -> RowMap:
+    return q if callable(q) else q.__rmatmul__
+
+
+def rotate_input(weight: torch.Tensor, q: torch.Tensor | RowMap, scale: torch.Tensor | None = None, *,
                  dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``W diag(scale) Q``: the linear now reads ``x Q`` (after a norm whose scale it absorbs).
 
-    Computed in float64 a chunk of rows at a time and stored in ``dtype`` (default: the weight's),
-    into ``out`` where given (``out`` may be ``weight`` itself: the rotation in place)."""
+    ``q`` is the matrix or the map ``x ↦ x Q`` (a fast transform). Computed in float64 a chunk of
+    rows at a time and stored in ``dtype`` (default: the weight's), into ``out`` where given
+    (``out`` may be ``weight`` itself: the rotation in place)."""
+    times_q = _row_map(q)
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype or weight.dtype)
     scale = None if scale is None else scale.double()
@@ -57,7 +66,7 @@ def rotate_input(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | No
         w = weight[start:start + step].double()
         if scale is not None:
             w = w * scale
-        w = w @ q
+        w = times_q(w)
         if out.dtype == torch.float16 and bool(w.abs().max() > torch.finfo(torch.float16).max):
             raise RotationError("a rotated weight exceeds float16's range; store the dense tensors in "
                                 "float32 or bfloat16 (--dtype)")
@@ -65,10 +74,10 @@ def rotate_input(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | No
     return out
 
 
-def rotate_output(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor):
-    """``Qᵀ W`` and ``b Q``: the linear now writes ``y Q``."""
-    w = (q.T @ weight.double()).to(weight.dtype)
-    b = None if bias is None else (bias.double() @ q).to(bias.dtype)
+def rotate_output(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor | RowMap):
+    """``Qᵀ W`` and ``b Q``: the linear now writes ``y Q`` (``Qᵀ W = (Wᵀ Q)ᵀ``, by column slabs)."""
+    w = rotate_input(weight.T, q).T.contiguous()
+    b = None if bias is None else _row_map(q)(bias.double()[None])[0].to(bias.dtype)
     return w, b
 
 
@@ -106,16 +115,31 @@ def _set_weight(linear: nn.Module, weight: torch.Tensor) -> None:
     linear.weight.data = weight if linear.weight.is_contiguous() else weight.T.contiguous().T
 
 
-def mean_preserving(q: torch.Tensor) -> torch.Tensor:
-    """``R Q`` with ``R`` the Householder reflection taking ``Q u`` back to ``u = 1/√n``: still
-    orthogonal, and ``(x R Q)`` keeps the mean of ``x`` (what LayerNorm subtracts)."""
+def _householder_vector(q: torch.Tensor) -> torch.Tensor | None:
+    """``v`` of the reflection ``R = I − 2vvᵀ/vᵀv`` that takes ``Q u`` back to ``u = 1/√n``
+    (None where ``Q`` already keeps ``u``)."""
     n = q.shape[0]
     u = torch.full((n,), n ** -0.5, dtype=torch.float64)
     v = q @ u - u
-    if float(v.norm()) < 1e-12:
+    return None if float(v.norm()) < 1e-12 else v
+
+
+def mean_preserving(q: torch.Tensor) -> torch.Tensor:
+    """``R Q`` with ``R`` the Householder reflection taking ``Q u`` back to ``u = 1/√n``: still
+    orthogonal, and ``(x R Q)`` keeps the mean of ``x`` (what LayerNorm subtracts)."""
+    v = _householder_vector(q)
+    if v is None:
         return q
-    reflect = torch.eye(n, dtype=torch.float64) - 2 * torch.outer(v, v) / (v @ v)
+    reflect = torch.eye(q.shape[0], dtype=torch.float64) - 2 * torch.outer(v, v) / (v @ v)
     return reflect @ q
+
+
+def _reflected(v: torch.Tensor | None, times_q: RowMap) -> RowMap:
+    """``x ↦ x R Q`` from ``x ↦ x Q`` (``R`` symmetric: ``x R = x − 2(x·v)vᵀ/vᵀv``)."""
+    if v is None:
+        return times_q
+    c = 2.0 / float(v @ v)
+    return lambda x: times_q(x - c * (x @ v)[:, None] * v)
 
 
 @dataclass
@@ -130,6 +154,16 @@ class ResidualRotation:
     online_signs: torch.Tensor | None   # [intermediate] ±1; the online R is diag(s)·H/√n
     method: str = "rht"
     seed: int = 0
+    # (the q it equals, x ↦ x q without the matrix): the RHT's fast transform. Used only while
+    # ``q`` is that very tensor, so a rotation replaced by a fitted one falls back to the matrix.
+    fast_q: tuple[torch.Tensor, RowMap] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def times_q(self) -> torch.Tensor | RowMap:
+        """``q``, or the map ``x ↦ x q`` that computes it faster."""
+        if self.fast_q is not None and self.fast_q[0] is self.q:
+            return self.fast_q[1]
+        return self.q
 
     @property
     def online_size(self) -> int | None:
@@ -159,7 +193,7 @@ class ResidualRotation:
             dtype = dtypes.get(key, source.dtype)
             shared = sum(t is source for t in tensors.values()) > 1
             in_place = dtype == source.dtype and tensors.get(key) is source and not shared
-            return rotate_input(source, self.q, scale, dtype=dtype, out=source if in_place else None)
+            return rotate_input(source, self.times_q, scale, dtype=dtype, out=source if in_place else None)
 
         gamma = tensors[norm_key]
         if head:   # before the embeddings: a tied head reads them unrotated
@@ -192,13 +226,11 @@ class ResidualRotation:
                 _set_weight(o, rotate_heads_input(_get_weight(o), self.head))
             if self.online_signs is not None:
                 lin = block.get_submodule(rot.online_input)
-                r = signed_hadamard(self.online_signs)
-                w = _get_weight(lin)
-                _set_weight(lin, (w.double() @ r).to(w.dtype))
+                _set_weight(lin, rotate_input(_get_weight(lin), signed_hadamard_map(self.online_signs)))
             if self.q is not None:
                 for name in rot.residual_writers:
                     lin = block.get_submodule(name)
-                    w, b = rotate_output(_get_weight(lin), None if lin.bias is None else lin.bias.data, self.q)
+                    w, b = rotate_output(_get_weight(lin), None if lin.bias is None else lin.bias.data, self.times_q)
                     _set_weight(lin, w)
                     if b is not None:
                         lin.bias.data = b
@@ -217,7 +249,7 @@ class ResidualRotation:
         elif beta is not None:
             norm.bias.data = _bias_in_rotated_basis(beta, gamma, self.q, norm_name)
         for lin in linears:
-            _set_weight(lin, rotate_input(_get_weight(lin), self.q, gamma))
+            _set_weight(lin, rotate_input(_get_weight(lin), self.times_q, gamma))
         norm.weight.data = torch.ones_like(gamma)
 
     def wrap(self, block: nn.Module) -> None:
@@ -294,14 +326,17 @@ def randomized_hadamard_rotation(arch: ArchMap, config, *, seed: int, heads: boo
     """QuaRot's rotations with seeded randomized Hadamards of every width the model uses."""
     check_rotatable(arch, config)
     hidden, head_dim, inter = model_dims(config)
-    q = None
+    q = fast = None
     if arch.rotation.residual:
-        q = randomized_hadamard(hidden, seed)
+        signs = random_signs(hidden, seed)
+        q, times_q = signed_hadamard(signs), signed_hadamard_map(signs)
         if arch.rotation.norm_kind == "layer":
-            q = mean_preserving(q)
+            v = _householder_vector(q)
+            q, times_q = mean_preserving(q), _reflected(v, times_q)
+        fast = (q, times_q)
     return ResidualRotation(
         arch=arch, q=q,
         head=randomized_hadamard(head_dim, seed + 1) if heads else None,
         online_signs=random_signs(inter, seed + 2) if online else None,
-        method="rht", seed=seed,
+        method="rht", seed=seed, fast_q=fast,
     )

@@ -30,8 +30,8 @@ from ...formats.hadamard import apply_hadamard, hadamard_factors
 from ..arch import blocks_of
 from ..quant.grid import fake_quantize, fit_grid
 from ..stage import ALLOWED_BITS, RotationStage, register
-from .fuse import rotate_heads_input
-from .hadamard import random_signs, signed_hadamard
+from .fuse import rotate_heads_input, rotate_input
+from .hadamard import random_signs, signed_hadamard_map
 
 MAX_RADIX = 8
 
@@ -175,7 +175,7 @@ def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation,
             if name == rot.attn_output and rotation.head is not None:
                 w = rotate_heads_input(w, rotation.head)
             if name == rot.online_input and rotation.online_signs is not None:
-                w = w @ signed_hadamard(rotation.online_signs)
+                w = rotate_input(w, signed_hadamard_map(rotation.online_signs))
             terms.append(ProxyTerm(f"{prefix}.{name}", w.T.contiguous().float(), reader=False, h_diag=diags[name]))
         if weights is not None:
             weights.release(block)
