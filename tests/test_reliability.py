@@ -262,3 +262,24 @@ def test_activations_beyond_the_memory_budget_go_to_disk_and_change_nothing(tiny
     assert parse_size("1.5GiB") == 3 << 29 and parse_size("512MB") == 512 << 20 and parse_size(7) == 7
     with pytest.raises(llmpress.errors.RecipeError, match="max-memory"):
         parse_size("lots")
+
+
+def test_large_tensors_are_read_by_row_slabs_exactly(tmp_path, monkeypatch):
+    """Past the slab size a tensor is read a slab of rows at a time (a ragged last slab, fp16 to
+    fp32, a transposed Conv1D weight, natively): the same values as reading it whole."""
+    from safetensors.torch import save_file
+
+    from llmpress.io import models
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(37, 16, generator=g).half(), "conv": torch.randn(16, 23, generator=g),
+               "ids": torch.arange(50, dtype=torch.int64), "small": torch.randn(3, generator=g)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(models, "_CHUNK_BYTES", 5 * 16 * 2)   # 5 fp16 rows of 16
+    store = models.LazyWeights(tmp_path, transposed={"conv"})
+    got = store.read(list(tensors))
+    assert got["big"].dtype == torch.float32 and torch.equal(got["big"], tensors["big"].float())
+    assert torch.equal(got["conv"], tensors["conv"].T) and torch.equal(got["ids"], tensors["ids"])
+    assert torch.equal(got["small"], tensors["small"])
+    native = store.read(["big"], native=True)["big"]
+    assert native.dtype == torch.float16 and torch.equal(native, tensors["big"])
