@@ -175,6 +175,18 @@ def test_inplace_inverse_factor_is_the_upper_cholesky_of_the_damped_inverse(dtyp
     assert torch.allclose(upper, reference, rtol=tol, atol=tol * float(reference.abs().max()))
 
 
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 100, 577])
+def test_blocked_triangular_inverse_equals_the_triangular_solve(n):
+    from llmpress.compress.quant.gptq import lower_triangular_inverse
+
+    x = _correlated(n_in=n, tokens=2 * n + 8).double()
+    lower = torch.linalg.cholesky(x.T @ x + torch.eye(n, dtype=torch.float64))
+    got = lower_triangular_inverse(lower, base=16)   # several levels of halves, odd sizes included
+    want = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=torch.float64), upper=False)
+    assert torch.equal(got, torch.tril(got))
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (2, 2), (3, 3), (5, 5), (9, 4)])
 def test_reverse_inplace_is_flip_of_both_axes(shape):
     m = torch.randn(*shape)
