@@ -11,11 +11,12 @@ cost one attribute read in a normal run. With ``count_linear_flops`` every ``nn.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from dataclasses import dataclass
 
 from torch import nn
+
+from .memory import peak_rss_mb
 
 
 @dataclass
@@ -24,10 +25,6 @@ class PhaseTotals:
     flops: float = 0.0
     calls: int = 0
     peak_growth_mb: float = 0.0   # how much the process's peak RSS rose in this phase (not its nested ones)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class PhaseClock:
@@ -71,7 +68,7 @@ class PhaseClock:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        peak = _peak_rss_mb()
+        peak = peak_rss_mb()
         entry = [name, time.perf_counter(), 0.0, 0.0]
         self._stack.append(entry)
         try:
@@ -82,7 +79,7 @@ class PhaseClock:
             totals = self._totals(name)
             totals.seconds += elapsed - entry[2]
             totals.calls += 1
-            growth = _peak_rss_mb() - peak
+            growth = peak_rss_mb() - peak
             totals.peak_growth_mb += growth - entry[3]
             if self._stack:
                 self._stack[-1][2] += elapsed

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +28,12 @@ from . import distributed
 from .arch import ArchMap, blocks_of
 from .compressors import compress_linear, dense_proxy, dense_weight, linear_weight
 from .hooks import BlockContext, BlockHooks, Solved
+from .memory import (
+    available_memory,
+    limit_heap_fragmentation,
+    plan_memory,
+    release_free_heap,
+)
 from .phases import phase
 from .recipe import Recipe
 from .stage import StageBase, method_of
@@ -44,49 +49,6 @@ class ModuleRecord:
     group_size: int | None
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-@functools.cache
-def _glibc():
-    """The C library when it is glibc (its ``mallopt`` and ``malloc_trim``), else None."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def limit_heap_fragmentation(threshold: int = 16 << 20) -> None:
-    """Serve allocations of ``threshold`` bytes and more with mmap, returned to the OS on free.
-
-    glibc's threshold is dynamic (it rises after each large free, up to 32 MB); fixed, it stops
-    moving. Its height trades memory against time: every mmapped buffer is page-faulted and zeroed
-    afresh by the kernel on each use. Measured on SmolLM2 (GPTQ W4 g64, 128x512, ``python
-    bench/compress_profile.py``): at 1 MB, where the per-batch activations (9-25 MB) were all
-    mmapped, 285 s and 1090 MB peak RSS (a forward of the whole model took 9.6 s instead of 7.5 s
-    per 4096 tokens); at 16 MB 218 s and 1325 MB; at 32 MB 211 s and 1350 MB. Long-lived copies
-    are packed into large buffers (``stats.Slabs``) so that they do not fragment the heap between
-    the temporaries. ``compress`` calls it first thing. A no-op where the C library is not glibc.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(-3, threshold)   # M_MMAP_THRESHOLD; setting it disables the dynamic rule
-
-
-def release_free_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc's ``malloc_trim``): after a phase that
-    allocated many small objects (tokenization, the capture), so that its leftovers do not count
-    in the resident set for the rest of the run. A no-op where the C library is not glibc."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def batch_ranges(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -110,60 +72,6 @@ class _Catcher(nn.Module):
         if self.last:
             raise StopForward
         return hidden_states
-
-
-@dataclass
-class MemoryPlan:
-    """Where the calibration activations live, decided before the run from a memory budget.
-
-    The hidden-state streams ``[n, seqlen, hidden]`` (one, or two for GPTAQ-style stages) are
-    the only buffers that grow with the calibration set; a stream that does not fit in the budget
-    left after the resident parts is a memory-mapped file (``disk_tensor``) instead."""
-
-    budget: int               # bytes the run may hold (``--max-memory``)
-    stream_bytes: int
-    streams: int
-    resident: int             # the largest block's weights, three copies (original, proxy, packed)
-    on_disk: list[bool]       # per stream
-    element_size: int = 4     # bytes per stored activation (fp32 or bf16)
-
-    @property
-    def predicted_peak(self) -> int:
-        """Activations kept in RAM, the attention cache (one stream's worth) and the block."""
-        in_ram = sum(self.stream_bytes for disk in self.on_disk if not disk)
-        return in_ram + self.stream_bytes + self.resident
-
-    def describe(self) -> str:
-        mb = 1 << 20
-        where = ", ".join("disk" if d else "RAM" for d in self.on_disk)
-        kind = "fp32" if self.element_size == 4 else "bf16"
-        return (f"memory plan: {self.streams} {kind} activation stream(s) of {self.stream_bytes / mb:.0f} MB ({where}), "
-                f"block {self.resident / mb:.0f} MB; predicted peak above the process's base "
-                f"{self.predicted_peak / mb:.0f} MB of {self.budget / mb:.0f} MB budget")
-
-
-def plan_memory(n: int, seqlen: int, hidden_size: int, streams: int, block_bytes: int, budget: int,
-                element_size: int = 4) -> MemoryPlan:
-    stream = n * seqlen * hidden_size * element_size
-    resident = 3 * block_bytes + stream   # the block, and the attention cache's stream
-    on_disk, left = [], budget - resident
-    for _ in range(streams):
-        fits = stream <= left
-        on_disk.append(not fits)
-        left -= stream if fits else 0
-    return MemoryPlan(budget, stream, streams, 3 * block_bytes, on_disk, element_size)
-
-
-def available_memory() -> int:
-    """``MemAvailable`` from /proc/meminfo (bytes), or 8 GiB where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 @torch.no_grad()
@@ -411,6 +319,27 @@ def compress_blocks(
     return records
 
 
+def dense_block_pass(model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int,
+                     weights: BlockWeights | None = None) -> Iterator[tuple[int, nn.Module, Callable[..., None]]]:
+    """The unchanged model, block by block on the full-precision stream: yields ``(index, block,
+    run)``, where ``run(stats=None)`` runs the block over the stream and moves the stream on to the
+    next block's input. ``weights`` streams the blocks' weights (each block is materialised before
+    it is yielded and released after); without it ``model`` holds them all. The passes that must
+    see every layer before any is compressed use it: an allocator's profile, HARP's statistics."""
+    limit_heap_fragmentation()
+    blocks = blocks_of(model, arch)
+    hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
+    if weights is not None:
+        weights.after_capture()
+    for i, block in enumerate(blocks):
+        if weights is not None:
+            weights.materialize(block, f"{arch.blocks}.{i}")
+        yield i, block, functools.partial(run_block, block, hidden, kwargs[i], batch_size,
+                                          write_outputs=i < len(blocks) - 1)
+        if weights is not None:
+            weights.release(block)
+
+
 @torch.no_grad()
 def profile_blocks(
     model: nn.Module, arch: ArchMap, windows: torch.Tensor, select: Callable[[str], bool],
@@ -421,29 +350,20 @@ def profile_blocks(
     block on the full-precision stream (the profiling pass of an allocator: its candidates must be
     known for every layer before any layer is compressed). ``weights`` streams the blocks' weights
     (default: ``model`` holds them all)."""
-    limit_heap_fragmentation()
-    blocks = blocks_of(model, arch)
-    hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
-    if weights is not None:
-        weights.after_capture()
     results: dict[str, Any] = {}
-    with Progress(len(blocks), progress, title="profile") as bar:
-        for i, block in enumerate(blocks):
+    with Progress(len(blocks_of(model, arch)), progress, title="profile") as bar:
+        for i, block, run in dense_block_pass(model, arch, windows, batch_size, weights):
             prefix = f"{arch.blocks}.{i}"
             names = [n for n in arch.linears if select(f"{prefix}.{n}")]
-            if weights is not None:
-                weights.materialize(block, prefix)
             bar.describe(f"block {i + 1} · statistics")
             with InputStats({n: block.get_submodule(n) for n in names}, stop_when_seen=False) as stats:
-                run_block(block, hidden, kwargs[i], batch_size, stats=stats, write_outputs=i < len(blocks) - 1)
+                run(stats=stats)
             stats.all_reduce()
             hessians = stats.hessians() if names else {}
             for n in names:
                 bar.describe(f"block {i + 1} · {n} · candidates")
                 weight = linear_weight(block.get_submodule(n))
                 results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessians[n])
-            if weights is not None:
-                weights.release(block)
             bar.advance()
     return results
 

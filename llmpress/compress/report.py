@@ -10,7 +10,8 @@ from ..layers import module_sizes
 from ..paths import atomic_write_text
 from ..version import __version__
 from . import distributed
-from .pipeline import ModuleRecord, peak_rss_mb
+from .memory import peak_rss_mb
+from .pipeline import ModuleRecord
 
 
 def _row(r: ModuleRecord) -> dict[str, Any]:

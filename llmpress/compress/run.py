@@ -34,13 +34,14 @@ from ..version import __version__
 from . import distributed
 from .arch import arch_for
 from .calibration import DEFAULT_CALIBRATION, calibration_windows, text_fingerprint
+from .memory import limit_heap_fragmentation, peak_rss_mb
 from .phases import phase
-from .pipeline import ModuleRecord, compress_blocks, limit_heap_fragmentation, peak_rss_mb
+from .pipeline import ModuleRecord, compress_blocks
 from .recipe import Recipe, customize_recipe, load_recipe
 from .report import run_summary, write_report
 from .rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
 
-ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ACTIVATION_DTYPES = {name: STORAGE_DTYPES[name] for name in ("float32", "bfloat16")}
 
 
 @dataclass

@@ -114,7 +114,7 @@ SLAB_BYTES = 64 << 20
 
 class Slabs:
     """Copies of tensors packed into 64 MB buffers: a buffer that size is above the executor's mmap
-    threshold (``pipeline.limit_heap_fragmentation``), so glibc maps it apart and gives it back
+    threshold (``memory.limit_heap_fragmentation``), so glibc maps it apart and gives it back
     whole when its last view is dropped. A long-lived copy of each batch taken from the heap
     instead would sit between the forward's temporaries and fragment it: measured on SmolLM2 GPTQ
     W4 128x512 (32 MB threshold), peak RSS 1459 MB with per-batch copies, 1350 MB with slabs."""

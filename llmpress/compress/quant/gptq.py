@@ -131,8 +131,7 @@ def lower_triangular_inverse(lower: torch.Tensor, base: int = 128) -> torch.Tens
     out = torch.zeros_like(lower)
     a = out[:h, :h] = lower_triangular_inverse(lower[:h, :h], base)
     c = out[h:, h:] = lower_triangular_inverse(lower[h:, h:], base)
-    torch.matmul(c, lower[h:, :h] @ a, out=out[h:, :h])
-    out[h:, :h].neg_()
+    out[h:, :h] = -(c @ (lower[h:, :h] @ a))
     return out
 
 

@@ -47,7 +47,7 @@ RowMap = Callable[[torch.Tensor], torch.Tensor]   # float64 rows x ↦ x Q
 
 
 def _row_map(q: torch.Tensor | RowMap) -> RowMap:
-    return q if callable(q) else q.__rmatmul__
+    return q if callable(q) else (lambda x: x @ q)
 
 
 def rotate_input(weight: torch.Tensor, q: torch.Tensor | RowMap, scale: torch.Tensor | None = None, *,

@@ -148,22 +148,16 @@ def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation,
 
     ``rotation`` supplies the fixed within-head and online rotations, which change the writers'
     inputs (their Hessian diagonals are taken in that basis)."""
-    from ..pipeline import capture_block_inputs
+    from ..pipeline import dense_block_pass
 
     rot = arch.rotation
-    blocks = blocks_of(model, arch)
-    hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
-    if weights is not None:
-        weights.after_capture()
+    n_blocks = len(blocks_of(model, arch))
     terms: list[ProxyTerm] = []
-    for i, block in enumerate(blocks):
+    for i, block, run in dense_block_pass(model, arch, windows, batch_size, weights):
         prefix = f"{arch.blocks}.{i}"
-        if weights is not None:
-            weights.materialize(block, prefix)
-        hessians, diags = _block_statistics(block, rot, rotation, hidden, kwargs[i], batch_size,
-                                            write_outputs=i < len(blocks) - 1)
+        hessians, diags = _block_statistics(block, rot, rotation, run)
         if progress is not None:
-            progress(f"HARP statistics · block {i + 1}/{len(blocks)}")
+            progress(f"HARP statistics · block {i + 1}/{n_blocks}")
         for norm_name, readers in rot.norm_readers:
             gamma = block.get_submodule(norm_name).weight.detach().to(torch.float64)
             for name in readers:
@@ -177,18 +171,12 @@ def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation,
             if name == rot.online_input and rotation.online_signs is not None:
                 w = rotate_input(w, signed_hadamard_map(rotation.online_signs))
             terms.append(ProxyTerm(f"{prefix}.{name}", w.T.contiguous().float(), reader=False, h_diag=diags[name]))
-        if weights is not None:
-            weights.release(block)
     return terms
 
 
-def _block_statistics(block: nn.Module, rot, rotation, hidden: torch.Tensor, kwargs, batch_size: int, *,
-                      write_outputs: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One block's pass: the Hessian of each norm's normalised input and the diagonal of each
-    writer's input Hessian (in the basis of the fixed rotations); the block's outputs replace
-    ``hidden`` with ``write_outputs``."""
-    from ..pipeline import run_block
-
+def _block_statistics(block: nn.Module, rot, rotation, run) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One block's pass (``run``): the Hessian of each norm's normalised input and the diagonal of
+    each writer's input Hessian (in the basis of the fixed rotations)."""
     hessians: dict[str, torch.Tensor] = {}
     diags: dict[str, torch.Tensor] = {}
     handles = []
@@ -214,7 +202,7 @@ def _block_statistics(block: nn.Module, rot, rotation, hidden: torch.Tensor, kwa
             diags[name] = d2 if name not in diags else diags[name] + d2
         handles.append(block.get_submodule(name).register_forward_pre_hook(writer_hook))
     try:
-        run_block(block, hidden, kwargs, batch_size, write_outputs=write_outputs)
+        run()
     finally:
         for h in handles:
             h.remove()
