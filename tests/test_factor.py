@@ -116,20 +116,63 @@ def test_rocket_candidates_fit_their_budget():
         assert 0 <= c.error < 1
 
 
+@pytest.mark.parametrize("values", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_factor_linear_forward_equals_its_dense_weight(sparse):
+def test_factor_linear_forward_equals_its_dense_weight(sparse, values):
+    from llmpress.kernels.dispatch import use_backend
+
     w, x = _layer(4)
     profile = rocket.profile_layer(w, x.T @ x)
     d, c, mask, _ = rocket.fit(profile, 30, 8 if sparse else None)
     factors = Factors(rocket.unwhiten(d, profile.factor), c, mask)
     bias = torch.randn(w.shape[0])
-    layer = FactorLinear.from_factors(factors, bias, torch.float32)
-    torch.testing.assert_close(layer.dequantize().double(), factors.weight(), rtol=0, atol=1e-5)
-    inputs = torch.randn(3, 7, w.shape[1])
-    torch.testing.assert_close(layer(inputs), inputs @ layer.dequantize().T + bias, rtol=1e-5, atol=1e-5)
-    assert layer.stored_bits() == factor_bits(w.shape[1], w.shape[0], 30, 8 if sparse else None, 32)
+    layer = FactorLinear.from_factors(factors, bias, torch.float32, values)
+    assert layer.dictionary.dtype == values and layer.bias.dtype == torch.float32
+    # the stored values are the factors rounded once to their dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[values]
+    torch.testing.assert_close(layer.dequantize().double(), factors.weight(), rtol=0,
+                               atol=tol * float(factors.weight().abs().max()))
+    dense = layer.dequantize()   # fp32 products of the stored values
+    # decoding rows (one: the C++ GEMVs; a few: the stored dtype) and a prefill-sized input
+    for shape in ((1, 1, w.shape[1]), (1, 3, w.shape[1]), (3, 7, w.shape[1])):
+        inputs = torch.randn(*shape)
+        expected = inputs @ dense.T + bias
+        with use_backend("reference"):
+            torch.testing.assert_close(layer(inputs), expected, rtol=1e-5, atol=1e-5)
+        # a few rows multiplied in the stored dtype carry its rounding of the inputs
+        close = 1e-5 if values == torch.float32 or shape[1] != 3 else 4 * tol
+        torch.testing.assert_close(layer(inputs), expected, rtol=close, atol=close * float(expected.abs().max()))
+    assert layer.stored_bits() == factor_bits(w.shape[1], w.shape[0], 30, 8 if sparse else None,
+                                              torch.finfo(values).bits)
     if sparse:
         assert layer.coef_index.dtype == torch.int16 and layer.coef_values.shape == (w.shape[0], 8)
+
+
+def test_half_and_ell_gemvs_equal_fp32_products():
+    from llmpress.kernels import cpu_ext
+
+    ext = cpu_ext.extension()
+    if ext is None:
+        pytest.skip("no C++ compiler: the torch paths serve")
+    g = torch.Generator().manual_seed(0)
+    for k, n in ((193, 77), (576, 64), (8, 5)):      # tails of the 16-, 8- and 4-row loops
+        w = torch.randn(n, k, generator=g)
+        for dtype in (torch.float16, torch.bfloat16):
+            stored = w.to(dtype)
+            for rows in (1, 3):
+                x = torch.randn(rows, k, generator=g)
+                expected = x.double() @ stored.double().T
+                torch.testing.assert_close(ext.half_gemv(x, stored).double(), expected, rtol=1e-5,
+                                           atol=1e-5 * float(expected.abs().max()))
+    rank, n, nnz = 37, 50, 11
+    index = torch.rand(n, rank, generator=g).argsort(dim=1)[:, :nnz].sort(dim=1).values
+    for values_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        values = torch.randn(n, nnz, generator=g).to(values_dtype)
+        dense = torch.zeros(n, rank, dtype=torch.float64).scatter_(1, index, values.double())
+        for index_dtype in (torch.int16, torch.int32):
+            h = torch.randn(3, rank, generator=g)
+            torch.testing.assert_close(ext.ell_gemv(h, values, index.to(index_dtype)).double(), h.double() @ dense.T,
+                                       rtol=1e-5, atol=1e-5)
 
 
 def _decoder_linear_bytes(folder, names):

@@ -256,10 +256,12 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     expected = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in expected if not (tied and n == "lm_head.weight" and n not in store.weight_map)]
-    # Kept as stored: the embedding and head (layers.stored_dense) and every compressed module's
-    # own tensors (its format fixes their dtypes; its forward computes in the input's).
+    # Kept as stored: the embedding, the head and the linears left dense (layers.stored_dense), and
+    # every compressed module's own tensors (its format fixes their dtypes; its forward computes in
+    # the input's).
     compressed = tuple(f"{name}." for name in manifest["modules"])
-    stored = embedding_names(model) | {n for n in names if n.startswith(compressed) and not n.endswith(".bias")}
+    stored = (embedding_names(model) | plain_linear_weights(model)
+              | {n for n in names if n.startswith(compressed) and not n.endswith(".bias")})
     tensors = store.read([n for n in names if n not in stored]) | store.read([n for n in names if n in stored], native=True)
     for n in names:
         want, got = expected[n], tensors[n]
@@ -276,6 +278,11 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     keep_stored_dtype(model, dtype)
     link_shared_inputs(model)
     return model.eval()
+
+
+def plain_linear_weights(model: nn.Module) -> set[str]:
+    """The state-dict names of the weights of the ``nn.Linear`` modules (the linears left dense)."""
+    return {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
 
 
 def embedding_names(model: nn.Module) -> set[str]:

@@ -1,5 +1,6 @@
 """The C++ CPU kernels (``csrc/cpu_kernels.cpp``): the lookup-table GEMV of binary-coded weights
-for decoding, their dequantizer, and the uniform format's dequantizer for prefill; built on first
+for decoding, their dequantizer, the uniform format's dequantizer for prefill, and the decoding
+GEMVs of half-precision weights and of column-sparse (ELL) coefficients; built on first
 use with torch's extension builder. Where they cannot be built (no compiler), ``extension()`` says
 so once and returns None, and the torch LUT (``kernels.lut``) and dequantizers serve instead.
 ``binary_coded_matmul`` is the one path of binary-coded layers on every device."""
@@ -34,6 +35,23 @@ def extension():
         warnings.warn(f"llmpress: the C++ CPU kernels could not be built ({first}); packed layers run on the "
                       "slower torch paths", RuntimeWarning, stacklevel=2)
         return None
+
+
+def half_weight_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x · Wᵀ`` for one fp32 row ``x [..., K]`` and a float16/bfloat16 ``W [N, K]`` on CPU, each
+    weight widened to fp32 in registers (the products of an fp32 copy of ``W``, half its bytes
+    read); None where that path does not apply (more rows, other dtypes or devices, no compiler,
+    the ``reference`` backend). torch's own half-precision GEMV is 2-3x slower at one row on CPU;
+    from two rows up its bf16 GEMM wins, and callers keep their torch path there."""
+    from .dispatch import get_backend
+
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype not in (torch.float16, torch.bfloat16)
+            or x.numel() != x.shape[-1] or get_backend() == "reference"):
+        return None
+    ext = extension()
+    if ext is None:
+        return None
+    return ext.half_gemv(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
 
 
 # Decoding batches take the LUT GEMV, larger inputs dequantize once per call. A LUT pass costs a

@@ -2,24 +2,27 @@
 
 ``y = (x A) C (+ b)`` with ``A [in, k]`` and ``C [k, out]`` (compress/factor/lowrank.py). Stored
 tensors (``<module>.<name>`` in safetensors):
-- ``dictionary`` ``[k, in]`` (``Aᵀ``, a linear weight) in the model's dtype;
+- ``dictionary`` ``[k, in]`` (``Aᵀ``, a linear weight), values in the dtype the method stores
+  (SVD / SVD-LLM: fp16 by default; ROCKET and the factor mix: the model's);
 - dense C: ``coef`` ``[out, k]`` (``Cᵀ``);
 - sparse C (``nnz`` atoms per output, ELL layout): ``coef_values`` ``[out, nnz]`` and
   ``coef_index`` ``[out, nnz]`` int16 (int32 past 32767 atoms), sorted within each row;
 - ``bias`` when the original linear had one.
-The forward never rebuilds the dense weight: ``h = x Aᵀ`` then a dense matmul or, for sparse C,
-a CSR sparse-dense product built once from the ELL arrays.
+The forward never rebuilds the dense weight: ``h = x Aᵀ``, then a dense product with C or, for
+sparse C, decoding rows through the C++ ELL GEMV on the stored arrays and larger inputs through C
+made dense for that call. Values stored in fp16/bf16 are widened in registers for one decoding row
+(``kernels.cpu_ext.half_weight_gemv``): half the bytes of fp32 read per token.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from ..formats.factor import Factors, index_bits
-from ..kernels.dispatch import DECODE_MAX_ROWS
+from ..kernels import cpu_ext
+from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend
 from .base import CompressedLinear, Layout
 
 
@@ -43,23 +46,26 @@ class FactorLinear(CompressedLinear):
             self.register_buffer("coef_index", torch.zeros(out_features, nnz, dtype=index_dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, **kw) if bias else None)
         self.compute_dtype = dtype
-        self._csr = None
 
     @classmethod
-    def from_factors(cls, factors: Factors, bias: torch.Tensor | None, dtype: torch.dtype) -> FactorLinear:
+    def from_factors(cls, factors: Factors, bias: torch.Tensor | None, dtype: torch.dtype,
+                     value_dtype: torch.dtype | None = None) -> FactorLinear:
+        """The layer that computes in ``dtype`` with its factors' values stored in ``value_dtype``
+        (``dtype`` when None); the bias stays in ``dtype``."""
         in_features, rank = factors.dictionary.shape
         out_features = factors.coef.shape[1]
         layer = cls(in_features, out_features, rank=rank, nnz=factors.nnz, bias=bias is not None, dtype=dtype)
-        layer.dictionary.copy_(factors.dictionary.T.to(dtype))
+        value_dtype = value_dtype or dtype
+        layer.dictionary = factors.dictionary.T.to(value_dtype).contiguous()
         coef_t = factors.coef.T                          # [out, k]
         if factors.mask is None:
-            layer.coef.copy_(coef_t.to(dtype))
+            layer.coef = coef_t.to(value_dtype).contiguous()
         else:
             # The kept atoms of each output row, in increasing order (a stable sort of the mask).
             order = torch.sort(factors.mask.T.to(torch.int8), dim=1, descending=True, stable=True).indices
             index = order[:, : factors.nnz].sort(dim=1).values
             layer.coef_index.copy_(index.to(layer.coef_index.dtype))
-            layer.coef_values.copy_(coef_t.gather(1, index).to(dtype))
+            layer.coef_values = coef_t.gather(1, index).to(value_dtype).contiguous()
         if bias is not None:
             layer.bias.copy_(bias.detach().to(dtype))
         return layer
@@ -78,29 +84,18 @@ class FactorLinear(CompressedLinear):
         dtype = dtype or self.compute_dtype
         return self.coefficients(dtype) @ self.dictionary.to(dtype)
 
-    def _sparse_coef(self) -> torch.Tensor:
-        key = (self.coef_values.data_ptr(), self.coef_values._version, self.coef_index._version)
-        if self._csr is None or self._csr[0] != key:
-            rows = torch.arange(0, self.out_features * self.nnz + 1, self.nnz, device=self.coef_values.device)
-            with warnings.catch_warnings():   # "CSR support is in beta": it is, and it is what we want
-                warnings.simplefilter("ignore", UserWarning)
-                csr = torch.sparse_csr_tensor(rows, self.coef_index.reshape(-1).long(), self.coef_values.reshape(-1),
-                                              size=(self.out_features, self.rank), check_invariants=False)
-            self._csr = (key, csr)
-        return self._csr[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stored = self.dictionary.dtype
-        if stored != x.dtype and x.numel() <= DECODE_MAX_ROWS * self.in_features and not x.is_cuda and self.nnz is None:
-            # decoding: both products in the stored dtype (fp32 accumulation), no per-call upcast
-            y = (x.to(stored) @ self.dictionary.T @ self.coef.T).to(x.dtype)
-            return y + self.bias.to(x.dtype) if self.bias is not None else y
-        h = x @ self.dictionary.to(x.dtype).T
+        # the reference backend (the oracle) upcasts the stored values: fp32 products throughout
+        decoding = not x.is_cuda and x.numel() <= DECODE_MAX_ROWS * self.in_features and get_backend() != "reference"
+        h = _times(x, self.dictionary, decoding)
         if self.nnz is None:
-            y = h @ self.coef.to(x.dtype).T
-        else:
-            flat = h.reshape(-1, self.rank)
-            y = (self._sparse_coef().to(x.dtype) @ flat.T).T.reshape(*h.shape[:-1], self.out_features)
+            y = _times(h, self.coef, decoding)
+        elif decoding and (ext := cpu_ext.extension()) is not None:
+            # the stored ELL arrays as they are (indices checked at load by ``validate``)
+            flat = h.reshape(-1, self.rank).to(torch.float32)
+            y = ext.ell_gemv(flat, self.coef_values, self.coef_index).to(h.dtype).view(*h.shape[:-1], self.out_features)
+        else:   # many rows: C made dense for this call only (out x rank, small beside the product)
+            y = h @ self.coefficients(h.dtype).T
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def stored_bits(self) -> int:
@@ -126,3 +121,14 @@ class FactorLinear(CompressedLinear):
     def extra_repr(self) -> str:
         c = "dense" if self.nnz is None else f"{self.nnz} per output"
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, coefficients={c}"
+
+
+def _times(x: torch.Tensor, weight: torch.Tensor, decoding: bool) -> torch.Tensor:
+    """``x · weightᵀ``: one fp32 row against half-precision values through the C++ GEMV; a few rows
+    (decoding) in the stored dtype with fp32 accumulation, no per-call upcast; otherwise upcast."""
+    y = cpu_ext.half_weight_gemv(x, weight)
+    if y is not None:
+        return y
+    if decoding and weight.dtype != x.dtype:
+        return (x.to(weight.dtype) @ weight.T).to(x.dtype)
+    return x @ weight.to(x.dtype).T

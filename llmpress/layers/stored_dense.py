@@ -5,10 +5,12 @@ all its 4-bit linears.
 
 - ``StoredDtypeEmbedding`` looks rows up in the stored dtype and returns them in the compute
   dtype: the same values as an upcast table.
-- ``StoredDtypeLinear`` (the head): inputs of up to ``DECODE_MAX_ROWS`` rows (decoding) are rounded to
-  the stored dtype and multiplied there (fp32 accumulation; fp16 outputs are rounded to ~5e-4
-  relative); larger inputs (prefill, the fp32 perplexity protocol) upcast the weight for that call
-  only, so their logits equal those of an fp32 copy of the stored weight.
+- ``StoredDtypeLinear`` (the head, and the decoder linears a recipe left dense): one fp32 row (decoding
+  at batch 1) goes through the C++ half-precision GEMV on CPU, the products of an fp32 copy of the
+  weight; other inputs of up to ``DECODE_MAX_ROWS`` rows are rounded to the stored dtype and
+  multiplied there (fp32 accumulation; fp16 outputs are rounded to ~5e-4 relative); larger inputs
+  (prefill, the fp32 perplexity protocol) and the ``reference`` backend upcast the weight for that
+  call only, so their logits equal those of an fp32 copy of the stored weight.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.dispatch import DECODE_MAX_ROWS
+from ..kernels.cpu_ext import half_weight_gemv
+from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend
 
 # The weights are buffers, not parameters: transformers takes a model's ``dtype`` from its first
 # floating parameter, and the model computes in ``compute_dtype``, not in the storage dtype.
@@ -43,17 +46,32 @@ class StoredDtypeLinear(nn.Linear):
         self.compute_dtype = compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= DECODE_MAX_ROWS * x.shape[-1]:
+        y = half_weight_gemv(x, self.weight)
+        if y is not None:
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        if x.numel() <= DECODE_MAX_ROWS * x.shape[-1] and get_backend() != "reference":
             y = nn.functional.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+def narrower_than(weight: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    return weight.is_floating_point() and torch.finfo(weight.dtype).bits < torch.finfo(compute_dtype).bits
+
+
 def keep_stored_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Wrap the input embedding and the output head whose weights are narrower than
-    ``compute_dtype`` (a tied pair keeps one shared tensor)."""
+    """Wrap the input embedding, the output head and every other plain linear whose weights are
+    narrower than ``compute_dtype`` (a tied pair keeps one shared tensor): the model holds what its
+    folder holds."""
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    narrower = (lambda w: w.is_floating_point() and torch.finfo(w.dtype).bits < torch.finfo(compute_dtype).bits)
+    narrower = (lambda w: narrower_than(w, compute_dtype))
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module is out:
+            continue
+        if narrower(module.weight):
+            model.set_submodule(name, StoredDtypeLinear(module, compute_dtype))
+        elif module.weight.dtype != compute_dtype:   # stored wider than the model computes: as before
+            module.to(compute_dtype)
     embedding = None
     if type(inp) is nn.Embedding and narrower(inp.weight):
         embedding = StoredDtypeEmbedding(inp, compute_dtype)

@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 
 from ...formats.factor import Factors
+from ...io.models import STORAGE_DTYPES
 from ...layers import FactorLinear
 from ..stage import Built, StageBase, register
 from .whiten import unwhiten, whiten, whitening_factor
@@ -55,6 +56,9 @@ class LowRankStage(StageBase):
 
     method: Literal["svd", "svdllm"]
     ratio: float = Field(gt=0, lt=1)     # the fraction of each linear's parameters removed
+    # Storage of the factors' values: fp16 as in the papers, whose models are fp16 (half the bytes
+    # of fp32 read per decoded token; the fp32 solve's factors rounded once).
+    values: Literal["float16", "bfloat16", "float32"] = "float16"
 
     @property
     def needs(self) -> frozenset[str]:
@@ -65,14 +69,16 @@ class LowRankStage(StageBase):
         return f"{self.method} -{self.ratio:.0%}"
 
 
-def lowrank_module(weight: torch.Tensor, stats: dict, ratio: float, whitened: bool, bias, dtype) -> Built:
+def lowrank_module(weight: torch.Tensor, stats: dict, ratio: float, whitened: bool, bias, dtype,
+                   value_dtype: torch.dtype | None = None) -> Built:
     rank = rank_for_ratio(weight.shape[1], weight.shape[0], ratio)
     factors = whitened_svd_factors(weight, stats["hessian"], rank) if whitened else svd_factors(weight, rank)
-    return FactorLinear.from_factors(factors, bias, dtype), factors.metrics
+    return FactorLinear.from_factors(factors, bias, dtype, value_dtype), factors.metrics
 
 
 def _lowrank(stage: LowRankStage, weight, stats, bias, dtype) -> Built:
-    return lowrank_module(weight, stats, stage.ratio, stage.method == "svdllm", bias, dtype)
+    return lowrank_module(weight, stats, stage.ratio, stage.method == "svdllm", bias, dtype,
+                          STORAGE_DTYPES[stage.values])
 
 
 register(LowRankStage, compress=_lowrank)

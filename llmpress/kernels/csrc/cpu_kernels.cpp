@@ -1,6 +1,9 @@
 // CPU kernels of llmpress's packed formats: the lookup-table GEMV and the dequantizer of
 // binary-coded weights (ShiftAdd's BCQ, D²Quant's dual scales), and the uniform dequantizer.
 //
+// Half-precision weights (the stored fp16/bf16 head, low-rank factors): a decoding GEMV that
+// widens each weight to fp32 in registers, and the ELL sparse GEMV of column-sparse coefficients.
+//
 // Binary-coded weights:
 // W[n, k] = Σ_t alpha[t, n / rows_per, k / col_block] · (bit t of row n at column k ? +1 : −1).
 // Per token, every group of 8 inputs gets its 256 signed sums LUT[g][p] = Σ_i ±x[8g + i] (+ where
@@ -13,7 +16,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define LLMPRESS_AVX2 1
+#endif
 
 namespace {
 
@@ -375,10 +383,198 @@ torch::Tensor affine_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor st
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { 
+namespace {
+
+// A stored 16-bit float (IEEE half or bfloat16) as fp32: exact either way.
+template <bool BF16>
+inline float widen(uint16_t h) {
+  if constexpr (BF16) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    return c10::detail::fp16_ieee_to_fp32_value(h);
+  }
+}
+
+#ifdef LLMPRESS_AVX2
+template <bool BF16>
+inline __m256 widen8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  else return _mm256_cvtph_ps(h);
+}
+
+inline float sum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+#endif
+
+// Σ_c w[c]·x[c] over one stored row, in fp32.
+template <bool BF16>
+inline float half_dot(const uint16_t* w, const float* x, int64_t k) {
+  int64_t c = 0;
+  float dot = 0.f;
+#ifdef LLMPRESS_AVX2
+  // Two accumulators: a single chain would wait on each FMA's latency.
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; c + 16 <= k; c += 16) {
+    a0 = _mm256_fmadd_ps(widen8<BF16>(w + c), _mm256_loadu_ps(x + c), a0);
+    a1 = _mm256_fmadd_ps(widen8<BF16>(w + c + 8), _mm256_loadu_ps(x + c + 8), a1);
+  }
+  for (; c + 8 <= k; c += 8) a0 = _mm256_fmadd_ps(widen8<BF16>(w + c), _mm256_loadu_ps(x + c), a0);
+  dot = sum8(_mm256_add_ps(a0, a1));
+#endif
+  for (; c < k; ++c) dot += widen<BF16>(w[c]) * x[c];
+  return dot;
+}
+
+template <bool BF16>
+void half_gemv_rows(const float* x, const uint16_t* w, float* y, int64_t batch, int64_t n, int64_t k) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    if (batch == 1) {
+      int64_t row = begin;
+#ifdef LLMPRESS_AVX2
+      // Four rows at a time: each load of x serves four independent FMA chains.
+      for (; row + 4 <= end; row += 4) {
+        const uint16_t* w0 = w + row * k;
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int64_t c = 0;
+        for (; c + 8 <= k; c += 8) {
+          const __m256 xc = _mm256_loadu_ps(x + c);
+          for (int r = 0; r < 4; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + 4) * k + c), _MM_HINT_T0);   // the next four rows: +30% bandwidth
+            a[r] = _mm256_fmadd_ps(widen8<BF16>(w0 + r * k + c), xc, a[r]);
+          }
+        }
+        for (int r = 0; r < 4; ++r) {
+          float dot = sum8(a[r]);
+          for (int64_t t = c; t < k; ++t) dot += widen<BF16>(w0[r * k + t]) * x[t];
+          y[row + r] = dot;
+        }
+      }
+#endif
+      for (; row < end; ++row) y[row] = half_dot<BF16>(w + row * k, x, k);
+      return;
+    }
+    // Several rows of x: each weight row is widened once into fp32, then dotted with every row.
+    std::vector<float> wide(k);
+    for (int64_t row = begin; row < end; ++row) {
+      const uint16_t* wr = w + row * k;
+      int64_t c = 0;
+#ifdef LLMPRESS_AVX2
+      for (; c + 8 <= k; c += 8) _mm256_storeu_ps(wide.data() + c, widen8<BF16>(wr + c));
+#endif
+      for (; c < k; ++c) wide[c] = widen<BF16>(wr[c]);
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* xb = x + b * k;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < k; ++c) dot += wide[c] * xb[c];
+        y[b * n + row] = dot;
+      }
+    }
+  });
+}
+
+template <typename V>
+inline float value_at(const V* v, int64_t i) {
+  if constexpr (std::is_same_v<V, float>) return v[i];
+  else if constexpr (std::is_same_v<V, at::BFloat16>) return widen<true>(reinterpret_cast<const uint16_t*>(v)[i]);
+  else return widen<false>(reinterpret_cast<const uint16_t*>(v)[i]);
+}
+
+template <typename V, typename I>
+void ell_gemv_rows(const float* h, const V* values, const I* index, float* y, int64_t batch, int64_t n, int64_t nnz,
+                   int64_t rank) {
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const V* v = values + row * nnz;
+      const I* idx = index + row * nnz;
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* hb = h + b * rank;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        int64_t j = 0;
+#ifdef LLMPRESS_AVX2
+        // Eight atoms at a time: indices widened to int32, h gathered, values widened to fp32.
+        __m256 a8 = _mm256_setzero_ps();
+        for (; j + 8 <= nnz; j += 8) {
+          __m256i at;
+          if constexpr (sizeof(I) == 2) at = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + j)));
+          else at = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + j));
+          __m256 vj;
+          if constexpr (std::is_same_v<V, float>) vj = _mm256_loadu_ps(v + j);
+          else vj = widen8<std::is_same_v<V, at::BFloat16>>(reinterpret_cast<const uint16_t*>(v + j));
+          a8 = _mm256_fmadd_ps(vj, _mm256_i32gather_ps(hb, at, 4), a8);
+        }
+        acc[1] = sum8(a8);
+#endif
+        for (; j + 4 <= nnz; j += 4)
+          for (int u = 0; u < 4; ++u) acc[u] += value_at(v, j + u) * hb[idx[j + u]];
+        for (; j < nnz; ++j) acc[0] += value_at(v, j) * hb[idx[j]];
+        y[b * n + row] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [B, K] float32 · Wᵀ for W [N, K] stored in float16 or bfloat16, accumulated in fp32: the same
+// products as an fp32 copy of W, without one (decoding batches; the weight is read once per row).
+torch::Tensor half_gemv(torch::Tensor x, torch::Tensor weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, K] float32");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be [N, K]");
+  const bool bf16 = weight.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || weight.scalar_type() == torch::kFloat16, "weight must be float16 or bfloat16");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const int64_t batch = x.size(0), k = x.size(1), n = weight.size(0);
+  auto y = torch::empty({batch, n}, x.options());
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  if (bf16) half_gemv_rows<true>(x.data_ptr<float>(), w, y.data_ptr<float>(), batch, n, k);
+  else half_gemv_rows<false>(x.data_ptr<float>(), w, y.data_ptr<float>(), batch, n, k);
+  return y;
+}
+
+// h [B, R] float32 times column-sparse coefficients in ELL layout: values [N, nnz] (float32, float16
+// or bfloat16) at atoms index [N, nnz] (int16 or int32); y[b, n] = Σ_j values[n, j]·h[b, index[n, j]].
+// The stored arrays are read as they are: no CSR copy, no dense C. The caller has checked once that
+// every index lies in [0, R) (FactorLinear.validate, at load): a per-call check would cost a pass.
+torch::Tensor ell_gemv(torch::Tensor h, torch::Tensor values, torch::Tensor index) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32, "h must be [B, R] float32");
+  TORCH_CHECK(values.dim() == 2 && values.sizes() == index.sizes(), "values and index must both be [N, nnz]");
+  h = h.contiguous();
+  values = values.contiguous();
+  index = index.contiguous();
+  const int64_t batch = h.size(0), rank = h.size(1), n = values.size(0), nnz = values.size(1);
+  auto y = torch::empty({batch, n}, h.options());
+  auto run = [&](auto* v) {
+    using V = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
+    if (index.scalar_type() == torch::kInt16)
+      ell_gemv_rows<V, int16_t>(h.data_ptr<float>(), v, index.data_ptr<int16_t>(), y.data_ptr<float>(), batch, n, nnz, rank);
+    else
+      ell_gemv_rows<V, int32_t>(h.data_ptr<float>(), v, index.data_ptr<int32_t>(), y.data_ptr<float>(), batch, n, nnz, rank);
+  };
+  TORCH_CHECK(index.scalar_type() == torch::kInt16 || index.scalar_type() == torch::kInt32, "index must be int16 or int32");
+  switch (values.scalar_type()) {
+    case torch::kFloat32: run(values.data_ptr<float>()); break;
+    case torch::kFloat16: run(values.data_ptr<at::Half>()); break;
+    case torch::kBFloat16: run(values.data_ptr<at::BFloat16>()); break;
+    default: TORCH_CHECK(false, "values must be float32, float16 or bfloat16");
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_gemv", &lut_gemv, "lookup-table GEMV of binary-coded weights");
   m.def("dequantize", &dequantize, "the dense weight of binary-coded weights");
   m.def("dequantize_uniform", &dequantize_uniform, "the dense weight of the uniform format");
   m.def("uniform_gemv", &uniform_gemv, "decoding GEMV of the uniform format with contiguous groups");
+  m.def("half_gemv", &half_gemv, "decoding GEMV of a float16/bfloat16 weight in fp32");
+  m.def("ell_gemv", &ell_gemv, "GEMV of column-sparse coefficients in ELL layout");
   m.def("affine_gemv", &affine_gemv, "decoding GEMV of byte codes with a step and offset per sub-block");
 }
