@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-# Triton kernels run on the CPU through the interpreter; it must be chosen before triton is imported.
-try:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:
-    pass
+# The device kernel tests build their tensors on: CUDA where present (Triton compiled for it),
+# else the CPU, where Triton runs through its interpreter, which must be chosen before triton is
+# imported. The same tests, the same code paths, on either.
+TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if TEST_DEVICE.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests share the converted model and built corpora through one cache across processes.
 os.environ.setdefault("LLMPRESS_CACHE", str(Path.home() / ".cache" / "llmpress"))
 # Under pytest-xdist every worker gets one thread: two workers of two threads on two cores only
@@ -55,6 +53,21 @@ def _tiny_config(arch: str):
 
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt", "gpt2")
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_DEVICE.type == "cuda":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the kernel tests run: CUDA when present, else the CPU (Triton's interpreter)."""
+    return TEST_DEVICE
 
 
 @pytest.fixture(scope="session")

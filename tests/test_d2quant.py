@@ -254,7 +254,7 @@ def test_dense_export_keeps_the_correction_biases_or_refuses(tiny_model_factory,
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_triton_lut_gemv_with_float_scales_equals_the_torch_lut(rows):
+def test_triton_lut_gemv_with_float_scales_equals_the_torch_lut(rows, device):
     triton_bcq = pytest.importorskip("llmpress.kernels.triton_bcq")
     if triton_bcq.triton is None:
         pytest.skip("triton is not installed")
@@ -262,8 +262,9 @@ def test_triton_lut_gemv_with_float_scales_equals_the_torch_lut(rows):
     layer = DualScaleLinear.from_dsq(dsq_quantize(w, h, bits=2, group_size=64), None, torch.float32)
     x = torch.randn(rows, 128)
     expected = lut_gemv_scaled(x.double(), layer.sign_bits, layer.scales.double(), 64, 24)
-    y = triton_bcq.scaled_gemv(x, layer.sign_bits, layer.scales.float(), 64, 24, block_n=16)
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    y = triton_bcq.scaled_gemv(x.to(device), layer.sign_bits.to(device), layer.scales.float().to(device), 64, 24,
+                               block_n=16)
+    torch.testing.assert_close(y.double().cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_keeps_the_corrections(tiny_model_factory, tmp_path, monkeypatch):

@@ -205,6 +205,16 @@ def test_rocket_end_to_end_budget_bytes_reload_and_resume(tiny_model_factory, tm
         torch.testing.assert_close(loaded(ids).logits, res.model(ids).logits, rtol=0, atol=0)
     assert any(isinstance(m, FactorLinear) and m.nnz is not None for m in loaded.modules()) or \
         alloc["layers"].get("sparse coefficients", 0) == 0
+    # values stored in fp16 (the stage's default), linears kept dense at the source's fp32: the plan
+    # counted each at its own width
+    modules = [loaded.get_submodule(n) for n in linears]
+    assert all(m.dictionary.dtype == torch.float16 for m in modules if isinstance(m, FactorLinear))
+    stored = sum(m.stored_bits() if isinstance(m, FactorLinear) else m.weight.numel() * 32 for m in modules)
+    assert alloc["bits per weight"] == pytest.approx(stored / sum(m.in_features * m.out_features for m in modules),
+                                                     rel=1e-3)
+    factored = [m for m in modules if isinstance(m, FactorLinear)]   # the report sizes them from the manifest
+    assert res.summary["bits per weight (codes+scales+zeros)"] == pytest.approx(
+        sum(m.stored_bits() for m in factored) / sum(m.in_features * m.out_features for m in factored), rel=1e-3)
     # the dense export loads in stock transformers and computes the same function
     from transformers import AutoModelForCausalLM
 
@@ -255,10 +265,15 @@ def test_a_tampered_atom_index_is_refused(tiny_model_factory, tmp_path):
     from safetensors.torch import load_file, save_file
 
     import llmpress
+    from llmpress.compress.recipe import load_recipe
     from llmpress.errors import ModelLoadError
 
+    # fp32 values: an int16 index then costs half a value and the budget takes sparse coefficients
+    # (at fp16 it costs a whole one, and on this tiny model the knapsack takes none)
+    recipe = load_recipe("rocket-50")
+    recipe.stages[0].values = "float32"
     out = tmp_path / "rocket"
-    llmpress.compress(tiny_model_factory("llama"), "rocket-50", out=out, nsamples=8, seqlen=64, progress=False)
+    llmpress.compress(tiny_model_factory("llama"), recipe, out=out, nsamples=8, seqlen=64, progress=False)
     for shard in sorted(out.glob("*.safetensors")):
         tensors = load_file(str(shard))
         keys = [k for k in tensors if k.endswith("coef_index")]
@@ -267,7 +282,7 @@ def test_a_tampered_atom_index_is_refused(tiny_model_factory, tmp_path):
             save_file(tensors, str(shard), metadata={"format": "pt"})
             break
     else:
-        pytest.skip("the allocation chose no sparse coefficients")
+        raise AssertionError("the allocation chose no sparse coefficients: nothing to tamper with")
     with pytest.raises(ModelLoadError, match="coef_index"):
         llmpress.load(out)
 

@@ -108,7 +108,7 @@ def test_shiftadd_preset_saves_and_reloads_exactly(tiny_model_factory, tmp_path)
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("bits", [2, 3])
-def test_triton_lut_gemv_equals_the_torch_lut(rows, bits):
+def test_triton_lut_gemv_equals_the_torch_lut(rows, bits, device):
     triton_bcq = pytest.importorskip("llmpress.kernels.triton_bcq")
     if triton_bcq.triton is None:
         pytest.skip("triton is not installed")
@@ -116,10 +116,10 @@ def test_triton_lut_gemv_equals_the_torch_lut(rows, bits):
     layer = BCQLinear.from_bcq(bcq.bcq_quantize(w, h, bits=bits), None, torch.float32)
     x = torch.randn(rows, 100)
     expected = lut_gemv(x.double(), layer.sign_bits, layer.alpha_exp, layer.alpha_sign, layer.col_block, 40)
-    y = triton_bcq.bcq_gemv(layer, x, block_n=16)
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    y = triton_bcq.bcq_gemv(layer.to(device), x.to(device), block_n=16)
+    torch.testing.assert_close(y.double().cpu(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="at most 8 rows"):
-        triton_bcq.bcq_gemv(layer, torch.randn(9, 100))
+        triton_bcq.bcq_gemv(layer, torch.randn(9, 100, device=device))
 
 
 def test_mixed_bits_meet_the_average_and_put_bits_where_the_error_is(tiny_model_factory, tmp_path):

@@ -1,4 +1,5 @@
-"""Triton kernels under the interpreter against the torch reference, and the GPU build check.
+"""Triton kernels against the torch reference on the test device (CUDA where present, else the
+CPU through Triton's interpreter), and the GPU build check.
 
 Every output buffer is poisoned with NaN before the kernel runs, so an element a kernel forgets to
 write fails the comparison.
@@ -36,32 +37,32 @@ def _layer(bits, group, act_order, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(("bits", "group", "act_order"), CASES)
-def test_triton_kernels_equal_the_reference(bits, group, act_order, dtype):
-    layer = _layer(bits, group, act_order, seed=bits * 1000 + group)
+def test_triton_kernels_equal_the_reference(bits, group, act_order, dtype, device):
+    layer = _layer(bits, group, act_order, seed=bits * 1000 + group).to(device)
     reference = layer.dequantize(torch.float32)
 
-    dense = triton_uniform.dequantize(layer, dtype, out=torch.full((N, K), float("nan"), dtype=dtype))
+    dense = triton_uniform.dequantize(layer, dtype, out=torch.full((N, K), float("nan"), dtype=dtype, device=device))
     assert torch.equal(dense, reference.to(dtype))
 
-    x = torch.randn(20, K).to(dtype)
+    x = torch.randn(20, K).to(device, dtype)
     expected = x.double() @ reference.double().T
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -10      # fp32 accumulation, then the output dtype
     scale = expected.abs().max()
-    y = triton_uniform.matmul(layer, x, out=torch.full((20, N), float("nan"), dtype=dtype))
+    y = triton_uniform.matmul(layer, x, out=torch.full((20, N), float("nan"), dtype=dtype, device=device))
     assert ((y.double() - expected).abs() <= tolerance * scale).all()
     for rows in (1, 3, 8):
-        workspace = torch.full((4, 8, N), float("nan"))
+        workspace = torch.full((4, 8, N), float("nan"), device=device)
         y = triton_uniform.gemv(layer, x[:rows], workspace=workspace)
         assert y.dtype == dtype
         assert ((y.double() - expected[:rows]).abs() <= tolerance * scale).all(), rows
 
 
-def test_gemv_rejects_what_it_cannot_hold():
-    layer = _layer(4, 32, False, seed=0)
+def test_gemv_rejects_what_it_cannot_hold(device):
+    layer = _layer(4, 32, False, seed=0).to(device)
     with pytest.raises(ValueError, match="at most 8 rows"):
-        triton_uniform.gemv(layer, torch.randn(9, K))
+        triton_uniform.gemv(layer, torch.randn(9, K, device=device))
     with pytest.raises(ValueError, match="workspace"):
-        triton_uniform.gemv(layer, torch.randn(2, K), workspace=torch.zeros(1, 1, N))
+        triton_uniform.gemv(layer, torch.randn(2, K, device=device), workspace=torch.zeros(1, 1, N, device=device))
 
 
 def test_kernels_compile_for_sm80_and_sm90():
@@ -79,3 +80,19 @@ def test_kernels_compile_for_sm80_and_sm90():
         assert len(nvcc) == 1 and ("bytes" in nvcc[0] or "skipped: nvcc is not installed" in nvcc[0])
     if not any("bytes" in line for line in lines if line.startswith("nvcc")):
         print("nvcc is not installed: the CUDA source was not compiled")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+def test_a_cuda_layer_takes_a_gpu_kernel_and_equals_the_reference(backend, device):
+    """On a GPU: ``auto`` takes Triton, ``cuda`` the CUDA C++ GEMV (fp16, up to 8 rows), and either
+    equals the dequantized reference."""
+    from llmpress.kernels.dispatch import select_path, use_backend
+
+    layer = _layer(4, 128, True, seed=7).to(device)
+    x = torch.randn(4, K, device=device, dtype=torch.float16)
+    expected = x.double() @ layer.dequantize(torch.float32).double().T
+    with use_backend(backend):
+        assert select_path(layer, x) == ("triton" if backend == "auto" else "cuda")
+        y = layer(x)
+    assert ((y.double() - expected).abs() <= 2 ** -9 * expected.abs().max()).all()

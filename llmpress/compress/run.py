@@ -483,15 +483,15 @@ def _allocate(job: _Job, rotation: ResidualRotation | None, *, progress: bool,
             raise ModelLoadError(f"{path} is damaged; delete it (or the folder) and run again") from None
     else:
         start = time.perf_counter()
-        tables, dense_bits, value_bits = _profile(job, stage, rotation, progress=progress,
-                                                  trust_remote_code=trust_remote_code)
-        target = stage.removed_target(value_bits)
+        tables, dense_bits, dense_width = _profile(job, stage, rotation, progress=progress,
+                                                   trust_remote_code=trust_remote_code)
+        target = stage.removed_target(dense_width)
         plan = allocate_layers(tables, dense_bits, target, stage.buckets, stage.safety_cap, stage.keep_dense)
         choice = plan.choice
         kinds = Counter(_option_kind(c) for c in choice.values())
         summary = {
             "target removed": round(target, 4), "removed (stored bits)": round(plan.removed, 4),
-            "bits per weight": round(plan.stored_bits / (plan.dense_bits / value_bits), 4),
+            "bits per weight": round(plan.stored_bits / (plan.dense_bits / dense_width), 4),
             "layers": dict(sorted(kinds.items())),
             "error cap": None if plan.cap is None else round(plan.cap, 4),
             **_heuristic_agreement(tables),
@@ -546,7 +546,7 @@ def _option_kind(option) -> str:
 
 
 def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: bool, trust_remote_code: bool):
-    """``(options, dense bits)`` per selected linear, and the value width they were sized with.
+    """``(options, dense bits)`` per selected linear, and the width of a dense weight in bits.
     They depend on the model, the calibration windows and the stage's option grid, not on the
     target, so they are cached (under ``cache_dir()/profiles``) and a second budget on the same
     model skips the profiling pass."""
@@ -559,26 +559,29 @@ def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: b
     rotation_stage = job.recipe.rotation.model_dump(mode="json") if job.recipe.rotation is not None else None
     key = hashlib.sha256(json.dumps({
         "model": str(job.folder), "config": job.config.to_dict(), "calibration": job.calib, "stage": grid,
-        "rotation": rotation_stage, "version": __version__,
+        "rotation": rotation_stage, "version": __version__, "dense dtype": str(job.dense_dtype),
     }, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir() / "profiles" / f"{stage.method}-{key}.json"
     if path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             tables = {n: [Option(**c) for c in t] for n, t in saved["tables"].items()}
-            # profiles run on the fp32 model (load_dense's default): entries from before the field existed are fp32
-            return tables, {n: int(b) for n, b in saved["dense_bits"].items()}, int(saved.get("value_bits", 32))
+            return tables, {n: int(b) for n, b in saved["dense_bits"].items()}, int(saved["dense_width"])
         except (ValueError, KeyError, TypeError):
             pass   # a damaged cache entry: profile again and replace it
     # Score the layers the pipeline will compress: rotated, names as it sees them.
     weights = _StreamedWeights(job, rotation, trust_remote_code=trust_remote_code)
     arch = rotation.compress_arch() if rotation is not None else arch_for(weights.model)
-    value_bits = torch.finfo(job.store.dtype).bits
+    values = getattr(stage, "values", None)
+    if values:   # a factorization: its values at their stored width, a linear kept dense at the dense tensors'
+        value_bits, dense_width = torch.finfo(STORAGE_DTYPES[values]).bits, torch.finfo(job.dense_dtype).bits
+    else:        # widths of the working model (BCQ's average bits are counted against them)
+        value_bits = dense_width = torch.finfo(job.store.dtype).bits
     dense_bits: dict[str, int] = {}
     options_of = method_of(stage).profile
 
     def score(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> list[Option]:
-        dense_bits[name] = weight.numel() * value_bits
+        dense_bits[name] = weight.numel() * dense_width
         return options_of(stage, weight, hessian, value_bits)
 
     tables = profile_blocks(weights.model, arch, distributed.local_slice(job.windows), stage.selects, score,
@@ -587,8 +590,8 @@ def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: b
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},
-                                            "dense_bits": dense_bits, "value_bits": value_bits}))
-    return tables, dense_bits, value_bits
+                                            "dense_bits": dense_bits, "dense_width": dense_width}))
+    return tables, dense_bits, dense_width
 
 
 def parse_size(size: int | str | None) -> int | None:

@@ -142,6 +142,11 @@ class GridQuantStage(UniformQuantStage):
         return f"{self.method} {self.grid.upper()}" + (" imatrix" if self.fits_with_importance else "")
 
 
+# Storage of a factorization's values (factors, TT cores). fp16 by default, as the papers' fp16
+# models store them: the solve runs in fp32 and its result is rounded once.
+FactorValues = Literal["float16", "bfloat16", "float32"]
+
+
 class AllocatorStage(StageBase):
     """A global budget: a profiling pass scores every selected linear's options, one knapsack
     (compress/factor/knapsack.py) picks one per linear, and the plan becomes per-module

@@ -36,6 +36,7 @@ class CompressedLinear(nn.Module, ABC):
             CompressedLinear.formats[cls.format_name] = cls
 
     format_keys: ClassVar[tuple[str, ...]]   # the constructor's arguments, as the manifest records them
+    format_defaults: ClassVar[dict[str, Any]] = {}   # keys that manifests written before them lack
 
     def format_params(self) -> dict[str, Any]:
         """What the manifest records to rebuild this module before its tensors are loaded (a
@@ -46,7 +47,8 @@ class CompressedLinear(nn.Module, ABC):
     @classmethod
     def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> CompressedLinear:
         """The module with its tensors on the meta device, from ``format_params()``."""
-        args = {key: params[key] for key in cls.format_keys}
+        args = {key: params[key] if key in params or key not in cls.format_defaults else cls.format_defaults[key]
+                for key in cls.format_keys}
         if not all(isinstance(v, int | None) or isinstance(v, list) and all(isinstance(i, int) for i in v)
                    for v in args.values()):
             raise ValueError("parameters must be integers, flags or lists of integers")

@@ -16,7 +16,7 @@ made dense for that call. Values stored in fp16/bf16 are widened in registers fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,15 +28,18 @@ from .base import CompressedLinear, Layout
 
 class FactorLinear(CompressedLinear):
     format_name = "factor"
-    format_keys = ("in_features", "out_features", "rank", "nnz", "bias")
+    format_keys = ("in_features", "out_features", "rank", "nnz", "bias", "value_bits")
+    format_defaults: ClassVar[dict[str, Any]] = {"value_bits": 32}   # folders from before fp16 values stored fp32
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, nnz: int | None, bias: bool,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 value_bits: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if rank < 1 or (nnz is not None and not 1 <= nnz <= rank):
             raise ValueError(f"rank {rank} and nnz {nnz} do not describe a factorization")
         self.in_features, self.out_features, self.rank, self.nnz = in_features, out_features, rank, nnz
-        kw = {"device": device, "dtype": dtype}
+        # values: 16-bit storage is built as fp16 (a bf16 file's tensors replace it on load)
+        kw = {"device": device, "dtype": value_dtype_for(value_bits, dtype)}
         self.register_buffer("dictionary", torch.zeros(rank, in_features, **kw))
         if nnz is None:
             self.register_buffer("coef", torch.zeros(out_features, rank, **kw))
@@ -44,8 +47,13 @@ class FactorLinear(CompressedLinear):
             index_dtype = torch.int16 if index_bits(rank) == 16 else torch.int32
             self.register_buffer("coef_values", torch.zeros(out_features, nnz, **kw))
             self.register_buffer("coef_index", torch.zeros(out_features, nnz, dtype=index_dtype, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, **kw) if bias else None)
+        self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
         self.compute_dtype = dtype
+
+    @property
+    def value_bits(self) -> int:
+        """The width the dictionary and coefficients are stored at."""
+        return torch.finfo(self.dictionary.dtype).bits
 
     @classmethod
     def from_factors(cls, factors: Factors, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -109,7 +117,7 @@ class FactorLinear(CompressedLinear):
     @classmethod
     def describe(cls, params: dict[str, Any]) -> Layout:
         coef = "dense C" if params["nnz"] is None else f"{params['nnz']} atoms/output"
-        return Layout(detail=f"rank {params['rank']}, {coef}")
+        return Layout(detail=f"rank {params['rank']}, {coef}, {params.get('value_bits', 32)}-bit values")
 
     def validate(self) -> None:
         if self.nnz is None:   # dense coefficients: no indices
@@ -132,3 +140,13 @@ def _times(x: torch.Tensor, weight: torch.Tensor, decoding: bool) -> torch.Tenso
     if decoding and weight.dtype != x.dtype:
         return (x.to(weight.dtype) @ weight.T).to(x.dtype)
     return x @ weight.to(x.dtype).T
+
+
+def value_dtype_for(value_bits: int | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a format's values are built in before their tensors load: ``dtype`` when the
+    width is not given or is its own, else fp16 (16 bits) or fp32 (32)."""
+    if value_bits is None or value_bits == torch.finfo(dtype).bits:
+        return dtype
+    if value_bits not in (16, 32):
+        raise ValueError(f"values of {value_bits} bits are not stored by this format")
+    return torch.float16 if value_bits == 16 else torch.float32

@@ -14,20 +14,22 @@ and forming the weight costs a few rows. Nothing dense is kept between calls.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..formats.tt import contraction_macs, reconstruction_macs, tt_forward, tt_full
 from .base import CompressedLinear, Layout
+from .factor_linear import value_dtype_for
 
 
 class TTLinear(CompressedLinear):
     format_name = "tt"
-    format_keys = ("in_features", "out_features", "out_modes", "in_modes", "ranks", "bias")
+    format_keys = ("in_features", "out_features", "out_modes", "in_modes", "ranks", "bias", "value_bits")
+    format_defaults: ClassVar[dict[str, Any]] = {"value_bits": 32}   # folders from before fp16 cores stored fp32
 
     def __init__(self, in_features: int, out_features: int, *, out_modes: list[int], in_modes: list[int],
-                 ranks: list[int], bias: bool, dtype: torch.dtype = torch.float32,
+                 ranks: list[int], bias: bool, value_bits: int | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         d = len(out_modes)
@@ -39,11 +41,16 @@ class TTLinear(CompressedLinear):
         self.out_modes, self.in_modes, self.ranks = list(out_modes), list(in_modes), list(ranks)
         for k in range(d):
             shape = (ranks[k], out_modes[k], in_modes[k], ranks[k + 1])
-            self.register_buffer(f"core{k}", torch.zeros(shape, dtype=dtype, device=device))
+            self.register_buffer(f"core{k}", torch.zeros(shape, dtype=value_dtype_for(value_bits, dtype), device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.compute_dtype = dtype
         shapes = [(ranks[k], out_modes[k], in_modes[k], ranks[k + 1]) for k in range(d)]
         self._row_macs = (contraction_macs(shapes), reconstruction_macs(shapes), math.prod(out_modes) * math.prod(in_modes))
+
+    @property
+    def value_bits(self) -> int:
+        """The width the cores are stored at."""
+        return torch.finfo(self.core0.dtype).bits
 
     @property
     def cores(self) -> list[torch.Tensor]:
@@ -51,11 +58,13 @@ class TTLinear(CompressedLinear):
 
     @classmethod
     def from_cores(cls, cores: list[torch.Tensor], shape: tuple[int, int], bias: torch.Tensor | None,
-                   dtype: torch.dtype) -> TTLinear:
+                   dtype: torch.dtype, value_dtype: torch.dtype | None = None) -> TTLinear:
+        """The layer that computes in ``dtype`` with its cores stored in ``value_dtype`` (``dtype``
+        when None); the bias stays in ``dtype``."""
         layer = cls(shape[1], shape[0], out_modes=[c.shape[1] for c in cores], in_modes=[c.shape[2] for c in cores],
                     ranks=[1, *(c.shape[3] for c in cores)], bias=bias is not None, dtype=dtype)
-        for mine, core in zip(layer.cores, cores):
-            mine.copy_(core.to(dtype))
+        for k, core in enumerate(cores):
+            setattr(layer, f"core{k}", core.to(value_dtype or dtype).contiguous())
         if bias is not None:
             layer.bias.copy_(bias.detach().to(dtype))
         return layer

@@ -15,7 +15,7 @@ from pydantic import Field
 from ...formats.factor import Factors
 from ...io.models import STORAGE_DTYPES
 from ...layers import FactorLinear
-from ..stage import Built, StageBase, register
+from ..stage import Built, FactorValues, StageBase, register
 from .whiten import unwhiten, whiten, whitening_factor
 
 
@@ -56,9 +56,7 @@ class LowRankStage(StageBase):
 
     method: Literal["svd", "svdllm"]
     ratio: float = Field(gt=0, lt=1)     # the fraction of each linear's parameters removed
-    # Storage of the factors' values: fp16 as in the papers, whose models are fp16 (half the bytes
-    # of fp32 read per decoded token; the fp32 solve's factors rounded once).
-    values: Literal["float16", "bfloat16", "float32"] = "float16"
+    values: FactorValues = "float16"
 
     @property
     def needs(self) -> frozenset[str]:

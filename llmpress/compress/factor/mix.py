@@ -16,7 +16,8 @@ from pydantic import Field
 from ...errors import LlmpressError
 from ...formats.factor import factor_bits
 from ...formats.tt import tt_full
-from ..stage import AllocatorStage, Built, register
+from ...io.models import STORAGE_DTYPES
+from ..stage import AllocatorStage, Built, FactorValues, register
 from .knapsack import Option
 from .lowrank import lowrank_module, rank_for_ratio
 from .tt import (
@@ -86,6 +87,7 @@ class FactorMixStage(AllocatorStage):
     order: int = Field(3, ge=2, le=4)    # TT cores
     family: Literal["lowrank", "tt"] | None = None   # set per module by the allocation
     ratio: float | None = Field(None, gt=0, lt=1)
+    values: FactorValues = "float16"     # the allocator counts bits at this width
 
     @property
     def label(self) -> str:
@@ -95,9 +97,10 @@ class FactorMixStage(AllocatorStage):
 def _mix(stage: FactorMixStage, weight, stats, bias, dtype) -> Built:
     if stage.family is None or stage.ratio is None:
         raise LlmpressError("no family was allocated to this module (the factor-mix plan is missing)")
+    values = STORAGE_DTYPES[stage.values]
     if stage.family == "lowrank":
-        return lowrank_module(weight, stats, stage.ratio, True, bias, dtype)
-    return tt_module(weight, stats, stage.ratio, stage.order, True, bias, dtype)
+        return lowrank_module(weight, stats, stage.ratio, True, bias, dtype, values)
+    return tt_module(weight, stats, stage.ratio, stage.order, True, bias, dtype, value_dtype=values)
 
 
 def _mix_options(stage: FactorMixStage, weight, hessian, value_bits: int) -> list[Option]:

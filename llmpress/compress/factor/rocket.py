@@ -20,8 +20,9 @@ from pydantic import Field, field_validator
 
 from ...errors import LlmpressError
 from ...formats.factor import Factors, factor_bits, index_bits
+from ...io.models import STORAGE_DTYPES
 from ...layers import FactorLinear
-from ..stage import AllocatorStage, Built, register
+from ..stage import AllocatorStage, Built, FactorValues, register
 from .knapsack import Option
 from .whiten import unwhiten, whiten, whitening_factor
 
@@ -158,6 +159,7 @@ class RocketStage(AllocatorStage):
     safety_cap: bool = True              # the paper's
     rank: int | None = Field(None, ge=1)   # set per module by the allocation
     nnz: int | None = Field(None, ge=1)
+    values: FactorValues = "float16"     # the allocator counts bits at this width, indices included
 
     @field_validator("kappas")
     @classmethod
@@ -177,7 +179,7 @@ def _rocket(stage: RocketStage, weight, stats, bias, dtype) -> Built:
     if stage.rank is None:
         raise LlmpressError("no rank was allocated to this module (the ROCKET plan is missing)")
     factors = rocket_factors(weight, stats["hessian"], stage.rank, stage.nnz, stage.lam)
-    return FactorLinear.from_factors(factors, bias, dtype), factors.metrics
+    return FactorLinear.from_factors(factors, bias, dtype, STORAGE_DTYPES[stage.values]), factors.metrics
 
 
 def _rocket_options(stage: RocketStage, weight, hessian, value_bits: int) -> list[Option]:

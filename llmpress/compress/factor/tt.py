@@ -19,8 +19,9 @@ from pydantic import Field
 
 from ...errors import LlmpressError
 from ...formats.tt import bond_product, tt_full
+from ...io.models import STORAGE_DTYPES
 from ...layers import TTLinear
-from ..stage import Built, StageBase, register
+from ..stage import Built, FactorValues, StageBase, register
 from .whiten import whitening_factor
 
 # -- modes -----------------------------------------------------------------------------------------
@@ -317,6 +318,7 @@ class TTStage(StageBase):
     # aware only: sweeps of exact least squares on the first and last core against the full Gram
     # after the guarded TT-SVD (ours; 13-27 s per sweep of a 576x1536 linear on one thread here)
     refit: int = Field(1, ge=0)
+    values: FactorValues = "float16"
 
     @property
     def needs(self) -> frozenset[str]:
@@ -328,16 +330,17 @@ class TTStage(StageBase):
 
 
 def tt_module(weight: torch.Tensor, stats: dict, ratio: float, order: int, aware: bool, bias, dtype,
-               refit: int = 0) -> Built:
+              refit: int = 0, value_dtype: torch.dtype | None = None) -> Built:
     try:
         cores, metrics = tt_factorize(weight, ratio, order, stats["hessian"] if aware else None, refit)
     except ValueError as e:
         raise LlmpressError(str(e)) from None
-    return TTLinear.from_cores(cores, tuple(weight.shape), bias, dtype), metrics
+    return TTLinear.from_cores(cores, tuple(weight.shape), bias, dtype, value_dtype), metrics
 
 
 def _tt(stage: TTStage, weight, stats, bias, dtype) -> Built:
-    return tt_module(weight, stats, stage.ratio, stage.order, stage.aware, bias, dtype, stage.refit)
+    return tt_module(weight, stats, stage.ratio, stage.order, stage.aware, bias, dtype, stage.refit,
+                     STORAGE_DTYPES[stage.values])
 
 
 register(TTStage, compress=_tt)
