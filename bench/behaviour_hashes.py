@@ -9,7 +9,8 @@ alter results, and check them after:
     python bench/behaviour_hashes.py --check bench/behaviour-hashes.json     # exit 1 on any difference
     python bench/behaviour_hashes.py --check bench/behaviour-hashes.json --only gpt2
 
-Hashes hold for one torch build and thread count (2 threads here); the file names both.
+Hashes hold for one torch build, thread count and CPU (2 threads here); the file names all three,
+and ``--check`` says so when it runs on another CPU.
 """
 
 from __future__ import annotations
@@ -77,7 +78,11 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(2)
     runs = [r for r in RUNS if re.search(args.only, r[0])]
-    expected = json.loads(args.check.read_text())["runs"] if args.check else {}
+    recorded = json.loads(args.check.read_text()) if args.check else {}
+    expected = recorded.get("runs", {})
+    if args.check and recorded.get("cpu") != cpu_name():
+        print(f"recorded on {recorded.get('cpu', 'another CPU')}, checking on {cpu_name()}: GEMM rounding may differ, "
+              "so may act-order's permutations and every code after them", flush=True)
     results, failed = {}, []
     with tempfile.TemporaryDirectory(prefix="llmpress-hashes-") as tmp:
         work = args.work or Path(tmp)
@@ -100,12 +105,20 @@ def main() -> int:
     return 1 if failed else 0
 
 
+def cpu_name() -> str:
+    """The CPU model and the vector ISA torch dispatches to: BLAS kernels, hence rounding, differ
+    between CPUs (the same code and torch gave other GPTQ codes on two machines of one kind)."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def _write(path: Path, results: dict[str, dict[str, str]]) -> None:
     """Merge ``results`` into the hashes file at ``path`` (runs not run this time are kept)."""
     previous = json.loads(path.read_text())["runs"] if path.exists() else {}
     path.write_text(json.dumps({
         "protocol": "wiki/train 16x256 seed 0; sha256 of dtype, shape and bytes per tensor",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
         "runs": {**previous, **results},
     }, indent=1, sort_keys=True) + "\n")
 
