@@ -2,8 +2,8 @@
 
 ``y = (x A) C (+ b)`` with ``A [in, k]`` and ``C [k, out]`` (compress/factor/lowrank.py). Stored
 tensors (``<module>.<name>`` in safetensors):
-- ``dictionary`` ``[k, in]`` (``Aᵀ``, a linear weight), values in the dtype the method stores
-  (SVD / SVD-LLM: fp16 by default; ROCKET and the factor mix: the model's);
+- ``dictionary`` ``[k, in]`` (``Aᵀ``, a linear weight), values in the dtype the stage's ``values``
+  names (fp16 by default; the manifest records the width as ``value_bits``);
 - dense C: ``coef`` ``[out, k]`` (``Cᵀ``);
 - sparse C (``nnz`` atoms per output, ELL layout): ``coef_values`` ``[out, nnz]`` and
   ``coef_index`` ``[out, nnz]`` int16 (int32 past 32767 atoms), sorted within each row;

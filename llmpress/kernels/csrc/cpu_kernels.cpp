@@ -446,7 +446,8 @@ void half_gemv_rows(const float* x, const uint16_t* w, float* y, int64_t batch, 
         for (; c + 8 <= k; c += 8) {
           const __m256 xc = _mm256_loadu_ps(x + c);
           for (int r = 0; r < 4; ++r) {
-            _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + 4) * k + c), _MM_HINT_T0);   // the next four rows: +30% bandwidth
+            // the next four rows: +30% bandwidth from DRAM; a prefetch past the end never faults
+            _mm_prefetch(reinterpret_cast<const char*>(w0 + (r + 4) * k + c), _MM_HINT_T0);
             a[r] = _mm256_fmadd_ps(widen8<BF16>(w0 + r * k + c), xc, a[r]);
           }
         }
