@@ -388,19 +388,18 @@ def _receive_result(result: tuple | None, owner: int, dtype: torch.dtype) -> tup
     distributed run (``result`` is ``None`` on the other ranks)."""
     from ..io.checkpoint import build_module, module_manifest
 
-    def dtypes(module: nn.Module) -> dict[str, str]:   # a format may store some tensors narrower (fp16 factors)
-        return {name: str(t.dtype).removeprefix("torch.") for name, t in module.state_dict().items()}
-
-    sent = (module_manifest(result[0]), dtypes(result[0]), *result[1:]) if result is not None else None
-    spec, stored, metrics, input_scale, seconds = distributed.broadcast_object(sent, owner)
+    # the tensors' dtypes travel with the manifest: a format may store some narrower (bf16 factors)
+    sent = None
+    if result is not None:
+        dtypes = {name: str(t.dtype).removeprefix("torch.") for name, t in result[0].state_dict().items()}
+        sent = (module_manifest(result[0]), dtypes, *result[1:])
+    spec, dtypes, metrics, input_scale, seconds = distributed.broadcast_object(sent, owner)
     if result is not None:
         module = result[0]
-    else:
-        module = build_module("received", spec, dtype).to_empty(device="cpu")
-        for name, t in module.state_dict().items():
-            if str(t.dtype).removeprefix("torch.") != stored[name]:
-                owner_module, _, field = name.rpartition(".")
-                setattr(module.get_submodule(owner_module), field, torch.empty_like(t, dtype=getattr(torch, stored[name])))
+    else:   # built on the meta device; empty tensors of the owner's dtypes, filled by the broadcast
+        module = build_module("received", spec, dtype)
+        module.load_state_dict({name: torch.empty(t.shape, dtype=getattr(torch, dtypes[name]))
+                                for name, t in module.state_dict().items()}, assign=True)
     distributed.broadcast_tensors(dict(module.state_dict()), owner)
     return module, metrics, input_scale, seconds
 

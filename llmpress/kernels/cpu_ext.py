@@ -37,23 +37,6 @@ def extension():
         return None
 
 
-def half_weight_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """``x · Wᵀ`` for one fp32 row ``x [..., K]`` and a float16/bfloat16 ``W [N, K]`` on CPU, each
-    weight widened to fp32 in registers (the products of an fp32 copy of ``W``, half its bytes
-    read); None where that path does not apply (more rows, other dtypes or devices, no compiler,
-    the ``reference`` backend). torch's own half-precision GEMV is 2-3x slower at one row on CPU;
-    from two rows up its bf16 GEMM wins, and callers keep their torch path there."""
-    from .dispatch import get_backend
-
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype not in (torch.float16, torch.bfloat16)
-            or x.numel() != x.shape[-1] or get_backend() == "reference"):
-        return None
-    ext = extension()
-    if ext is None:
-        return None
-    return ext.half_gemv(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
-
-
 # Decoding batches take the LUT GEMV, larger inputs dequantize once per call. A LUT pass costs a
 # quarter of a dequantize-and-GEMM on CPU (1536 in, 576 out, 3 bits: 0.21 vs 0.86 ms, 2 threads), and
 # grows with every row where the GEMM hardly does: even at 4 rows. Triton's LUT GEMV takes up to 8.

@@ -15,6 +15,8 @@ the input's device, with the torch reference as the oracle and the fallback.
 - ``cpu-dequant``: larger inputs on CPU (prefill, the fp32 perplexity protocol): the C++
   dequantizer (``kernels.cpu_ext``, identical to the reference's weights, several times faster),
   then one fp32 GEMM; the weight lives for that call only.
+- ``half_weight_gemv``: one decoding row against fp16/bf16 weights (the stored head, the linears
+  left dense, half-precision factors): the C++ GEMV, fp32 products.
 - ``triton``: the Triton kernels (``kernels.triton_uniform``) on CUDA devices.
 - ``cuda``: the CUDA C++ 4-bit GEMV (``kernels/csrc``) for fp16 inputs of up to 8 rows on CUDA,
   built on first use; only when asked for (no GPU has been available to measure it against Triton).
@@ -96,6 +98,21 @@ def select_path(layer, x: torch.Tensor) -> str:
     if backend in ("auto", "triton") and _triton_ready():
         return "triton"
     return "reference"
+
+
+def half_weight_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x · Wᵀ`` for one fp32 row ``x [..., K]`` and a float16/bfloat16 ``W [N, K]`` on CPU, each
+    weight widened to fp32 in registers (the products of an fp32 copy of ``W``, half its bytes
+    read); None where that path does not apply (more rows, other dtypes or devices, no compiler,
+    the ``reference`` backend). torch's own half-precision GEMV is 2-3x slower at one row on CPU;
+    from two rows up its bf16 GEMM wins, and callers keep their torch path there."""
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype not in (torch.float16, torch.bfloat16)
+            or x.numel() != x.shape[-1] or _backend == "reference"):
+        return None
+    ext = cpu_ext.extension()
+    if ext is None:
+        return None
+    return ext.half_gemv(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
 
 
 def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:

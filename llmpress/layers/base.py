@@ -70,3 +70,13 @@ class CompressedLinear(nn.Module, ABC):
     def validate(self) -> None:
         """Raise ``ValueError`` if the loaded tensors cannot be used (indices out of range, scales
         that are not finite): a tampered file fails at load, not inside a matmul."""
+
+
+def value_dtype_for(value_bits: int | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a format's values (factors, TT cores) are built in before their tensors load:
+    ``dtype`` when the width is not given or is its own, else fp16 (16 bits) or fp32 (32)."""
+    if value_bits is None or value_bits == torch.finfo(dtype).bits:
+        return dtype
+    if value_bits not in (16, 32):
+        raise ValueError(f"values of {value_bits} bits are not stored by this format")
+    return torch.float16 if value_bits == 16 else torch.float32

@@ -11,7 +11,7 @@ tensors (``<module>.<name>`` in safetensors):
 The forward never rebuilds the dense weight: ``h = x Aᵀ``, then a dense product with C or, for
 sparse C, decoding rows through the C++ ELL GEMV on the stored arrays and larger inputs through C
 made dense for that call. Values stored in fp16/bf16 are widened in registers for one decoding row
-(``kernels.cpu_ext.half_weight_gemv``): half the bytes of fp32 read per token.
+(``kernels.dispatch.half_weight_gemv``): half the bytes of fp32 read per token.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 
 from ..formats.factor import Factors, index_bits
 from ..kernels import cpu_ext
-from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend
-from .base import CompressedLinear, Layout
+from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend, half_weight_gemv
+from .base import CompressedLinear, Layout, value_dtype_for
 
 
 class FactorLinear(CompressedLinear):
@@ -134,19 +134,10 @@ class FactorLinear(CompressedLinear):
 def _times(x: torch.Tensor, weight: torch.Tensor, decoding: bool) -> torch.Tensor:
     """``x · weightᵀ``: one fp32 row against half-precision values through the C++ GEMV; a few rows
     (decoding) in the stored dtype with fp32 accumulation, no per-call upcast; otherwise upcast."""
-    y = cpu_ext.half_weight_gemv(x, weight)
+    y = half_weight_gemv(x, weight)
     if y is not None:
         return y
     if decoding and weight.dtype != x.dtype:
         return (x.to(weight.dtype) @ weight.T).to(x.dtype)
     return x @ weight.to(x.dtype).T
 
-
-def value_dtype_for(value_bits: int | None, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a format's values are built in before their tensors load: ``dtype`` when the
-    width is not given or is its own, else fp16 (16 bits) or fp32 (32)."""
-    if value_bits is None or value_bits == torch.finfo(dtype).bits:
-        return dtype
-    if value_bits not in (16, 32):
-        raise ValueError(f"values of {value_bits} bits are not stored by this format")
-    return torch.float16 if value_bits == 16 else torch.float32

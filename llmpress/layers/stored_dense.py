@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.cpu_ext import half_weight_gemv
-from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend
+from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend, half_weight_gemv
 
 # The weights are buffers, not parameters: transformers takes a model's ``dtype`` from its first
 # floating parameter, and the model computes in ``compute_dtype``, not in the storage dtype.
@@ -55,16 +54,12 @@ class StoredDtypeLinear(nn.Linear):
         return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-def narrower_than(weight: torch.Tensor, compute_dtype: torch.dtype) -> bool:
-    return weight.is_floating_point() and torch.finfo(weight.dtype).bits < torch.finfo(compute_dtype).bits
-
-
 def keep_stored_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
     """Wrap the input embedding, the output head and every other plain linear whose weights are
     narrower than ``compute_dtype`` (a tied pair keeps one shared tensor): the model holds what its
     folder holds."""
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    narrower = (lambda w: narrower_than(w, compute_dtype))
+    narrower = (lambda w: w.is_floating_point() and torch.finfo(w.dtype).bits < torch.finfo(compute_dtype).bits)
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module is out:
             continue

@@ -19,8 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..formats.tt import contraction_macs, reconstruction_macs, tt_forward, tt_full
-from .base import CompressedLinear, Layout
-from .factor_linear import value_dtype_for
+from .base import CompressedLinear, Layout, value_dtype_for
 
 
 class TTLinear(CompressedLinear):
