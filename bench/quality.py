@@ -24,7 +24,8 @@ from pathlib import Path
 
 from common import OUT, ROOT, decode_prompt, decode_rate, folder_name, update_benchmarks
 
-REFERENCE_RUN = ["act_order=false", "true_sequential=false"]   # as the original code's plain runs
+REFERENCE_RUN = ["act_order=false", "true_sequential=false"]
+DEFAULT_MODEL = "smollm2-135m"   # as the original code's plain runs
 
 # (name, recipe or None for dense, --set overrides, reference ppl from issue #2 / data.md)
 FOUNDATION = [
@@ -73,22 +74,25 @@ RESIDUAL_W2 = [
     ("ResComp W2 g64 a=1 allw", "rescomp-w2-g64", ["alpha=1.0", "alpha2=1.0", "rescomp_mode=allw"], None),
 ]
 
-# Issue #5: no rotation vs randomized Hadamard (RHT) vs HARP, each with RTN and GPTQ presets
-# (act-order, true-sequential). "rht+gptq-w3-g64" is the preset with a rotation stage in front.
-# HARP fits against the grid (bits, group, sym), which RTN and GPTQ share: the GPTQ row reuses the
-# rotation the RTN row fitted (run the RTN row first), the same Q a second fit would give.
+# Issues #5 and #34: no rotation vs the randomized Hadamard (RHT, fused residual rotation with the
+# online down_proj Hadamard) vs HARP's shared fused rotation vs HARP per linear (the paper's
+# two-sided processors, online), each before the GPTQ preset (act-order, true-sequential).
 ROTATION = []
-for _bits, _group in ((3, 64), (2, 64), (4, -1)):
+for _bits, _group in ((2, 64), (3, 64), (4, -1)):
     _tag = f"W{_bits}" + (f" g{_group}" if _group > 0 else " per-row")
-    _base = f"w{_bits}" + (f"-g{_group}" if _group > 0 else "")
-    for _quant in ("rtn", "gptq"):
-        _fitted = "bench/out/HARP_RTN_" + _tag.replace(" ", "_")   # folder_name() of the RTN row; rows run in ROOT
-        _reuse = [] if _quant == "rtn" else [f"reuse={_fitted}"]
-        ROTATION += [(f"{q} {_tag}", r, settings, None) for q, r, settings in (
-            (_quant.upper(), f"{_quant}-{_base}", []),
-            (f"RHT+{_quant.upper()}", f"rht+{_quant}-{_base}", []),
-            (f"HARP+{_quant.upper()}", f"harp+{_quant}-{_base}", _reuse),
-        )]
+    _base = f"gptq-w{_bits}" + (f"-g{_group}" if _group > 0 else "")
+    ROTATION += [
+        (f"GPTQ {_tag}", _base, [], None),
+        (f"RHT+GPTQ {_tag}", f"rht+{_base}", [], None),
+        (f"HARP shared+GPTQ {_tag}", f"harp-shared+{_base}", [], None),
+        (f"HARP per-linear+GPTQ {_tag}", f"harp+{_base}", [], None),
+    ]
+
+# Issue #34 on the second real model of data.md (run with --model FILE.gguf, fewer windows)
+ROTATION_SECOND = [
+    ("RHT+GPTQ W2 g64", "rht+gptq-w2-g64", [], None),
+    ("HARP per-linear+GPTQ W2 g64", "harp+gptq-w2-g64", [], None),
+]
 
 # Issue #7: plain SVD vs whitened SVD (SVD-LLM) vs ROCKET at the same removed fraction of the
 # decoder linears' stored bits; the table adds bytes on disk and CPU decode speed.
@@ -165,7 +169,7 @@ GPTQ_SEEDS = [
 ]
 
 SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
-          "rotation": ROTATION, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD,
+          "rotation": ROTATION, "rotation-second": ROTATION_SECOND, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD,
           "gguf": GGUF}
 MEASURE_DECODE = {"factor", "tt", "shiftadd"}   # suites whose rows also time CPU decoding
 
@@ -180,7 +184,8 @@ def bench_recipe(name: str):
     base = load_recipe(preset)
     data = base.model_dump(mode="json")
     data["name"] = name
-    data["stages"] = [{"method": rotation}, *data["stages"]]
+    method, _, variant = rotation.partition("-")   # harp-shared: HARP's shared variant
+    data["stages"] = [{"method": method, **({"variant": variant} if variant else {})}, *data["stages"]]
     return parse_recipe(data, name)
 
 
@@ -196,7 +201,7 @@ def measured_before(name_recipe_settings: tuple, windows: int, nsamples: int, se
     return None
 
 
-def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) -> dict:
+def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int, model: str = DEFAULT_MODEL) -> dict:
     """In a fresh process: compress (timed, peak RSS read right after), then evaluate."""
     import llmpress
 
@@ -206,15 +211,19 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int) ->
               "seed": kwargs.get("seed", 0), "nsamples": nsamples, "seqlen": seqlen}
     if kwargs.get("drop"):
         result["drop"] = kwargs["drop"]
-    model = "smollm2-135m"
+    if model != DEFAULT_MODEL:
+        result["model"] = model
     if recipe is not None:
-        out = OUT / folder_name(name)
+        out = OUT / folder_name(name if model == DEFAULT_MODEL else f"{Path(model).stem} {name}")
         start = time.perf_counter()
         res = llmpress.compress(model, bench_recipe(recipe), out=out, settings=settings, nsamples=nsamples, seqlen=seqlen,
                                 overwrite=True, progress=False, **kwargs)
         result["compress_s"] = time.perf_counter() - start
         result["compress_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["bits_per_weight"] = res.summary["bits per weight (codes+scales+zeros)"]
+        fit = [r.metrics["harp_seconds"] for r in res.records if "harp_seconds" in r.metrics]
+        if fit:
+            result["harp_fit_s"] = sum(fit)
         model = out
     m, tok = llmpress.load(model)
     ppl = llmpress.perplexity(m, tok, "wiki/test", seqlen=2048, windows=windows)
@@ -239,17 +248,18 @@ def decoder_linear_bytes_ratio(model, folder: Path) -> float:
     from safetensors import safe_open
     from torch import nn
 
-    from llmpress.layers import LAYER_FORMATS
+    from llmpress.layers.base import outermost_compressed
 
-    kinds = (nn.Linear, *LAYER_FORMATS.values())
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and ".layers." in n}
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and ".layers." in n}
+    linears |= {n: m for n, m in outermost_compressed(model).items() if ".layers." in n}
     dense = sum(m.in_features * m.out_features * 4 for m in linears.values())
     stored = 0
     for shard in folder.glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:
             for key in list(f.keys()):
-                owner, _, field = key.rpartition(".")
-                if owner in linears and field != "bias":
+                # every tensor under a linear (a wrapper's inner module and processors too), bias excepted
+                owner = next((n for n in linears if key.startswith(f"{n}.")), None)
+                if owner is not None and key != f"{owner}.bias":
                     stored += _nbytes(f, key)
     return stored / dense
 
@@ -278,6 +288,7 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
     extra = [(k, title, fmt) for k, title, fmt in (
         ("linear_bytes_ratio", "decoder-linear bytes / dense", "{:.3f}"),
         ("decode_tok_s", "CPU decode tok/s (1 thread)", "{:.1f}"),
+        ("harp_fit_s", "HARP per-linear fit (s)", "{:.0f}"),
         ("gguf_mb", "GGUF file (MB)", "{:.2f}"),
     ) if any(k in r for r in rows)]
     if extra:
@@ -308,6 +319,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="the model every row compresses (default smollm2-135m)")
     ap.add_argument("--no-update", action="store_true", help="print the table without editing BENCHMARKS.md")
     ap.add_argument("--skip-dense", action="store_true", help="do not run the dense baseline again")
     ap.add_argument("--reuse", action="store_true",
@@ -317,7 +329,7 @@ def main() -> None:
                     help="only rebuild the table from bench/out/quality.jsonl (the latest row of each name)")
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(run_one(args.suite, args.one, args.windows, args.nsamples, args.seqlen)))
+        print(json.dumps(run_one(args.suite, args.one, args.windows, args.nsamples, args.seqlen, args.model)))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     configs = SUITES[args.suite]
@@ -342,7 +354,7 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         proc = subprocess.run(
             [sys.executable, __file__, "--suite", args.suite, "--one", str(i), "--windows", str(args.windows),
-             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)],
+             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--model", args.model],
             capture_output=True, text=True, cwd=ROOT,
         )
         if proc.returncode != 0:

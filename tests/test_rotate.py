@@ -301,7 +301,7 @@ def test_harp_statistics_stream_block_by_block_and_equal_the_residual_stream(per
     from llmpress.compress.run import _prepare, _StreamedWeights
 
     folder = perturbed("llama")
-    recipe = parse({"stages": [{"method": "harp", "steps": 1, "bits": 3, "group_size": 32}]})
+    recipe = parse({"stages": [{"method": "harp", "variant": "shared", "steps": 1, "bits": 3, "group_size": 32}]})
     job = _prepare(folder, recipe, "unused", None, 4, 32, 0, [], False)
     rotation = job.rotation
     streamed = _StreamedWeights(job, None)
@@ -324,7 +324,7 @@ def test_harp_statistics_stream_block_by_block_and_equal_the_residual_stream(per
 
 def test_harp_rotation_keeps_the_function(perturbed, tmp_path, tiny_model_factory):
     folder = perturbed("llama")
-    recipe = parse_recipe({"stages": [{"method": "harp", "steps": 3, "refresh": 1, "bits": 3, "group_size": 32}]})
+    recipe = parse_recipe({"stages": [{"method": "harp", "variant": "shared", "steps": 3, "refresh": 1, "bits": 3, "group_size": 32}]})
     llmpress.compress(folder, recipe, out=tmp_path / "h", nsamples=4, seqlen=32, progress=False)
     dense, _ = llmpress.load(folder)
     rotated, _ = llmpress.load(tmp_path / "h")
@@ -336,7 +336,7 @@ def test_harp_rotation_keeps_the_function(perturbed, tmp_path, tiny_model_factor
         llmpress.compress(tiny_model_factory("gemma2"), recipe, out=tmp_path / "g", nsamples=4, seqlen=32,
                           progress=False)
     with pytest.raises(RecipeError, match="needs `bits`"):
-        llmpress.compress(folder, parse_recipe({"stages": [{"method": "harp"}]}), out=tmp_path / "x", progress=False)
+        llmpress.compress(folder, parse_recipe({"stages": [{"method": "harp", "variant": "shared"}]}), out=tmp_path / "x", progress=False)
 
 
 def test_resume_reuses_the_harp_fit(perturbed, tmp_path, monkeypatch):
@@ -344,7 +344,7 @@ def test_resume_reuses_the_harp_fit(perturbed, tmp_path, monkeypatch):
     from llmpress.compress.rotate import harp
 
     folder = perturbed("llama")
-    recipe = parse_recipe({"stages": [{"method": "harp", "steps": 3, "refresh": 1},
+    recipe = parse_recipe({"stages": [{"method": "harp", "variant": "shared", "steps": 3, "refresh": 1},
                                       {"method": "rtn", "bits": 3, "group_size": 32}]})
     real = pipeline._compress_block
 
@@ -374,7 +374,7 @@ def test_harp_reuse_takes_an_earlier_fit_and_refuses_a_bad_one(perturbed, tmp_pa
     from llmpress.compress.rotate import harp
 
     folder = perturbed("llama")
-    fit = {"method": "harp", "steps": 3, "refresh": 1}
+    fit = {"method": "harp", "variant": "shared", "steps": 3, "refresh": 1}
     llmpress.compress(folder, parse_recipe({"stages": [fit, {"method": "rtn", "bits": 3, "group_size": 32}]}),
                       out=tmp_path / "rtn", nsamples=4, seqlen=32, progress=False)
     fitted = load_file(str(tmp_path / "rtn" / "llmpress-harp.safetensors"))["q"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import LlmpressError
+from .hooks import LinearProcessor
 from .phases import add_flops, phase
 from .stage import StageBase, method_of
 
@@ -40,18 +42,26 @@ def output_error(delta: torch.Tensor, weight: torch.Tensor, hessian: torch.Tenso
 
 
 def compress_linear(
-    stage: StageBase, linear: nn.Module, stats: dict, *, dtype: torch.dtype
+    stage: StageBase, linear: nn.Module, stats: dict, *, dtype: torch.dtype, processor: LinearProcessor | None = None,
 ) -> tuple[nn.Module, dict[str, float], torch.Tensor, torch.Tensor | None]:
     """The compressed module, its metrics (errors relative to the original weight), its fp32
     ``[out, in]`` weight (the pipeline computes with it during calibration), and the per-input
     scale its weight still needs (``None`` unless the method leaves one for a block hook to absorb
-    upstream: DSQ's ``c``)."""
+    upstream: DSQ's ``c``). With a ``processor`` the method solves the problem in its bases and
+    the module it returns is wrapped to compute in the original ones."""
     weight = linear_weight(linear)
     if not torch.isfinite(weight).all():
         from ..errors import ModelLoadError
 
         raise ModelLoadError("the weight has NaN or Inf entries; refusing to quantize a broken checkpoint")
-    module, metrics, *rest = method_of(stage).compress(stage, weight, stats, linear.bias, dtype)
+    if processor is None:
+        module, metrics, *rest = method_of(stage).compress(stage, weight, stats, linear.bias, dtype)
+    else:
+        module, metrics, *rest = method_of(stage).compress(stage, processor.weight, processor.stats, None, dtype)
+        if rest and rest[0] is not None:
+            raise LlmpressError(f"`{stage.method}` leaves an input scale, which a processed linear cannot absorb")
+        module = processor.wrap(module, linear.bias, dtype)
+        metrics = {**metrics, **processor.metrics}
     input_scale = rest[0] if rest else None
     metrics = dict(metrics)
     dense = dense_weight(module, input_scale)

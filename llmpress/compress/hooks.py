@@ -7,7 +7,8 @@ calls its points in this order, knowing no method by name:
 
 ``check`` (every block's plan, before any work) → ``start`` → per group of linears:
 ``before_group`` → statistics (``keeps_output_shortcut`` decides whether the block's outputs may
-be taken as ``h + XŴᵀ``) → per linear ``after_solve`` → ``after_group`` → the block's outputs →
+be taken as ``h + XŴᵀ``) → ``processors`` (changes of basis some linears are solved in) → per
+linear ``after_solve`` → ``after_group`` → the block's outputs →
 ``end`` (before the packed modules go back in) → ``outputs_ready`` (the outputs are final).
 """
 
@@ -54,6 +55,18 @@ class Solved:
     changed: bool = False              # a hook changed what the module computes: its dense weight is read again
 
 
+@dataclass
+class LinearProcessor:
+    """An exact change of basis around one linear, given by a block stage before the layer method
+    runs: the method compresses ``weight`` on ``stats`` (both in the new bases, the bias left out)
+    and ``wrap(module, bias, dtype)`` makes the stored module compute the original function."""
+
+    weight: torch.Tensor
+    stats: dict
+    wrap: Callable[[nn.Module, torch.Tensor | None, torch.dtype], nn.Module]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 class BlockHooks:
     """Every point a no-op; a method overrides the points it acts at."""
 
@@ -66,6 +79,11 @@ class BlockHooks:
         """Whether the last block's outputs are needed (they are otherwise never computed)."""
         return False
 
+    @classmethod
+    def linear_needs(cls, stage: Any) -> frozenset[str]:
+        """Statistics this method reads of every compressed linear, beyond its layer stage's."""
+        return frozenset()
+
     def __init__(self, stage: Any):
         self.stage = stage
 
@@ -75,6 +93,11 @@ class BlockHooks:
 
     def keeps_output_shortcut(self, ctx: BlockContext, members: list[str]) -> bool:
         return True
+
+    def processors(self, ctx: BlockContext, stats: dict[str, dict]) -> dict[str, LinearProcessor]:
+        """Changes of basis for some of the group's linears (``stats``: each one's statistics),
+        after the statistics and before the solves."""
+        return {}
 
     def after_solve(self, ctx: BlockContext, solved: Solved) -> None: ...
 

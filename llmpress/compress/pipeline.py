@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import LlmpressError
+from ..layers.base import outermost_compressed
 from ..progress import Progress
 from . import distributed
 from .arch import ArchMap, blocks_of
@@ -128,10 +129,16 @@ class BlockPlan:
 
     assignment: dict[str, StageBase | None]
     groups: list[tuple[str, ...]]
+    linear_needs: frozenset[str] = frozenset()   # what block stages read of every compressed linear
+
+    def needs_of(self, name: str) -> frozenset[str]:
+        """The statistics linear ``name`` is compressed with: its stage's and the block stages'."""
+        stage = self.assignment[name]
+        return frozenset() if stage is None else stage.needs | self.linear_needs
 
     @property
     def needs_data(self) -> bool:
-        return any(s is not None and s.needs for s in self.assignment.values())
+        return any(self.needs_of(n) for n in self.assignment)
 
     @property
     def fp_linears(self) -> list[str]:
@@ -169,7 +176,8 @@ def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
         assignment[name] = stage.for_module(full) if stage is not None else None
     sequential = all(getattr(s, "true_sequential", True) for s in assignment.values() if s is not None)
     groups = list(arch.linear_groups) if sequential else [arch.linears]
-    return BlockPlan(assignment, groups)
+    hooks = [(s, method_of(s).hooks) for s in recipe.stages if method_of(s).hooks is not None]
+    return BlockPlan(assignment, groups, frozenset().union(*(h.linear_needs(s) for s, h in hooks)))
 
 
 class BlockWeights(Protocol):
@@ -275,7 +283,8 @@ def compress_blocks(
                     record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, [], arena, write_outputs=True)
                 io.load_finished(i, block, prefix)
                 if need_outputs:
-                    run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
+                    with _dense_proxies(block):
+                        run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
                 io.release(block)
                 bar.advance()
                 continue
@@ -374,6 +383,21 @@ def _hidden_size(model: nn.Module) -> int:
         if config is not None and isinstance(getattr(config, key, None), int):
             return getattr(config, key)
     return 4096
+
+
+@contextlib.contextmanager
+def _dense_proxies(block: nn.Module):
+    """A resumed block's compressed linears computed as the run computed them when it compressed
+    them, through their dense weights (a module's own forward rounds differently: HARP's online
+    processors), so a resumed run gives the very model the uninterrupted one gives."""
+    compressed = outermost_compressed(block).items()
+    for name, module in compressed:
+        block.set_submodule(name, dense_proxy(module, dense_weight(module)))
+    try:
+        yield
+    finally:
+        for name, module in compressed:
+            block.set_submodule(name, module)
 
 
 def _solve_cost(linear: nn.Module) -> float:
@@ -533,7 +557,7 @@ def _compress_block(
             continue
         for h in hooks:
             h.before_group(ctx, group)
-        data_members = [n for n in members if plan.assignment[n].needs]
+        data_members = [n for n in members if plan.needs_of(n)]
         hessians: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
         drift: dict[str, float] = {}
@@ -573,6 +597,18 @@ def _compress_block(
             del stats
         # Every rank solves the linears it owns, then every result is broadcast: under torchrun the
         # ranks solve at the same time instead of one after the other.
+        group_stats: dict[str, dict] = {}
+        for name in members:
+            group_stats[name] = {"hessian": hessians[name]} if name in hessians else {}
+            if name in crosses:
+                group_stats[name]["cross"] = crosses[name]
+                group_stats[name]["input_drift"] = drift[name]
+            elif "fp_inputs" in plan.assignment[name].needs:
+                raise LlmpressError(f"{prefix}.{name}: no full-precision inputs were recorded for it")
+        # every rank takes the processors (deterministic), so any rank can solve any linear
+        processors = {}
+        for h in hooks:
+            processors.update(h.processors(ctx, group_stats))
         owners = distributed.assign_owners([_solve_cost(block.get_submodule(n)) for n in members])
         solved_here, dense_here = {}, {}
         for name, owner in zip(members, owners):
@@ -580,17 +616,12 @@ def _compress_block(
                 continue
             stage = plan.assignment[name]
             ctx.describe(f"block {index + 1} · {name} · {stage.label}")
-            module_stats = {"hessian": hessians[name]} if name in hessians else {}
-            if name in crosses:
-                module_stats["cross"] = crosses[name]
-                module_stats["input_drift"] = drift[name]
-            elif "fp_inputs" in stage.needs:
-                raise LlmpressError(f"{prefix}.{name}: no full-precision inputs were recorded for it")
             start = time.perf_counter()
             try:
                 with phase("solve"):
-                    module, metrics, dense, input_scale = compress_linear(stage, block.get_submodule(name),
-                                                                          module_stats, dtype=dtype)
+                    module, metrics, dense, input_scale = compress_linear(
+                        stage, block.get_submodule(name), group_stats[name], dtype=dtype,
+                        processor=processors.get(name))
             except LlmpressError as e:
                 raise type(e)(f"{prefix}.{name}: {e}") from None
             solved_here[name] = (module, metrics, input_scale, time.perf_counter() - start)

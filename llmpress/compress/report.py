@@ -135,6 +135,7 @@ def run_summary(out: Path, records: list[ModuleRecord], job, rotation, seconds: 
         "calibration": f"{c['source']} {c['nsamples']}x{c['seqlen']} seed {c['seed']} (hash {c['hash']})"
         if c else "none (data-free)",
         "rotation": _describe_rotation(rotation),
+        **_describe_processors(records),
         **{key: notes[key] for key in ("HARP fit", "allocation") if notes.get(key)},
         **({"ranks (torchrun)": distributed.world_size()} if distributed.active() else {}),
         "compressed modules": len(records),
@@ -148,6 +149,18 @@ def run_summary(out: Path, records: list[ModuleRecord], job, rotation, seconds: 
         "peak RSS (MB)": round(peak_rss_mb(), 1),
         "llmpress": __version__,
     }
+
+
+def _describe_processors(records: list[ModuleRecord]) -> dict[str, str]:
+    """Per-linear HARP's line: how many linears, the fit's time and its mean proxy change."""
+    fits = [r.metrics for r in records if "harp_proxy_start" in r.metrics]
+    if not fits:
+        return {}
+    start = sum(m["harp_proxy_start"] for m in fits) / len(fits)
+    end = sum(m["harp_proxy_end"] for m in fits) / len(fits)
+    seconds = sum(m["harp_seconds"] for m in fits)
+    return {"HARP processors": f"{len(fits)} linears, fit {seconds:.0f} s, mean proxy {start:.5f} → {end:.5f} "
+                               f"({(end / start - 1) * 100:+.1f}%)"}
 
 
 def _describe_rotation(rotation) -> str:

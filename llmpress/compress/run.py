@@ -94,8 +94,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
     if activations not in ACTIVATION_DTYPES:
         raise RecipeError(f"activations must be one of {', '.join(ACTIVATION_DTYPES)}, not {activations!r}")
     activation_dtype = ACTIVATION_DTYPES[activations]
-    needs_data = any(s.needs for s in recipe.layer_stages) or any(
-        s.needs for s in (recipe.rotation, recipe.correction) if s is not None)
+    needs_data = any(s.needs for s in recipe.stages)
     if calib is not None:   # a typo fails before the model is read, whether or not the recipe reads it
         check_text_source(calib)
         if not needs_data and distributed.is_main():

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import LlmpressError, ModelLoadError, OutputError
 from ..layers import LAYER_FORMATS, CompressedLinear, OnlineHadamard
+from ..layers.harp_linear import link_shared_processors
 from ..layers.online_hadamard import input_width
 from ..layers.shared_input import link_shared_inputs
 from ..layers.stored_dense import keep_stored_dtype
@@ -276,6 +277,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
         raise ModelLoadError(f"{folder}: no weights for {leftover[0]} (and {len(leftover) - 1} more)")
     _check_codes(model)
     keep_stored_dtype(model, dtype)
+    link_shared_processors(model)
     link_shared_inputs(model)
     return model.eval()
 

@@ -36,7 +36,8 @@ from torch import nn
 
 from ..errors import LlmpressError, OutputError
 from ..formats.packing import pack_codes, unpack_codes
-from ..layers import CompressedLinear, OnlineHadamard, QuantLinear
+from ..layers import OnlineHadamard, QuantLinear
+from ..layers.base import outermost_compressed
 from ..version import __version__
 from .checkpoint import is_llmpress_output, load_compressed, read_manifest
 from .models import load_tokenizer
@@ -86,8 +87,7 @@ def export(src: str | Path, out: str | Path, fmt: str, *, dtype: str = "float16"
     try:
         torch_dtype = DTYPES[dtype]
         if fmt == "dense":
-            compressed = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
-            tensors, qconfig = _dense_tensors(model, compressed, torch_dtype), None
+            tensors, qconfig = _dense_tensors(model, outermost_compressed(model), torch_dtype), None
         elif fmt == "compressed-tensors":
             tensors, qconfig = _compressed_tensors(model, quantized, torch_dtype)
         else:

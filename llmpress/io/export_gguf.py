@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import LlmpressError
 from ..formats.ggml import TYPES, GGMLWeight, pack
 from ..formats.packing import unpack_codes
-from ..layers import CompressedLinear, GGMLLinear, OnlineHadamard, QuantLinear
+from ..layers import CompressedLinear, GGMLLinear, HarpLinear, OnlineHadamard, QuantLinear
 
 GGUF_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -164,8 +164,8 @@ def gguf_tensors(model: nn.Module, family: Family, dtype: str) -> dict[str, tupl
     tied = getattr(config, "tie_word_embeddings", False)
     out: dict[str, tuple[np.ndarray, object]] = {}
     modules = dict(model.named_modules())
-    for module_name, module in modules.items():
-        if isinstance(module, OnlineHadamard):
+    for module_name, module in modules.items():   # wrappers refuse before their inner modules are read
+        if isinstance(module, OnlineHadamard | HarpLinear):
             ggml_weight_of(module_name, module)
     done: set[str] = set()
     for key, value in model.state_dict().items():

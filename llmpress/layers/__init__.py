@@ -7,6 +7,7 @@ from .bcq_linear import BCQLinear
 from .dual_scale_linear import DualScaleLinear
 from .factor_linear import FactorLinear
 from .ggml_linear import GGMLLinear
+from .harp_linear import HarpLinear
 from .online_hadamard import OnlineHadamard
 from .quant_linear import QuantLinear
 from .tt_linear import TTLinear
@@ -27,5 +28,5 @@ def module_sizes(modules: dict[str, dict]) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-__all__ = ["LAYER_FORMATS", "BCQLinear", "CompressedLinear", "DualScaleLinear", "FactorLinear", "GGMLLinear", "Layout",
+__all__ = ["LAYER_FORMATS", "BCQLinear", "CompressedLinear", "DualScaleLinear", "FactorLinear", "GGMLLinear", "HarpLinear", "Layout",
            "OnlineHadamard", "QuantLinear", "TTLinear", "module_sizes"]

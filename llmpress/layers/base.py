@@ -80,3 +80,13 @@ def value_dtype_for(value_bits: int | None, dtype: torch.dtype) -> torch.dtype:
     if value_bits not in (16, 32):
         raise ValueError(f"values of {value_bits} bits are not stored by this format")
     return torch.float16 if value_bits == 16 else torch.float32
+
+
+def outermost_compressed(root: nn.Module) -> dict[str, CompressedLinear]:
+    """The compressed linears under ``root`` by name, leaving out those that live inside another
+    (the module a ``HarpLinear`` wraps): each one's function once."""
+    found: dict[str, CompressedLinear] = {}
+    for name, module in root.named_modules():
+        if isinstance(module, CompressedLinear) and not any(name.startswith(f"{n}.") for n in found):
+            found[name] = module
+    return found

@@ -101,3 +101,16 @@ def fit_grid(
     return GridParams(scale=best_scale, zero=best_zero)
 
 
+def grouped_fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """RTN of ``w`` on a min-max grid per row or per group of ``group_size`` columns (the last group
+    of a width that does not divide may be narrower)."""
+    rows, cols = w.shape
+    if group_size <= 0 or cols % group_size:
+        g = cols if group_size <= 0 else group_size
+        out = torch.empty_like(w)
+        for s in range(0, cols, g):
+            params = fit_grid(w[:, s:s + g], bits, sym)
+            out[:, s:s + g] = fake_quantize(w[:, s:s + g], params, bits)
+        return out
+    flat = w.reshape(-1, group_size)
+    return fake_quantize(flat, fit_grid(flat, bits, sym), bits).reshape(rows, cols)

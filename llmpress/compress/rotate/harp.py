@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ...errors import LlmpressError
 from ...formats.hadamard import apply_hadamard, hadamard_factors
 from ..arch import blocks_of
-from ..quant.grid import fake_quantize, fit_grid
+from ..quant.grid import grouped_fake_quantize
 from ..stage import ALLOWED_BITS, RotationStage, register
 from .fuse import rotate_heads_input, rotate_input
 from .hadamard import random_signs, signed_hadamard_map
@@ -211,20 +211,6 @@ def _block_statistics(block: nn.Module, rot, rotation, run) -> tuple[dict[str, t
 
 # -- the fit ---------------------------------------------------------------------------------------
 
-def grouped_fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """RTN on the grid the quantizer stage will use (per row, or groups of ``group_size`` columns)."""
-    rows, cols = w.shape
-    if group_size <= 0 or cols % group_size:
-        g = cols if group_size <= 0 else group_size
-        out = torch.empty_like(w)
-        for s in range(0, cols, g):
-            params = fit_grid(w[:, s:s + g], bits, sym)
-            out[:, s:s + g] = fake_quantize(w[:, s:s + g], params, bits)
-        return out
-    flat = w.reshape(-1, group_size)
-    return fake_quantize(flat, fit_grid(flat, bits, sym), bits).reshape(rows, cols)
-
-
 def fit_harp(terms: list[ProxyTerm], n: int, *, bits: int, group_size: int, sym: bool, seed: int,
              steps: int = 200, lr: float = 0.03, refresh: int = 5, groups_per_step: int | None = None,
              progress=None) -> HarpResult:
@@ -323,23 +309,46 @@ def fit_harp(terms: list[ProxyTerm], n: int, *, bits: int, group_size: int, sym:
 # -- the method ------------------------------------------------------------------------------
 
 class HARPStage(RotationStage):
-    """A learned residual-stream rotation, initialised at the RHT of the same seed and fitted on
-    the proxy quantization error of the grid that follows (compress/rotate/harp.py)."""
+    """HARP (compress/rotate/harp_linear.py): by default the paper's method, two learned butterfly
+    processors around every linear, fitted to its weight, Hessian and grid and applied online by
+    the stored layer. ``variant: shared`` learns one residual-stream rotation fused into the
+    weights instead (a stock checkpoint; this file), initialised at the RHT of the same seed."""
 
-    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
     method: Literal["harp"] = "harp"
+    variant: Literal["per-linear", "shared"] = "per-linear"
     steps: int = Field(100, ge=0)        # Adam steps (the paper: 1200 on a GPU)
     lr: float = Field(0.03, gt=0)        # the paper's lr for both processors
-    refresh: int = Field(10, ge=1)       # steps between refreshes of the quantized target (paper: 1)
-    groups_per_step: int | None = Field(8, ge=1)   # input groups whose quadratic term a step samples
-    fit_samples: int = Field(32, ge=1)   # calibration windows whose Hessians weigh the proxy
-    # An earlier run's output folder (or its llmpress-harp.safetensors): use the rotation fitted
-    # there instead of fitting again, e.g. to try several quantizers behind one fit.
+    # steps between refreshes of the quantized target (the paper: 1; shared default 10, per-linear 1)
+    refresh: int = Field(10, ge=1)
+    # per-linear: the odd Hadamard factor of a width that is not a power of two (36 of 576) stays a
+    # fixed mixer, the paper's Kronecker fallback; learned, it would cost (b-1)/2 parameters a weight
+    fixed_odd: bool = True
+    # shared only: input groups whose quadratic term a step samples; windows weighing the proxy
+    groups_per_step: int | None = Field(8, ge=1)
+    fit_samples: int = Field(32, ge=1)
+    # shared only: an earlier run's output folder (or its llmpress-harp.safetensors): use the
+    # rotation fitted there instead of fitting again, e.g. to try several quantizers behind one fit.
     reuse: str | None = None
-    # The grid of the proxy; by default that of the first quantizer stage.
+    # shared only: the grid of the proxy; by default that of the first quantizer stage (per-linear
+    # fits each linear to its own stage's grid).
     bits: int | None = None
     group_size: int | None = None
     sym: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("variant", "per-linear") == "per-linear" and "refresh" not in data:
+            data = {**data, "refresh": 1}   # a per-linear refresh is cheap; the shared one rotates every matrix
+        return data
+
+    @property
+    def kind(self) -> str:   # the shared rotation is fused before any block; processors act per block
+        return "transform" if self.variant == "shared" else "processor"
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"hessian"})
 
     @field_validator("bits")
     @classmethod
@@ -348,5 +357,16 @@ class HARPStage(RotationStage):
             raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _shared_settings(self):
+        if self.variant == "per-linear":
+            set_here = [k for k in ("reuse", "bits", "group_size", "sym") if getattr(self, k) is not None]
+            if set_here:
+                raise ValueError(f"`{'`, `'.join(set_here)}` only applies to `variant: shared` (per-linear HARP "
+                                 "fits each linear to its own stage's grid)")
+        return self
 
-register(HARPStage)
+
+from .harp_linear import PerLinearProcessors
+
+register(HARPStage, hooks=PerLinearProcessors)

@@ -570,7 +570,100 @@ torch::Tensor ell_gemv(torch::Tensor h, torch::Tensor values, torch::Tensor inde
   return y;
 }
 
+// HARP's butterfly processor on decoding rows, every stage in one call: x [B, n] float32 becomes
+// x·diag(s)·B_1⋯B_T (or, with transpose, x·(B_1⋯B_T)ᵀ·diag(s)). Stage t has radix b and stride
+// strides[t]; a row is viewed as [n/(b·stride), b, stride] and each (outer, offset) slot's b values
+// are multiplied by that slot's b×b block. A stage's blocks come in the layout whose innermost loop
+// is long and contiguous, so that it vectorises: [b, b] shared by every slot (a fixed mixer; the
+// loop runs over the offsets), [outer, b, b, stride] for a wide stride (over the offsets), or
+// [outer·stride, b, b] one block per slot for a narrow one (over the block's columns).
+void butterfly_stage(const float* in, float* out, const torch::Tensor& blocks, int64_t n, int64_t stride,
+                     bool transpose) {
+  const float* k = blocks.data_ptr<float>();
+  const int64_t b = blocks.size(1), outer = n / (b * stride);
+  if (blocks.dim() == 3) {   // one contiguous block per slot
+    std::vector<float> v(b), w(b);
+    for (int64_t o = 0; o < outer; ++o) {
+      for (int64_t q = 0; q < stride; ++q) {
+        const float* blk = k + (o * stride + q) * b * b;
+        const float* x = in + o * b * stride + q;
+        for (int64_t i = 0; i < b; ++i) v[i] = x[i * stride];
+        if (!transpose) {
+          for (int64_t j = 0; j < b; ++j) w[j] = 0.f;
+          for (int64_t i = 0; i < b; ++i)
+            for (int64_t j = 0; j < b; ++j) w[j] += v[i] * blk[i * b + j];
+        } else {
+          for (int64_t j = 0; j < b; ++j) {
+            float acc = 0.f;
+            for (int64_t i = 0; i < b; ++i) acc += v[i] * blk[j * b + i];
+            w[j] = acc;
+          }
+        }
+        float* y = out + o * b * stride + q;
+        for (int64_t j = 0; j < b; ++j) y[j * stride] = w[j];
+      }
+    }
+    return;
+  }
+  const bool shared = blocks.dim() == 2;
+  for (int64_t o = 0; o < outer; ++o) {
+    const float* x = in + o * b * stride;
+    float* y = out + o * b * stride;
+    const float* blk = shared ? k : k + o * b * b * stride;
+    for (int64_t j = 0; j < b * stride; ++j) y[j] = 0.f;
+    for (int64_t i = 0; i < b; ++i) {
+      const float* xi = x + i * stride;
+      for (int64_t j = 0; j < b; ++j) {
+        const int64_t at = transpose ? j * b + i : i * b + j;   // K[i][j], or K[j][i] for the transpose
+        float* yj = y + j * stride;
+        if (shared) {
+          const float w = blk[at];
+          for (int64_t q = 0; q < stride; ++q) yj[q] += w * xi[q];
+        } else {
+          const float* w = blk + at * stride;
+          for (int64_t q = 0; q < stride; ++q) yj[q] += w[q] * xi[q];
+        }
+      }
+    }
+  }
+}
+
+torch::Tensor butterfly_rows(torch::Tensor x, torch::Tensor signs, std::vector<torch::Tensor> blocks,
+                             std::vector<int64_t> strides, bool transpose) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, n] float32");
+  TORCH_CHECK(blocks.size() == strides.size(), "one stride per stage");
+  const int64_t batch = x.size(0), n = x.size(1);
+  TORCH_CHECK(signs.scalar_type() == torch::kFloat32 && signs.numel() == n, "signs must be [n] float32");
+  for (size_t t = 0; t < blocks.size(); ++t) {
+    auto& k = blocks[t];
+    TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k.is_contiguous(), "blocks must be contiguous float32");
+    const int64_t b = k.size(1), stride = strides[t];
+    TORCH_CHECK(b >= 1 && stride >= 1 && n % (b * stride) == 0, "a stage does not tile the width");
+    TORCH_CHECK((k.dim() == 2 && k.size(0) == b) || (k.dim() == 3 && k.size(0) == n / b && k.size(2) == b) ||
+                (k.dim() == 4 && k.size(0) == n / (b * stride) && k.size(2) == b && k.size(3) == stride),
+                "blocks must be [b, b], [n/b, b, b] or [n/(b·stride), b, b, stride]");
+  }
+  x = x.contiguous();
+  auto y = torch::empty_like(x);
+  std::vector<float> a(n), c(n);
+  const float* s = signs.data_ptr<float>();
+  const int64_t stages = static_cast<int64_t>(blocks.size());
+  for (int64_t r = 0; r < batch; ++r) {
+    const float* row = x.data_ptr<float>() + r * n;
+    for (int64_t i = 0; i < n; ++i) a[i] = transpose ? row[i] : row[i] * s[i];
+    for (int64_t step = 0; step < stages; ++step) {
+      const int64_t t = transpose ? stages - 1 - step : step;
+      butterfly_stage(a.data(), c.data(), blocks[t], n, strides[t], transpose);
+      std::swap(a, c);
+    }
+    float* dst = y.data_ptr<float>() + r * n;
+    for (int64_t i = 0; i < n; ++i) dst[i] = transpose ? a[i] * s[i] : a[i];
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("butterfly_rows", &butterfly_rows, "HARP's butterfly processor on decoding rows");
   m.def("lut_gemv", &lut_gemv, "lookup-table GEMV of binary-coded weights");
   m.def("dequantize", &dequantize, "the dense weight of binary-coded weights");
   m.def("dequantize_uniform", &dequantize_uniform, "the dense weight of the uniform format");

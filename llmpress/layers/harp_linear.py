@@ -1,0 +1,238 @@
+"""``HarpLinear``: a compressed linear between two learned orthogonal processors (HARP, per linear).
+
+``y = Q_out · Ŵ · Q_inᵀ x (+ b)``: the wrapped module (``<name>.linear``, any format, without its
+bias) stores ``Ŵ``, the quantized ``Q_outᵀ W Q_in``; ``Q_in`` and ``Q_out`` are mixed-radix
+butterflies (``formats.butterfly``), so the function is the original linear's up to the
+quantization error, and the online transforms cost ``n·Σ b_t`` per vector and side.
+
+Stored tensors: ``<name>.input.signs`` / ``<name>.output.signs`` (int8 ±1) and one
+``theta_<t>`` per learned stage (fp16 ``[n / b, b(b−1)/2]``, the upper entries of each block's
+skew matrix), the wrapped module's own tensors and ``<name>.bias``. The manifest records the
+wrapped module's format entry and which stages are learned; the fixed mixers are rebuilt from
+the widths. The Cayley blocks are computed once per dtype and device, at first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..formats.butterfly import apply_butterfly, butterfly_stages, compose_stages, skew_entries, stage_blocks
+from ..kernels import cpu_ext
+from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend
+from .base import CompressedLinear, Layout
+
+THETA_DTYPE = torch.float16
+
+
+def learned_stages(n: int, fixed_odd: bool) -> list[int]:
+    """The stages of width ``n`` that carry parameters: all, or (``fixed_odd``) those of power-of-two
+    radix, the odd Hadamard factor staying a fixed mixer (the paper's Kronecker fallback)."""
+    return [t for t, (m, _) in enumerate(butterfly_stages(n))
+            if m.shape[0] > 1 and not (fixed_odd and m.shape[0] & (m.shape[0] - 1))]
+
+
+def processor_bits(n: int, fixed_odd: bool) -> int:
+    """Bits one processor of width ``n`` stores: int8 signs and fp16 skew entries of its learned stages."""
+    stages = butterfly_stages(n)
+    return n * 8 + sum(n // stages[t][0].shape[0] * skew_entries(stages[t][0].shape[0]) * 16
+                       for t in learned_stages(n, fixed_odd))
+
+
+class ButterflyMap(nn.Module):
+    """The stored parameters of one processor ``x ↦ x Q`` and its application."""
+
+    def __init__(self, n: int, *, fixed_odd: bool, device: torch.device | str | None = None):
+        super().__init__()
+        self.n, self.fixed_odd = n, fixed_odd
+        stages = butterfly_stages(n)
+        self.mixers, self.strides = [m for m, _ in stages], [st for _, st in stages]
+        self.learned = learned_stages(n, fixed_odd)
+        self.register_buffer("signs", torch.ones(n, dtype=torch.int8, device=device))
+        for t in self.learned:
+            b = self.mixers[t].shape[0]
+            self.register_buffer(f"theta_{t}", torch.zeros(n // b, skew_entries(b), dtype=THETA_DTYPE, device=device))
+        self._batch: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}   # (dtype, device): composed
+        self._rows: tuple[list[torch.Tensor], list[int], torch.Tensor] | None = None   # the decoding kernel's
+        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+    # The caches hold what the stored parameters give; anything that replaces or moves them drops them.
+    def _forget(self) -> None:
+        self._batch, self._rows, self._last = {}, None, None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._forget()
+        return super()._apply(fn, recurse)
+
+    def thetas(self) -> dict[int, torch.Tensor]:
+        return {t: getattr(self, f"theta_{t}") for t in self.learned}
+
+    def _stages(self, device: torch.device) -> list[torch.Tensor]:
+        """Each stage's fp32 blocks as stored: ``[n / b, b, b]`` for a learned stage (one per slot),
+        the ``[b, b]`` mixer for a fixed one."""
+        thetas = self.thetas()
+        return [stage_blocks(m, thetas[t].to(device=device, dtype=torch.float32)) if t in thetas
+                else m.to(device=device, dtype=torch.float32) for t, m in enumerate(self.mixers)]
+
+    def blocks(self, dtype: torch.dtype = torch.float32,
+               device: torch.device | None = None) -> tuple[list[torch.Tensor], list[int]]:
+        """The stages multiplied out where adjacent (``compose_stages``) into ``[n / b, b, b]``
+        blocks: few large batched products, for many rows."""
+        device = device or self.signs.device
+        key = (dtype, device)
+        if key not in self._batch:
+            stages = [k if k.dim() == 3 else k.expand(self.n // k.shape[0], -1, -1) for k in self._stages(device)]
+            blocks, strides = compose_stages(stages, self.strides, self.n)
+            self._batch[key] = ([k.to(dtype).contiguous() for k in blocks], strides)
+        return self._batch[key]
+
+    def row_blocks(self) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
+        """The decoding kernel's operands (CPU, fp32): the fixed stages as their ``[b, b]`` mixers,
+        the learned ones multiplied out up to radix 16 (fewer, longer inner loops for few more
+        products), each in the layout whose inner loop is contiguous (``butterfly_rows``), and the
+        signs."""
+        if self._rows is None:
+            stages = self._stages(torch.device("cpu"))
+            first = self.learned[0] if self.learned else len(stages)
+            learned, strides = compose_stages(stages[first:], self.strides[first:], self.n, max_radix=16)
+            blocks = []
+            for k, stride in zip([*stages[:first], *learned], [*self.strides[:first], *strides], strict=True):
+                if k.dim() == 3 and stride >= 8:   # the slots' offset innermost
+                    b = k.shape[-1]
+                    k = k.reshape(self.n // (b * stride), stride, b, b).permute(0, 2, 3, 1)
+                blocks.append(k.contiguous())
+            self._rows = (blocks, [*self.strides[:first], *strides], self.signs.to(torch.float32))
+        return self._rows
+
+    def apply(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+        if x.numel() <= DECODE_MAX_ROWS * self.n and x.dtype == torch.float32 and x.device.type == "cpu" \
+                and get_backend() != "reference":
+            ext = cpu_ext.extension()
+            if ext is not None:
+                blocks, strides, signs = self.row_blocks()
+                return ext.butterfly_rows(x.reshape(-1, self.n), signs, blocks, strides, transpose).view(x.shape)
+        return apply_butterfly(x, self.signs, *self.blocks(x.dtype, x.device), transpose=transpose)
+
+    def apply_once(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Q``, computed once for linears that share this map and read the same decoding
+        rows (q/k/v, gate/up after ``link_shared_processors``); larger inputs are not kept."""
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2]
+        y = self.apply(x)
+        self._last = (x, x._version, y) if x.numel() <= DECODE_MAX_ROWS * self.n else None
+        return y
+
+    def stored_bits(self) -> int:
+        return processor_bits(self.n, self.fixed_odd)
+
+    def load_parameters(self, signs: torch.Tensor, thetas: dict[int, torch.Tensor]) -> None:
+        if sorted(thetas) != self.learned:
+            raise ValueError(f"width {self.n}: learned stages {sorted(thetas)}, expected {self.learned}")
+        self._forget()
+        self.signs.copy_(signs.to(torch.int8))
+        for t, p in thetas.items():
+            getattr(self, f"theta_{t}").copy_(p.to(THETA_DTYPE))
+
+
+class HarpLinear(CompressedLinear):
+    format_name = "harp"
+    format_keys = ("in_features", "out_features", "bias", "fixed_odd", "inner")
+
+    def __init__(self, in_features: int, out_features: int, *, inner: CompressedLinear, bias: bool,
+                 fixed_odd: bool = True, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if (inner.in_features, inner.out_features) != (in_features, out_features):
+            raise ValueError("the wrapped module's shape differs from the processors'")
+        if getattr(inner, "bias", None) is not None:
+            raise ValueError("the wrapped module must not hold the bias (it is added after the output processor)")
+        self.in_features, self.out_features, self.fixed_odd = in_features, out_features, fixed_odd
+        self.linear = inner
+        self.input = ButterflyMap(in_features, fixed_odd=fixed_odd, device=device)
+        self.output = ButterflyMap(out_features, fixed_odd=fixed_odd, device=device)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.compute_dtype = dtype
+
+    def format_params(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "fixed_odd": self.fixed_odd,
+                "inner": {"format": self.linear.format_name, "params": self.linear.format_params()}}
+
+    @classmethod
+    def from_format_params(cls, params: dict[str, Any], dtype: torch.dtype) -> HarpLinear:
+        inner_entry = params["inner"]
+        if not isinstance(inner_entry, dict) or inner_entry.get("format") not in CompressedLinear.formats \
+                or inner_entry["format"] == cls.format_name or not isinstance(inner_entry.get("params"), dict):
+            raise ValueError("the wrapped module's format entry is malformed")
+        inner = CompressedLinear.formats[inner_entry["format"]].from_format_params(inner_entry["params"], dtype)
+        if not all(isinstance(params[k], int) for k in ("in_features", "out_features", "bias", "fixed_odd")):
+            raise ValueError("parameters must be integers or flags")
+        return cls(params["in_features"], params["out_features"], inner=inner, bias=bool(params["bias"]),
+                   fixed_odd=bool(params["fixed_odd"]), dtype=dtype, device="meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.output.apply(self.linear(self.input.apply_once(x)), transpose=True)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``Q_out Ŵ Q_inᵀ``, computed in fp32 (float64 for a float64 request)."""
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        w = self.linear.dequantize(work)                            # [out, in] in the rotated bases
+        w = self.input.apply(w, transpose=True)                     # Ŵ Q_inᵀ (rows)
+        w = self.output.apply(w.T.contiguous(), transpose=True).T   # Q_out (Ŵ Q_inᵀ)
+        return w.to(dtype or self.compute_dtype).contiguous()
+
+    def stored_bits(self) -> int:
+        return self.linear.stored_bits() + self.input.stored_bits() + self.output.stored_bits()
+
+    @classmethod
+    def describe(cls, params: dict[str, Any]) -> Layout:
+        inner = params["inner"]
+        layout = CompressedLinear.formats[inner["format"]].describe(inner["params"])
+        extra = processor_bits(params["in_features"], params["fixed_odd"]) + \
+            processor_bits(params["out_features"], params["fixed_odd"])
+        return Layout(bits=layout.bits, group=layout.group, act_order=layout.act_order,
+                      detail=f"{inner['format']} between HARP processors "
+                             f"(+{extra / (params['in_features'] * params['out_features']):.3f} bits/w)")
+
+    def validate(self) -> None:
+        self.linear.validate()
+        for side in (self.input, self.output):
+            if not bool(((side.signs == 1) | (side.signs == -1)).all()):
+                raise ValueError("processor signs must be ±1")
+            if not all(torch.isfinite(p).all() for p in side.thetas().values()):
+                raise ValueError("processor parameters contain NaN or Inf")
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, "
+                f"stages in={[m.shape[0] for m in self.input.mixers]} out={[m.shape[0] for m in self.output.mixers]}")
+
+
+def link_shared_processors(model: nn.Module) -> int:
+    """Let the HARP layers whose input processors are equal (q/k/v, gate/up: fitted as one) share
+    one map object, so that a decoding step transforms their common input once (and the inner
+    linears then read one tensor, which the shared-input GEMMs use). Returns how many maps went."""
+    kept: list[ButterflyMap] = []
+    linked = 0
+    for module in model.modules():
+        if not isinstance(module, HarpLinear):
+            continue
+        mine = module.input
+        if any(other is mine for other in kept):
+            continue
+        for other in kept:
+            if other.n == mine.n and other.learned == mine.learned and torch.equal(other.signs, mine.signs) \
+                    and all(torch.equal(a, b) for a, b in zip(other.thetas().values(), mine.thetas().values(), strict=True)):
+                module.input = other
+                linked += 1
+                break
+        else:
+            kept.append(mine)
+    return linked
