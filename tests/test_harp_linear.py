@@ -241,7 +241,7 @@ def test_linked_input_processors_transform_a_shared_input_once(tiny_model_factor
     llmpress.compress(folder, parse_recipe(HARP_W3), out=tmp_path / "h", nsamples=4, seqlen=32, progress=False)
     model, _ = llmpress.load(tmp_path / "h")           # loading links them
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert attn.q_proj.input is attn.k_proj.input is attn.v_proj.input
+    assert attn.q_proj.input is attn.k_proj.input is attn.v_proj.input and attn.q_proj.input.readers == 3
     assert mlp.gate_proj.input is mlp.up_proj.input and attn.o_proj.input is not attn.q_proj.input
     assert link_shared_processors(model) == 0           # idempotent
     calls = []

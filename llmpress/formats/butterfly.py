@@ -85,8 +85,9 @@ def stage_blocks(mixer: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 def apply_butterfly(x: torch.Tensor, signs: torch.Tensor | None, blocks: list[torch.Tensor], strides: list[int], *,
                     transpose: bool = False) -> torch.Tensor:
-    """``x Q`` (or ``x Qᵀ`` with ``transpose``) on the last dimension; ``blocks[t]`` ``[n / b, b, b]``
-    is stage ``t``'s, applied at ``strides[t]`` (``butterfly_stages``); ``signs=None`` leaves the
+    """``x Q`` (or ``x Qᵀ`` with ``transpose``) on the last dimension; ``blocks[t]`` is stage ``t``'s,
+    ``[n / b, b, b]`` (one block per slot) or ``[b, b]`` (one for every slot: a fixed mixer, one
+    broadcast matmul), applied at ``strides[t]`` (``butterfly_stages``); ``signs=None`` leaves the
     sign flips out (a fit that applied them beforehand)."""
     n = x.shape[-1]
     lead = x.shape[:-1]
@@ -97,8 +98,12 @@ def apply_butterfly(x: torch.Tensor, signs: torch.Tensor | None, blocks: list[to
     for t in order:
         b, stride = blocks[t].shape[-1], strides[t]
         outer = n // (b * stride)
-        k = blocks[t].to(y.dtype).reshape(outer, stride, b, b)
         v = y.reshape(-1, outer, b, stride)
+        if blocks[t].dim() == 2:   # y[..., j, s] = Σ_i v[..., i, s]·M[i, j] (M[j, i] for the transpose)
+            m = blocks[t].to(y.dtype)
+            y = torch.matmul(m if transpose else m.T, v).reshape(-1, n)
+            continue
+        k = blocks[t].to(y.dtype).reshape(outer, stride, b, b)
         # x K per block (row vectors); x Kᵀ for the transpose
         y = torch.einsum("roik,okji->rojk" if transpose else "roik,okij->rojk", v, k).reshape(-1, n)
     if signs is not None and transpose:

@@ -9,7 +9,9 @@ Stored tensors: ``<name>.input.signs`` / ``<name>.output.signs`` (int8 ±1) and 
 ``theta_<t>`` per learned stage (fp16 ``[n / b, b(b−1)/2]``, the upper entries of each block's
 skew matrix), the wrapped module's own tensors and ``<name>.bias``. The manifest records the
 wrapped module's format entry and which stages are learned; the fixed mixers are rebuilt from
-the widths. The Cayley blocks are computed once per dtype and device, at first use.
+the widths. The Cayley blocks are computed once per dtype and device, at first use: decoding rows
+go through one C++ call per processor (``butterfly_rows``), more rows through batched products of
+the stages multiplied out (``compose_stages``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats.butterfly import apply_butterfly, butterfly_stages, compose_stages, skew_entries, stage_blocks
+from ..formats.butterfly import (
+    MAX_COMPOSED,
+    apply_butterfly,
+    butterfly_stages,
+    compose_stages,
+    skew_entries,
+    stage_blocks,
+)
 from ..kernels import cpu_ext
 from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend
 from .base import CompressedLinear, Layout
@@ -56,7 +65,8 @@ class ButterflyMap(nn.Module):
             self.register_buffer(f"theta_{t}", torch.zeros(n // b, skew_entries(b), dtype=THETA_DTYPE, device=device))
         self._batch: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}   # (dtype, device): composed
         self._rows: tuple[list[torch.Tensor], list[int], torch.Tensor] | None = None   # the decoding kernel's
-        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, int, torch.Tensor, int] | None = None   # input, version, output, uses left
+        self.readers = 1   # the linears that apply this map to one input (link_shared_processors)
 
     # The caches hold what the stored parameters give; anything that replaces or moves them drops them.
     def _forget(self) -> None:
@@ -87,10 +97,17 @@ class ButterflyMap(nn.Module):
         device = device or self.signs.device
         key = (dtype, device)
         if key not in self._batch:
-            stages = [k if k.dim() == 3 else k.expand(self.n // k.shape[0], -1, -1) for k in self._stages(device)]
-            blocks, strides = compose_stages(stages, self.strides, self.n)
-            self._batch[key] = ([k.to(dtype).contiguous() for k in blocks], strides)
+            self._batch[key] = self._fixed_and_composed(device, MAX_COMPOSED, dtype)
         return self._batch[key]
+
+    def _fixed_and_composed(self, device: torch.device, max_radix: int,
+                            dtype: torch.dtype) -> tuple[list[torch.Tensor], list[int]]:
+        """The fixed stages as their ``[b, b]`` mixers, then the learned ones multiplied out where
+        adjacent up to ``max_radix``."""
+        stages = self._stages(device)
+        first = self.learned[0] if self.learned else len(stages)
+        learned, strides = compose_stages(stages[first:], self.strides[first:], self.n, max_radix=max_radix)
+        return [k.to(dtype).contiguous() for k in (*stages[:first], *learned)], [*self.strides[:first], *strides]
 
     def row_blocks(self) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
         """The decoding kernel's operands (CPU, fp32): the fixed stages as their ``[b, b]`` mixers,
@@ -98,16 +115,14 @@ class ButterflyMap(nn.Module):
         products), each in the layout whose inner loop is contiguous (``butterfly_rows``), and the
         signs."""
         if self._rows is None:
-            stages = self._stages(torch.device("cpu"))
-            first = self.learned[0] if self.learned else len(stages)
-            learned, strides = compose_stages(stages[first:], self.strides[first:], self.n, max_radix=16)
+            stages, strides = self._fixed_and_composed(torch.device("cpu"), 16, torch.float32)
             blocks = []
-            for k, stride in zip([*stages[:first], *learned], [*self.strides[:first], *strides], strict=True):
+            for k, stride in zip(stages, strides, strict=True):
                 if k.dim() == 3 and stride >= 8:   # the slots' offset innermost
                     b = k.shape[-1]
                     k = k.reshape(self.n // (b * stride), stride, b, b).permute(0, 2, 3, 1)
                 blocks.append(k.contiguous())
-            self._rows = (blocks, [*self.strides[:first], *strides], self.signs.to(torch.float32))
+            self._rows = (blocks, strides, self.signs.to(torch.float32))
         return self._rows
 
     def apply(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
@@ -120,13 +135,15 @@ class ButterflyMap(nn.Module):
         return apply_butterfly(x, self.signs, *self.blocks(x.dtype, x.device), transpose=transpose)
 
     def apply_once(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Q``, computed once for linears that share this map and read the same decoding
-        rows (q/k/v, gate/up after ``link_shared_processors``); larger inputs are not kept."""
+        """``x Q``, computed once for the ``readers`` linears that share this map and read the same
+        tensor (q/k/v, gate/up after ``link_shared_processors``), and kept only until the last of
+        them has taken it."""
         last = self._last
         if last is not None and last[0] is x and last[1] == x._version:
+            self._last = (*last[:3], last[3] - 1) if last[3] > 1 else None
             return last[2]
         y = self.apply(x)
-        self._last = (x, x._version, y) if x.numel() <= DECODE_MAX_ROWS * self.n else None
+        self._last = (x, x._version, y, self.readers - 1) if self.readers > 1 else None
         return y
 
     def stored_bits(self) -> int:
@@ -217,7 +234,7 @@ class HarpLinear(CompressedLinear):
 
 def link_shared_processors(model: nn.Module) -> int:
     """Let the HARP layers whose input processors are equal (q/k/v, gate/up: fitted as one) share
-    one map object, so that a decoding step transforms their common input once (and the inner
+    one map object, so that their common input is transformed once per forward (and the inner
     linears then read one tensor, which the shared-input GEMMs use). Returns how many maps went."""
     kept: list[ButterflyMap] = []
     linked = 0
@@ -231,6 +248,7 @@ def link_shared_processors(model: nn.Module) -> int:
             if other.n == mine.n and other.learned == mine.learned and torch.equal(other.signs, mine.signs) \
                     and all(torch.equal(a, b) for a, b in zip(other.thetas().values(), mine.thetas().values(), strict=True)):
                 module.input = other
+                other.readers += 1
                 linked += 1
                 break
         else:

@@ -61,14 +61,10 @@ class TrainableButterfly(nn.Module):
             for t in self.learned
         })
 
-    def _fixed(self, t: int) -> torch.Tensor:
-        b = self.mixers[t].shape[0]
-        return self.mixers[t].to(torch.float32).expand(self.n // b, b, b)
-
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """``x · diag(s) · (fixed stages)``."""
         k = self.first_learned
-        return apply_butterfly(x, self.signs, [self._fixed(t) for t in range(k)], self.strides[:k])
+        return apply_butterfly(x, self.signs, [m.to(torch.float32) for m in self.mixers[:k]], self.strides[:k])
 
     def learned_blocks(self) -> tuple[list[torch.Tensor], list[int]]:
         """The learned stages multiplied out into as few stages as ``compose_stages`` makes."""
