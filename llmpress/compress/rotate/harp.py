@@ -1,6 +1,8 @@
-"""HARP: a learnable residual-stream rotation, initialised at the randomized Hadamard (arXiv
-2605.29843). We learn the one rotation fusion lets every block's readers and writers share, so the
-result stays a stock model; what follows the paper and what we chose: docs/methods/harp.md.
+"""HARP (arXiv 2605.29843): the recipe stage of both variants, and the shared one. The paper's
+method, two learned processors around every linear, is the default (``harp_linear.py``).
+``variant: shared`` learns a residual-stream rotation initialised at the randomized Hadamard: the
+one rotation fusion lets every block's readers and writers share, so the result stays a stock
+model; what follows the paper and what we chose: docs/methods/harp.md.
 
 **Parameterisation** (:class:`ButterflyOrthogonal`). ``Q = diag(s) · B_1 ⋯ B_T``: the seeded sign
 flips of the RHT, then mixed-radix butterfly stages. Stage ``t`` has radix ``b_t`` and stride
@@ -32,6 +34,7 @@ from ..quant.grid import grouped_fake_quantize
 from ..stage import ALLOWED_BITS, RotationStage, register
 from .fuse import rotate_heads_input, rotate_input
 from .hadamard import random_signs, signed_hadamard_map
+from .harp_linear import PerLinearProcessors
 
 MAX_RADIX = 8
 
@@ -366,7 +369,5 @@ class HARPStage(RotationStage):
                                  "fits each linear to its own stage's grid)")
         return self
 
-
-from .harp_linear import PerLinearProcessors
 
 register(HARPStage, hooks=PerLinearProcessors)
