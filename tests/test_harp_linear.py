@@ -155,26 +155,13 @@ def test_per_linear_harp_compresses_saves_and_reloads(tiny_model_factory, tmp_pa
 
 
 def test_per_linear_harp_resumes_to_the_same_model(tiny_model_factory, tmp_path, monkeypatch):
-    from llmpress.compress import pipeline
+    from .test_pipeline import crash_then_resume
 
     folder = tiny_model_factory("llama")
-    recipe = parse_recipe(HARP_W3)
-    whole = llmpress.compress(folder, recipe, out=tmp_path / "whole", nsamples=4, seqlen=32, progress=False,
-                              keep_model=True)
-    real = pipeline._compress_block
-
-    def crash_on_block_1(ctx, *args, **kwargs):
-        if ctx.index == 1:
-            raise RuntimeError("simulated crash")
-        return real(ctx, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_compress_block", crash_on_block_1)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        llmpress.compress(folder, recipe, out=tmp_path / "h", nsamples=4, seqlen=32, progress=False)
-    monkeypatch.setattr(pipeline, "_compress_block", real)
-    llmpress.compress(folder, recipe, out=tmp_path / "h", nsamples=4, seqlen=32, progress=False, resume=True)
-    resumed, _ = llmpress.load(tmp_path / "h")
-    assert torch.equal(_logits(whole.model), _logits(resumed))
+    assert crash_then_resume(folder, parse_recipe(HARP_W3), tmp_path, monkeypatch) == [2]   # identical tensors
+    whole, _ = llmpress.load(tmp_path / "whole")
+    resumed, _ = llmpress.load(tmp_path / "part")
+    assert torch.equal(_logits(whole), _logits(resumed))
 
 
 def test_per_linear_harp_refuses_what_it_cannot_serve(tiny_model_factory, tmp_path):

@@ -236,21 +236,17 @@ def link_shared_processors(model: nn.Module) -> int:
     """Let the HARP layers whose input processors are equal (q/k/v, gate/up: fitted as one) share
     one map object, so that their common input is transformed once per forward (and the inner
     linears then read one tensor, which the shared-input GEMMs use). Returns how many maps went."""
-    kept: list[ButterflyMap] = []
+    kept: dict[tuple, ButterflyMap] = {}   # one map per distinct stored content, found by its bytes
     linked = 0
     for module in model.modules():
         if not isinstance(module, HarpLinear):
             continue
         mine = module.input
-        if any(other is mine for other in kept):
-            continue
-        for other in kept:
-            if other.n == mine.n and other.learned == mine.learned and torch.equal(other.signs, mine.signs) \
-                    and all(torch.equal(a, b) for a, b in zip(other.thetas().values(), mine.thetas().values(), strict=True)):
-                module.input = other
-                other.readers += 1
-                linked += 1
-                break
-        else:
-            kept.append(mine)
+        key = (mine.n, tuple(mine.learned),
+               *(t.detach().cpu().numpy().tobytes() for t in (mine.signs, *mine.thetas().values())))
+        other = kept.setdefault(key, mine)
+        if other is not mine:
+            module.input = other
+            other.readers += 1
+            linked += 1
     return linked
