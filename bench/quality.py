@@ -170,9 +170,17 @@ GPTQ_SEEDS = [
     ("GPTQ W3 g64 act-order seed 2", "gptq-w3-g64", [], 33.46, {"seed": 2}),
 ]
 
+# Issue #31: block tuning (SignRound's step) after GPTQ, against GPTQ alone.
+BLOCKTUNE = [
+    ("GPTQ W3 g64", "gptq-w3-g64", [], None),
+    ("GPTQ W3 g64 + block tuning", "gptq-tuned-w3-g64", [], None),
+    ("GPTQ W2 g64", "gptq-w2-g64", [], None),
+    ("GPTQ W2 g64 + block tuning", "gptq-tuned-w2-g64", [], None),
+]
+
 SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
           "rotation": ROTATION, "rotation-second": ROTATION_SECOND, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD,
-          "gguf": GGUF}
+          "gguf": GGUF, "blocktune": BLOCKTUNE}
 MEASURE_DECODE = {"factor", "tt", "shiftadd"}   # suites whose rows also time CPU decoding
 
 

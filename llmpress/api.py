@@ -27,6 +27,21 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_c
     return load_dense(folder, dtype=dtype, trust_remote_code=trust_remote_code), load_tokenizer(folder, trust_remote_code)
 
 
+def describe_model(spec: str | Path, *, trust_remote_code: bool = False):
+    """What ``compress`` would do with the model ``spec`` (a ``compress.discover.ModelDescription``),
+    from its config alone: the skeleton is built on the meta device and traced with random weights."""
+    from .compress.arch import arch_for
+    from .compress.discover import describe_model as describe
+    from .io.models import empty_model, linearize, load_config
+    from .layers.experts import unfuse_experts
+
+    folder = resolve_model(str(spec))
+    model = empty_model(load_config(folder, trust_remote_code), trust_remote_code=trust_remote_code, source=folder)
+    linearize(model)
+    unfuse_experts(model)
+    return describe(model, arch_for(model))
+
+
 def evaluate(model, tokenizer, tasks: list[str] | str, *, output: str | Path | None = None, **kwargs) -> dict[str, Any]:
     """lm-eval tasks on a loaded model object (see ``llmpress.eval.harness.evaluate_tasks`` for
     ``num_fewshot``, ``limit``, ``batch_size``, ``include_path``); with ``output``, also writes the

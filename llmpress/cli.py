@@ -379,6 +379,39 @@ def inspect(
     out.print(f"size on disk: {summary.size_mb:.2f} MB")
 
 
+@app.command(name="inspect-model")
+@_user_errors
+def inspect_model(
+    model: str = typer.Argument(..., help="A model folder, .gguf file, hub id or built-in name (see README)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+    trust_remote_code: bool = typer.Option(False, help="Allow the model's own code (off by default)."),
+) -> None:
+    """Show what `compress` would do with MODEL before a long run: its map (declared for the
+    family, or discovered from a traced forward), the linears of each block structure in
+    true-sequential order with their shapes (experts folded), the linears that read one input,
+    those left dense (routers), and which whole-model methods the map allows. Reads the config
+    only: no weight is loaded."""
+    from dataclasses import asdict
+
+    from .api import describe_model
+
+    d = describe_model(model, trust_remote_code=trust_remote_code)
+    if as_json:
+        out.print_json(json.dumps(asdict(d)))
+        return
+    out.print(f"{model}: family {d.family}, {d.map} map; blocks: {d.blocks}")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("blocks", "group", "linears", "shape (out x in)"):
+        table.add_column(col, justify="right" if col == "group" else "left")
+    for r in d.rows:
+        table.add_row(r.blocks, str(r.group), "\n".join(r.linears), "\n".join(r.shapes))
+    out.print(table)
+    out.print(f"read one input: {'; '.join(d.shared_inputs) or 'none'}")
+    out.print(f"left dense: {', '.join(d.dense) or 'none'}")
+    out.print(f"rotations (rht, harp): {'yes' if d.rotations else 'no'}; norm-fed corrections (dac): "
+              f"{'yes' if d.corrections else 'no'}")
+
+
 @app.command()
 @_user_errors
 def export(

@@ -49,10 +49,43 @@ def _tiny_config(arch: str):
                             word_embed_proj_dim=64, vocab_size=49152, max_position_embeddings=256)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=49152)
+    small = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, **common)
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=48)
+    if arch == "phi3":
+        return tf.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **small)
+    if arch == "olmo2":
+        return tf.Olmo2Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **small)
+    if arch == "granite":
+        return tf.GraniteConfig(residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0, **small)
+    if arch == "starcoder2":
+        return tf.Starcoder2Config(**small)
+    if arch == "mixtral":
+        return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **small)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(num_experts=4, shared_expert_intermediate_size=64, **moe, **small)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(num_experts=4, head_dim=16, **moe, **small)
+    if arch == "deepseek_v3":   # block 0 dense, block 1 routed + shared experts; MLA attention
+        return tf.DeepseekV3Config(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                                   q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+                                   topk_group=1, **moe, **small)
+    if arch == "gpt_oss":   # experts fused in a layout llmpress does not split: refused
+        return tf.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, head_dim=16, **small)
+    # families with no declared map: compressed through the traced (generic) map
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                vocab_size=49152, eos_token_id=2, bos_token_id=1)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(num_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=2,
+                              **{**small, "intermediate_size": 48})
     raise ValueError(arch)
 
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt", "gpt2")
+# the families mapped since (four dense, four mixture-of-experts), and two only the traced map serves
+MAPPED_ARCHS = ("phi3", "olmo2", "granite", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+TRACED_ARCHS = ("gpt_neox", "olmoe")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -42,16 +43,27 @@ def test_unknown_recipe_key_suggests_the_closest(tiny_model_factory, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_unsupported_architecture(tmp_path, smol_tokenizer):
-    from transformers import AutoModelForCausalLM, PhiConfig
+def test_a_family_without_a_map_compresses_through_the_traced_one(tmp_path, smol_tokenizer):
+    from transformers import AutoModelForCausalLM, PhiConfig, T5Config
 
     folder = tmp_path / "phi"
     AutoModelForCausalLM.from_config(PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                num_attention_heads=2, vocab_size=49152)).save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
-    result, stderr = _run("compress", folder, "--recipe", "rtn-w4", "--out", tmp_path / "o")
-    _assert_user_error(result, stderr, r"unsupported architecture 'phi'; supported: .*llama")
-    assert not (tmp_path / "o").exists()
+    result, stderr = _run("compress", folder, "--recipe", "gptq-w4", "--out", tmp_path / "o", "--nsamples", "2",
+                          "--seqlen", "16", "--no-progress")
+    assert result.exit_code == 0, stderr
+    report = json.loads((tmp_path / "o" / "llmpress-report.json").read_text())
+    assert {r["module"].rsplit(".", 2)[-2] + "." + r["module"].rsplit(".", 1)[-1] for r in report["modules"]} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"}
+    # a model transformers cannot build as a causal LM is refused in one line
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    T5Config(d_model=32, num_layers=1, vocab_size=49152).save_pretrained(t5)
+    smol_tokenizer.save_pretrained(t5)
+    result, stderr = _run("compress", t5, "--recipe", "gptq-w4", "--out", tmp_path / "t")
+    _assert_user_error(result, stderr, r"cannot build a model from")
+    assert not (tmp_path / "t").exists()
 
 
 def test_existing_output_folder_is_kept_without_overwrite(tiny_model_factory, tmp_path):

@@ -28,6 +28,22 @@ def dense_proxy(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
     return proxy
 
 
+def data_free(stage: StageBase, in_features: int) -> tuple[StageBase, dict]:
+    """The stage and statistics for a linear that too few calibration tokens reached (an expert the
+    router rarely picked), whose Hessian would be noise: round-to-nearest on the stage's own grid
+    for a uniform quantizer (GPTQ and its residual variants reduce to it without data), else the
+    stage itself against an identity Hessian (every input direction weighted alike)."""
+    from .quant.dsq import DSQStage
+    from .quant.rtn import RTNStage
+    from .stage import GridQuantStage
+
+    if isinstance(stage, GridQuantStage) and not isinstance(stage, DSQStage):
+        rtn = RTNStage(bits=stage.bits, group_size=stage.group_size, sym=stage.sym, mse=stage.mse, grid=stage.grid,
+                       imatrix=False)
+        return rtn, {}
+    return stage, {"hessian": torch.eye(in_features) * 2.0} if stage.needs else {}
+
+
 def linear_weight(linear: nn.Module) -> torch.Tensor:
     """The weight as ``[out, in]`` fp32."""
     return linear.weight.detach().to(torch.float32)

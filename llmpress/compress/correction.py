@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import LlmpressError
 from ..layers import CompressedLinear
 from . import distributed
+from .arch import declared_families
 from .compressors import dense_proxy, dense_weight
 from .hooks import BlockHooks
 from .stage import register
@@ -171,7 +172,13 @@ class DeviationAwareCorrection(BlockHooks):
     @classmethod
     def check(cls, stage, plan, arch) -> None:
         if arch.mlp_norm is None or not arch.mlp_inputs:
-            raise LlmpressError(f"the {stage.method} correction is not supported for the {arch.family} family")
+            supported = declared_families(lambda a: a.mlp_norm is not None and bool(a.mlp_inputs))
+            if arch.discovered:
+                raise LlmpressError(f"the {stage.method} correction needs a declared map of the block's norms, and "
+                                    f"{arch.family} has none (its linears were found by tracing); families with one: "
+                                    f"{supported}")
+            raise LlmpressError(f"the {stage.method} correction is not supported for the {arch.family} family; "
+                                f"supported: {supported}")
 
     @classmethod
     def needs_final_outputs(cls, stage) -> bool:

@@ -40,6 +40,7 @@ class BlockContext:
     batch_size: int
     describe: Callable[[str], None]            # the progress line
     emit: Callable[[str, Any], None]           # a value kept in the run state with this block
+    kwargs: Any = None                         # the block's other arguments, per calibration batch
     modules: dict[str, nn.Module] = field(default_factory=dict)   # compressed so far, by name in the block
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)   # their metrics
 
@@ -92,6 +93,10 @@ class BlockHooks:
     def before_group(self, ctx: BlockContext, group: tuple[str, ...]) -> None: ...
 
     def keeps_output_shortcut(self, ctx: BlockContext, members: list[str]) -> bool:
+        return True
+
+    def keeps_attention_cache(self, ctx: BlockContext) -> bool:
+        """Whether later groups may see the attention as its cached output (else the real module runs)."""
         return True
 
     def processors(self, ctx: BlockContext, stats: dict[str, dict]) -> dict[str, LinearProcessor]:

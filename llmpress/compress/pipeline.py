@@ -24,10 +24,11 @@ from torch import nn
 
 from ..errors import LlmpressError
 from ..layers.base import outermost_compressed
-from ..progress import Progress
+from ..layers.experts import experts_see_all_tokens, is_expert_linear
+from ..progress import Progress, note
 from . import distributed
 from .arch import ArchMap, blocks_of
-from .compressors import compress_linear, dense_proxy, dense_weight, linear_weight
+from .compressors import compress_linear, data_free, dense_proxy, dense_weight, linear_weight
 from .hooks import BlockContext, BlockHooks, Solved
 from .memory import (
     available_memory,
@@ -130,6 +131,8 @@ class BlockPlan:
     assignment: dict[str, StageBase | None]
     groups: list[tuple[str, ...]]
     linear_needs: frozenset[str] = frozenset()   # what block stages read of every compressed linear
+    calibrate_all_experts: bool = False   # every expert sees every token while statistics are taken
+    min_expert_tokens: int = 0            # fewer routed tokens: the expert is quantized data-free
 
     def needs_of(self, name: str) -> frozenset[str]:
         """The statistics linear ``name`` is compressed with: its stage's and the block stages'."""
@@ -157,7 +160,8 @@ def record_fp_inputs(
     """Run the still-original block on the full-precision stream: keep the inputs of ``linears``
     (once per distinct input) and, with ``write_outputs``, advance the stream in place."""
     recorder = InputRecorder({n: block.get_submodule(n) for n in linears}, spill_arena=arena) if linears else None
-    with recorder if recorder is not None else contextlib.nullcontext():
+    route_all = any(is_expert_linear(n) for n in linears)   # only reached with calibrate_all_experts
+    with recorder if recorder is not None else contextlib.nullcontext(), experts_see_all_tokens(block, route_all):
         for b, (s, e) in enumerate(batch_ranges(fp_hidden.shape[0], batch_size)):
             if recorder is not None:
                 recorder.begin_batch()
@@ -168,16 +172,60 @@ def record_fp_inputs(
     return recorder
 
 
-def plan_block(recipe: Recipe, arch: ArchMap, prefix: str) -> BlockPlan:
+def plan_block(recipe: Recipe, arch: ArchMap, prefix: str, block: nn.Module) -> BlockPlan:
     assignment: dict[str, StageBase | None] = {}
-    for name in arch.linears:
+    resolved = arch.groups_in(block)
+    for name in (n for group in resolved for n in group):
         full = f"{prefix}.{name}"
         stage = next((s for s in recipe.layer_stages if s.selects(full)), None)
         assignment[name] = stage.for_module(full) if stage is not None else None
     sequential = all(getattr(s, "true_sequential", True) for s in assignment.values() if s is not None)
-    groups = list(arch.linear_groups) if sequential else [arch.linears]
+    groups = list(resolved) if sequential else [tuple(assignment)]
+    groups = [chunk for group in groups for chunk in split_experts(group, block, EXPERT_STATS_BYTES)]
     hooks = [(s, method_of(s).hooks) for s in recipe.stages if method_of(s).hooks is not None]
-    return BlockPlan(assignment, groups, frozenset().union(*(h.linear_needs(s) for s, h in hooks)))
+    plan = BlockPlan(assignment, groups, frozenset().union(*(h.linear_needs(s) for s, h in hooks)),
+                     recipe.calibrate_all_experts, recipe.min_expert_tokens)
+    experts = [n for n in assignment if is_expert_linear(n) and plan.needs_of(n)]
+    if experts and distributed.active() and not recipe.calibrate_all_experts:
+        # the ranks sum their statistics over the same linears: each must see every expert
+        raise LlmpressError(f"{prefix}.{experts[0]}: under torchrun, experts need `calibrate_all_experts: true`")
+    paired = [n for n in experts if "fp_inputs" in plan.needs_of(n)]
+    if paired and not recipe.calibrate_all_experts:
+        # the full-precision and the compressed stream route different tokens to an expert
+        raise LlmpressError(f"{prefix}.{paired[0]}: a method that pairs the full-precision model's inputs with the "
+                            "compressed model's (GPTAQ, ResComp) needs `calibrate_all_experts: true` on experts")
+    return plan
+
+
+# The Hessians one statistics pass may hold for a group's experts (fp32). A group of more experts is
+# split into several passes over the calibration data, each for as many experts as fit: Qwen1.5-MoE's
+# 60 gate/up Hessians take 1 GB, DeepSeek-V3's 256 would take 52 GB.
+EXPERT_STATS_BYTES = 1 << 30
+
+
+def split_experts(group: tuple[str, ...], block: nn.Module, budget: int) -> list[tuple[str, ...]]:
+    """``group`` as consecutive groups whose routed experts' Hessians fit in ``budget`` bytes (the
+    linears of one expert that read one input share one Hessian, so an expert is never split); its
+    other linears go with the first. The statistics are the same in one pass or several."""
+    experts: dict[str, list[str]] = {}
+    others = []
+    for name in group:
+        if is_expert_linear(name):
+            experts.setdefault(name.rsplit(".", 1)[0], []).append(name)
+        else:
+            others.append(name)
+    if not experts:
+        return [group]
+    chunks, current, used = [], list(others), 0
+    for names in experts.values():
+        cost = block.get_submodule(names[0]).weight.shape[1] ** 2 * 4
+        if used and used + cost > budget:
+            chunks.append(tuple(current))
+            current, used = [], 0
+        current += names
+        used += cost
+    chunks.append(tuple(current))
+    return chunks
 
 
 class BlockWeights(Protocol):
@@ -230,7 +278,7 @@ def compress_blocks(
     limit_heap_fragmentation()
     blocks = blocks_of(model, arch)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    plans = [plan_block(recipe, arch, f"{arch.blocks}.{i}") for i in range(len(blocks))]
+    plans = [plan_block(recipe, arch, f"{arch.blocks}.{i}", block) for i, block in enumerate(blocks)]
     block_stages = [(s, method_of(s).hooks) for s in recipe.stages if method_of(s).hooks is not None]
     for stage, hooks in block_stages:
         for p in plans:
@@ -300,7 +348,7 @@ def compress_blocks(
             ctx = BlockContext(
                 index=i, block=block, prefix=prefix, plan=plan, arch=arch, model=model, last=i == len(blocks) - 1,
                 run=lambda **kw: None, hidden=hidden, batch_size=batch_size, describe=bar.describe,
-                emit=extras.__setitem__,
+                emit=extras.__setitem__, kwargs=kwargs[i] if kwargs else None,
             )
             hooks = [hooks_type(stage) for stage, hooks_type in block_stages]
             try:
@@ -363,16 +411,18 @@ def profile_blocks(
     with Progress(len(blocks_of(model, arch)), progress, title="profile") as bar:
         for i, block, run in dense_block_pass(model, arch, windows, batch_size, weights):
             prefix = f"{arch.blocks}.{i}"
-            names = [n for n in arch.linears if select(f"{prefix}.{n}")]
+            names = [n for n in arch.linears_in(block) if select(f"{prefix}.{n}")]
             bar.describe(f"block {i + 1} · statistics")
             with InputStats({n: block.get_submodule(n) for n in names}, stop_when_seen=False) as stats:
                 run(stats=stats)
             stats.all_reduce()
-            hessians = stats.hessians() if names else {}
+            idle = [n for n in names if is_expert_linear(n)]
+            hessians = stats.hessians(missing_ok=idle) if names else {}
             for n in names:
                 bar.describe(f"block {i + 1} · {n} · candidates")
                 weight = linear_weight(block.get_submodule(n))
-                results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessians[n])
+                hessian = hessians[n] if n in hessians else torch.eye(weight.shape[1]) * 2.0   # an expert never picked
+                results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessian)
             bar.advance()
     return results
 
@@ -558,6 +608,8 @@ def _compress_block(
         for h in hooks:
             h.before_group(ctx, group)
         data_members = [n for n in members if plan.needs_of(n)]
+        tokens: dict[str, int] = {}
+        starved: list[str] = []
         hessians: dict[str, torch.Tensor] = {}
         crosses: dict[str, torch.Tensor] = {}
         drift: dict[str, float] = {}
@@ -567,6 +619,7 @@ def _compress_block(
                     and all(h.keeps_output_shortcut(ctx, data_members) for h in hooks))
         cache_attention = (
             not last_group and tuple(group) == (arch.attention_output,) and bool(data_members)
+            and all(h.keeps_attention_cache(ctx) for h in hooks)
             and (need_outputs or any(plan.assignment[n] is not None for later in plan.groups[g + 1:] for n in later))
         )
         if data_members:
@@ -585,20 +638,33 @@ def _compress_block(
             budget = (1 << 40) if cache_attention else (32 << 20)
             fp_group = any("fp_inputs" in plan.assignment[n].needs for n in data_members)
             group_reference = reference if fp_group else None
+            experts = [n for n in data_members if is_expert_linear(n)]
             with phase("statistics forward"), InputStats(
                     watched, keep_inputs=keep, stop_when_seen=not residual, spill_budget=budget, spill_arena=arena,
-                    reference=group_reference) as stats:
+                    reference=group_reference) as stats, \
+                    experts_see_all_tokens(block, bool(experts) and plan.calibrate_all_experts):
                 run(stats=stats, write_outputs=residual)
             stats.all_reduce()   # a distributed run: every rank now holds the statistics of all samples
             if residual:
                 block.set_submodule(name, original)
-            hessians, kept, crosses = stats.hessians(), stats.kept, stats.cross_terms()
+            tokens = {n: stats.tokens_of(n) for n in experts}
+            starved = [n for n in experts if tokens[n] < plan.min_expert_tokens]
+            hessians, kept, crosses = stats.hessians(missing_ok=starved), stats.kept, stats.cross_terms()
             drift = stats.input_drift()
             del stats
+            for n in starved:   # too few tokens for a Hessian worth solving against: data-free below
+                hessians.pop(n, None), crosses.pop(n, None), drift.pop(n, None)
+            if starved:
+                note(f"block {index}: {len(starved)} expert linears saw fewer than {plan.min_expert_tokens} calibration "
+                     f"tokens and are quantized data-free: " + ", ".join(f"{n} ({tokens[n]})" for n in starved))
         # Every rank solves the linears it owns, then every result is broadcast: under torchrun the
         # ranks solve at the same time instead of one after the other.
         group_stats: dict[str, dict] = {}
+        stage_of = {name: plan.assignment[name] for name in members}
         for name in members:
+            if name in starved:
+                stage_of[name], group_stats[name] = data_free(stage_of[name], block.get_submodule(name).in_features)
+                continue
             group_stats[name] = {"hessian": hessians[name]} if name in hessians else {}
             if name in crosses:
                 group_stats[name]["cross"] = crosses[name]
@@ -614,7 +680,7 @@ def _compress_block(
         for name, owner in zip(members, owners):
             if owner != distributed.rank():
                 continue
-            stage = plan.assignment[name]
+            stage = stage_of[name]
             ctx.describe(f"block {index + 1} · {name} · {stage.label}")
             start = time.perf_counter()
             try:
@@ -627,7 +693,7 @@ def _compress_block(
             solved_here[name] = (module, metrics, input_scale, time.perf_counter() - start)
             dense_here[name] = dense
         for name, owner in zip(members, owners):
-            stage = plan.assignment[name]
+            stage = stage_of[name]
             start = time.perf_counter()
             result = solved_here.pop(name, None)
             if distributed.active():   # the owner's result, on every rank
@@ -637,6 +703,8 @@ def _compress_block(
             dense = dense_here.pop(name, None)
             if dense is None:
                 dense = dense_weight(module, input_scale)
+            if name in tokens:   # an expert: how much data its statistics had
+                metrics = {**metrics, "tokens": float(tokens[name]), "data_free": float(name in starved)}
             modules[name], ctx.metrics[name] = module, metrics
             solved = Solved(name, stage, module, input_scale)
             for h in hooks:

@@ -33,6 +33,12 @@ class Recipe(BaseModel):
     # them like every other dense tensor (`--dtype`). The runtime reads them as stored and
     # computes in fp32 (layers.stored_dense).
     head: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Mixture of experts. calibrate_all_experts: every expert's statistics from every calibration
+    # token (the outputs still follow the router); otherwise from the tokens routed to it. An expert
+    # whose statistics saw fewer than min_expert_tokens tokens is quantized data-free instead (RTN
+    # on the stage's grid; other methods with an identity Hessian), and the report lists it.
+    calibrate_all_experts: bool = False
+    min_expert_tokens: int = Field(16, ge=0)
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -44,6 +50,8 @@ class Recipe(BaseModel):
             raise ValueError("the rotation stage must come first: it changes the weights every later stage sees")
         if kinds.count("allocator") > 1:
             raise ValueError("a recipe holds at most one allocator stage (one global budget)")
+        if kinds.count("tuning") > 1:
+            raise ValueError("a recipe holds at most one block-tuning stage")
         if kinds.count("correction") > 1:
             raise ValueError("a recipe holds at most one block-correction stage")
         return self
@@ -132,14 +140,21 @@ def _coerce(value: str) -> Any:
     return yaml.safe_load(value)
 
 
+_RECIPE_SETTINGS = ("head", "calibrate_all_experts", "min_expert_tokens")
+
+
 def apply_settings(data: dict, settings: list[str] | None) -> dict:
-    """Apply ``key=value`` settings (``--set``) to every layer stage that has the key."""
+    """Apply ``key=value`` settings (``--set``) to the recipe's own settings (``head``, the experts')
+    or to every layer stage that has the key."""
     if not settings:
         return data
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"--set expects key=value, got {item!r}")
+        if key in _RECIPE_SETTINGS:
+            data[key] = _coerce(value)
+            continue
         applied = False
         for stage in data.get("stages", []):
             cls = STAGE_TYPES.get(stage.get("method"))
@@ -147,7 +162,7 @@ def apply_settings(data: dict, settings: list[str] | None) -> dict:
                 stage[key] = _coerce(value)
                 applied = True
         if not applied:
-            known = {f for c in STAGE_TYPES.values() for f in c.model_fields}
+            known = {f for c in STAGE_TYPES.values() for f in c.model_fields} | set(_RECIPE_SETTINGS)
             raise RecipeError(f"--set {key}: no stage of this recipe has that key{_closest(key, known)}")
     return data
 

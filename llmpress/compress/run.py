@@ -29,6 +29,7 @@ from ..io.models import (
     tie_output_embeddings,
 )
 from ..io.text import check_text_source
+from ..layers.experts import unfuse_experts, unsplit_experts
 from ..progress import Status, note
 from ..version import __version__
 from . import distributed
@@ -105,6 +106,12 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
         dense_dtype = storage_dtype(dtype, str(model), config)
         skeleton = empty_model(config, trust_remote_code=trust_remote_code, source=folder)
         transposed = linearize(skeleton)   # GPT-2's Conv1D weights, stored [in, out]
+        unfuse_experts(skeleton)           # one linear per expert matrix
+        unsplit = unsplit_experts(skeleton)
+        if unsplit:
+            raise ModelLoadError(f"{unsplit[0]} ({type(skeleton.get_submodule(unsplit[0])).__name__}) holds its experts "
+                                 "fused in a layout llmpress cannot split into linears; compressing the rest would "
+                                 "leave every expert dense")
         arch = arch_for(skeleton)
         recipe = _expand_mixtures(recipe, arch, len(skeleton.get_submodule(arch.blocks)))
         tokenizer = load_tokenizer(folder, trust_remote_code)
@@ -129,7 +136,8 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
                                 "take (a norm sits between its writers and the stream); use `method: rht`")
         if stage.method == "harp" and stage.reuse is not None:   # a bad file fails before the output is touched
             rotation = replace(rotation, q=read_harp_rotation(stage.reuse, rotation.q.shape[0]), method="harp")
-    store = LazyWeights(folder, transposed=transposed)   # opens every shard: a corrupt file fails here
+    # opens every shard: a corrupt file fails here
+    store = LazyWeights(folder, transposed=transposed, renames=arch.checkpoint_names)
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in skeleton.state_dict() if not (tied and n == "lm_head.weight")]
     store.check_shapes({n: tuple(t.shape) for n, t in skeleton.state_dict().items() if n in names})
@@ -610,4 +618,5 @@ def _load_linear(folder: Path, trust_remote_code: bool) -> nn.Module:
     """The whole dense model, GPT-2's ``Conv1D`` as ``nn.Linear`` (as the pipeline sees it)."""
     model = load_dense(folder, trust_remote_code=trust_remote_code)
     linearize(model)
+    unfuse_experts(model)
     return model

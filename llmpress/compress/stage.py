@@ -23,7 +23,7 @@ ALLOWED_BITS = (2, 3, 4, 8)
 
 class StageBase(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    kind: ClassVar[str] = "layer"          # transform | layer | allocator | correction
+    kind: ClassVar[str] = "layer"          # transform | layer | allocator | correction | tuning
     needs: ClassVar[frozenset[str]] = frozenset()   # statistics the compressor reads
 
     targets: list[str] = Field(default_factory=lambda: [".*"])

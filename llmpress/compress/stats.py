@@ -341,7 +341,7 @@ class InputStats(_InputHooks):
         """``D = 2/N Σ (x̃ − x) xᵀ`` per watched linear that has a full-precision reference."""
         out = {}
         for n in self.modules:
-            o = self.owner[n]
+            o = self.owner.get(n)   # None: it never ran (an expert the router never picked)
             if o in self.crosses:
                 out[n] = self.crosses[o] * (2.0 / max(self.tokens[o], 1))
         return out
@@ -351,20 +351,27 @@ class InputStats(_InputHooks):
         moved from those of the full-precision model (the error that GPTAQ targets)."""
         out = {}
         for n in self.modules:
-            o = self.owner[n]
+            o = self.owner.get(n)
             if o in self.drift:
                 norm = float(torch.diagonal(self.sums[o]).sum())
                 out[n] = (self.drift[o] / norm) ** 0.5 if norm > 0 else 0.0
         return out
 
-    def hessians(self) -> dict[str, torch.Tensor]:
-        """``H = 2/N Σ x xᵀ`` per watched linear (the reference scaling; damping is relative)."""
+    def tokens_of(self, name: str) -> int:
+        """How many input rows linear ``name`` saw (an expert: the tokens routed to it)."""
+        owner = self.owner.get(name)
+        return self.tokens.get(owner, 0) if owner is not None else 0
+
+    def hessians(self, missing_ok=()) -> dict[str, torch.Tensor]:
+        """``H = 2/N Σ x xᵀ`` per watched linear (the reference scaling; damping is relative).
+        A linear that never ran is an error unless named in ``missing_ok`` (an expert the router
+        never picked): it is then left out."""
         # symmetrize in place leaves the upper triangle, so input_drift's diagonal stays valid
         full = {o: symmetrize(s) * (2.0 / max(self.tokens[o], 1)) for o, s in self.sums.items()}
-        missing = [n for n in self.modules if n not in self.owner]
+        missing = [n for n in self.modules if n not in self.owner and n not in missing_ok]
         if missing:
             raise RuntimeError(f"no statistics were collected for {missing}: they never ran on calibration data")
-        return {n: full[self.owner[n]] for n in self.modules}
+        return {n: full[self.owner[n]] for n in self.modules if n in self.owner}
 
 
 class InputRecorder(_InputHooks):

@@ -38,6 +38,7 @@ from ..errors import LlmpressError, OutputError
 from ..formats.packing import pack_codes, unpack_codes
 from ..layers import OnlineHadamard, QuantLinear
 from ..layers.base import outermost_compressed
+from ..layers.experts import fuse_experts, is_expert_linear
 from ..version import __version__
 from .checkpoint import is_llmpress_output, load_compressed, read_manifest
 from .models import load_tokenizer
@@ -70,6 +71,10 @@ def export(src: str | Path, out: str | Path, fmt: str, *, dtype: str = "float16"
         name, kind = next(iter(foreign.items()))
         raise ExportError(f"{name} is stored in llmpress's {kind!r} format, which {fmt} cannot express; "
                           "use --format dense")
+    experts = [n for n in manifest["modules"] if is_expert_linear(n)]
+    if fmt != "dense" and experts:
+        raise ExportError(f"{experts[0]} is a routed expert: the {fmt} export of mixture-of-experts models is not "
+                          "supported yet; use --format dense")
     online = [t for t in manifest.get("transforms", []) if isinstance(t, dict) and t.get("online_hadamard")]
     if fmt != "dense" and online:
         raise ExportError(f"this model applies an online Hadamard before its down projections, which {fmt} "
@@ -153,6 +158,7 @@ def _dense_tensors(model: nn.Module, compressed: dict[str, nn.Module], dtype: to
     for name, module in list(model.named_modules()):
         if isinstance(module, OnlineHadamard):   # the online rotation folds back into the weight
             model.set_submodule(name, module.fold())
+    fuse_experts(model, lambda linear: linear.weight.detach())   # transformers 5's own 3D layout
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in _plain_state(model).items()}
 
 

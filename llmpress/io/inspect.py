@@ -4,11 +4,12 @@ bits per weight, the dense tensors' storage, the run's recipe and transforms."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..layers import LAYER_FORMATS, module_sizes
+from ..layers.experts import expert_pattern
 from .checkpoint import read_manifest
 
 _SAFETENSORS_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -27,9 +28,14 @@ class ModuleRow:
     layout: str
     bits_per_weight: float
 
+    @property
+    def pattern(self) -> str:
+        """The module's name with a routed expert's index folded (``mlp.experts.*.up_proj``)."""
+        return expert_pattern(self.module)
+
     def kind(self) -> tuple:
-        """What makes two modules of different blocks fold into one row."""
-        return (self.module, self.format, self.bits, self.group, self.act_order, self.layout,
+        """What makes two modules of different blocks (or two experts) fold into one row."""
+        return (self.pattern, self.format, self.bits, self.group, self.act_order, self.layout,
                 round(self.bits_per_weight, 3))
 
 
@@ -82,7 +88,8 @@ def fold(rows: list[ModuleRow]) -> list[FoldedRow]:
     folded = []
     for members in groups.values():
         blocks = [r.block for r in members if r.block is not None]
-        folded.append(FoldedRow(blocks=block_ranges(blocks) if blocks else "–", count=len(members), row=members[0]))
+        folded.append(FoldedRow(blocks=block_ranges(blocks) if blocks else "–", count=len(members),
+                                row=replace(members[0], module=members[0].pattern)))
     return folded
 
 

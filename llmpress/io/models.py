@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -259,10 +260,11 @@ class LazyWeights:
     """
 
     def __init__(self, folder: Path, dtype: torch.dtype = torch.float32, weight_map: dict[str, str] | None = None,
-                 transposed: set[str] | frozenset[str] = frozenset()):
+                 transposed: set[str] | frozenset[str] = frozenset(), renames: tuple[tuple[str, str], ...] = ()):
         from safetensors import safe_open
 
         self.folder, self.dtype = folder, dtype
+        self.renames = renames   # (regex, replacement): a model name -> its checkpoint's name where they differ
         self.transposed = transposed   # stored [in, out] (GPT-2's Conv1D), read as the linear's [out, in] view
         if weight_map is None:
             weight_map = {}
@@ -279,32 +281,65 @@ class LazyWeights:
                         weight_map.update({k: name for k in f.keys()})  # noqa: SIM118 (a safetensors handle)
         self.weight_map: dict[str, str] = weight_map
 
+    def key(self, name: str) -> str:
+        """The checkpoint's name of the model's tensor ``name``."""
+        if name in self.weight_map:
+            return name
+        for pattern, replacement in self.renames:
+            renamed = re.sub(pattern, replacement, name)
+            if renamed != name and renamed in self.weight_map:
+                return renamed
+        return name
+
+    def fused_source(self, name: str) -> tuple[str, int, int] | None:
+        """``(fused key, expert, part)`` where the checkpoint holds the experts of ``name``
+        (``…experts.<e>.gate_proj.weight``) fused as transformers 5 does in memory: ``gate_up_proj
+        [E, 2I, H]`` (part 0 gate, 1 up) or ``down_proj [E, H, I]`` (part -1)."""
+        if name in self.weight_map:
+            return None
+        m = _EXPERT_WEIGHT.fullmatch(name)
+        if m is None:
+            return None
+        prefix, expert, matrix = m.group(1), int(m.group(2)), m.group(3)
+        key = f"{prefix}.down_proj" if matrix == "down_proj" else f"{prefix}.gate_up_proj"
+        if key not in self.weight_map:
+            return None
+        return key, expert, {"gate_proj": 0, "up_proj": 1, "down_proj": -1}[matrix]
+
     def has_all(self, names) -> bool:
-        return all(n in self.weight_map for n in names)
+        return all(self.key(n) in self.weight_map or self.fused_source(n) is not None for n in names)
 
     def read(self, names: list[str], native: bool = False) -> dict[str, torch.Tensor]:
         """The named tensors, in ``self.dtype`` (``native``: as stored)."""
         from safetensors import safe_open
 
+        out = {}
+        fused = {n: src for n in names if (src := self.fused_source(n)) is not None}
+        for n, (key, expert, part) in fused.items():
+            with _open_safetensors(self.folder / self.weight_map[key], safe_open) as f:
+                t = f.get_slice(key)[expert:expert + 1][0]
+            if part >= 0:
+                t = t.chunk(2, dim=0)[part]
+            out[n] = t.clone() if native else t.to(self.dtype).clone()
+        names = [n for n in names if n not in fused]
         by_file: dict[str, list[str]] = {}
         for n in names:
-            if n not in self.weight_map:
+            if self.key(n) not in self.weight_map:
                 raise ModelLoadError(f"tensor {n} is missing from the checkpoint in {self.folder}")
-            by_file.setdefault(self.weight_map[n], []).append(n)
-        out = {}
+            by_file.setdefault(self.weight_map[self.key(n)], []).append(n)
         for file, keys in by_file.items():
             path = self.folder / file
             large = []
             with _open_safetensors(path, safe_open) as f:
                 for k in keys:
                     try:
-                        sl = f.get_slice(k)
+                        sl = f.get_slice(self.key(k))
                         shape, stored = sl.get_shape(), _SAFETENSORS_DTYPES.get(sl.get_dtype())
                         dtype = self.dtype if stored is not None and stored.is_floating_point and not native else stored
                         if stored is not None and shape and math.prod(shape) * stored.itemsize > _CHUNK_BYTES:
                             large.append((k, shape, stored, dtype))
                             continue
-                        t = f.get_tensor(k)
+                        t = f.get_tensor(self.key(k))
                     except Exception as e:  # noqa: BLE001
                         raise ModelLoadError(f"corrupt tensor {k} in {path}: {e}") from None
                     # get_tensor gives a view of the file's mapping: a copy lets the mapping go
@@ -314,7 +349,7 @@ class LazyWeights:
                     t = t.clone() if t is view else t
                     out[k] = t.T if k in self.transposed else t
             for k, shape, stored, dtype in large:
-                t = _read_in_chunks(path, k, shape, stored, dtype, safe_open)
+                t = _read_in_chunks(path, self.key(k), shape, stored, dtype, safe_open)
                 out[k] = t.T if k in self.transposed else t
         return out
 
@@ -325,12 +360,12 @@ class LazyWeights:
 
         by_file: dict[str, list[str]] = {}
         for n in expected:
-            if n in self.weight_map:
-                by_file.setdefault(self.weight_map[n], []).append(n)
+            if self.key(n) in self.weight_map:
+                by_file.setdefault(self.weight_map[self.key(n)], []).append(n)
         for file, keys in by_file.items():
             with _open_safetensors(self.folder / file, safe_open) as f:
                 for k in keys:
-                    shape = tuple(f.get_slice(k).get_shape())
+                    shape = tuple(f.get_slice(self.key(k)).get_shape())
                     shape = shape[::-1] if k in self.transposed else shape
                     if shape != tuple(expected[k]):
                         raise ModelLoadError(f"tensor {k} in {self.folder / file} has shape {shape}, but config.json "
@@ -350,6 +385,7 @@ class LazyWeights:
 # is gone before the next: a vocabulary-sized fp16 embedding converted to fp32 never has its file
 # pages (1 GB on an 8B model) resident beside the fp32 copy.
 _CHUNK_BYTES = 64 << 20
+_EXPERT_WEIGHT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}

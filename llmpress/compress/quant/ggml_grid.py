@@ -463,6 +463,7 @@ def mixture_overrides(mixture: str, blocks: str, n_blocks: int, linears: list[st
     if mixture != "q4_k_m":
         raise ValueError(f"unknown mixture {mixture!r}")
     wide = [n for n in linears if n.rsplit(".", 1)[-1] in ("v_proj", "down_proj")]
-    return {f"^{re.escape(f'{blocks}.{i}.{name}')}$": {"grid": "q6_k"}
+    # an expert pattern (experts.*.down_proj) stands for every expert's
+    return {"^" + re.escape(f"{blocks}.{i}.{name}").replace(r"\*", r"\d+") + "$": {"grid": "q6_k"}
             for i in range(n_blocks) if _more_bits(i, n_blocks) for name in wide}
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ...errors import LlmpressError
 from ...layers.online_hadamard import OnlineHadamard
-from ..arch import ARCHITECTURES, ArchMap
+from ..arch import ArchMap, declared_families
 from .hadamard import random_signs, randomized_hadamard, signed_hadamard, signed_hadamard_map
 
 
@@ -314,8 +314,11 @@ def model_dims(config) -> tuple[int, int, int]:
 
 def check_rotatable(arch: ArchMap, config) -> None:
     if arch.rotation is None:
-        supported = sorted(k for k, a in ARCHITECTURES.items() if a.rotation is not None)
-        raise RotationError(f"rotations are not supported for the {arch.family} family; supported: {', '.join(supported)}")
+        supported = declared_families(lambda a: a.rotation is not None)
+        if arch.discovered:
+            raise RotationError(f"rotations need a declared map of the residual stream, and {arch.family} has none (its "
+                                f"linears were found by tracing); families with one: {supported}")
+        raise RotationError(f"rotations are not supported for the {arch.family} family; supported: {supported}")
     if arch.family == "opt" and getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
         raise RotationError("rotations are not supported for OPT models that project their embeddings "
                             "(word_embed_proj_dim differs from hidden_size)")
