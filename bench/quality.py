@@ -176,6 +176,7 @@ BLOCKTUNE = [
     ("GPTQ W3 g64 + block tuning", "gptq-tuned-w3-g64", [], None),
     ("GPTQ W2 g64", "gptq-w2-g64", [], None),
     ("GPTQ W2 g64 + block tuning", "gptq-tuned-w2-g64", [], None),
+    ("GPTQ W3 g64 + block tuning, 40 steps", "gptq-tuned-w3-g64", ["steps=40"], None),
 ]
 
 SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
