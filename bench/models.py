@@ -28,7 +28,6 @@ from llmpress.compress import arch as arch_module
 from llmpress.compress.arch import arch_for
 from llmpress.compress.discover import describe_model
 from llmpress.io.models import empty_model, linearize
-from llmpress.layers.experts import unfuse_experts
 
 
 def _configs():
@@ -61,7 +60,6 @@ def trace_rows() -> list[str]:
     for name, config, traced in _configs():
         model = empty_model(config)
         linearize(model)
-        unfuse_experts(model)
         saved = arch_module.ARCHITECTURES.pop(config.model_type) if traced else None
         start = time.perf_counter()
         try:

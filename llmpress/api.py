@@ -33,12 +33,10 @@ def describe_model(spec: str | Path, *, trust_remote_code: bool = False):
     from .compress.arch import arch_for
     from .compress.discover import describe_model as describe
     from .io.models import empty_model, linearize, load_config
-    from .layers.experts import unfuse_experts
 
     folder = resolve_model(str(spec))
     model = empty_model(load_config(folder, trust_remote_code), trust_remote_code=trust_remote_code, source=folder)
     linearize(model)
-    unfuse_experts(model)
     return describe(model, arch_for(model))
 
 

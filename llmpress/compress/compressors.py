@@ -33,15 +33,19 @@ def data_free(stage: StageBase, in_features: int) -> tuple[StageBase, dict]:
     router rarely picked), whose Hessian would be noise: round-to-nearest on the stage's own grid
     for a uniform quantizer (GPTQ and its residual variants reduce to it without data), else the
     stage itself against an identity Hessian (every input direction weighted alike)."""
-    from .quant.dsq import DSQStage
     from .quant.rtn import RTNStage
-    from .stage import GridQuantStage
 
-    if isinstance(stage, GridQuantStage) and not isinstance(stage, DSQStage):
+    if getattr(stage, "codes_on_own_grid", False):
         rtn = RTNStage(bits=stage.bits, group_size=stage.group_size, sym=stage.sym, mse=stage.mse, grid=stage.grid,
                        imatrix=False)
         return rtn, {}
-    return stage, {"hessian": torch.eye(in_features) * 2.0} if stage.needs else {}
+    return stage, {"hessian": identity_hessian(in_features)} if stage.needs else {}
+
+
+def identity_hessian(n: int) -> torch.Tensor:
+    """A Hessian that weighs every input direction alike, at the ``2/N Σ x xᵀ`` scale of unit inputs:
+    the statistics of a linear no calibration token reached."""
+    return torch.eye(n) * 2.0
 
 
 def linear_weight(linear: nn.Module) -> torch.Tensor:

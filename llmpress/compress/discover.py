@@ -37,12 +37,11 @@ _TRACE_TOKENS = 32
 @dataclass(frozen=True)
 class BlockTrace:
     """What one traced block showed: the linears in the order they ran, each one's level, the
-    linears that read one input tensor together, and the linears that never ran."""
+    linears that read one input tensor together."""
 
     order: tuple[str, ...]
     levels: dict[str, int]
     shared_inputs: tuple[tuple[str, ...], ...]
-    idle: tuple[str, ...]
     returned_by: dict[str, str]   # linear -> the block's child module that returns its output as its own
 
 
@@ -263,7 +262,7 @@ def _trace_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: di
                    if t is out and linear.startswith(child + ".")}
     return BlockTrace(order=tuple(order), levels=levels,
                       shared_inputs=tuple(tuple(g) for g in shared.values() if len(g) > 1),
-                      idle=tuple(n for n in linears if n not in inputs), returned_by=returned_by)
+                      returned_by=returned_by)
 
 
 def _upstream_linears(x: torch.Tensor, owner_of: dict[int, str], name: str) -> set[str]:

@@ -28,7 +28,7 @@ from ..layers.experts import experts_see_all_tokens, is_expert_linear
 from ..progress import Progress, note
 from . import distributed
 from .arch import ArchMap, blocks_of
-from .compressors import compress_linear, data_free, dense_proxy, dense_weight, linear_weight
+from .compressors import compress_linear, data_free, dense_proxy, dense_weight, identity_hessian, linear_weight
 from .hooks import BlockContext, BlockHooks, Solved
 from .memory import (
     available_memory,
@@ -421,7 +421,7 @@ def profile_blocks(
             for n in names:
                 bar.describe(f"block {i + 1} · {n} · candidates")
                 weight = linear_weight(block.get_submodule(n))
-                hessian = hessians[n] if n in hessians else torch.eye(weight.shape[1]) * 2.0   # an expert never picked
+                hessian = hessians[n] if n in hessians else identity_hessian(weight.shape[1])   # an expert never picked
                 results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessian)
             bar.advance()
     return results

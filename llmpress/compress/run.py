@@ -29,7 +29,7 @@ from ..io.models import (
     tie_output_embeddings,
 )
 from ..io.text import check_text_source
-from ..layers.experts import unfuse_experts, unsplit_experts
+from ..layers.experts import unsplit_experts
 from ..progress import Status, note
 from ..version import __version__
 from . import distributed
@@ -105,8 +105,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
         config = load_config(folder, trust_remote_code)
         dense_dtype = storage_dtype(dtype, str(model), config)
         skeleton = empty_model(config, trust_remote_code=trust_remote_code, source=folder)
-        transposed = linearize(skeleton)   # GPT-2's Conv1D weights, stored [in, out]
-        unfuse_experts(skeleton)           # one linear per expert matrix
+        transposed = linearize(skeleton)   # GPT-2's Conv1D weights, stored [in, out]; one linear per expert matrix
         unsplit = unsplit_experts(skeleton)
         if unsplit:
             raise ModelLoadError(f"{unsplit[0]} ({type(skeleton.get_submodule(unsplit[0])).__name__}) holds its experts "
@@ -618,5 +617,4 @@ def _load_linear(folder: Path, trust_remote_code: bool) -> nn.Module:
     """The whole dense model, GPT-2's ``Conv1D`` as ``nn.Linear`` (as the pipeline sees it)."""
     model = load_dense(folder, trust_remote_code=trust_remote_code)
     linearize(model)
-    unfuse_experts(model)
     return model

@@ -102,6 +102,10 @@ class GridQuantStage(UniformQuantStage):
     ``bits`` and ``group_size`` follow from the grid, whatever else the recipe says (rows llama.cpp
     cannot store in the type fall back as its quantizer does)."""
 
+    # codes on this stage's own grid, which round-to-nearest reproduces without data (DSQ: no,
+    # its grid carries a column scale): the data-free fallback and block tuning rely on it
+    codes_on_own_grid: ClassVar[bool] = True
+
     grid: Literal["uniform", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] = "uniform"
     # llama.cpp's per-tensor type assignment of a named file type, expanded into per-module
     # `overrides` once the model's depth is known (compress/quant/ggml_grid.mixture_overrides)

@@ -27,7 +27,6 @@ from torch import nn
 
 from ..errors import LlmpressError, ModelLoadError, OutputError
 from ..layers import LAYER_FORMATS, CompressedLinear, OnlineHadamard
-from ..layers.experts import unfuse_experts
 from ..layers.harp_linear import link_shared_processors
 from ..layers.online_hadamard import input_width
 from ..layers.shared_input import link_shared_inputs
@@ -246,8 +245,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     manifest = read_manifest(folder)
     config = load_config(folder)
     model = empty_model(config, dtype=dtype, source=folder)
-    linearize(model)   # llmpress writes every linear [out, in], GPT-2's included
-    unfuse_experts(model)   # and one linear per expert matrix
+    linearize(model)   # llmpress writes every linear [out, in], GPT-2's included, one per expert matrix
     apply_transforms(model, manifest.get("transforms", []), dtype)
     for name, entry in manifest["modules"].items():
         try:

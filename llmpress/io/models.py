@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, cause_of
+from ..layers.experts import unfuse_experts
 from ..paths import cache_dir
 
 
@@ -174,8 +175,9 @@ def load_dense(folder: Path, dtype: torch.dtype = torch.float32, trust_remote_co
 
 
 def linearize(model: nn.Module) -> set[str]:
-    """Make every GPT-2-style ``Conv1D`` (weight ``[in, out]``, ``y = x W + b``) the ``nn.Linear`` it
-    is, once, when compression loads a model, so that the rest of llmpress sees one layout (a model
+    """Give ``model`` the one layout the rest of llmpress sees: fused experts as one linear per expert
+    matrix (``layers.experts.unfuse_experts``), and every GPT-2-style ``Conv1D`` (weight ``[in, out]``,
+    ``y = x W + b``) the ``nn.Linear`` it is, once, when compression loads a model (a model
     handed to the user stays stock: its ``save_pretrained`` must write a stock checkpoint). The weight keeps its storage,
     seen transposed, so a model computes bit for bit as before. Returns the names of those weights,
     whose layout in a stock checkpoint is ``[in, out]``."""
@@ -190,6 +192,7 @@ def linearize(model: nn.Module) -> set[str]:
             linear.bias = module.bias
         model.set_submodule(name, linear)
         names.add(f"{name}.weight")
+    unfuse_experts(model)
     return names
 
 

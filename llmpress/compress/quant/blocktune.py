@@ -294,10 +294,7 @@ def _is_tunable(p: torch.Tensor, tunables: dict[str, TunableUniform]) -> bool:
 
 
 def _uniform(stage) -> bool:
-    from ..stage import GridQuantStage
-    from .dsq import DSQStage
-
-    return isinstance(stage, GridQuantStage) and not isinstance(stage, DSQStage) and stage.grid == "uniform"
+    return getattr(stage, "codes_on_own_grid", False) and stage.grid == "uniform"
 
 
 register(BlockTuneStage, hooks=BlockTuning)

@@ -11,7 +11,7 @@ Columns go in the reference's group-aware order, so groups stay whole and need n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -179,6 +179,8 @@ class DSQStage(GPTQStage):
     standard grid on ``W·diag(1/c)`` (``QuantLinear``). ``c`` is absorbed into ``up_proj``'s scales
     when the architecture has a gated MLP; ``act_order`` means the reference's group-aware order in
     the binary form (compress/quant/dsq.py)."""
+
+    codes_on_own_grid: ClassVar[bool] = False
 
     method: Literal["dsq"] = "dsq"
     form: Literal["binary", "uniform"] = "binary"
