@@ -6,7 +6,7 @@ STAMP := $(VENV)/.llmpress-installed
 PEERS ?= .venv-peers
 PEERS_STAMP := $(PEERS)/.installed
 
-.PHONY: install peers demo test bench clean
+.PHONY: install peers peer-autoround demo test bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,15 @@ $(PEERS_STAMP):
 	$(PEERS)/bin/python -m pip install -q gptqmodel==7.6.0 \
 		|| echo "gptqmodel did not install: its export checks will be skipped"
 	touch $(PEERS_STAMP)
+
+# auto-round, the peer of the block-tuning rows (bench/peer_autoround.py), for benchmarks only
+peer-autoround: .venv-autoround/.installed
+
+.venv-autoround/.installed:
+	python3 -m venv .venv-autoround
+	.venv-autoround/bin/python -m pip install -q torch==2.13.0
+	.venv-autoround/bin/python -m pip install -q auto-round==0.16.1
+	touch $@
 
 demo: install
 	$(VENV)/bin/llmpress compress smollm2-135m --recipe gptq-w4-g64 \

@@ -176,12 +176,30 @@ BLOCKTUNE = [
     ("GPTQ W3 g64 + block tuning", "gptq-tuned-w3-g64", [], None),
     ("GPTQ W2 g64", "gptq-w2-g64", [], None),
     ("GPTQ W2 g64 + block tuning", "gptq-tuned-w2-g64", [], None),
-    ("GPTQ W3 g64 + block tuning, 40 steps", "gptq-tuned-w3-g64", ["steps=40"], None),
+    ("GPTQ W3 g64 + block tuning, 64 steps", "gptq-tuned-w3-g64", ["steps=64"], None),
 ]
+
+# Issue #31: the ablation ladder, each rung adding one part to the one above it (all act-order,
+# true-sequential, asymmetric, groups of 64), the static-group variants of the gptq-* defaults,
+# and the best presets.
+LADDER = []
+for _bits in (3, 2):
+    _gptq = f"gptq-w{_bits}-g64"
+    LADDER += [
+        (f"GPTQ W{_bits} g64", _gptq, [], None),
+        (f"+MSE grid W{_bits} g64", _gptq, ["mse=true"], None),
+        (f"+RHT W{_bits} g64", f"rht-{_gptq}", ["mse=true"], None),
+        (f"+GPTAQ W{_bits} g64", f"rht-{_gptq}", ["mse=true", "residual=gptaq"], None),
+        (f"+DSQ/DAC W{_bits} g64 (D2Quant)", f"d2quant-w{_bits}-g64", [], None),
+        (f"+block tuning W{_bits} g64 (best-w{_bits})", f"best-w{_bits}", [], None),
+        (f"GPTQ W{_bits} g64 static groups", _gptq, ["static_groups=true"], None),
+        (f"GPTQ W{_bits} g64 MSE grid, static groups", _gptq, ["mse=true", "static_groups=true"], None),
+        (f"auto-round W{_bits} g64 (its defaults)", "peer:auto-round", [f"bits={_bits}", "group_size=64"], None),
+    ]
 
 SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
           "rotation": ROTATION, "rotation-second": ROTATION_SECOND, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD,
-          "gguf": GGUF, "blocktune": BLOCKTUNE}
+          "gguf": GGUF, "blocktune": BLOCKTUNE, "ladder": LADDER}
 MEASURE_DECODE = {"factor", "tt", "shiftadd"}   # suites whose rows also time CPU decoding
 
 
@@ -224,7 +242,11 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int, mo
         result["drop"] = kwargs["drop"]
     if model != DEFAULT_MODEL:
         result["model"] = model
-    if recipe is not None:
+    if recipe is not None and recipe.startswith("peer:"):
+        out = OUT / folder_name(name if model == DEFAULT_MODEL else f"{Path(model).stem} {name}")
+        result.update(run_peer(recipe, settings, model, nsamples, seqlen, kwargs.get("seed", 0), out))
+        model = out
+    elif recipe is not None:
         out = OUT / folder_name(name if model == DEFAULT_MODEL else f"{Path(model).stem} {name}")
         start = time.perf_counter()
         res = llmpress.compress(model, bench_recipe(recipe), out=out, settings=settings, nsamples=nsamples, seqlen=seqlen,
@@ -239,7 +261,7 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int, mo
     m, tok = llmpress.load(model)
     ppl = llmpress.perplexity(m, tok, "wiki/test", seqlen=2048, windows=windows)
     result.update(ppl=ppl.ppl, protocol=ppl.protocol, eval_s=ppl.seconds)
-    if recipe is not None:
+    if recipe is not None and not recipe.startswith("peer:"):
         result["linear_bytes_ratio"] = decoder_linear_bytes_ratio(m, model)
     if suite == "gguf" and recipe is not None:
         from llmpress.io.export import export
@@ -251,6 +273,38 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int, mo
         torch.set_num_threads(1)   # one core: comparable rows even while another job runs
         result["decode_tok_s"] = decode_rate(m, decode_prompt(tok), 64, 2)[0]
     return result
+
+
+def run_peer(recipe: str, settings: list[str], model: str, nsamples: int, seqlen: int, seed: int, out: Path) -> dict:
+    """A peer toolkit's row (``peer:auto-round``): the dense model and the calibration windows are
+    written to files, the peer compresses them in its own environment (``LLMPRESS_PEER_PYTHON``,
+    default ``.venv-autoround``), and the dense folder it writes is evaluated like every row."""
+    import os
+
+    from safetensors.torch import save_file
+
+    import llmpress
+    from llmpress.compress.calibration import calibration_windows
+    from llmpress.io.models import load_tokenizer
+
+    python = os.environ.get("LLMPRESS_PEER_PYTHON", str(ROOT / ".venv-autoround" / "bin" / "python"))
+    if not Path(python).exists():
+        raise SystemExit(f"{recipe} runs in an environment of its own: `make peer-autoround`, or set LLMPRESS_PEER_PYTHON")
+    inputs = OUT / "peer-inputs" / folder_name(Path(model).stem)
+    if not (inputs / "config.json").exists():
+        dense, tokenizer = llmpress.load(model)
+        dense.save_pretrained(inputs)
+        tokenizer.save_pretrained(inputs)
+    tokenizer = load_tokenizer(inputs)
+    windows = inputs / f"wiki-train-{nsamples}x{seqlen}-seed{seed}.safetensors"
+    save_file({"input_ids": calibration_windows(tokenizer, "wiki/train", nsamples, seqlen, seed).contiguous()}, windows)
+    options = dict(s.split("=", 1) for s in settings)
+    proc = subprocess.run([python, str(ROOT / "bench" / "peer_autoround.py"), "--model-dir", str(inputs),
+                           "--windows", str(windows), "--bits", options["bits"], "--group-size", options["group_size"],
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{recipe} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def decoder_linear_bytes_ratio(model, folder: Path) -> float:
@@ -309,8 +363,13 @@ def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
         ref = r.get("reference")
         vs = f"{(r['ppl'] / ref - 1) * 100:+.1f}%" if ref else "–"
         ratio = f"{r['ppl'] / dense['ppl']:.3f}" if dense else "–"
-        recipe = "–" if r["recipe"] is None else f"`{r['recipe']}`" + "".join(
-            f" `--set {s}`" for s in r["settings"]) + "".join(f" `--drop {d}`" for d in r.get("drop", []))
+        if r["recipe"] is None:
+            recipe = "–"
+        elif r["recipe"].startswith("peer:"):   # another toolkit: its name, version and the settings given to it
+            recipe = f"{r['recipe'][5:]} {r.get('peer_version', '')}, " + ", ".join(f"`{s}`" for s in r["settings"])
+        else:
+            recipe = f"`{r['recipe']}`" + "".join(f" `--set {s}`" for s in r["settings"]) + "".join(
+                f" `--drop {d}`" for d in r.get("drop", []))
         lines.append(
             f"| {r['name']}{' †' if r.get('reused') else ''} | {recipe} | {r['ppl']:.2f} | {ref if ref else '–'} | {vs} | {ratio} | "
             f"{r.get('bits_per_weight') or '–'} | {r.get('compress_s', 0):.0f} | "
@@ -337,7 +396,8 @@ def main() -> None:
                     help="take a configuration measured before (same recipe, settings, seed and protocol, in any "
                          "suite's log) from the log instead of running it again; the table marks it")
     ap.add_argument("--from-log", action="store_true",
-                    help="only rebuild the table from bench/out/quality.jsonl (the latest row of each name)")
+                    help="only rebuild the table from the logs: the suite's latest row of each name, else the same "
+                         "job measured in another suite (marked); rows never measured are left out")
     args = ap.parse_args()
     if args.one is not None:
         print(json.dumps(run_one(args.suite, args.one, args.windows, args.nsamples, args.seqlen, args.model)))
@@ -377,13 +437,20 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(f"    {row['protocol']} = {row['ppl']:.2f}  compress {row.get('compress_s', 0):.0f}s "
               f"rss {row.get('compress_rss_mb', 0):.0f}MB", flush=True)
-    if args.from_log:
+    if args.from_log:   # the suite's own latest row of each name, else the same job from another suite's log
         latest = {}
-        for line in log.read_text().splitlines():
+        for line in log.read_text().splitlines() if log.exists() else []:
             row = json.loads(line)
             latest[row["name"]] = row
-        order = [c[0] for c in configs]
-        rows = sorted((r for r in latest.values() if r["name"] in order), key=lambda r: order.index(r["name"]))
+        rows = []
+        for name, recipe, settings, _ref, *extra in configs:
+            row = latest.get(name)
+            if row is None and recipe is not None:
+                seed, drop = (extra[0].get("seed", 0), extra[0].get("drop", [])) if extra else (0, [])
+                before = measured_before((recipe, settings, seed, drop), args.windows, args.nsamples, args.seqlen)
+                row = None if before is None else {**before, "name": name, "reused": True}
+            if row is not None:
+                rows.append(row)
     if not any(r["recipe"] is None for r in rows):   # the dense baseline of the ratio column
         dense = _latest_dense()
         if dense is not None:

@@ -25,11 +25,14 @@ def _recipe(steps=32, holdout=2):
     ]})
 
 
-@pytest.mark.parametrize("sym,act_order", [(False, True), (True, False)])
-def test_tunable_grid_starts_at_the_quantizer_exactly(sym, act_order):
+@pytest.mark.parametrize("sym,act_order,columns", [(False, True, 96), (True, False, 96), (False, True, 100),
+                                                    (False, False, 100)])
+def test_tunable_grid_starts_at_the_quantizer_exactly(sym, act_order, columns):
+    """Also with act-order's scattered groups and a ragged last group (100 columns, groups of 32),
+    which the group-major layout pads."""
     torch.manual_seed(0)
-    w = torch.randn(48, 96)
-    x = torch.randn(512, 96) @ torch.randn(96, 96)
+    w = torch.randn(48, columns)
+    x = torch.randn(512, columns) @ torch.randn(columns, columns)
     q = gptq_quantize(w, x.T @ x, bits=3, group_size=32, sym=sym, act_order=act_order)
     layer = QuantLinear.from_quantized(q, torch.randn(48), torch.float32)
     tunable = TunableUniform(layer, scale_range=0.1)
@@ -46,6 +49,34 @@ def test_tunable_grid_starts_at_the_quantizer_exactly(sym, act_order):
     moved = tunable.export()
     assert torch.equal(moved.dequantize(torch.float32), tunable.weight().detach())
     assert not torch.equal(moved.dequantize(torch.float32), layer.dequantize(torch.float32))
+
+
+def test_fused_grid_weight_has_the_straight_through_gradients():
+    """The fused function against the same weight built from autograd's ops (straight-through
+    rounding, clamps that stop the gradient where they are active)."""
+    from llmpress.compress.quant.blocktune import _GridWeight
+
+    torch.manual_seed(0)
+    codes = torch.randint(0, 8, (6, 3, 4)).float()
+    zeros = torch.randint(0, 8, (6, 3)).float()
+    scales = torch.rand(6, 3) + 0.1
+    offset, factor, shift = (torch.rand(6, 3, 4) * 3 - 1.5).requires_grad_(), (torch.rand(6, 3) + 0.5).requires_grad_(), \
+        (torch.rand(6, 3) * 4 - 2).requires_grad_()
+    upstream = torch.randn(6, 3, 4)
+
+    def ste(x, y):
+        return x + (y - x).detach()
+
+    q = ste(codes + offset, torch.round(codes + offset)).clamp(0, 7)
+    z = ste(zeros + shift, torch.round(zeros + shift)).clamp(0, 7)
+    s = ste(scales * factor, (scales * factor).half().float())
+    reference = s.unsqueeze(-1) * (q - z.unsqueeze(-1))
+    expected = torch.autograd.grad((reference * upstream).sum(), (offset, factor, shift))
+    fused = _GridWeight.apply(codes, offset, scales, factor, zeros, shift, 7)
+    assert torch.equal(fused, reference)
+    got = torch.autograd.grad((fused * upstream).sum(), (offset, factor, shift))
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, rtol=1e-6, atol=1e-6)
 
 
 def test_block_arguments_of_one_window_give_that_windows_output(tiny_model_factory):
@@ -93,6 +124,24 @@ def test_block_tuning_lowers_the_held_out_error_and_never_raises_it(tiny_model_f
 def test_block_tuning_resumes_identically(tiny_model_factory, tmp_path, monkeypatch):
     calls = crash_then_resume(tiny_model_factory("llama"), _recipe(steps=8, holdout=1), tmp_path, monkeypatch)
     assert calls == [2]
+
+
+def test_block_tuning_leaves_other_formats_of_the_block_as_they_are(tiny_model_factory, tmp_path):
+    """D²Quant's blocks: the dual-scale down_proj is kept as solved, the uniform linears are tuned."""
+    recipe = parse_recipe({"stages": [
+        {"method": "dsq", "targets": [r"mlp\.down_proj$"], "bits": 3, "group_size": 32},
+        {"method": "gptq", "bits": 3, "group_size": 32},
+        {"method": "block-tune", "steps": 16, "eval_every": 4, "holdout": 2},
+    ]})
+    untuned = parse_recipe({"stages": recipe.model_dump(mode="json")["stages"][:2]})
+    kw = dict(nsamples=16, seqlen=32, progress=False, keep_model=True)
+    tuned = llmpress.compress(tiny_model_factory("llama"), recipe, out=tmp_path / "t", **kw)
+    plain = llmpress.compress(tiny_model_factory("llama"), untuned, out=tmp_path / "p", **kw)
+    first = tuned.model.model.layers[0]
+    assert not isinstance(first.mlp.down_proj, QuantLinear)
+    kept = plain.model.model.layers[0].mlp.down_proj.state_dict()
+    assert all(torch.equal(t, kept[k]) for k, t in first.mlp.down_proj.state_dict().items())
+    assert not torch.equal(first.mlp.up_proj.scales, plain.model.model.layers[0].mlp.up_proj.scales)
 
 
 def test_block_tuning_refuses_grids_it_cannot_tune(tiny_model_factory, tmp_path):

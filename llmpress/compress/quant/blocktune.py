@@ -51,13 +51,16 @@ class BlockTuneStage(BaseModel):
     needs: ClassVar[frozenset[str]] = frozenset({"activations"})
 
     method: Literal["block-tune"] = "block-tune"
-    steps: int = Field(64, ge=0)
+    steps: int = Field(40, ge=0)                # the most that keeps W3 within 3x GPTQ's time (2-core CPU)
     batch: int = Field(1, ge=1)                 # calibration windows per step
     lr: float = Field(0.005, gt=0)              # SignRound's 1/200 (a step moves each offset by lr)
     optimizer: Literal["sign", "adam", "scaled"] = "sign"
     scale_range: float = Field(0.1, ge=0, lt=1)   # α ∈ [1 − r, 1 + r]
     holdout: int = Field(4, ge=1)               # calibration windows held out for early stopping
     eval_every: int = Field(16, ge=1)
+    # the steps' forward and backward passes (bf16 autocast; auto: bf16 where the hardware computes it
+    # natively, CPUs with AMX or AVX512-BF16 and CUDA); the teacher and the held-out error stay fp32
+    step_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     seed: int = 0
 
     @property
@@ -65,29 +68,75 @@ class BlockTuneStage(BaseModel):
         return "block-tune"
 
 
-def _ste_round(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
+class _GridWeight(torch.autograd.Function):
+    """``s·α·(clamp(⌊c + v⌉) − clamp(⌊z + β⌉))`` with ``s·α`` rounded to fp16, group-major, each
+    rounding passing the gradient straight through (zero where the clamp is active). One function
+    with its gradients written out: built from autograd's elementwise ops, the weight takes several
+    more passes over the ``[out, in]`` tensors, which under bf16 autocast cost more than the step's
+    matrix products."""
+
+    @staticmethod
+    def forward(ctx, codes, offset, scales, factor, zeros, shift, qmax: int):
+        rounded = torch.round(codes + offset)
+        q = rounded.clamp(0, qmax)
+        z = torch.round(zeros + shift)
+        inside_z = (z >= 0) & (z <= qmax)
+        z = z.clamp(0, qmax)
+        s = (scales * factor).to(torch.float16).to(torch.float32)
+        level = q - z.unsqueeze(-1)
+        ctx.save_for_backward(level, (rounded >= 0) & (rounded <= qmax), inside_z, s, scales)
+        return s.unsqueeze(-1) * level
+
+    @staticmethod
+    def backward(ctx, grad):
+        level, inside_q, inside_z, s, scales = ctx.saved_tensors
+        grad = grad.to(torch.float32)
+        d_offset = grad * s.unsqueeze(-1) * inside_q if ctx.needs_input_grad[1] else None
+        d_factor = (grad * level).sum(-1) * scales if ctx.needs_input_grad[3] else None
+        d_shift = -grad.sum(-1) * s * inside_z if ctx.needs_input_grad[5] else None
+        return None, d_offset, None, d_factor, None, d_shift, None
 
 
-def _ste_half(x: torch.Tensor) -> torch.Tensor:
-    """``x`` rounded to fp16 (what a stored scale is), with a straight-through gradient."""
-    return x + (x.to(torch.float16).to(torch.float32) - x).detach()
+def step_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype of the tuning steps: ``auto`` is bf16 where it is computed natively."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
 
 
 class TunableUniform(nn.Module):
     """A :class:`QuantLinear`'s grid made differentiable: codes + offsets, scales × factors, zeros
-    + shifts; :meth:`export` packs the tuned state in the same format."""
+    + shifts; :meth:`export` packs the tuned state in the same format.
+
+    Everything is held group-major, ``[out, groups, width]`` (act-order's columns sorted by group,
+    a ragged last group padded), so a group's scale and zero broadcast over its codes: gathering
+    them per column instead costs an accumulating scatter in every backward pass, about half of a
+    step's time. One column selection per step puts the weight back in the layer's column order.
+    """
 
     def __init__(self, layer: QuantLinear, scale_range: float):
         super().__init__()
         self.layer, self.scale_range = layer, scale_range
         self.qmax = max_code(layer.bits)
-        self.register_buffer("codes", unpack_codes(layer.qweight, layer.bits, layer.in_features).to(torch.float32))
+        codes = unpack_codes(layer.qweight, layer.bits, layer.in_features).to(torch.float32)
+        zeros = unpack_codes(layer.qzeros, layer.bits, layer.n_groups).to(torch.float32)
+        group = QuantizedWeight(codes, layer.scales, zeros, layer.g_idx if layer.has_g_idx else None,
+                                layer.bits, layer.group_size, layer.sym).group_of_column()
+        width = int(torch.bincount(group, minlength=layer.n_groups).max())
+        order = torch.argsort(group, stable=True)   # columns by group
+        rank = torch.empty_like(order)               # a column's place within its group
+        rank[order] = torch.arange(len(order)) - torch.searchsorted(group[order], group[order])
+        slot = group * width + rank                  # a column's place in the group-major layout
+        in_order = layer.n_groups * width == len(slot) and torch.equal(slot, torch.arange(len(slot)))
+        self.register_buffer("slot", None if in_order else slot)
+        held = torch.zeros(layer.out_features, layer.n_groups * width)
+        held[:, slot] = codes
+        self.register_buffer("codes", held.view(layer.out_features, layer.n_groups, width))
         self.register_buffer("scales", layer.scales.to(torch.float32))
-        self.register_buffer("zeros", unpack_codes(layer.qzeros, layer.bits, layer.n_groups).to(torch.float32))
-        q = QuantizedWeight(self.codes, self.scales, self.zeros, layer.g_idx if layer.has_g_idx else None,
-                            layer.bits, layer.group_size, layer.sym)
-        self.register_buffer("cols", q.group_of_column())
+        self.register_buffer("zeros", zeros)
         self.bias = None if layer.bias is None else layer.bias.detach().to(torch.float32)
         self.offset = nn.Parameter(torch.zeros_like(self.codes))
         self.factor = nn.Parameter(torch.ones_like(self.scales))
@@ -99,23 +148,25 @@ class TunableUniform(nn.Module):
             self.factor.clamp_(1 - self.scale_range, 1 + self.scale_range)
             self.shift.clamp_(-1.0, 1.0)
 
-    def _grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        codes = torch.clamp(_ste_round(self.codes + self.offset), 0, self.qmax)
-        zeros = torch.clamp(_ste_round(self.zeros + self.shift), 0, self.qmax)
-        return codes, _ste_half(self.scales * self.factor), zeros
+    def _columns(self, held: torch.Tensor) -> torch.Tensor:
+        """A group-major ``[out, groups, width]`` tensor in the layer's ``[out, in]`` column order."""
+        flat = held.reshape(held.shape[0], -1)
+        return flat if self.slot is None else flat.index_select(1, self.slot)
 
     def weight(self) -> torch.Tensor:
-        codes, scales, zeros = self._grid()
-        return scales[:, self.cols] * (codes - zeros[:, self.cols])
+        return self._columns(_GridWeight.apply(self.codes, self.offset, self.scales, self.factor, self.zeros,
+                                               self.shift, self.qmax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
     def export(self) -> QuantLinear:
-        codes, scales, zeros = self._grid()
+        codes = torch.clamp(torch.round(self.codes + self.offset), 0, self.qmax)
+        zeros = torch.clamp(torch.round(self.zeros + self.shift), 0, self.qmax)
+        scales = (self.scales * self.factor).to(torch.float16).to(torch.float32)
         layer = self.layer
-        q = QuantizedWeight(codes.to(torch.int64), scales, zeros.to(torch.int64),
+        q = QuantizedWeight(self._columns(codes).to(torch.int64), scales, zeros.to(torch.int64),
                             layer.g_idx if layer.has_g_idx else None, layer.bits, layer.group_size, layer.sym)
         return QuantLinear.from_quantized(q, layer.bias, layer.compute_dtype)
 
@@ -157,10 +208,11 @@ class BlockTuning(BlockHooks):
 
         if distributed.active():   # each rank would tune on its own windows and the ranks would part
             raise LlmpressError("block-tune does not run under torchrun yet; run it in one process")
-        for name, assigned in plan.assignment.items():
-            if assigned is not None and not _uniform(assigned):
-                raise LlmpressError(f"block-tune tunes uniform grids (RTN, GPTQ, GPTAQ); {name} is compressed with "
-                                    f"{assigned.method}")
+        assigned = [a for a in plan.assignment.values() if a is not None]
+        if assigned and not any(_uniform(a) for a in assigned):
+            methods = ", ".join(sorted({a.method for a in assigned}))
+            raise LlmpressError(f"block-tune tunes uniform grids (RTN, GPTQ, GPTAQ); this block's linears are "
+                                f"compressed with {methods} only")
 
     def __init__(self, stage: BlockTuneStage):
         super().__init__(stage)
@@ -228,7 +280,7 @@ class BlockTuning(BlockHooks):
         return out[0] if isinstance(out, tuple) else out
 
     def _error(self, ctx, windows: list[Window]) -> torch.Tensor:
-        out = self._run(ctx, windows)
+        out = self._run(ctx, windows).to(torch.float32)
         target = torch.cat([self.teacher[w] for w in windows]).to(torch.float32)
         return (out - target).pow(2).mean()
 
@@ -241,8 +293,13 @@ class BlockTuning(BlockHooks):
         frozen = [p for p in ctx.block.parameters() if p.requires_grad and not _is_tunable(p, tunables)]
         for p in frozen:
             p.requires_grad_(False)
+        if not offsets_can_move(stage):   # an exact saving: no offset could reach a rounding boundary
+            for t in tunables.values():
+                t.offset.requires_grad_(False)
         params = [p for t in tunables.values() for p in (t.offset, t.factor, t.shift) if p.requires_grad]
         adam = torch.optim.Adam(params, lr=stage.lr) if stage.optimizer == "adam" else None
+        device = ctx.hidden.device
+        dtype = step_dtype(stage.step_dtype, device)
         first = best = self._held_out_error(ctx)
         best_state = {n: t.state() for n, t in tunables.items()}
         best_step = 0
@@ -250,7 +307,7 @@ class BlockTuning(BlockHooks):
             for step, windows in enumerate(self.schedule, start=1):
                 ctx.describe(f"block {ctx.index + 1} · block-tune step {step}/{stage.steps} · "
                              f"held-out mse {best / first:.3f} of the start")
-                with torch.enable_grad():
+                with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     self._error(ctx, windows).backward()
                 with torch.no_grad():
                     _update(params, stage, adam)
@@ -287,6 +344,12 @@ def _update(params: list[torch.Tensor], stage: BlockTuneStage, adam) -> None:
         elif stage.optimizer == "scaled":   # each tensor's largest gradient moves it by lr
             p.sub_(stage.lr * p.grad / p.grad.abs().max().clamp_min(1e-30))
         p.grad = None
+
+
+def offsets_can_move(stage: BlockTuneStage) -> bool:
+    """Whether a rounding offset can change a code: signed descent moves one by ``lr`` a step, and a
+    code changes once its offset passes ±0.5."""
+    return stage.optimizer != "sign" or stage.lr * stage.steps >= 0.5
 
 
 def _is_tunable(p: torch.Tensor, tunables: dict[str, TunableUniform]) -> bool:
