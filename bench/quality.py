@@ -196,6 +196,11 @@ for _bits in (3, 2):
         (f"GPTQ W{_bits} g64 MSE grid, static groups", _gptq, ["mse=true", "static_groups=true"], None),
         (f"auto-round W{_bits} g64 (its defaults)", "peer:auto-round", [f"bits={_bits}", "group_size=64"], None),
     ]
+LADDER += [   # at 4 bits only the ends of the ladder
+    ("GPTQ W4 g64", "gptq-w4-g64", [], None),
+    ("+block tuning W4 g64 (best-w4)", "best-w4", [], None),
+    ("auto-round W4 g64 (its defaults)", "peer:auto-round", ["bits=4", "group_size=64"], None),
+]
 
 SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
           "rotation": ROTATION, "rotation-second": ROTATION_SECOND, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD,
@@ -218,12 +223,14 @@ def bench_recipe(name: str):
     return parse_recipe(data, name)
 
 
-def measured_before(name_recipe_settings: tuple, windows: int, nsamples: int, seqlen: int) -> dict | None:
-    """The latest row of any suite's log with the same recipe, settings, seed and protocol."""
+def measured_before(name_recipe_settings: tuple, windows: int, nsamples: int, seqlen: int,
+                    model: str = DEFAULT_MODEL) -> dict | None:
+    """The latest row of any suite's log with the same model, recipe, settings, seed and protocol."""
     recipe, settings, seed, *drop = name_recipe_settings
     drop = drop[0] if drop else []
     for row in _logged_rows():
         if (row["recipe"], row["settings"], row.get("seed", 0), row.get("drop", [])) == (recipe, settings, seed, drop) and \
+                row.get("model", DEFAULT_MODEL) == model and \
                 row["protocol"] == f"ppl[wiki/test, 2048x{windows}]" and \
                 (row.get("nsamples", 128), row.get("seqlen", 512)) == (nsamples, seqlen):
             return row
@@ -299,11 +306,14 @@ def run_peer(recipe: str, settings: list[str], model: str, nsamples: int, seqlen
     windows = inputs / f"wiki-train-{nsamples}x{seqlen}-seed{seed}.safetensors"
     save_file({"input_ids": calibration_windows(tokenizer, "wiki/train", nsamples, seqlen, seed).contiguous()}, windows)
     options = dict(s.split("=", 1) for s in settings)
-    proc = subprocess.run([python, str(ROOT / "bench" / "peer_autoround.py"), "--model-dir", str(inputs),
-                           "--windows", str(windows), "--bits", options["bits"], "--group-size", options["group_size"],
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    log = out.with_name(out.name + ".peer.log")   # the peer's own progress, to follow a long run
+    with log.open("w") as stderr:
+        proc = subprocess.run([python, str(ROOT / "bench" / "peer_autoround.py"), "--model-dir", str(inputs),
+                               "--windows", str(windows), "--bits", options["bits"],
+                               "--group-size", options["group_size"], "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"{recipe} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{recipe} failed; its log: {log}\n{log.read_text()[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -417,7 +427,8 @@ def main() -> None:
             _n, recipe, settings, _ref, *extra = configs[i]
             seed = extra[0].get("seed", 0) if extra else 0
             drop = extra[0].get("drop", []) if extra else []
-            before = measured_before((recipe, settings, seed, drop), args.windows, args.nsamples, args.seqlen)
+            before = measured_before((recipe, settings, seed, drop), args.windows, args.nsamples, args.seqlen,
+                                         args.model)
             if before is not None:
                 rows.append({**before, "name": name, "reused": True})
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: measured before, ppl {before['ppl']:.2f}", flush=True)
@@ -441,27 +452,33 @@ def main() -> None:
         latest = {}
         for line in log.read_text().splitlines() if log.exists() else []:
             row = json.loads(line)
-            latest[row["name"]] = row
+            if row.get("model", DEFAULT_MODEL) == args.model:   # a suite's log holds every model's rows
+                latest[row["name"]] = row
         rows = []
         for name, recipe, settings, _ref, *extra in configs:
             row = latest.get(name)
             if row is None and recipe is not None:
                 seed, drop = (extra[0].get("seed", 0), extra[0].get("drop", [])) if extra else (0, [])
-                before = measured_before((recipe, settings, seed, drop), args.windows, args.nsamples, args.seqlen)
+                before = measured_before((recipe, settings, seed, drop), args.windows, args.nsamples, args.seqlen,
+                                         args.model)
                 row = None if before is None else {**before, "name": name, "reused": True}
             if row is not None:
                 rows.append(row)
     if not any(r["recipe"] is None for r in rows):   # the dense baseline of the ratio column
-        dense = _latest_dense()
+        dense = _latest_dense(args.model, args.windows)
         if dense is not None:
             rows.insert(0, dense)
     body = table(rows, args.nsamples, args.seqlen)
     print(body)
     if not args.no_update:
+        second = args.model != DEFAULT_MODEL
         cmd = "python bench/quality.py" + "".join(
-            f" --{k} {v}" for k, v in (("suite", args.suite), ("only", args.only), ("windows", args.windows))
+            f" --{k} {v}" for k, v in (("suite", args.suite), ("only", args.only), ("windows", args.windows),
+                                       ("model", "FILE.gguf" if second else None),
+                                       ("nsamples", args.nsamples if args.nsamples != 128 else None))
             if v not in (None, 40, "quality"))
-        update_benchmarks(args.suite, body, cmd)
+        # another model's table has a section of its own beside the suite's
+        update_benchmarks(f"{args.suite}-{Path(args.model).stem}" if second else args.suite, body, cmd)
 
 
 def _logged_rows():
@@ -473,8 +490,10 @@ def _logged_rows():
                 yield row
 
 
-def _latest_dense() -> dict | None:
-    return next((row for row in _logged_rows() if row["recipe"] is None), None)
+def _latest_dense(model: str, windows: int) -> dict | None:
+    """The dense baseline of a table: the same model, measured with the same number of windows."""
+    return next((row for row in _logged_rows() if row["recipe"] is None and row.get("model", DEFAULT_MODEL) == model
+                 and row["protocol"] == f"ppl[wiki/test, 2048x{windows}]"), None)
 
 
 if __name__ == "__main__":
