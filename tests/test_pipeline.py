@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import llmpress
-from llmpress.compress import pipeline
+from llmpress.compress import pipeline, shortcuts
 from llmpress.compress.recipe import parse_recipe
 from llmpress.layers import QuantLinear
 
@@ -224,16 +224,16 @@ def test_bf16_activations_halve_the_streams_and_move_the_result_little(tiny_mode
     close to the fp32 run's; and a run cannot resume the other's folder."""
     folder = tiny_model_factory("llama")
     mismatches = []
-    real_forward = pipeline._CachedAttention.forward
+    real_forward = shortcuts.CachedAttention.forward
 
     def counting(self, *args, **kwargs):
         try:
             return real_forward(self, *args, **kwargs)
-        except pipeline._AttentionCacheMismatch:
+        except shortcuts.AttentionCacheMismatch:
             mismatches.append(self)
             raise
 
-    monkeypatch.setattr(pipeline._CachedAttention, "forward", counting)
+    monkeypatch.setattr(shortcuts.CachedAttention, "forward", counting)
     runs = {}
     for kind in ("float32", "bfloat16"):
         runs[kind] = llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / kind, nsamples=8, seqlen=32,

@@ -38,8 +38,17 @@ from .memory import (
 )
 from .phases import phase
 from .recipe import Recipe
+from .shortcuts import (
+    AttentionCacheMismatch,
+    CachedAttention,
+    SkippedNorm,
+    ZeroOutput,
+    add_residual_outputs,
+    attention_outputs,
+    batch_ranges,
+)
 from .stage import StageBase, method_of
-from .stats import InputRecorder, InputStats, Slabs, SpillArena, StopForward, all_finite, disk_tensor
+from .stats import InputRecorder, InputStats, SpillArena, StopForward, all_finite, disk_tensor
 
 
 @dataclass
@@ -51,10 +60,6 @@ class ModuleRecord:
     group_size: int | None
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def batch_ranges(n: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
 class _Catcher(nn.Module):
@@ -478,94 +483,6 @@ def _receive_result(result: tuple | None, owner: int, dtype: torch.dtype) -> tup
     return module, metrics, input_scale, seconds
 
 
-class _ZeroOutput(nn.Module):
-    """Stands in for the residual linear during its stage: records its input (through the
-    statistics hooks) and adds nothing, so the block returns ``h``, the residual stream without
-    that linear; the exact block output is then ``h + X Ŵᵀ + b`` once ``Ŵ`` is solved."""
-
-    def __init__(self, out_features: int):
-        super().__init__()
-        self.out_features = out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.out_features)
-
-
-class _AttentionCacheMismatch(Exception):
-    pass
-
-
-class _CachedAttention(nn.Module):
-    """Stands in for a block's attention once all its linears are compressed: returns, batch by
-    batch, the output computed once from the kept inputs of its output linear. The first call of
-    every stage runs the real attention and checks that it returns exactly that output (as stored:
-    bf16 activations keep it rounded to bf16, the one place where they change a block's output)."""
-
-    def __init__(self, real: nn.Module, outputs: list[torch.Tensor]):
-        super().__init__()
-        self.real, self.outputs = real, outputs
-        self.calls, self.arity, self.verified, self.dtype = 0, None, False, None
-
-    def restart(self) -> None:
-        self.calls = 0
-
-    def forward(self, *args, **kwargs):
-        batch = self.calls
-        self.calls += 1
-        if not self.verified:
-            out = self.real(*args, **kwargs)
-            first = out[0] if isinstance(out, tuple) else out
-            cached = self.outputs[batch]
-            if first.shape != cached.shape or not torch.equal(first.to(cached.dtype), cached):
-                raise _AttentionCacheMismatch
-            self.arity = len(out) if isinstance(out, tuple) else None
-            self.verified, self.dtype = True, first.dtype
-            return out
-        cached = self.outputs[batch].to(self.dtype)
-        return cached if self.arity is None else (cached,) + (None,) * (self.arity - 1)
-
-
-class _SkippedNorm(nn.Module):
-    """Stands in for the norm that only feeds a cached attention: once the cache is verified its
-    output is never read, so it returns its input instead of normalizing ~150 MB per stage."""
-
-    def __init__(self, real: nn.Module, attention: _CachedAttention):
-        super().__init__()
-        self.real, self.attention = real, attention
-
-    def forward(self, x, *args, **kwargs):
-        return x if self.attention.verified else self.real(x, *args, **kwargs)
-
-
-@torch.no_grad()
-def _attention_outputs(inputs, proxy: nn.Linear, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The attention's output per batch from its output linear's kept inputs, stored as ``dtype``:
-    written over each input where shape and dtype agree (no second stream's worth of memory), else
-    each input is freed as its output is made."""
-    outputs, slabs = [], Slabs()
-    for x in inputs.drain():
-        y = proxy(x.to(torch.float32))
-        if y.shape == x.shape and x.dtype == dtype:
-            outputs.append(x.copy_(y))
-        else:
-            outputs.append(slabs.copy(y.to(dtype)))
-        del x, y
-    return outputs
-
-
-@torch.no_grad()
-def _add_residual_outputs(name: str, hidden: torch.Tensor, inputs, proxy: nn.Linear, batch_size: int) -> None:
-    """The block's outputs from the residual linear's kept inputs, per token (OPT flattens tokens
-    before its MLP): ``h += X Ŵᵀ + b`` in place; the kept inputs are then closed."""
-    for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
-        x = inputs[b].reshape(-1, proxy.in_features).to(torch.float32)
-        target = hidden[s:e].view(-1, proxy.out_features)
-        if x.shape[0] != target.shape[0]:
-            raise RuntimeError(f"{name}: its inputs do not line up with the block's tokens")
-        target += proxy(x)
-    inputs.close()
-
-
 def _compress_block(
     ctx: BlockContext, hooks: list[BlockHooks], kwargs, dtype: torch.dtype, need_outputs: bool,
     arena: SpillArena | None = None, reference: InputRecorder | None = None,
@@ -586,7 +503,7 @@ def _compress_block(
             try:
                 run_block(block, hidden, kwargs, batch_size, **kw)
                 return
-            except _AttentionCacheMismatch:
+            except AttentionCacheMismatch:
                 # This architecture's attention returns more than its output linear computes:
                 # use the real module from here on (slower, equally exact).
                 block.set_submodule(arch.attention, real_attention)
@@ -629,7 +546,7 @@ def _compress_block(
                 name = data_members[0]
                 original = watched[name]
                 out_features = original.weight.shape[0]
-                watched[name] = _ZeroOutput(out_features)
+                watched[name] = ZeroOutput(out_features)
                 block.set_submodule(name, watched[name])
             keep = watched if (residual or cache_attention) else ()
             # o_proj's inputs are used right after its stage, before the attention cache or
@@ -714,16 +631,16 @@ def _compress_block(
             proxy = dense_proxy(module, dense)
             if residual:
                 with phase("outputs"):
-                    _add_residual_outputs(name, hidden, kept[name], proxy, batch_size)
+                    add_residual_outputs(name, hidden, kept[name], proxy, batch_size)
                 outputs_done = True
             block.set_submodule(name, proxy)   # before the stub: the path runs through the attention
             if cache_attention:
                 with phase("outputs"):
-                    outputs = _attention_outputs(kept[name], proxy, hidden.dtype)
-                attention = _CachedAttention(real_attention, outputs)
+                    outputs = attention_outputs(kept[name], proxy, hidden.dtype)
+                attention = CachedAttention(real_attention, outputs)
                 block.set_submodule(arch.attention, attention)
                 if real_norm is not None:
-                    block.set_submodule(arch.attention_norm, _SkippedNorm(real_norm, attention))
+                    block.set_submodule(arch.attention_norm, SkippedNorm(real_norm, attention))
             records.append(ModuleRecord(
                 name=f"{prefix}.{name}", block=index, method=stage.method, bits=getattr(stage, "bits", None),
                 group_size=getattr(stage, "group_size", None), seconds=seconds + time.perf_counter() - start,
