@@ -18,10 +18,10 @@ from llmpress.layers import QuantLinear
 from .test_pipeline import crash_then_resume
 
 
-def _recipe(steps=32, holdout=2):
+def _recipe(steps=32, holdout=2, teacher_inputs="compressed"):
     return parse_recipe({"name": "t", "stages": [
         {"method": "gptq", "bits": 3, "group_size": 32},
-        {"method": "block-tune", "steps": steps, "eval_every": 4, "holdout": holdout},
+        {"method": "block-tune", "steps": steps, "eval_every": 4, "holdout": holdout, "teacher_inputs": teacher_inputs},
     ]})
 
 
@@ -121,8 +121,10 @@ def test_block_tuning_lowers_the_held_out_error_and_never_raises_it(tiny_model_f
         assert not torch.equal(plain.model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
 
 
-def test_block_tuning_resumes_identically(tiny_model_factory, tmp_path, monkeypatch):
-    calls = crash_then_resume(tiny_model_factory("llama"), _recipe(steps=8, holdout=1), tmp_path, monkeypatch)
+@pytest.mark.parametrize("teacher_inputs", ["compressed", "full-precision"])
+def test_block_tuning_resumes_identically(tiny_model_factory, tmp_path, monkeypatch, teacher_inputs):
+    calls = crash_then_resume(tiny_model_factory("llama"), _recipe(steps=8, holdout=1, teacher_inputs=teacher_inputs),
+                              tmp_path, monkeypatch)
     assert calls == [2]
 
 
@@ -149,3 +151,39 @@ def test_block_tuning_refuses_grids_it_cannot_tune(tiny_model_factory, tmp_path)
     with pytest.raises(LlmpressError, match="block-tune tunes uniform grids"):
         llmpress.compress(tiny_model_factory("llama"), recipe, out=tmp_path / "x", nsamples=4, seqlen=32,
                           progress=False)
+
+
+@pytest.mark.parametrize("teacher_inputs", ["compressed", "full-precision"])
+def test_the_teacher_is_the_original_block_on_the_stream_asked_for(tiny_model_factory, tmp_path, monkeypatch,
+                                                                   teacher_inputs):
+    """``full-precision``: the targets are the dense model's own hidden states after the block (auto-round's
+    reference); ``compressed``: the original block on the compressed stream, which differs after block 0."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.compress.calibration import calibration_windows
+    from llmpress.compress.quant.blocktune import BlockTuning
+    from llmpress.io.models import load_tokenizer
+
+    folder = tiny_model_factory("llama")
+    teachers = {}
+    real_start = BlockTuning.start
+
+    def start(self, ctx):
+        real_start(self, ctx)
+        teachers[ctx.index] = dict(self.teacher)
+
+    monkeypatch.setattr(BlockTuning, "start", start)
+    recipe = parse_recipe({"stages": [{"method": "gptq", "bits": 3, "group_size": 32},
+                                      {"method": "block-tune", "steps": 4, "eval_every": 2, "holdout": 2,
+                                       "teacher_inputs": teacher_inputs}]})
+    result = llmpress.compress(folder, recipe, out=tmp_path / "t", nsamples=16, seqlen=32, progress=False,
+                               keep_model=True)
+    assert all(r.metrics["tune_best"] <= r.metrics["tune_start"] for r in result.records)
+    windows = calibration_windows(load_tokenizer(folder), "wiki/train", 16, 32, 0)
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        states = dense(input_ids=windows, output_hidden_states=True).hidden_states
+    for block in (0, 1):   # (the last block's hidden state is after the final norm)
+        for (b, i, _), target in teachers[block].items():
+            same = torch.allclose(target[0], states[block + 1][b * 8 + i], atol=1e-4, rtol=1e-4)
+            assert same == (teacher_inputs == "full-precision" or block == 0)

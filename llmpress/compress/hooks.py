@@ -41,6 +41,8 @@ class BlockContext:
     describe: Callable[[str], None]            # the progress line
     emit: Callable[[str, Any], None]           # a value kept in the run state with this block
     kwargs: Any = None                         # the block's other arguments, per calibration batch
+    # the original block's outputs on the full-precision model's own stream (where a stage asks)
+    fp_outputs: torch.Tensor | None = None
     modules: dict[str, nn.Module] = field(default_factory=dict)   # compressed so far, by name in the block
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)   # their metrics
 
@@ -78,6 +80,12 @@ class BlockHooks:
     @classmethod
     def needs_final_outputs(cls, stage: Any) -> bool:
         """Whether the last block's outputs are needed (they are otherwise never computed)."""
+        return False
+
+    @classmethod
+    def needs_full_precision_stream(cls, stage: Any) -> bool:
+        """Whether this method reads the full-precision model's own outputs of each block
+        (``BlockContext.fp_outputs``): the executor then keeps that stream through every block."""
         return False
 
     @classmethod

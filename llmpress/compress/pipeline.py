@@ -295,6 +295,8 @@ def compress_blocks(
     # GPTAQ-style stages also need the full-precision model's stream: one more copy of the
     # hidden states, advanced by each original block before it is compressed.
     last_fp_block = max((i for i, p in enumerate(plans) if p.fp_linears), default=-1)
+    if any(hooks.needs_full_precision_stream(s) for s, hooks in block_stages):
+        last_fp_block = len(blocks)   # every block's own full-precision outputs
     hidden = kwargs = None
     memory = None
     if data_needed:
@@ -354,6 +356,7 @@ def compress_blocks(
                 index=i, block=block, prefix=prefix, plan=plan, arch=arch, model=model, last=i == len(blocks) - 1,
                 run=lambda **kw: None, hidden=hidden, batch_size=batch_size, describe=bar.describe,
                 emit=extras.__setitem__, kwargs=kwargs[i] if kwargs else None,
+                fp_outputs=fp_hidden if advance_fp else None,
             )
             hooks = [hooks_type(stage) for stage, hooks_type in block_stages]
             try:

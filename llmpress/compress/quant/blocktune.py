@@ -61,6 +61,10 @@ class BlockTuneStage(BaseModel):
     # the steps' forward and backward passes (bf16 autocast; auto: bf16 where the hardware computes it
     # natively, CPUs with AMX or AVX512-BF16 and CUDA); the teacher and the held-out error stay fp32
     step_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    # the target's inputs: the compressed model's stream into the block (the teacher is the original
+    # block on the inputs the tuned one sees: its own error only), or the full-precision model's
+    # stream (auto-round's reference: the error that came in from the blocks before is corrected too)
+    teacher_inputs: Literal["compressed", "full-precision"] = "compressed"
     seed: int = 0
 
     @property
@@ -205,6 +209,10 @@ class BlockTuning(BlockHooks):
     solved, before the block's outputs are computed from it."""
 
     @classmethod
+    def needs_full_precision_stream(cls, stage) -> bool:
+        return stage.teacher_inputs == "full-precision"
+
+    @classmethod
     def check(cls, stage, plan, arch) -> None:
         from .. import distributed
 
@@ -244,8 +252,11 @@ class BlockTuning(BlockHooks):
         for _ in range(stage.steps):   # a step: `batch` consecutive windows of one calibration batch
             first = train[int(torch.randint(len(train), (1,), generator=generator))]
             self.schedule.append([w for w in train if w[0] == first[0] and first[1] <= w[1] < first[1] + stage.batch])
-        ctx.describe(f"block {ctx.index + 1} · block-tune: full-precision outputs")
         needed = sorted({w for step in self.schedule for w in step} | set(self.held_out))
+        if stage.teacher_inputs == "full-precision":   # computed already, by the full-precision stream
+            self.teacher = {w: ctx.fp_outputs[w[0] * ctx.batch_size + w[1]][None].clone() for w in needed}
+            return
+        ctx.describe(f"block {ctx.index + 1} · block-tune: full-precision outputs")
         self.teacher = {w: self._run(ctx, [w]).to(ctx.hidden.dtype) for w in needed}
 
     def after_group(self, ctx, group) -> None:
