@@ -38,9 +38,18 @@ def compress(model_dir: Path, windows_file: Path, bits: int, group_size: int, ou
                         dataset=[w[None] for w in windows], nsamples=len(windows), seqlen=windows.shape[1],
                         device_map="cpu")
     rounder.quantize_and_save(str(out), format="fake")
-    return {"compress_s": time.perf_counter() - start,
-            "compress_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peer_version": auto_round.__version__}
+    result = {"compress_s": time.perf_counter() - start,
+              "compress_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peer_version": auto_round.__version__}
+    # auto-round writes into a folder of its own naming under `out` (<model>-w<bits>g<group>): the
+    # row's folder is to be the model itself
+    (written,) = {p.parent for p in out.rglob("config.json")}
+    if written != out:
+        for item in written.iterdir():
+            item.rename(out / item.name)
+        written.rmdir()
+    (out / "peer.json").write_text(json.dumps(result))   # what a later evaluation of this folder reports
+    return result
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import argparse
 import json
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -304,6 +305,11 @@ def run_peer(recipe: str, settings: list[str], model: str, nsamples: int, seqlen
         dense, tokenizer = llmpress.load(model)
         dense.save_pretrained(inputs)
         tokenizer.save_pretrained(inputs)
+    done = out / "peer.json"
+    if done.exists() and (out / "config.json").exists():   # compressed before: evaluated again, not rerun
+        print(f"{recipe}: the peer's model in {out} is evaluated as it was made", file=sys.stderr)
+        return json.loads(done.read_text())
+    shutil.rmtree(out, ignore_errors=True)   # an interrupted run's leftovers
     tokenizer = load_tokenizer(inputs)
     windows = inputs / f"wiki-train-{nsamples}x{seqlen}-seed{seed}.safetensors"
     save_file({"input_ids": calibration_windows(tokenizer, "wiki/train", nsamples, seqlen, seed).contiguous()}, windows)

@@ -10,8 +10,9 @@ offset ``v ∈ [−1, 1]`` per weight, a scale factor ``α ∈ [1 − r, 1 + r]`
 ``β ∈ [−1, 1]`` per group (no zero shift on a symmetric grid), ``⌊·⌉`` rounded with a
 straight-through gradient. At ``v = 0, α = 1, β = 0`` it is the starting point exactly. The loss is
 the mean squared error between the block's output and the full-precision block's output on the
-same inputs (the compressed model's stream into this block), minimised with signed gradient
-descent (SignRound's optimiser; ``optimizer: adam`` for Adam) over ``steps`` steps of ``batch``
+same inputs (the compressed model's stream into this block), or with ``teacher_inputs:
+full-precision`` the dense model's own output of the block (auto-round's target), minimised with
+signed gradient descent (SignRound's optimiser; ``optimizer: adam`` for Adam) over ``steps`` steps of ``batch``
 windows; every ``eval_every`` steps the loss on held-out windows (the last ``holdout`` calibration
 windows, never trained on) is measured, and the best state seen, the starting point
 included, is what is kept. The result is stored in the starting quantizer's own packed format.
