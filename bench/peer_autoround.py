@@ -1,6 +1,6 @@
 """The auto-round peer (issue #31): auto-round's default SignRound recipe at a bit width and group
 size, on the very model and calibration windows llmpress's rows use, saved dequantized (its "fake"
-format: a dense checkpoint holding the quantized weights) for llmpress's perplexity protocol.
+model: a dense checkpoint holding the quantized weights) for llmpress's perplexity protocol.
 
 auto-round's dependencies differ from llmpress's, so it runs in an environment of its own
 (`make peer-autoround` builds `.venv-autoround`) and reads only files: the dense model as a Hugging
@@ -37,19 +37,40 @@ def compress(model_dir: Path, windows_file: Path, bits: int, group_size: int, ou
     rounder = AutoRound(model, tokenizer=tokenizer, bits=bits, group_size=group_size,
                         dataset=[w[None] for w in windows], nsamples=len(windows), seqlen=windows.shape[1],
                         device_map="cpu")
-    rounder.quantize_and_save(str(out), format="fake")
-    result = {"compress_s": time.perf_counter() - start,
+    quantized, _ = rounder.quantize()
+    seconds = time.perf_counter() - start
+    # quantize() leaves each tuned linear holding its quantized-dequantized weight, rounded to bf16
+    # (the model is tuned in bf16 on CPU), with its scales and zeros beside it. What auto-round's
+    # packed formats store, (codes − zero)·scale, is rebuilt from those in fp32, and every other
+    # tensor is the source's own (fp32). (auto-round 0.16.1's "fake" export cannot serve: it casts
+    # to 16 bits, then "restores" every tensor that was fp32 in the source folder, the quantized
+    # weights included, which writes the dense model back.)
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if getattr(module, "bits", 16) < 16 and getattr(module, "scale", None) is not None:
+                dense.get_submodule(name).weight.copy_(on_grid(module.weight, module.scale, module.zp, module.bits))
+    dense.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    result = {"compress_s": seconds,
               "compress_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "peer_version": auto_round.__version__}
-    # auto-round writes into a folder of its own naming under `out` (<model>-w<bits>g<group>): the
-    # row's folder is to be the model itself
-    (written,) = {p.parent for p in out.rglob("config.json")}
-    if written != out:
-        for item in written.iterdir():
-            item.rename(out / item.name)
-        written.rmdir()
     (out / "peer.json").write_text(json.dumps(result))   # what a later evaluation of this folder reports
     return result
+
+
+def on_grid(weight, scale, zero, bits: int):
+    """``(codes − zero)·scale`` in fp32 for a quantized-dequantized ``weight`` [out, in] with a scale
+    per row and group ([out, groups]) and a zero likewise, or one number (auto-round's default
+    symmetric grid: ``2^(bits−1)``)."""
+    import torch
+
+    out_features, groups = scale.shape
+    w = weight.to(torch.float32).reshape(out_features, groups, -1)
+    s = scale.to(torch.float32)[..., None]
+    z = zero.to(torch.float32)[..., None] if isinstance(zero, torch.Tensor) else float(zero)
+    codes = torch.clamp(torch.round(w / s + z), 0, 2 ** bits - 1)
+    return ((codes - z) * s).reshape(out_features, -1)
 
 
 def main() -> None:
