@@ -46,15 +46,19 @@ def compress(model_dir: Path, windows_file: Path, bits: int, group_size: int, ou
     # to 16 bits, then "restores" every tensor that was fp32 in the source folder, the quantized
     # weights included, which writes the dense model back.)
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    stored = weights = 0   # bits per weight as its packed formats count them: codes, fp16 scales, zeros
     with torch.no_grad():
         for name, module in quantized.named_modules():
             if getattr(module, "bits", 16) < 16 and getattr(module, "scale", None) is not None:
                 dense.get_submodule(name).weight.copy_(on_grid(module.weight, module.scale, module.zp, module.bits))
+                zeros = module.zp.numel() * module.bits if isinstance(module.zp, torch.Tensor) else 0
+                stored += module.weight.numel() * module.bits + module.scale.numel() * 16 + zeros
+                weights += module.weight.numel()
     dense.save_pretrained(out)
     tokenizer.save_pretrained(out)
     result = {"compress_s": seconds,
               "compress_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "peer_version": auto_round.__version__}
+              "peer_version": auto_round.__version__, "bits_per_weight": round(stored / weights, 4)}
     (out / "peer.json").write_text(json.dumps(result))   # what a later evaluation of this folder reports
     return result
 
