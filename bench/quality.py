@@ -183,7 +183,7 @@ BLOCKTUNE = [
 # Issue #31: the ablation ladder, each rung adding one part to the one above it (all act-order,
 # true-sequential, asymmetric, groups of 64), the static-group variants of the gptq-* defaults,
 # and the best presets.
-LADDER = []
+LADDER = [("dense", None, [], None)]
 for _bits in (3, 2):
     _gptq = f"gptq-w{_bits}-g64"
     LADDER += [
