@@ -195,6 +195,7 @@ for _bits in (3, 2):
         (f"+block tuning W{_bits} g64 (best-w{_bits})", f"best-w{_bits}", [], None),
         (f"+block tuning W{_bits} g64, teacher on the full-precision stream", f"best-w{_bits}",
          ["teacher_inputs=full-precision"], None),
+        (f"+block tuning W{_bits} g64, 128 steps (codes can move)", f"best-w{_bits}", ["steps=128"], None),
         (f"GPTQ W{_bits} g64 static groups", _gptq, ["static_groups=true"], None),
         (f"GPTQ W{_bits} g64 MSE grid, static groups", _gptq, ["mse=true", "static_groups=true"], None),
         (f"auto-round W{_bits} g64 (its defaults)", "peer:auto-round", [f"bits={_bits}", "group_size=64"], None),
