@@ -1,6 +1,6 @@
 """The auto-round peer (issue #31): auto-round's default SignRound recipe at a bit width and group
-size, on the very model and calibration windows llmpress's rows use, saved dequantized (its "fake"
-model: a dense checkpoint holding the quantized weights) for llmpress's perplexity protocol.
+size, on the very model and calibration windows llmpress's rows use, saved dequantized (a dense
+checkpoint holding the quantized weights) for llmpress's perplexity protocol.
 
 auto-round's dependencies differ from llmpress's, so it runs in an environment of its own
 (`make peer-autoround` builds `.venv-autoround`) and reads only files: the dense model as a Hugging
@@ -10,7 +10,8 @@ this script for its ``peer:auto-round`` rows and evaluates the folder it writes:
     make peer-autoround
     python bench/quality.py --suite ladder --only auto-round
 
-It prints one JSON line: the compress time (auto-round's quantize and save) and its peak RSS.
+It prints one JSON line (also kept as ``peer.json`` beside the model): the compress time (auto-round's
+quantize), its peak RSS and the bits per weight its packed formats would store.
 """
 
 from __future__ import annotations

@@ -253,12 +253,11 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int, mo
         result["drop"] = kwargs["drop"]
     if model != DEFAULT_MODEL:
         result["model"] = model
+    out = OUT / folder_name(name if model == DEFAULT_MODEL else f"{Path(model).stem} {name}")
     if recipe is not None and recipe.startswith("peer:"):
-        out = OUT / folder_name(name if model == DEFAULT_MODEL else f"{Path(model).stem} {name}")
         result.update(run_peer(recipe, settings, model, nsamples, seqlen, kwargs.get("seed", 0), out))
         model = out
     elif recipe is not None:
-        out = OUT / folder_name(name if model == DEFAULT_MODEL else f"{Path(model).stem} {name}")
         start = time.perf_counter()
         res = llmpress.compress(model, bench_recipe(recipe), out=out, settings=settings, nsamples=nsamples, seqlen=seqlen,
                                 overwrite=True, progress=False, **kwargs)
@@ -434,10 +433,8 @@ def main() -> None:
             continue
         if args.reuse:
             _n, recipe, settings, _ref, *extra = configs[i]
-            seed = extra[0].get("seed", 0) if extra else 0
-            drop = extra[0].get("drop", []) if extra else []
-            before = measured_before((recipe, settings, seed, drop), args.windows, args.nsamples, args.seqlen,
-                                         args.model)
+            before = measured_before((recipe, settings, *_seed_and_drop(extra)), args.windows, args.nsamples,
+                                     args.seqlen, args.model)
             if before is not None:
                 rows.append({**before, "name": name, "reused": True})
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: measured before, ppl {before['ppl']:.2f}", flush=True)
@@ -467,9 +464,8 @@ def main() -> None:
         for name, recipe, settings, _ref, *extra in configs:
             row = latest.get(name)
             if row is None and recipe is not None:
-                seed, drop = (extra[0].get("seed", 0), extra[0].get("drop", [])) if extra else (0, [])
-                before = measured_before((recipe, settings, seed, drop), args.windows, args.nsamples, args.seqlen,
-                                         args.model)
+                before = measured_before((recipe, settings, *_seed_and_drop(extra)), args.windows, args.nsamples,
+                                         args.seqlen, args.model)
                 row = None if before is None else {**before, "name": name, "reused": True}
             if row is not None:
                 rows.append(row)
@@ -497,6 +493,11 @@ def _logged_rows():
             row = json.loads(line)
             if "recipe" in row and "protocol" in row:
                 yield row
+
+
+def _seed_and_drop(extra: list[dict]) -> tuple[int, list[str]]:
+    """A configuration's calibration seed and dropped stages (its optional last entry)."""
+    return (extra[0].get("seed", 0), extra[0].get("drop", [])) if extra else (0, [])
 
 
 def _latest_dense(model: str, windows: int) -> dict | None:

@@ -12,8 +12,8 @@ straight-through gradient. At ``v = 0, α = 1, β = 0`` it is the starting point
 the mean squared error between the block's output and the full-precision block's output on the
 same inputs (the compressed model's stream into this block), or with ``teacher_inputs:
 full-precision`` the dense model's own output of the block (auto-round's target), minimised with
-signed gradient descent (SignRound's optimiser; ``optimizer: adam`` for Adam) over ``steps`` steps of ``batch``
-windows; every ``eval_every`` steps the loss on held-out windows (the last ``holdout`` calibration
+signed gradient descent (SignRound's optimiser; ``optimizer: adam`` for Adam) over ``steps``
+steps of ``batch`` windows; every ``eval_every`` steps the loss on held-out windows (the last ``holdout`` calibration
 windows, never trained on) is measured, and the best state seen, the starting point
 included, is what is kept. The result is stored in the starting quantizer's own packed format.
 
