@@ -10,8 +10,10 @@ Stored tensors: ``<name>.input.signs`` / ``<name>.output.signs`` (int8 ±1) and 
 skew matrix), the wrapped module's own tensors and ``<name>.bias``. The manifest records the
 wrapped module's format entry and which stages are learned; the fixed mixers are rebuilt from
 the widths. The Cayley blocks are computed once per dtype and device, at first use: decoding rows
-go through one C++ call per processor (``butterfly_rows``), more rows through batched products of
-the stages multiplied out (``compose_stages``).
+go through one C++ call per processor (``butterfly_rows``, the learned blocks read in fp16: within
+a few 1e-4 of the fp32 map; the output processors of a group that shares its input in one call),
+more rows through batched fp32 products of the stages multiplied out (``compose_stages``);
+``LLMPRESS_KERNEL=reference`` keeps decoding on the fp32 path.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend
 from .base import CompressedLinear, Layout
 
 THETA_DTYPE = torch.float16
+# Decoding reads every processor's blocks from memory once per token (the other layers' weights
+# have pushed them out of cache since): in fp16 the kernel's share of a SmolLM2 W2 decoding step
+# drops from 6.4 to 5.1 ms (cProfile, 1 thread), within a few 1e-4 of the fp32 map (the int4 GEMV
+# already rounds activations to bf16). Multiplied out to radix 16: fewer passes; as stored (radix 2
+# and 8, 10 values an element against 16) measured no faster.
+ROW_MAX_RADIX = 16
+ROW_BLOCK_DTYPE = torch.float16
 
 
 def learned_stages(n: int, fixed_odd: bool) -> list[int]:
@@ -64,13 +73,11 @@ class ButterflyMap(nn.Module):
             b = self.mixers[t].shape[0]
             self.register_buffer(f"theta_{t}", torch.zeros(n // b, skew_entries(b), dtype=THETA_DTYPE, device=device))
         self._batch: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}   # (dtype, device): composed
-        self._rows: tuple[list[torch.Tensor], list[int], torch.Tensor] | None = None   # the decoding kernel's
-        self._last: tuple[torch.Tensor, int, torch.Tensor, int] | None = None   # input, version, output, uses left
-        self.readers = 1   # the linears that apply this map to one input (link_shared_processors)
+        self._rows: dict[bool, tuple[list[torch.Tensor], list[int], torch.Tensor]] = {}   # the decoding kernel's, per direction
 
     # The caches hold what the stored parameters give; anything that replaces or moves them drops them.
     def _forget(self) -> None:
-        self._batch, self._rows, self._last = {}, None, None
+        self._batch, self._rows = {}, {}
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._forget()
@@ -109,42 +116,50 @@ class ButterflyMap(nn.Module):
         learned, strides = compose_stages(stages[first:], self.strides[first:], self.n, max_radix=max_radix)
         return [k.to(dtype).contiguous() for k in (*stages[:first], *learned)], [*self.strides[:first], *strides]
 
-    def row_blocks(self) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
-        """The decoding kernel's operands (CPU, fp32): the fixed stages as their ``[b, b]`` mixers,
-        the learned ones multiplied out up to radix 16 (fewer, longer inner loops for few more
-        products), each in the layout whose inner loop is contiguous (``butterfly_rows``), and the
-        signs."""
-        if self._rows is None:
-            stages, strides = self._fixed_and_composed(torch.device("cpu"), 16, torch.float32)
+    def row_blocks(self, transpose: bool) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
+        """The decoding kernel's operands (CPU) for one direction: the fixed stages as their fp32
+        ``[b, b]`` mixers, the learned ones in ``ROW_BLOCK_DTYPE`` (multiplied out up to
+        ``ROW_MAX_RADIX``), each in the layout whose inner loop is contiguous (``butterfly_rows``;
+        one block per slot comes transposed for a transposed call), and the signs."""
+        if transpose not in self._rows:
+            stages, strides = self._fixed_and_composed(torch.device("cpu"), ROW_MAX_RADIX, torch.float32)
             blocks = []
             for k, stride in zip(stages, strides, strict=True):
-                if k.dim() == 3 and stride >= 8:   # the slots' offset innermost
+                if k.dim() == 3:
                     b = k.shape[-1]
-                    k = k.reshape(self.n // (b * stride), stride, b, b).permute(0, 2, 3, 1)
+                    if stride >= 8:   # the slots' offset innermost
+                        k = k.reshape(self.n // (b * stride), stride, b, b).permute(0, 2, 3, 1)
+                    elif transpose:
+                        k = k.transpose(1, 2)
+                    k = k.to(ROW_BLOCK_DTYPE)
                 blocks.append(k.contiguous())
-            self._rows = (blocks, strides, self.signs.to(torch.float32))
-        return self._rows
+            self._rows[transpose] = (blocks, strides, self.signs.to(torch.float32))
+        return self._rows[transpose]
+
+    def _row_kernel(self, x: torch.Tensor):
+        """The C++ decoding kernel, where it serves ``x`` (few fp32 rows on CPU), else None."""
+        if x.numel() <= DECODE_MAX_ROWS * self.n and x.dtype is torch.float32 and x.is_cpu \
+                and get_backend() != "reference":
+            return cpu_ext.extension()
+        return None
 
     def apply(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
-        if x.numel() <= DECODE_MAX_ROWS * self.n and x.dtype == torch.float32 and x.device.type == "cpu" \
-                and get_backend() != "reference":
-            ext = cpu_ext.extension()
-            if ext is not None:
-                blocks, strides, signs = self.row_blocks()
-                return ext.butterfly_rows(x.reshape(-1, self.n), signs, blocks, strides, transpose).view(x.shape)
+        ext = self._row_kernel(x)
+        if ext is not None:
+            blocks, strides, signs = self.row_blocks(transpose)
+            return ext.butterfly_rows(x, signs, blocks, strides, transpose)
         return apply_butterfly(x, self.signs, *self.blocks(x.dtype, x.device), transpose=transpose)
 
-    def apply_once(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Q``, computed once for the ``readers`` linears that share this map and read the same
-        tensor (q/k/v, gate/up after ``link_shared_processors``), and kept only until the last of
-        them has taken it."""
-        last = self._last
-        if last is not None and last[0] is x and last[1] == x._version:
-            self._last = (*last[:3], last[3] - 1) if last[3] > 1 else None
-            return last[2]
-        y = self.apply(x)
-        self._last = (x, x._version, y, self.readers - 1) if self.readers > 1 else None
-        return y
+    @staticmethod
+    def apply_many(maps: list[ButterflyMap], xs: list[torch.Tensor], *, transpose: bool = False) -> list[torch.Tensor]:
+        """``[x Q for each map]``: decoding rows in one C++ call (a layer's q/k/v or gate/up outputs),
+        anything else map by map."""
+        ext = maps[0]._row_kernel(xs[0])   # the others' rows: the same count (one input)
+        if ext is None or any(x.numel() != xs[0].numel() // maps[0].n * m.n for m, x in zip(maps, xs, strict=True)):
+            return [m.apply(x, transpose=transpose) for m, x in zip(maps, xs, strict=True)]
+        operands = [m.row_blocks(transpose) for m in maps]
+        return ext.butterfly_rows_many(xs, [o[2] for o in operands], [o[0] for o in operands],
+                                       [o[1] for o in operands], transpose)
 
     def stored_bits(self) -> int:
         return processor_bits(self.n, self.fixed_odd)
@@ -176,6 +191,7 @@ class HarpLinear(CompressedLinear):
         self.output = ButterflyMap(out_features, fixed_odd=fixed_odd, device=device)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.compute_dtype = dtype
+        self.group: SharedProcessorGroup | None = None   # set by link_shared_processors
 
     def format_params(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
@@ -195,7 +211,11 @@ class HarpLinear(CompressedLinear):
                    fixed_odd=bool(params["fixed_odd"]), dtype=dtype, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.output.apply(self.linear(self.input.apply_once(x)), transpose=True)
+        if self.group is not None:
+            return self.group.output(self, x)
+        return self.finish(self.output.apply(self.linear(self.input.apply(x)), transpose=True))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -232,21 +252,58 @@ class HarpLinear(CompressedLinear):
                 f"stages in={[m.shape[0] for m in self.input.mixers]} out={[m.shape[0] for m in self.output.mixers]}")
 
 
+class SharedProcessorGroup:
+    """HARP layers whose input processors are one (q/k/v, gate/up: fitted as one), computed together:
+    the first member called with an input transforms it once, runs every member's inner linear on
+    it (one GEMM where they share an int4 pack) and every output processor in one call; each other
+    member, called with that very tensor (unchanged since), takes its own. A member called with
+    anything else computes afresh, so the grouping can cost time but never change a result."""
+
+    def __init__(self, members: list[HarpLinear]) -> None:
+        self.members = members
+        self.outputs = [m.output for m in members]
+        self._pending: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
+
+    def output(self, member: HarpLinear, x: torch.Tensor) -> torch.Tensor:
+        pending = self._pending
+        if pending is not None and pending[0] is x and pending[1] == x._version and id(member) in pending[2]:
+            y = pending[2].pop(id(member))
+            if not pending[2]:
+                self._pending = None
+            return y
+        rotated = member.input.apply(x)
+        inner = [m.linear(rotated) for m in self.members]
+        outs = ButterflyMap.apply_many(self.outputs, inner, transpose=True)
+        mine = None
+        others = {}
+        for m, y in zip(self.members, outs, strict=True):
+            y = m.finish(y)
+            if m is member:
+                mine = y
+            else:
+                others[id(m)] = y
+        self._pending = (x, x._version, others)
+        return mine
+
+
 def link_shared_processors(model: nn.Module) -> int:
-    """Let the HARP layers whose input processors are equal (q/k/v, gate/up: fitted as one) share
-    one map object, so that their common input is transformed once per forward (and the inner
-    linears then read one tensor, which the shared-input GEMMs use). Returns how many maps went."""
-    kept: dict[tuple, ButterflyMap] = {}   # one map per distinct stored content, found by its bytes
+    """Group the HARP layers whose input processors are equal (q/k/v, gate/up: fitted as one): one
+    map object and one ``SharedProcessorGroup``, so that their common input is transformed once
+    per forward and their outputs in one call. Returns how many maps went."""
+    groups: dict[tuple, list[HarpLinear]] = {}   # one per parent and stored content, found by its bytes
+    for name, module in model.named_modules():
+        if isinstance(module, HarpLinear):
+            mine = module.input
+            key = (name.rpartition(".")[0], mine.n, tuple(mine.learned),
+                   *(t.detach().cpu().numpy().tobytes() for t in (mine.signs, *mine.thetas().values())))
+            groups.setdefault(key, []).append(module)
     linked = 0
-    for module in model.modules():
-        if not isinstance(module, HarpLinear):
-            continue
-        mine = module.input
-        key = (mine.n, tuple(mine.learned),
-               *(t.detach().cpu().numpy().tobytes() for t in (mine.signs, *mine.thetas().values())))
-        other = kept.setdefault(key, mine)
-        if other is not mine:
-            module.input = other
-            other.readers += 1
-            linked += 1
+    for members in groups.values():
+        for m in members[1:]:
+            if m.input is not members[0].input:
+                m.input = members[0].input
+                linked += 1
+        group = SharedProcessorGroup(members) if len(members) > 1 else None
+        for m in members:
+            m.group = group
     return linked

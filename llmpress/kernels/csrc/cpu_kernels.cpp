@@ -576,67 +576,169 @@ torch::Tensor ell_gemv(torch::Tensor h, torch::Tensor values, torch::Tensor inde
 // are multiplied by that slot's b×b block. A stage's blocks come in the layout whose innermost loop
 // is long and contiguous, so that it vectorises: [b, b] shared by every slot (a fixed mixer; the
 // loop runs over the offsets), [outer, b, b, stride] for a wide stride (over the offsets), or
-// [outer·stride, b, b] one block per slot for a narrow one (over the block's columns).
+// [outer·stride, b, b] one block per slot for a narrow one (over the block's columns; these come
+// already transposed for a transposed call, so that the loop stays over contiguous rows).
+// Blocks are float32 or float16 (widened in the loop): a decoding step reads every layer's blocks
+// from memory once, so their bytes are most of its cost.
+template <typename T>
+inline float block_value(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return *p;
+  else return widen<false>(*p);
+}
+
+#ifdef LLMPRESS_AVX2
+template <typename T>
+inline __m256 block_values8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
+  else return widen8<false>(p);
+}
+#endif
+
+// One slot-group of a stage: y[j][q] = Σ_i K(i, j, q)·x[i][q] for b rows of `stride` values, K(i, j, q)
+// the shared w[at] or the per-offset w[at·stride + q], at = i·b + j (j·b + i for the transpose). V
+// vectors of offsets are held in registers while i runs (V a constant, so they stay there), and y
+// is written once.
+#ifdef LLMPRESS_AVX2
+// Two output rows at once when b allows: 2·V independent FMA chains hide the FMA latency that V
+// chains (V = 2 at a stride of 16) would wait on.
+template <typename T, int V, int J, bool Shared>
+inline void mix_rows_group(const float* x, float* y, const T* blk, int64_t b, int64_t stride, int64_t q0, int64_t j,
+                           bool transpose) {
+  __m256 acc[J][V];
+  for (int r = 0; r < J; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < b; ++i) {
+    __m256 xs[V];
+    for (int v = 0; v < V; ++v) xs[v] = _mm256_loadu_ps(x + i * stride + q0 + 8 * v);
+    for (int r = 0; r < J; ++r) {
+      const int64_t at = transpose ? (j + r) * b + i : i * b + j + r;
+      if constexpr (Shared) {
+        const __m256 w = _mm256_set1_ps(block_value(blk + at));
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(w, xs[v], acc[r][v]);
+      } else {
+        const T* w = blk + at * stride + q0;
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(block_values8(w + 8 * v), xs[v], acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < J; ++r)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(y + (j + r) * stride + q0 + 8 * v, acc[r][v]);
+}
+
+template <typename T, int V, bool Shared>
+inline void mix_rows_chunk(const float* x, float* y, const T* blk, int64_t b, int64_t stride, int64_t q0,
+                           bool transpose) {
+  int64_t j = 0;
+  if constexpr (V <= 2)
+    for (; j + 2 <= b; j += 2) mix_rows_group<T, V, 2, Shared>(x, y, blk, b, stride, q0, j, transpose);
+  for (; j < b; ++j) mix_rows_group<T, V, 1, Shared>(x, y, blk, b, stride, q0, j, transpose);
+}
+
+template <typename T, bool Shared>
+inline int64_t mix_rows_vectors(const float* x, float* y, const T* blk, int64_t b, int64_t stride, bool transpose) {
+  int64_t q0 = 0;
+  for (; q0 + 32 <= stride; q0 += 32) mix_rows_chunk<T, 4, Shared>(x, y, blk, b, stride, q0, transpose);
+  switch ((stride - q0) / 8) {
+    case 3: mix_rows_chunk<T, 3, Shared>(x, y, blk, b, stride, q0, transpose); return q0 + 24;
+    case 2: mix_rows_chunk<T, 2, Shared>(x, y, blk, b, stride, q0, transpose); return q0 + 16;
+    case 1: mix_rows_chunk<T, 1, Shared>(x, y, blk, b, stride, q0, transpose); return q0 + 8;
+    default: return q0;
+  }
+}
+#endif
+
+template <typename T>
+inline void mix_rows(const float* x, float* y, const T* blk, int64_t b, int64_t stride, bool shared, bool transpose) {
+  int64_t q0 = 0;
+#ifdef LLMPRESS_AVX2
+  q0 = shared ? mix_rows_vectors<T, true>(x, y, blk, b, stride, transpose)
+              : mix_rows_vectors<T, false>(x, y, blk, b, stride, transpose);
+#endif
+  for (int64_t q = q0; q < stride; ++q)
+    for (int64_t j = 0; j < b; ++j) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < b; ++i) {
+        const int64_t at = transpose ? j * b + i : i * b + j;
+        acc += block_value(blk + (shared ? at : at * stride + q)) * x[i * stride + q];
+      }
+      y[j * stride + q] = acc;
+    }
+}
+
+// One block per slot, [b, b] in the direction applied: w = v·K for the slot's b values v (the
+// radices 8 and 16 with their loops unrolled: the common ones).
+#ifdef LLMPRESS_AVX2
+// S slots at once (each its own block): S·V independent FMA chains.
+template <typename T, int V, int S>
+inline void mix_slots_fixed(const float* const* v, float* const* w, const T* const* blk) {
+  constexpr int b = 8 * V;
+  __m256 acc[S][V];
+  for (int s = 0; s < S; ++s)
+    for (int u = 0; u < V; ++u) acc[s][u] = _mm256_setzero_ps();
+  for (int i = 0; i < b; ++i)
+    for (int s = 0; s < S; ++s) {
+      const __m256 vi = _mm256_set1_ps(v[s][i]);
+      for (int u = 0; u < V; ++u) acc[s][u] = _mm256_fmadd_ps(vi, block_values8(blk[s] + i * b + 8 * u), acc[s][u]);
+    }
+  for (int s = 0; s < S; ++s)
+    for (int u = 0; u < V; ++u) _mm256_storeu_ps(w[s] + 8 * u, acc[s][u]);
+}
+#endif
+
+// One block per slot, [b, b] in the direction applied: w = v·K for each slot's b values v; with
+// a stride of 1 the slots are contiguous runs and go in pairs (the radices 8 and 16 unrolled).
+template <typename T>
+void mix_slots(const float* in, float* out, const T* k, int64_t b, int64_t stride, int64_t outer) {
+  int64_t slot = 0;
+  const int64_t slots = outer * stride;
+#ifdef LLMPRESS_AVX2
+  if (stride == 1 && (b == 8 || b == 16)) {
+    for (; slot + 2 <= slots; slot += 2) {
+      const float* v[2] = {in + slot * b, in + (slot + 1) * b};
+      float* w[2] = {out + slot * b, out + (slot + 1) * b};
+      const T* blk[2] = {k + slot * b * b, k + (slot + 1) * b * b};
+      if (b == 8) mix_slots_fixed<T, 1, 2>(v, w, blk);
+      else mix_slots_fixed<T, 2, 2>(v, w, blk);
+    }
+  }
+#endif
+  std::vector<float> v(b), w(b);
+  for (; slot < slots; ++slot) {   // slot = o·stride + q
+    const int64_t o = slot / stride, q = slot % stride;
+    const float* x = in + o * b * stride + q;
+    for (int64_t i = 0; i < b; ++i) v[i] = x[i * stride];
+    const T* blk = k + slot * b * b;
+    for (int64_t j = 0; j < b; ++j) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < b; ++i) acc += v[i] * block_value(blk + i * b + j);
+      w[j] = acc;
+    }
+    float* y = out + o * b * stride + q;
+    for (int64_t j = 0; j < b; ++j) y[j * stride] = w[j];
+  }
+}
+
+template <typename T>
 void butterfly_stage(const float* in, float* out, const torch::Tensor& blocks, int64_t n, int64_t stride,
                      bool transpose) {
-  const float* k = blocks.data_ptr<float>();
+  const T* k = reinterpret_cast<const T*>(blocks.data_ptr());
   const int64_t b = blocks.size(1), outer = n / (b * stride);
-  if (blocks.dim() == 3) {   // one contiguous block per slot
-    std::vector<float> v(b), w(b);
-    for (int64_t o = 0; o < outer; ++o) {
-      for (int64_t q = 0; q < stride; ++q) {
-        const float* blk = k + (o * stride + q) * b * b;
-        const float* x = in + o * b * stride + q;
-        for (int64_t i = 0; i < b; ++i) v[i] = x[i * stride];
-        if (!transpose) {
-          for (int64_t j = 0; j < b; ++j) w[j] = 0.f;
-          for (int64_t i = 0; i < b; ++i)
-            for (int64_t j = 0; j < b; ++j) w[j] += v[i] * blk[i * b + j];
-        } else {
-          for (int64_t j = 0; j < b; ++j) {
-            float acc = 0.f;
-            for (int64_t i = 0; i < b; ++i) acc += v[i] * blk[j * b + i];
-            w[j] = acc;
-          }
-        }
-        float* y = out + o * b * stride + q;
-        for (int64_t j = 0; j < b; ++j) y[j * stride] = w[j];
-      }
-    }
-    return;
-  }
+  if (blocks.dim() == 3) return mix_slots(in, out, k, b, stride, outer);   // one block per slot
   const bool shared = blocks.dim() == 2;
-  for (int64_t o = 0; o < outer; ++o) {
-    const float* x = in + o * b * stride;
-    float* y = out + o * b * stride;
-    const float* blk = shared ? k : k + o * b * b * stride;
-    for (int64_t j = 0; j < b * stride; ++j) y[j] = 0.f;
-    for (int64_t i = 0; i < b; ++i) {
-      const float* xi = x + i * stride;
-      for (int64_t j = 0; j < b; ++j) {
-        const int64_t at = transpose ? j * b + i : i * b + j;   // K[i][j], or K[j][i] for the transpose
-        float* yj = y + j * stride;
-        if (shared) {
-          const float w = blk[at];
-          for (int64_t q = 0; q < stride; ++q) yj[q] += w * xi[q];
-        } else {
-          const float* w = blk + at * stride;
-          for (int64_t q = 0; q < stride; ++q) yj[q] += w[q] * xi[q];
-        }
-      }
-    }
-  }
+  for (int64_t o = 0; o < outer; ++o)
+    mix_rows(in + o * b * stride, out + o * b * stride, shared ? k : k + o * b * b * stride, b, stride, shared, transpose);
 }
 
 torch::Tensor butterfly_rows(torch::Tensor x, torch::Tensor signs, std::vector<torch::Tensor> blocks,
                              std::vector<int64_t> strides, bool transpose) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, n] float32");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() >= 1, "x must be float32 [..., n]");
   TORCH_CHECK(blocks.size() == strides.size(), "one stride per stage");
-  const int64_t batch = x.size(0), n = x.size(1);
+  const int64_t n = x.size(-1), batch = n ? x.numel() / n : 0;
   TORCH_CHECK(signs.scalar_type() == torch::kFloat32 && signs.numel() == n, "signs must be [n] float32");
   for (size_t t = 0; t < blocks.size(); ++t) {
     auto& k = blocks[t];
-    TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k.is_contiguous(), "blocks must be contiguous float32");
+    TORCH_CHECK((k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kFloat16) && k.is_contiguous(),
+                "blocks must be contiguous float32 or float16");
     const int64_t b = k.size(1), stride = strides[t];
     TORCH_CHECK(b >= 1 && stride >= 1 && n % (b * stride) == 0, "a stage does not tile the width");
     TORCH_CHECK((k.dim() == 2 && k.size(0) == b) || (k.dim() == 3 && k.size(0) == n / b && k.size(2) == b) ||
@@ -644,7 +746,7 @@ torch::Tensor butterfly_rows(torch::Tensor x, torch::Tensor signs, std::vector<t
                 "blocks must be [b, b], [n/b, b, b] or [n/(b·stride), b, b, stride]");
   }
   x = x.contiguous();
-  auto y = torch::empty_like(x);
+  auto y = torch::empty_like(x);   // the input's shape: any leading dimensions
   std::vector<float> a(n), c(n);
   const float* s = signs.data_ptr<float>();
   const int64_t stages = static_cast<int64_t>(blocks.size());
@@ -653,7 +755,10 @@ torch::Tensor butterfly_rows(torch::Tensor x, torch::Tensor signs, std::vector<t
     for (int64_t i = 0; i < n; ++i) a[i] = transpose ? row[i] : row[i] * s[i];
     for (int64_t step = 0; step < stages; ++step) {
       const int64_t t = transpose ? stages - 1 - step : step;
-      butterfly_stage(a.data(), c.data(), blocks[t], n, strides[t], transpose);
+      if (blocks[t].scalar_type() == torch::kFloat16)
+        butterfly_stage<uint16_t>(a.data(), c.data(), blocks[t], n, strides[t], transpose);
+      else
+        butterfly_stage<float>(a.data(), c.data(), blocks[t], n, strides[t], transpose);
       std::swap(a, c);
     }
     float* dst = y.data_ptr<float>() + r * n;
@@ -662,8 +767,22 @@ torch::Tensor butterfly_rows(torch::Tensor x, torch::Tensor signs, std::vector<t
   return y;
 }
 
+// Several processors on their own rows in one call (a layer's q/k/v or gate/up outputs): one
+// crossing from Python for the group.
+std::vector<torch::Tensor> butterfly_rows_many(std::vector<torch::Tensor> xs, std::vector<torch::Tensor> signs,
+                                               std::vector<std::vector<torch::Tensor>> blocks,
+                                               std::vector<std::vector<int64_t>> strides, bool transpose) {
+  TORCH_CHECK(xs.size() == signs.size() && xs.size() == blocks.size() && xs.size() == strides.size(),
+              "one set of operands per input");
+  std::vector<torch::Tensor> out;
+  out.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) out.push_back(butterfly_rows(xs[i], signs[i], blocks[i], strides[i], transpose));
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("butterfly_rows", &butterfly_rows, "HARP's butterfly processor on decoding rows");
+  m.def("butterfly_rows_many", &butterfly_rows_many, "several butterfly processors, each on its own rows");
   m.def("lut_gemv", &lut_gemv, "lookup-table GEMV of binary-coded weights");
   m.def("dequantize", &dequantize, "the dense weight of binary-coded weights");
   m.def("dequantize_uniform", &dequantize_uniform, "the dense weight of the uniform format");
