@@ -290,16 +290,16 @@ def test_experts_in_a_layout_it_cannot_split_are_refused_not_left_dense(tiny_mod
 def test_experts_split_over_statistics_passes_give_the_same_model(tiny_model_factory, tmp_path, monkeypatch):
     """With room for one expert's Hessian at a time, each expert gets its own statistics pass: the
     same statistics, so the same compressed model, with a fraction of the memory."""
-    from llmpress.compress import pipeline
+    from llmpress.compress import planning
 
     folder = tiny_model_factory("qwen2_moe")
     whole = llmpress.compress(folder, "gptq-w4-g64", out=tmp_path / "a", nsamples=4, seqlen=32, progress=False,
                               keep_model=True)
     block = _skeleton("qwen2_moe").model.layers[0]
     group = ARCHITECTURES["qwen2_moe"].groups_in(block)[2]
-    chunks = pipeline.split_experts(group, block, 64 * 64 * 4)
+    chunks = planning.split_experts(group, block, 64 * 64 * 4)
     assert [len(c) for c in chunks] == [4, 2, 2, 2]   # the shared expert's pair with expert 0, then one expert each
-    monkeypatch.setattr(pipeline, "EXPERT_STATS_BYTES", 1)
+    monkeypatch.setattr(planning, "EXPERT_STATS_BYTES", 1)
     split = llmpress.compress(folder, "gptq-w4-g64", out=tmp_path / "b", nsamples=4, seqlen=32, progress=False,
                               keep_model=True)
     assert torch.equal(_logits(whole.model), _logits(split.model))
