@@ -9,22 +9,29 @@ from typing import Any
 import torch
 
 from .compress.run import CompressResult, compress, parse_size
+from .devices import resolve_device
 from .errors import ModelLoadError
 from .eval.perplexity import PerplexityResult, perplexity
 from .io.checkpoint import is_llmpress_output, load_compressed
 from .io.models import load_dense, load_tokenizer, resolve_model
 
 
-def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """``(model, tokenizer)``: an llmpress output folder, or any dense model spec."""
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         trust_remote_code: bool = False):
+    """``(model, tokenizer)``: an llmpress output folder, or any dense model spec, on ``device``
+    (``auto``, ``cpu``, ``cuda``, ``cuda:N``: checked before anything is read)."""
+    target = resolve_device(device)
     p = Path(path).expanduser()
     if p.is_dir() and is_llmpress_output(p):
-        model = load_compressed(p, dtype=dtype)
-        return model, load_tokenizer(p)
-    folder = resolve_model(str(path))
-    if is_llmpress_output(folder):
-        return load_compressed(folder, dtype=dtype), load_tokenizer(folder)
-    return load_dense(folder, dtype=dtype, trust_remote_code=trust_remote_code), load_tokenizer(folder, trust_remote_code)
+        model, tokenizer = load_compressed(p, dtype=dtype), load_tokenizer(p)
+    else:
+        folder = resolve_model(str(path))
+        if is_llmpress_output(folder):
+            model, tokenizer = load_compressed(folder, dtype=dtype), load_tokenizer(folder)
+        else:
+            model = load_dense(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(folder, trust_remote_code)
+    return (model if target.type == "cpu" else model.to(target)), tokenizer
 
 
 def describe_model(spec: str | Path, *, trust_remote_code: bool = False):

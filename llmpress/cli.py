@@ -132,6 +132,7 @@ def eval_(
     include_path: Path | None = typer.Option(None, help="lm-eval: a folder of extra task YAMLs."),
     output: Path | None = typer.Option(None, help="lm-eval: write the results JSON here (and a .md table beside it); default: beside an llmpress model."),
     decode: int = typer.Option(0, min=0, help="Instead, time greedy decoding of N new tokens at batch 1, against the dense source in the same process."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     trust_remote_code: bool = typer.Option(False),
 ) -> None:
@@ -139,9 +140,11 @@ def eval_(
     --tasks, zero-shot accuracy through lm-eval on the loaded model (offline with the llmpress_wiki_* tasks);
     or, with --decode N, tokens per second against the dense model it came from."""
     from . import api
+    from .devices import resolve_device
 
+    target = resolve_device(device)   # a device this machine lacks fails before anything is read
     if decode:
-        _decode(model, decode, trust_remote_code)
+        _decode(model, decode, trust_remote_code, target)
         return
 
     task_list = _task_list(tasks)
@@ -153,7 +156,7 @@ def eval_(
         from .io.text import load_text
 
         load_text(dataset)
-    model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
+    model_obj, tok = api.load(model, device=target, trust_remote_code=trust_remote_code)
     if task_list:
         folder = Path(model).expanduser()
         if output is None and folder.is_dir() and (folder / "llmpress-state.json").exists():
@@ -165,19 +168,19 @@ def eval_(
     out.print(f"{result}   ({result.seconds:.0f} s)")
 
 
-def _decode(model: str, new_tokens: int, trust_remote_code: bool) -> None:
+def _decode(model: str, new_tokens: int, trust_remote_code: bool, device) -> None:
     from . import api
     from .eval.decode import decode_speed
     from .io.checkpoint import is_llmpress_output, read_manifest
 
     folder = Path(model).expanduser()
     source = read_manifest(folder).get("base_model") if folder.is_dir() and is_llmpress_output(folder) else None
-    model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
+    model_obj, tok = api.load(model, device=device, trust_remote_code=trust_remote_code)
     result = decode_speed(model_obj, tok, new_tokens)
     out.print(f"{result}   ({model})")
     if source is not None:
         del model_obj
-        dense, tok = api.load(source, trust_remote_code=trust_remote_code)
+        dense, tok = api.load(source, device=device, trust_remote_code=trust_remote_code)
         base = decode_speed(dense, tok, new_tokens)
         out.print(f"{base}   (dense source {source})")
         out.print(f"speed-up: {result.tokens_per_second / base.tokens_per_second:.2f}x")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -112,7 +113,8 @@ def test_compress_inspect_eval_recipes(tiny_model_factory, tmp_path):
     assert "saved to" in result.output
     result, _ = _run("inspect", out)
     assert result.exit_code == 0 and "uniform" in result.output and "bits per weight" in result.output
-    result, _ = _run("eval", out, "--dataset", "news", "--seqlen", "64", "--windows", "2", "--no-progress")
+    result, _ = _run("eval", out, "--dataset", "news", "--seqlen", "64", "--windows", "2", "--no-progress",
+                     "--device", "cpu")
     assert result.exit_code == 0 and "ppl[news, 64x2] = " in result.output
     result, _ = _run("eval", out, "--decode", "4")   # the compressed model, then its dense source
     lines = [line for line in result.output.splitlines() if "tok/s" in line]
@@ -123,6 +125,30 @@ def test_compress_inspect_eval_recipes(tiny_model_factory, tmp_path):
     assert result.exit_code == 0 and "gptq-w3-g64" in result.output
     result, stderr = _run("inspect", tmp_path)
     _assert_user_error(result, stderr, r"no config.json")
+
+
+def test_a_device_the_machine_lacks_is_one_line_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for spec, pattern in (("cuda", r"no CUDA device is available"), ("cuda:1", r"no CUDA device"),
+                          ("tpu", r"choose auto, cpu, cuda or cuda:N")):
+        result, stderr = _run("eval", tmp_path / "missing", "--device", spec)   # the model is never looked for
+        _assert_user_error(result, stderr, pattern)
+
+
+def test_devices_resolve_to_what_the_machine_has(monkeypatch):
+    from llmpress.devices import resolve_device
+    from llmpress.errors import SettingsError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device(" CPU ") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda", 0)
+    with pytest.raises(SettingsError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+    with pytest.raises(SettingsError, match="choose"):
+        resolve_device("cuda:x")
 
 
 def test_module_entry_point_exit_code(tmp_path):

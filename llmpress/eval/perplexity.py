@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..devices import model_device
 from ..errors import CalibrationError
 from ..io.text import load_text, tokenize
 from ..progress import track
@@ -56,10 +57,11 @@ def perplexity(
 ) -> PerplexityResult:
     start = time.perf_counter()
     batches = eval_windows(tokenize(tokenizer, load_text(dataset)), seqlen, windows)
+    device = model_device(model)
     total_nll, predicted = 0.0, 0
     count = batches.shape[0]
     for i in track(range(count), f"ppl[{dataset}, {seqlen}x{count}]", count, enabled=progress):
-        ids = batches[i:i + 1]
+        ids = batches[i:i + 1].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
         if not torch.isfinite(nll):
