@@ -12,7 +12,7 @@ change a format's layout or its speed, so missing models are compressed with 16x
 
     python bench/kernel_speed.py                                  # the default rows, updates BENCHMARKS.md
     python bench/kernel_speed.py --recipes gptq-w4-g64,shiftadd-w3 --no-update
-    python bench/kernel_speed.py --gpu             # GPU: Triton GEMV/GEMM vs torch fp16 on 7B-class shapes
+    python bench/kernel_speed.py --gpu             # GPU: Triton GEMV/GEMM vs torch fp16 on 8B-class shapes
 """
 
 from __future__ import annotations
@@ -43,9 +43,13 @@ DECODE_RECIPES = ("gptq-w4-g64", "gptq-w3-g64", "gptq-w2-g64", "rht-gptq-w3-g64"
                   "shiftadd-w2", "rocket-30", "svdllm-30", "tt-mixed-30", "tt-aware-20")
 
 
+GPU_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))   # N x K of an 8B model's attention and MLP
+GPU_BATCHES = (1, 8, 64, 512)   # the GEMV up to 8 rows, the fused GEMM above
+
+
 def gpu_table(repeats: int = 50) -> str:
-    """Triton GEMV (batch 1, 8) and fused GEMM (batch 64) for 7B-class layer shapes, 4-bit g128
-    with act-order g_idx, against torch's fp16 matmul of the dequantized weight, on CUDA."""
+    """Triton GEMV (batch 1, 8) and fused GEMM (batch 64, 512) for 8B-class layer shapes, 4-bit
+    g128 with act-order g_idx, against torch's fp16 matmul of the dequantized weight, on CUDA."""
     from llmpress.formats.uniform import QuantizedWeight
     from llmpress.kernels import triton_uniform
     from llmpress.layers import QuantLinear
@@ -66,7 +70,7 @@ def gpu_table(repeats: int = 50) -> str:
     lines = [f"{torch.cuda.get_device_name()}; 4-bit, groups of 128, act-order g_idx; fp16 activations; "
              f"median of {repeats} CUDA-event timings.", "",
              "| N x K | batch | Triton (ms) | torch fp16 matmul (ms) | speed-up |", "|---|---|---|---|---|"]
-    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+    for n, k in GPU_SHAPES:
         g = torch.Generator().manual_seed(0)
         q = QuantizedWeight(codes=torch.randint(0, 16, (n, k), generator=g), scales=torch.rand(n, k // 128) * 0.01,
                             zeros=torch.randint(0, 16, (n, k // 128), generator=g).float(),
@@ -74,7 +78,7 @@ def gpu_table(repeats: int = 50) -> str:
                             sym=False)
         layer = QuantLinear.from_quantized(q, None, torch.float16).cuda()
         dense = layer.dequantize(torch.float16)
-        for batch in (1, 8, 64):
+        for batch in GPU_BATCHES:
             x = torch.randn(batch, k, dtype=torch.float16, device="cuda")
             kernel = partial(triton_uniform.gemv if batch <= 8 else triton_uniform.matmul, layer, x)
             t_kernel, t_dense = cuda_ms(kernel), cuda_ms(partial(torch.matmul, x, dense.T))

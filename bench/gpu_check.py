@@ -1,0 +1,171 @@
+"""The GPU check: one prepared command for a CUDA machine, in a few minutes (the device is lent
+rarely and briefly, so everything it needs is made here first).
+
+The device machine has torch, triton, transformers and pytest but no network, none of this
+project's data packages, and takes at most 64 MiB along: the real SmolLM2 weights do not travel.
+The check therefore builds a model of SmolLM2-135M's exact shape with seeded random weights (speed
+and device agreement depend on the shapes, not on the values) and reads the real tokenizer and
+wiki text from a small folder made here:
+
+    python bench/gpu_check.py --prepare          # here: bench/out/gpu-assets (config, tokenizer, text; ~6 MB)
+    # there, with the device tool (carry bench/out/gpu-assets):
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/gpu_check.py --out $OUT
+
+Steps, each timed and reported even when another fails: the kernel tests on the device; the
+random SmolLM2 compressed with gptq-w4-g64 (128x512 calibration windows of the wiki text; on the
+CPU until `compress --device` exists); its perplexity on CPU and on CUDA (they must agree within
+1%); the kernel table (GEMV at batch 1/8, GEMM at 64/512, 4096x4096, 4096x14336, 14336x4096,
+against fp16 cuBLAS); greedy decode tokens/s on CUDA of the dense fp16 and the W4 model. The
+report is Markdown, printed and written to ``--out``/gpu_check.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from common import OUT, ROOT
+
+ASSETS = OUT / "gpu-assets"
+TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "chat_template.jinja")
+TEXT_CHARS = 1_500_000   # of each split: about 350k tokens, room for 128x512 windows and 8x2048
+
+
+def prepare() -> None:
+    """Copy the built-in model's config and tokenizer and a slice of wiki/train and wiki/test."""
+    from llmpress.io.models import resolve_model
+    from llmpress.io.text import load_text
+
+    source = Path(resolve_model("smollm2-135m"))
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, ASSETS / name)
+    for split in ("train", "test"):
+        (ASSETS / f"wiki-{split}.txt").write_text(load_text(f"wiki/{split}")[:TEXT_CHARS], encoding="utf-8")
+    size = sum(p.stat().st_size for p in ASSETS.iterdir()) / 2**20
+    print(f"{ASSETS}: {size:.1f} MiB; carry it (bench/out/gpu-assets) and run `python3 bench/gpu_check.py` there")
+
+
+def random_model(folder: Path) -> Path:
+    """SmolLM2-135M's architecture with seeded random weights, saved with the real tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dense = folder / "random-smollm2"
+    if (dense / "config.json").exists():
+        return dense
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ASSETS), dtype=torch.float32)
+    model.save_pretrained(dense)
+    for name in TOKENIZER_FILES:
+        if (ASSETS / name).exists() and name != "config.json":
+            shutil.copy2(ASSETS / name, dense / name)
+    return dense
+
+
+class Report:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def step(self, title: str, fn) -> object:
+        """Run one step; a failure is reported with its last lines and the check goes on."""
+        self.add(f"\n## {title}\n")
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except Exception:  # noqa: BLE001 - every step reports, whatever the one before did
+            self.add("FAILED:\n```\n" + "\n".join(traceback.format_exc().splitlines()[-12:]) + "\n```")
+            result = None
+        self.add(f"({time.perf_counter() - start:.0f} s)")
+        return result
+
+
+def kernel_tests(report: Report) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "tests/test_triton_kernels.py", "tests/test_kernels.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    report.add("```\n" + "\n".join(tail) + "\n```")
+
+
+def compress_and_compare(report: Report, work: Path) -> Path:
+    import llmpress
+
+    dense = random_model(work)
+    out = work / "random-smollm2-gptq-w4-g64"
+    start = time.perf_counter()
+    llmpress.compress(dense, "gptq-w4-g64", out=out, calib=str(ASSETS / "wiki-train.txt"), nsamples=128, seqlen=512,
+                      overwrite=True, progress=False)
+    report.add(f"compress gptq-w4-g64, 128x512 windows, on the CPU ({torch.get_num_threads()} threads): "
+               f"{time.perf_counter() - start:.1f} s")
+    text = str(ASSETS / "wiki-test.txt")
+    ppl = {}
+    for device in ("cpu", "cuda"):
+        model, tok = llmpress.load(out, device=device)
+        t0 = time.perf_counter()
+        ppl[device] = llmpress.perplexity(model, tok, text, seqlen=2048, windows=4)
+        report.add(f"{device}: {ppl[device]} ({time.perf_counter() - t0:.1f} s)")
+        del model
+    gap = abs(ppl["cuda"].ppl / ppl["cpu"].ppl - 1)
+    report.add(f"CUDA against CPU: {gap:.3%} ({'within' if gap <= 0.01 else 'OUTSIDE'} 1%)")
+    return out
+
+
+def decode_table(report: Report, dense: Path, compressed: Path) -> None:
+    import llmpress
+    from llmpress.eval.decode import timed_decode
+    from llmpress.io.text import tokenize
+
+    report.add("| model | dtype | tok/s (CUDA, batch 1, 128 new, best of 3) |")
+    report.add("|---|---|---|")
+    for name, folder in (("dense", dense), ("gptq-w4-g64", compressed)):
+        model, tok = llmpress.load(folder, dtype=torch.float16, device="cuda")
+        prompt = tokenize(tok, (ASSETS / "wiki-test.txt").read_text(encoding="utf-8")[:2000])[:32].unsqueeze(0)
+        rate, _ = timed_decode(model, prompt, 128, 3, tok.eos_token_id or 0)
+        report.add(f"| {name} | fp16 | {rate:.1f} |")
+        del model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prepare", action="store_true", help="make the assets folder here (no GPU needed)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the report to OUT/gpu_check.md")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/llmpress-gpu-check"), help="models made there")
+    args = ap.parse_args()
+    if args.prepare:
+        prepare()
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device on this machine (prepare the assets with --prepare)")
+    if not (ASSETS / "tokenizer.json").exists():
+        raise SystemExit(f"gpu_check: no assets at {ASSETS}: run `python bench/gpu_check.py --prepare` and carry them")
+    import triton
+    from kernel_speed import gpu_table
+
+    report = Report()
+    report.add(f"# GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    report.step("Kernel tests on the device", lambda: kernel_tests(report))
+    compressed = report.step("Compress on the CPU, perplexity on CPU and CUDA (random SmolLM2-135M weights)",
+                             lambda: compress_and_compare(report, args.work))
+    report.step("Kernels against fp16 cuBLAS", lambda: report.add(gpu_table()))
+    if compressed is not None:
+        report.step("Decode on CUDA", lambda: decode_table(report, args.work / "random-smollm2", compressed))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.md").write_text("\n".join(report.lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
