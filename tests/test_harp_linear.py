@@ -276,6 +276,37 @@ def test_linked_processors_transform_a_shared_input_once_and_its_outputs_togethe
         assert (attn.k_proj(y) - expected).abs().max() < 2e-3 * expected.abs().max()
 
 
+def test_a_decoding_step_in_one_call_equals_the_modules_one_by_one(tiny_model_factory, tmp_path, monkeypatch):
+    from llmpress.kernels import cpu_ext
+    from llmpress.layers import harp_linear
+
+    if cpu_ext.extension() is None:
+        pytest.skip("needs the C++ kernels")
+    folder = tiny_model_factory("llama")
+    llmpress.compress(folder, parse_recipe(HARP_W3), out=tmp_path / "h", nsamples=4, seqlen=32, progress=False)
+    model, _ = llmpress.load(tmp_path / "h")
+    layer = model.model.layers[0]
+    linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+               layer.mlp.gate_proj, layer.mlp.up_proj]
+    taken = []
+    real = harp_linear.fused_int4_step
+
+    def recording(members, x):
+        out = real(members, x)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(harp_linear, "fused_int4_step", recording)
+    x = torch.randn(1, 1, 64)
+    fused = [m(x) for m in linears]   # the int4 path of decoding rows (the default backend)
+    assert taken == [True, True, True]   # q/k/v as one group (k and v served from it), o, gate/up
+    monkeypatch.setattr(harp_linear, "fused_int4_step", lambda members, x: None)
+    for out, m in zip(fused, linears, strict=True):
+        assert torch.allclose(out, m(x), rtol=0, atol=1e-6)   # the same operations, module by module
+        expected = x @ m.dequantize().T   # bf16 activations in the int4 kernel
+        assert (out - expected).abs().max() < 2e-2 * expected.abs().max()
+
+
 def test_per_linear_harp_brings_calibration_to_a_data_free_quantizer(tiny_model_factory, tmp_path):
     """RTN reads no statistics; with HARP in front every linear is calibrated for its fit, which
     starts at the RHT's proxy (``steps: 0``; the first group's inputs are the same in both runs)

@@ -14,6 +14,9 @@ computes in bf16 by default (``x`` and the scales rounded to bf16; about 3e-3 re
 a layer's outputs) and in fp32 on request (the exactness check in the tests). It serves decoding;
 the fp32 perplexity protocol uses the reference path (``kernels.dispatch``).
 
+With the C++ kernels built, ``int4_linear`` makes its few torch calls (conversion, act-order's
+permutation, padding, the GEMM) in one crossing from Python (``int4_rows``).
+
 Linears that read the same input (q/k/v, gate/up) can run as one GEMM (``SharedInputGemm``):
 each call of the kernel costs some 20 µs beyond its weights at decode sizes, and converting
 the input to bf16 once instead of three times saves as much again.
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.packing import unpack_codes
+from . import cpu_ext
 
 GROUP_SIZES = (256, 128, 64, 32)
 
@@ -103,6 +107,9 @@ def pack_for_cpu(layers, compute_dtype: torch.dtype = torch.bfloat16) -> Int4Pac
 def int4_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None) -> torch.Tensor:
     """``x · Wᵀ (+ bias)`` in the pack's compute dtype; the result in ``x``'s dtype. Few torch
     calls: at decode sizes each costs as much as a small layer's arithmetic."""
+    ext = cpu_ext.extension()
+    if ext is not None:   # the same operations in one crossing from Python
+        return ext.int4_rows(x, pack.weight, pack.group_size, pack.scales_and_zeros, pack.perm, pack.padding, bias)
     flat = x.reshape(-1, x.shape[-1]).to(pack.scales_and_zeros.dtype)
     if pack.perm is not None:
         flat = flat.index_select(-1, pack.perm)
@@ -150,7 +157,9 @@ class SharedInputGemm:
         self._pack: tuple[tuple, Int4Pack, torch.Tensor | None] | None = None
         self._pending: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
 
-    def _fused(self) -> tuple[Int4Pack, torch.Tensor | None]:
+    def fused(self) -> tuple[Int4Pack, torch.Tensor | None]:
+        """The members as one pack (rebuilt when any member's packed tensors changed), and their
+        biases side by side (None where none has one)."""
         key = tuple(pack_key(m) for m in self.members)
         if self._pack is None or self._pack[0] != key:
             pack = pack_for_cpu(self.members)
@@ -168,7 +177,7 @@ class SharedInputGemm:
             if not pending[2]:
                 self._pending = None
             return y
-        pack, bias = self._fused()
+        pack, bias = self.fused()
         outputs = int4_linear(x, pack, None if bias is None else bias.to(x.dtype)).split(
             [m.out_features for m in self.members], dim=-1)
         others = {id(m): y for m, y in zip(self.members, outputs) if m is not member}

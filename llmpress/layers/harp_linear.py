@@ -32,8 +32,9 @@ from ..formats.butterfly import (
     stage_blocks,
 )
 from ..kernels import cpu_ext
-from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend
+from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend, select_path
 from .base import CompressedLinear, Layout
+from .quant_linear import QuantLinear
 
 THETA_DTYPE = torch.float16
 # Decoding reads every processor's blocks from memory once per token (the other layers' weights
@@ -213,6 +214,9 @@ class HarpLinear(CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is not None:
             return self.group.output(self, x)
+        fused = fused_int4_step([self], x)
+        if fused is not None:
+            return self.finish(fused[0])
         return self.finish(self.output.apply(self.linear(self.input.apply(x)), transpose=True))
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
@@ -252,6 +256,31 @@ class HarpLinear(CompressedLinear):
                 f"stages in={[m.shape[0] for m in self.input.mixers]} out={[m.shape[0] for m in self.output.mixers]}")
 
 
+def fused_int4_step(members: list[HarpLinear], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """The members' outputs (before their biases) from one C++ call, where decoding rows take the
+    CPU int4 path: the shared input processor, the members' one int4 GEMM, each output processor.
+    None where that does not apply (then the modules run one by one: other formats, paths, sizes).
+    The inner linears' modules are not called on this path (nor their hooks)."""
+    first = members[0]
+    ext = first.input._row_kernel(x)
+    inner = [m.linear for m in members]
+    if ext is None or not all(type(q) is QuantLinear for q in inner) or select_path(inner[0], x) != "cpu-int4":
+        return None
+    if len(inner) == 1 and inner[0].shared_input is None:
+        pack, bias = inner[0].cpu_int4_pack(), inner[0].bias
+    elif inner[0].shared_input is not None and inner[0].shared_input.members == inner:
+        pack, bias = inner[0].shared_input.fused()
+    else:
+        return None
+    if bias is not None:
+        return None
+    operands_in = first.input.row_blocks(False)
+    outputs = [m.output.row_blocks(True) for m in members]
+    return ext.harp_int4_rows(x, operands_in[2], operands_in[0], operands_in[1], pack.weight, pack.group_size,
+                              pack.scales_and_zeros, pack.perm, pack.padding, [m.out_features for m in members],
+                              [o[2] for o in outputs], [o[0] for o in outputs], [o[1] for o in outputs])
+
+
 class SharedProcessorGroup:
     """HARP layers whose input processors are one (q/k/v, gate/up: fitted as one), computed together:
     the first member called with an input transforms it once, runs every member's inner linear on
@@ -271,9 +300,11 @@ class SharedProcessorGroup:
             if not pending[2]:
                 self._pending = None
             return y
-        rotated = member.input.apply(x)
-        inner = [m.linear(rotated) for m in self.members]
-        outs = ButterflyMap.apply_many(self.outputs, inner, transpose=True)
+        outs = fused_int4_step(self.members, x)
+        if outs is None:
+            rotated = member.input.apply(x)
+            inner = [m.linear(rotated) for m in self.members]
+            outs = ButterflyMap.apply_many(self.outputs, inner, transpose=True)
         mine = None
         others = {}
         for m, y in zip(self.members, outs, strict=True):

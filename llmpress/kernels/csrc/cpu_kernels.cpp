@@ -767,6 +767,45 @@ torch::Tensor butterfly_rows(torch::Tensor x, torch::Tensor signs, std::vector<t
   return y;
 }
 
+// torch's CPU int4 GEMM with its input preparation in one call (the same operations the Python
+// path makes, without a crossing from Python for each): x [..., K] to the pack's compute dtype,
+// act-order's permutation, zero padding to the last group, the GEMM, then x's dtype or + bias.
+torch::Tensor int4_rows(torch::Tensor x, torch::Tensor weight, int64_t group_size, torch::Tensor scales_and_zeros,
+                        c10::optional<torch::Tensor> perm, int64_t padding, c10::optional<torch::Tensor> bias) {
+  auto flat = x.reshape({-1, x.size(-1)}).to(scales_and_zeros.scalar_type());
+  if (perm.has_value()) flat = flat.index_select(-1, *perm);
+  if (padding > 0) flat = at::constant_pad_nd(flat, {0, padding});
+  auto y = at::_weight_int4pack_mm_for_cpu(flat, weight, group_size, scales_and_zeros);
+  y = bias.has_value() ? at::add(*bias, y) : y.to(x.scalar_type());
+  auto shape = x.sizes().vec();
+  shape.back() = y.size(-1);
+  return y.view(shape);
+}
+
+// A HARP group's decoding step in one call: the shared input processor, the members' int4 GEMM
+// (one pack for all of them), each member's slice of the output through its output processor.
+std::vector<torch::Tensor> harp_int4_rows(torch::Tensor x, torch::Tensor in_signs, std::vector<torch::Tensor> in_blocks,
+                                          std::vector<int64_t> in_strides, torch::Tensor weight, int64_t group_size,
+                                          torch::Tensor scales_and_zeros, c10::optional<torch::Tensor> perm,
+                                          int64_t padding, std::vector<int64_t> out_sizes,
+                                          std::vector<torch::Tensor> out_signs,
+                                          std::vector<std::vector<torch::Tensor>> out_blocks,
+                                          std::vector<std::vector<int64_t>> out_strides) {
+  TORCH_CHECK(out_sizes.size() == out_signs.size() && out_sizes.size() == out_blocks.size() &&
+              out_sizes.size() == out_strides.size(), "one set of output operands per member");
+  auto y = int4_rows(butterfly_rows(x, in_signs, in_blocks, in_strides, false), weight, group_size, scales_and_zeros,
+                     perm, padding, c10::nullopt);
+  std::vector<torch::Tensor> out;
+  out.reserve(out_sizes.size());
+  int64_t start = 0;
+  for (size_t i = 0; i < out_sizes.size(); ++i) {
+    out.push_back(butterfly_rows(y.narrow(-1, start, out_sizes[i]), out_signs[i], out_blocks[i], out_strides[i], true));
+    start += out_sizes[i];
+  }
+  TORCH_CHECK(start == y.size(-1), "the members' widths do not add up to the GEMM's");
+  return out;
+}
+
 // Several processors on their own rows in one call (a layer's q/k/v or gate/up outputs): one
 // crossing from Python for the group.
 std::vector<torch::Tensor> butterfly_rows_many(std::vector<torch::Tensor> xs, std::vector<torch::Tensor> signs,
@@ -783,6 +822,8 @@ std::vector<torch::Tensor> butterfly_rows_many(std::vector<torch::Tensor> xs, st
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("butterfly_rows", &butterfly_rows, "HARP's butterfly processor on decoding rows");
   m.def("butterfly_rows_many", &butterfly_rows_many, "several butterfly processors, each on its own rows");
+  m.def("int4_rows", &int4_rows, "torch's CPU int4 GEMM with its input preparation");
+  m.def("harp_int4_rows", &harp_int4_rows, "a HARP group's decoding step: processors around one int4 GEMM");
   m.def("lut_gemv", &lut_gemv, "lookup-table GEMV of binary-coded weights");
   m.def("dequantize", &dequantize, "the dense weight of binary-coded weights");
   m.def("dequantize_uniform", &dequantize_uniform, "the dense weight of the uniform format");
