@@ -74,7 +74,8 @@ class ButterflyMap(nn.Module):
             b = self.mixers[t].shape[0]
             self.register_buffer(f"theta_{t}", torch.zeros(n // b, skew_entries(b), dtype=THETA_DTYPE, device=device))
         self._batch: dict[tuple, tuple[list[torch.Tensor], list[int]]] = {}   # (dtype, device): composed
-        self._rows: dict[bool, tuple[list[torch.Tensor], list[int], torch.Tensor]] = {}   # the decoding kernel's, per direction
+        # the decoding kernel's operands, per direction (transposed or not)
+        self._rows: dict[bool, tuple[list[torch.Tensor], list[int], torch.Tensor]] = {}
 
     # The caches hold what the stored parameters give; anything that replaces or moves them drops them.
     def _forget(self) -> None:
@@ -155,8 +156,9 @@ class ButterflyMap(nn.Module):
     def apply_many(maps: list[ButterflyMap], xs: list[torch.Tensor], *, transpose: bool = False) -> list[torch.Tensor]:
         """``[x Q for each map]``: decoding rows in one C++ call (a layer's q/k/v or gate/up outputs),
         anything else map by map."""
-        ext = maps[0]._row_kernel(xs[0])   # the others' rows: the same count (one input)
-        if ext is None or any(x.numel() != xs[0].numel() // maps[0].n * m.n for m, x in zip(maps, xs, strict=True)):
+        ext = maps[0]._row_kernel(xs[0])
+        rows = xs[0].numel() // maps[0].n   # every map's input has as many rows (one input, one call)
+        if ext is None or any(x.numel() != rows * m.n for m, x in zip(maps, xs, strict=True)):
             return [m.apply(x, transpose=transpose) for m, x in zip(maps, xs, strict=True)]
         operands = [m.row_blocks(transpose) for m in maps]
         return ext.butterfly_rows_many(xs, [o[2] for o in operands], [o[0] for o in operands],

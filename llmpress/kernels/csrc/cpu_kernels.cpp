@@ -665,8 +665,6 @@ inline void mix_rows(const float* x, float* y, const T* blk, int64_t b, int64_t 
     }
 }
 
-// One block per slot, [b, b] in the direction applied: w = v·K for the slot's b values v (the
-// radices 8 and 16 with their loops unrolled: the common ones).
 #ifdef LLMPRESS_AVX2
 // S slots at once (each its own block): S·V independent FMA chains.
 template <typename T, int V, int S>
