@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .compress.run import CompressResult, compress, parse_size
-from .devices import resolve_device
+from .devices import model_device, resolve_device
 from .errors import ModelLoadError
 from .eval.perplexity import PerplexityResult, perplexity
 from .io.checkpoint import is_llmpress_output, load_compressed
@@ -68,10 +68,11 @@ def recorded_base_model(path: str | Path) -> str | None:
     return read_manifest(p).get("base_model") if p.is_dir() and is_llmpress_output(p) else None
 
 
-def load_fallback(fallback: Any, source: str | None, tokenizer, controls, *, trust_remote_code: bool = False):
+def load_fallback(fallback: Any, source: str | None, tokenizer, controls, *, device: str | torch.device = "cpu",
+                  trust_remote_code: bool = False):
     """The model that plans and rescues, or ``None`` when ``controls`` need none. ``fallback`` is a
     loaded model, a model spec, or ``"auto"``/``None``: ``source``, the base model a compressed folder
-    records. A spec is loaded and must share ``tokenizer``'s vocabulary."""
+    records. A spec is loaded (on ``device``) and must share ``tokenizer``'s vocabulary."""
     if not controls.needs_fallback:
         return None
     if fallback is None or (isinstance(fallback, str) and fallback == "auto"):
@@ -81,7 +82,7 @@ def load_fallback(fallback: Any, source: str | None, tokenizer, controls, *, tru
         fallback = source
     if not isinstance(fallback, (str, Path)):
         return fallback
-    model, fallback_tokenizer = load(fallback, trust_remote_code=trust_remote_code)
+    model, fallback_tokenizer = load(fallback, device=device, trust_remote_code=trust_remote_code)
     if fallback_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ModelLoadError(f"the fallback {fallback} has another vocabulary than the model")
     return model
@@ -114,7 +115,8 @@ def generate(model, prompts: str | list[str], *, tokenizer=None, fallback: Any =
         model, tokenizer = load(model, trust_remote_code=trust_remote_code)
     elif tokenizer is None:
         raise TypeError("generate: pass the tokenizer with a loaded model")
-    fallback = load_fallback(fallback, source, tokenizer, controls, trust_remote_code=trust_remote_code)
+    fallback = load_fallback(fallback, source, tokenizer, controls, device=model_device(model),
+                             trust_remote_code=trust_remote_code)
     run = Generator(model, tokenizer, fallback=fallback, controls=controls, sampling=sampling)
     if isinstance(prompts, str):
         return run(prompts, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text)

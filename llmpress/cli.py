@@ -266,15 +266,18 @@ def generate(
     output: Path | None = typer.Option(None, help="Write one JSON record per prompt (text, tokens per model, loops, finish, seconds)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --output file."),
     stream: bool = typer.Option(True, help="Print text as it is generated (a single --prompt)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N: both models."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom modeling code from the model folder."),
 ) -> None:
     """Generate text with a compressed (or any) model, optionally with loop rescue, full-precision
     planning and a forced close; reports the tokens each model wrote, loops and wall time."""
     from . import api
+    from .devices import resolve_device
     from .errors import OutputError, SettingsError
     from .eval.generate import GenerationControls, Generator, SamplingSettings
     from .progress import track
 
+    target = resolve_device(device)
     if (prompt is None) == (prompts is None):
         raise SettingsError("give exactly one of --prompt and --prompts")
     texts = [prompt] if prompt is not None else _read_prompts(prompts)
@@ -286,8 +289,9 @@ def generate(
     sampling = SamplingSettings(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
     fallback_spec = fallback or api.recorded_base_model(model)
-    model_obj, tok = api.load(model, trust_remote_code=trust_remote_code)
-    fallback_obj = api.load_fallback(fallback_spec, None, tok, controls, trust_remote_code=trust_remote_code)
+    model_obj, tok = api.load(model, device=target, trust_remote_code=trust_remote_code)
+    fallback_obj = api.load_fallback(fallback_spec, None, tok, controls, device=target,
+                                     trust_remote_code=trust_remote_code)
     run = Generator(model_obj, tok, fallback=fallback_obj, controls=controls, sampling=sampling)
     single = len(texts) == 1
     on_text = _stream_printer() if single and stream else None

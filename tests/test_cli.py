@@ -133,6 +133,8 @@ def test_a_device_the_machine_lacks_is_one_line_before_any_work(tmp_path, monkey
                           ("tpu", r"choose auto, cpu, cuda or cuda:N")):
         result, stderr = _run("eval", tmp_path / "missing", "--device", spec)   # the model is never looked for
         _assert_user_error(result, stderr, pattern)
+    result, stderr = _run("generate", tmp_path / "missing", "--prompt", "hi", "--device", "cuda")
+    _assert_user_error(result, stderr, r"no CUDA device is available")
 
 
 def test_devices_resolve_to_what_the_machine_has(monkeypatch):

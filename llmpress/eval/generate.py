@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from ..devices import model_device
 from ..errors import SettingsError
 from .loops import Loop, LoopSettings, find_loop, newline_token_ids
 
@@ -119,6 +120,7 @@ class _Writer:
 
     def __init__(self, model) -> None:
         self.model = model
+        self.device = model_device(model)
         self.cache = None
         self.held: list[int] = []
 
@@ -141,11 +143,11 @@ class _Writer:
                 exact = False
             if not exact:
                 self.cache, keep = DynamicCache(config=self.model.config), 0
-        ids = torch.tensor([sequence[keep:]], dtype=torch.long)
+        ids = torch.tensor([sequence[keep:]], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         self.cache = out.cache
         self.held = list(sequence)
-        return out.logits[0, -1].float()
+        return out.logits[0, -1].float().cpu()   # picked on the CPU: one seeded generator for every device
 
 
 def _processors(sampling: SamplingSettings):
