@@ -2,14 +2,15 @@
 rarely and briefly, so everything it needs is made here first).
 
 The device machine has torch, triton, transformers and pytest but no network, none of this
-project's data packages, and takes at most 64 MiB along: the real SmolLM2 weights do not travel.
-The check therefore builds a model of SmolLM2-135M's exact shape with seeded random weights (speed
-and device agreement depend on the shapes, not on the values) and reads the real tokenizer and
-wiki text from a small folder made here:
+project's data packages, not all of its dependencies (pydantic, gguf), and takes at most 64 MiB
+along: the real SmolLM2 weights do not travel. The check therefore builds a model of SmolLM2-135M's
+exact shape with seeded random weights (speed and device agreement depend on the shapes, not on the
+values) and reads the real tokenizer, the wiki text and the missing wheels from a folder made here:
 
-    python bench/gpu_check.py --prepare          # here: bench/out/gpu-assets (config, tokenizer, text; ~6 MB)
+    python bench/gpu_check.py --prepare     # here: bench/out/gpu-assets (config, tokenizer, text, wheels; ~40 MB)
     # there, with the device tool (carry bench/out/gpu-assets):
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/gpu_check.py --out $OUT
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/out/gpu-assets/wheels/*.whl && \
+        PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py --out $OUT
 
 Steps, each timed and reported even when another fails: the kernel tests on the device; the
 random SmolLM2 compressed with gptq-w4-g64 (128x512 calibration windows of the wiki text; on the
@@ -36,6 +37,13 @@ ASSETS = OUT / "gpu-assets"
 TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "chat_template.jinja")
 TEXT_CHARS = 1_500_000   # of each split: about 350k tokens, room for 128x512 windows and 8x2048
+# llmpress's dependencies the device image lacks or holds in other versions (pydantic and gguf are
+# missing; transformers 5 needs a newer huggingface_hub): this machine's versions and what they
+# need, as wheels for the image's Python 3.12, put first on its path. torch, triton, numpy, scipy
+# and matplotlib are the image's own (numpy's wheels are dropped: torch there is built against its).
+PINNED = ("transformers", "pydantic", "gguf", "typer", "rich", "pyyaml", "safetensors")
+IMAGE_OWN = ("numpy", "torch", "triton", "nvidia", "scipy", "matplotlib")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
 def prepare() -> None:
@@ -50,8 +58,20 @@ def prepare() -> None:
             shutil.copy2(source / name, ASSETS / name)
     for split in ("train", "test"):
         (ASSETS / f"wiki-{split}.txt").write_text(load_text(f"wiki/{split}")[:TEXT_CHARS], encoding="utf-8")
-    size = sum(p.stat().st_size for p in ASSETS.iterdir()) / 2**20
-    print(f"{ASSETS}: {size:.1f} MiB; carry it (bench/out/gpu-assets) and run `python3 bench/gpu_check.py` there")
+    from importlib.metadata import version
+
+    wheels = ASSETS / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.12",
+                    "--implementation", "cp", *platforms, "-d", str(wheels), *(f"{n}=={version(n)}" for n in PINNED)],
+                   check=True)
+    for wheel in wheels.glob("*.whl"):
+        if wheel.name.split("-")[0].lower().startswith(IMAGE_OWN):
+            wheel.unlink()
+    size = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) / 2**20
+    print(f"{ASSETS}: {size:.1f} MiB (with the working tree, at most 64 MiB travel); carry bench/out/gpu-assets "
+          "and run the command of this script's docstring there")
 
 
 def random_model(folder: Path) -> Path:
@@ -150,11 +170,13 @@ def main() -> None:
         raise SystemExit("gpu_check: no CUDA device on this machine (prepare the assets with --prepare)")
     if not (ASSETS / "tokenizer.json").exists():
         raise SystemExit(f"gpu_check: no assets at {ASSETS}: run `python bench/gpu_check.py --prepare` and carry them")
+    import transformers
     import triton
     from kernel_speed import gpu_table
 
     report = Report()
-    report.add(f"# GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    report.add(f"# GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+               f"transformers {transformers.__version__}")
     args.work.mkdir(parents=True, exist_ok=True)
     report.step("Kernel tests on the device", lambda: kernel_tests(report))
     compressed = report.step("Compress on the CPU, perplexity on CPU and CUDA (random SmolLM2-135M weights)",
