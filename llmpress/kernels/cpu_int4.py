@@ -31,6 +31,7 @@ import torch
 
 from ..formats.packing import unpack_codes
 from . import cpu_ext
+from .grouping import HeldOutputs
 
 GROUP_SIZES = (256, 128, 64, 32)
 
@@ -155,7 +156,7 @@ class SharedInputGemm:
             raise ValueError("these linears cannot share one int4 GEMM")
         self.members = list(members)
         self._pack: tuple[tuple, Int4Pack, torch.Tensor | None] | None = None
-        self._pending: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
+        self._held = HeldOutputs()
 
     def fused(self) -> tuple[Int4Pack, torch.Tensor | None]:
         """The members as one pack (rebuilt when any member's packed tensors changed), and their
@@ -171,15 +172,10 @@ class SharedInputGemm:
         return self._pack[1], self._pack[2]
 
     def output(self, member, x: torch.Tensor) -> torch.Tensor:
-        pending = self._pending
-        if pending is not None and pending[0] is x and pending[1] == x._version and id(member) in pending[2]:
-            y = pending[2].pop(id(member))
-            if not pending[2]:
-                self._pending = None
+        y = self._held.take(member, x)
+        if y is not None:
             return y
         pack, bias = self.fused()
         outputs = int4_linear(x, pack, None if bias is None else bias.to(x.dtype)).split(
             [m.out_features for m in self.members], dim=-1)
-        others = {id(m): y for m, y in zip(self.members, outputs) if m is not member}
-        self._pending = (x, x._version, others)
-        return outputs[next(i for i, m in enumerate(self.members) if m is member)]
+        return self._held.keep(x, self.members, outputs, member)

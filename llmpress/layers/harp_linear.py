@@ -33,6 +33,7 @@ from ..formats.butterfly import (
 )
 from ..kernels import cpu_ext
 from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend, select_path
+from ..kernels.grouping import HeldOutputs
 from .base import CompressedLinear, Layout
 from .quant_linear import QuantLinear
 
@@ -286,37 +287,25 @@ def fused_int4_step(members: list[HarpLinear], x: torch.Tensor) -> list[torch.Te
 class SharedProcessorGroup:
     """HARP layers whose input processors are one (q/k/v, gate/up: fitted as one), computed together:
     the first member called with an input transforms it once, runs every member's inner linear on
-    it (one GEMM where they share an int4 pack) and every output processor in one call; each other
-    member, called with that very tensor (unchanged since), takes its own. A member called with
-    anything else computes afresh, so the grouping can cost time but never change a result."""
+    it (one GEMM where they share an int4 pack) and every output processor in one call; the others
+    take theirs from ``HeldOutputs``."""
 
     def __init__(self, members: list[HarpLinear]) -> None:
         self.members = members
         self.outputs = [m.output for m in members]
-        self._pending: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
+        self._held = HeldOutputs()
 
     def output(self, member: HarpLinear, x: torch.Tensor) -> torch.Tensor:
-        pending = self._pending
-        if pending is not None and pending[0] is x and pending[1] == x._version and id(member) in pending[2]:
-            y = pending[2].pop(id(member))
-            if not pending[2]:
-                self._pending = None
+        y = self._held.take(member, x)
+        if y is not None:
             return y
         outs = fused_int4_step(self.members, x)
         if outs is None:
             rotated = member.input.apply(x)
             inner = [m.linear(rotated) for m in self.members]
             outs = ButterflyMap.apply_many(self.outputs, inner, transpose=True)
-        mine = None
-        others = {}
-        for m, y in zip(self.members, outs, strict=True):
-            y = m.finish(y)
-            if m is member:
-                mine = y
-            else:
-                others[id(m)] = y
-        self._pending = (x, x._version, others)
-        return mine
+        finished = [m.finish(y) for m, y in zip(self.members, outs, strict=True)]
+        return self._held.keep(x, self.members, finished, member)
 
 
 def link_shared_processors(model: nn.Module) -> int:

@@ -13,9 +13,9 @@ the mean squared error between the block's output and the full-precision block's
 same inputs (the compressed model's stream into this block), or with ``teacher_inputs:
 full-precision`` the dense model's own output of the block (auto-round's target), minimised with
 signed gradient descent (SignRound's optimiser; ``optimizer: adam`` for Adam) over ``steps``
-steps of ``batch`` windows; every ``eval_every`` steps the loss on held-out windows (the last ``holdout`` calibration
-windows, never trained on) is measured, and the best state seen, the starting point
-included, is what is kept. The result is stored in the starting quantizer's own packed format.
+steps of ``batch`` windows; every ``eval_every`` steps the loss on held-out windows (the last
+``holdout`` calibration windows, never trained on) is measured, and the best state seen, the
+starting point included, is what is kept. The result is stored in the starting quantizer's own packed format.
 
 Departures from SignRound, all for a CPU budget or for starting from GPTQ: SignRound rounds the
 full-precision weight (``⌊W/s + v⌉``, ``v ∈ [−0.5, 0.5]``), which starts from round-to-nearest;

@@ -1,0 +1,36 @@
+"""Outputs computed for a whole group from one input (linears that share it: an int4 GEMM over
+q/k/v, a HARP group's processors), held for the members not yet called with it."""
+
+from __future__ import annotations
+
+import torch
+
+
+class HeldOutputs:
+    """The first member called with an input computes every member's output; each other member,
+    called with that very tensor (unchanged since: its version counter), takes its own. A member
+    called with anything else finds nothing and computes afresh, so holding can cost time but never
+    change a result."""
+
+    def __init__(self) -> None:
+        self._held: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None
+
+    def take(self, member, x: torch.Tensor) -> torch.Tensor | None:
+        held = self._held
+        if held is None or held[0] is not x or held[1] != x._version or id(member) not in held[2]:
+            return None
+        y = held[2].pop(id(member))
+        if not held[2]:
+            self._held = None
+        return y
+
+    def keep(self, x: torch.Tensor, members, outputs, caller) -> torch.Tensor:
+        """Hold every member's output for ``x`` but the caller's, which is returned."""
+        mine, others = None, {}
+        for m, y in zip(members, outputs, strict=True):
+            if m is caller:
+                mine = y
+            else:
+                others[id(m)] = y
+        self._held = (x, x._version, others)
+        return mine
