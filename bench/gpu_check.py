@@ -13,9 +13,12 @@ values) and reads the real tokenizer, the wiki text and the missing wheels from 
         PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py --out $OUT
 
 Steps, each timed and reported even when another fails: the kernel tests on the device; the
-random SmolLM2 compressed with gptq-w4-g64 (128x512 calibration windows of the wiki text; on the
-CPU until `compress --device` exists); its perplexity on CPU and on CUDA (they must agree within
-1%); the kernel table (GEMV at batch 1/8, GEMM at 64/512, 4096x4096, 4096x14336, 14336x4096,
+random SmolLM2 compressed with gptq-w4-g64 (128x512 calibration windows of the wiki text) on the
+CPU and with `--device cuda`, both timed (bar: under 30 s on the GPU), and their perplexities (the
+CUDA run within 1% of the CPU run's); a four-block SmolLM2 compressed on both devices by one recipe
+of each kind of work the executor moves to the device (GPTQ's solve there, GPTAQ's full-precision
+stream, D²Quant's hooks, block tuning, HARP's statistics, ROCKET's profile), the CUDA model's
+logits compared with the CPU model's; the kernel table (GEMV at batch 1/8, GEMM at 64/512, 4096x4096, 4096x14336, 14336x4096,
 against fp16 cuBLAS); greedy decode tokens/s on CUDA of the dense fp16 and the W4 model. The
 report is Markdown, printed and written to ``--out``/gpu_check.md.
 """
@@ -74,15 +77,19 @@ def prepare() -> None:
           "and run the command of this script's docstring there")
 
 
-def random_model(folder: Path) -> Path:
-    """SmolLM2-135M's architecture with seeded random weights, saved with the real tokenizer."""
+def random_model(folder: Path, layers: int | None = None) -> Path:
+    """SmolLM2-135M's architecture (its first ``layers`` blocks) with seeded random weights, saved
+    with the real tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dense = folder / "random-smollm2"
+    dense = folder / ("random-smollm2" + (f"-{layers}" if layers else ""))
     if (dense / "config.json").exists():
         return dense
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ASSETS), dtype=torch.float32)
+    config = AutoConfig.from_pretrained(ASSETS)
+    if layers:
+        config.num_hidden_layers = layers
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(dense)
     for name in TOKENIZER_FILES:
         if (ASSETS / name).exists() and name != "config.json":
@@ -120,26 +127,73 @@ def kernel_tests(report: Report) -> None:
 
 
 def compress_and_compare(report: Report, work: Path) -> Path:
+    """gptq-w4-g64 on the CPU and on CUDA: times, and perplexities on CUDA (and the CPU run's on
+    the CPU: the kernels' agreement)."""
     import llmpress
 
     dense = random_model(work)
-    out = work / "random-smollm2-gptq-w4-g64"
-    start = time.perf_counter()
-    llmpress.compress(dense, "gptq-w4-g64", out=out, calib=str(ASSETS / "wiki-train.txt"), nsamples=128, seqlen=512,
-                      overwrite=True, progress=False)
-    report.add(f"compress gptq-w4-g64, 128x512 windows, on the CPU ({torch.get_num_threads()} threads): "
-               f"{time.perf_counter() - start:.1f} s")
     text = str(ASSETS / "wiki-test.txt")
-    ppl = {}
+    folders = {}
     for device in ("cpu", "cuda"):
-        model, tok = llmpress.load(out, device=device)
+        out = folders[device] = work / f"random-smollm2-gptq-w4-g64-{device}"
+        start = time.perf_counter()
+        llmpress.compress(dense, "gptq-w4-g64", out=out, calib=str(ASSETS / "wiki-train.txt"), nsamples=128,
+                          seqlen=512, overwrite=True, progress=False, device=device)
+        threads = f" ({torch.get_num_threads()} threads)" if device == "cpu" else ""
+        report.add(f"compress gptq-w4-g64, 128x512 windows, on {device}{threads}: {time.perf_counter() - start:.1f} s")
+    ppl = {}
+    for compressed_on, run_on in (("cpu", "cpu"), ("cpu", "cuda"), ("cuda", "cuda")):
+        model, tok = llmpress.load(folders[compressed_on], device=run_on)
         t0 = time.perf_counter()
-        ppl[device] = llmpress.perplexity(model, tok, text, seqlen=2048, windows=4)
-        report.add(f"{device}: {ppl[device]} ({time.perf_counter() - t0:.1f} s)")
+        ppl[compressed_on, run_on] = llmpress.perplexity(model, tok, text, seqlen=2048, windows=4)
+        report.add(f"compressed on {compressed_on}, run on {run_on}: {ppl[compressed_on, run_on]} "
+                   f"({time.perf_counter() - t0:.1f} s)")
         del model
-    gap = abs(ppl["cuda"].ppl / ppl["cpu"].ppl - 1)
-    report.add(f"CUDA against CPU: {gap:.3%} ({'within' if gap <= 0.01 else 'OUTSIDE'} 1%)")
-    return out
+    for label, a, b in (("kernels: CUDA against CPU", ("cpu", "cuda"), ("cpu", "cpu")),
+                        ("compress: on CUDA against on the CPU", ("cuda", "cuda"), ("cpu", "cuda"))):
+        gap = abs(ppl[a].ppl / ppl[b].ppl - 1)
+        report.add(f"{label}: {gap:.3%} ({'within' if gap <= 0.01 else 'OUTSIDE'} 1%)")
+    return folders["cpu"]
+
+
+# One recipe per kind of work the executor moves to the device.
+DEVICE_RECIPES = ("gptq-w4-g64", "gptaq-w2-g64", "d2quant-w3-g64", "gptq-tuned-w3-g64", "harp-gptq-w3-g64",
+                  "rocket-30")
+
+
+def recipes_on_device(report: Report, work: Path) -> None:
+    """Each of ``DEVICE_RECIPES`` on a four-block random SmolLM2, compressed on the CPU and on CUDA:
+    how far the CUDA model's logits are from the CPU model's, relative to how far compression moved
+    them (float rounding flips a few codes: a few percent; a statistic or solve gone wrong: order 1)."""
+    import llmpress
+
+    dense_folder = random_model(work, layers=4)
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def logits(folder) -> torch.Tensor:
+        model, _ = llmpress.load(folder)
+        with torch.no_grad():
+            return model(input_ids=ids).logits.double()
+
+    dense = logits(dense_folder)
+    report.add("| recipe | CPU s | CUDA s | ‖CUDA − CPU‖ / ‖CPU − dense‖ |")
+    report.add("|---|---|---|---|")
+    for recipe in DEVICE_RECIPES:
+        row, seconds = {}, {}
+        try:
+            for device in ("cpu", "cuda"):
+                out = work / f"small-{recipe}-{device}"
+                start = time.perf_counter()
+                llmpress.compress(dense_folder, recipe, out=out, calib=str(ASSETS / "wiki-train.txt"), nsamples=16,
+                                  seqlen=256, overwrite=True, progress=False, device=device,
+                                  settings=["steps=20"] if "harp" in recipe or "tuned" in recipe else None)
+                seconds[device] = time.perf_counter() - start
+                row[device] = logits(out)
+        except Exception as e:  # noqa: BLE001 - one recipe's failure is a row, the others still run
+            report.add(f"| {recipe} | FAILED: {type(e).__name__}: {str(e).splitlines()[0][:160]} | | |")
+            continue
+        ratio = float((row["cuda"] - row["cpu"]).norm() / (row["cpu"] - dense).norm())
+        report.add(f"| {recipe} | {seconds['cpu']:.1f} | {seconds['cuda']:.1f} | {ratio:.4f} |")
 
 
 def decode_table(report: Report, dense: Path, compressed: Path) -> None:
@@ -179,8 +233,10 @@ def main() -> None:
                f"transformers {transformers.__version__}")
     args.work.mkdir(parents=True, exist_ok=True)
     report.step("Kernel tests on the device", lambda: kernel_tests(report))
-    compressed = report.step("Compress on the CPU, perplexity on CPU and CUDA (random SmolLM2-135M weights)",
+    compressed = report.step("Compress on the CPU and on CUDA, perplexity on both (random SmolLM2-135M weights)",
                              lambda: compress_and_compare(report, args.work))
+    report.step("Recipes compressed on CUDA against the CPU (four random SmolLM2 blocks, 16x256 windows)",
+                lambda: recipes_on_device(report, args.work))
     report.step("Kernels against fp16 cuBLAS", lambda: report.add(gpu_table()))
     if compressed is not None:
         report.step("Decode on CUDA", lambda: decode_table(report, args.work / "random-smollm2", compressed))

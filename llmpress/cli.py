@@ -63,9 +63,13 @@ def compress(
     max_memory: str | None = typer.Option(None, help="RAM for calibration activations, e.g. 8GB (default: half the available RAM); beyond it they are memory-mapped files."),
     dtype: str = typer.Option("auto", help="auto | float16 | bfloat16 | float32: storage of the tensors the recipe leaves dense (embeddings, norms, head, ignored linears); auto: the source's own precision."),
     activations: str = typer.Option("float32", help="float32 | bfloat16: storage of the calibration activations; bfloat16 halves their memory (computation stays fp32)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N: where each block, its statistics and its solves run (the model stays in RAM); also the evaluations after."),
 ) -> None:
     """Compress MODEL with a recipe, block by block, into an output folder."""
     from . import api
+    from .devices import resolve_device
+
+    target = resolve_device(device)   # a device this machine lacks fails before anything is read
 
     tasks = _task_list(eval_tasks)
     if tasks:   # fail on a missing lm-eval or an unknown task before the long part
@@ -77,6 +81,7 @@ def compress(
         model, recipe, out=out_dir, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
         batch_size=batch_size, resume=resume, overwrite=overwrite, settings=set_, progress=progress,
         trust_remote_code=trust_remote_code, max_memory=max_memory, drop=drop, dtype=dtype, activations=activations,
+        device=target,
     )
     from .compress import distributed
 
@@ -87,15 +92,15 @@ def compress(
         table.add_row(k, str(v))
     out.print(table)
     if ppl_windows:
-        dense, tok = api.load(model, trust_remote_code=trust_remote_code)
+        dense, tok = api.load(model, device=target, trust_remote_code=trust_remote_code)
         before = api.perplexity(dense, tok, "wiki/test", windows=ppl_windows, progress=progress)
         del dense
-        packed, tok = api.load(result.out)
+        packed, tok = api.load(result.out, device=target)
         after = api.perplexity(packed, tok, "wiki/test", windows=ppl_windows, progress=progress)
         out.print(f"dense      {before}")
         out.print(f"compressed {after}")
     if tasks:
-        packed, tok = api.load(result.out)
+        packed, tok = api.load(result.out, device=target)
         _run_tasks(packed, tok, tasks, result.out / "llmpress-eval.json", limit=_limit(eval_limit))
     out.print(f"saved to {result.out}")
 

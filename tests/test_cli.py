@@ -135,6 +135,10 @@ def test_a_device_the_machine_lacks_is_one_line_before_any_work(tmp_path, monkey
         _assert_user_error(result, stderr, pattern)
     result, stderr = _run("generate", tmp_path / "missing", "--prompt", "hi", "--device", "cuda")
     _assert_user_error(result, stderr, r"no CUDA device is available")
+    out = tmp_path / "out"
+    result, stderr = _run("compress", "smollm2-135m", "--recipe", "gptq-w4-g64", "--out", out, "--device", "cuda")
+    _assert_user_error(result, stderr, r"no CUDA device is available")
+    assert not out.exists()   # nothing was read or written
 
 
 def test_devices_resolve_to_what_the_machine_has(monkeypatch):

@@ -254,3 +254,25 @@ def test_bf16_activations_halve_the_streams_and_move_the_result_little(tiny_mode
                           activations="bfloat16", resume=True)
     with pytest.raises(llmpress.errors.RecipeError, match="activations must be one of"):
         llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / "x", activations="int8", progress=False)
+
+
+def test_memory_plan_puts_streams_on_the_device_where_they_fit():
+    from llmpress.devices import to_device
+
+    mb = 1 << 20
+    stream = 128 * 512 * 576 * 4   # 144 MB
+    # half the device's free memory, less three copies of the block, is the streams' share
+    roomy = pipeline.plan_memory(128, 512, 576, 2, 10 * mb, 1 << 40, 4, device_free=2 * (2 * stream + 30 * mb))
+    assert roomy.on_device == [True, True] and roomy.device_budget == 2 * stream
+    assert "(device, device)" in roomy.describe() and roomy.predicted_peak == stream + 30 * mb   # the cache
+    one = pipeline.plan_memory(128, 512, 576, 2, 10 * mb, 1 << 40, 4, device_free=2 * (stream + 30 * mb))
+    assert one.on_device == [True, False] and one.on_disk == [False, False] and "(device, RAM)" in one.describe()
+    # what fits neither the device nor the RAM budget goes to disk
+    tight = pipeline.plan_memory(128, 512, 576, 2, 10 * mb, 2 * stream + 29 * mb, 4, device_free=2 * (stream + 30 * mb))
+    assert tight.on_device == [True, False] and tight.on_disk == [False, True]
+    cpu = pipeline.plan_memory(128, 512, 576, 2, 10 * mb, 1 << 40, 4)
+    assert cpu.on_device == [False, False] and "device" not in cpu.describe()
+    # a block's call arguments reach its device through tuples, lists and dicts, the rest untouched
+    args = ((torch.ones(2), [torch.zeros(1), None]), {"mask": torch.ones(1, 2), "flag": True})
+    moved = to_device(args, torch.device("cpu"))
+    assert moved[1]["flag"] is True and moved[0][1][1] is None and torch.equal(moved[1]["mask"], args[1]["mask"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..devices import to_device
 from ..errors import LlmpressError
 from .hooks import LinearProcessor
 from .phases import add_flops, phase
@@ -18,13 +19,15 @@ def dense_weight(module: nn.Module, input_scale: torch.Tensor | None = None) -> 
     return dense * input_scale if input_scale is not None else dense
 
 
-def dense_proxy(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
+def dense_proxy(module: nn.Module, weight: torch.Tensor, device: torch.device | None = None) -> nn.Linear:
     """A plain linear with the compressed module's dequantized weight (fp32 ``[out, in]``): the same
-    function, without dequantizing again on every calibration batch."""
+    function, without dequantizing again on every calibration batch; on ``device`` (default: the
+    weight's), where the block runs."""
+    weight = weight.to(device) if device is not None else weight
     proxy = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
     proxy.weight = nn.Parameter(weight, requires_grad=False)
     if module.bias is not None:
-        proxy.bias = nn.Parameter(module.bias.to(weight.dtype), requires_grad=False)
+        proxy.bias = nn.Parameter(module.bias.to(weight.device, weight.dtype), requires_grad=False)
     return proxy
 
 
@@ -68,23 +71,33 @@ def compress_linear(
     ``[out, in]`` weight (the pipeline computes with it during calibration), and the per-input
     scale its weight still needs (``None`` unless the method leaves one for a block hook to absorb
     upstream: DSQ's ``c``). With a ``processor`` the method solves the problem in its bases and
-    the module it returns is wrapped to compute in the original ones."""
-    weight = linear_weight(linear)
+    the module it returns is wrapped to compute in the original ones.
+
+    The solve runs where the linear is when the stage says it ``solves_on_device`` (GPTQ on its
+    uniform grid), else on the CPU with the statistics copied there; either way the module comes
+    back on the CPU (packing is CPU code) and the dense weight where the linear is."""
+    block_device = linear.weight.device
+    solve_device = block_device if stage.solves_on_device else torch.device("cpu")
+    weight = linear_weight(linear).to(solve_device)
+    stats = to_device(stats, solve_device)
+    bias = linear.bias.detach().cpu() if linear.bias is not None else None
     if not torch.isfinite(weight).all():
         from ..errors import ModelLoadError
 
         raise ModelLoadError("the weight has NaN or Inf entries; refusing to quantize a broken checkpoint")
     if processor is None:
-        module, metrics, *rest = method_of(stage).compress(stage, weight, stats, linear.bias, dtype)
+        module, metrics, *rest = method_of(stage).compress(stage, weight, stats, bias, dtype)
     else:
-        module, metrics, *rest = method_of(stage).compress(stage, processor.weight, processor.stats, None, dtype)
+        module, metrics, *rest = method_of(stage).compress(stage, processor.weight.to(solve_device),
+                                                            to_device(processor.stats, solve_device), None, dtype)
         if rest and rest[0] is not None:
             raise LlmpressError(f"`{stage.method}` leaves an input scale, which a processed linear cannot absorb")
-        module = processor.wrap(module, linear.bias, dtype)
+        module = processor.wrap(module, bias, dtype)
         metrics = {**metrics, **processor.metrics}
-    input_scale = rest[0] if rest else None
+    module.to("cpu")
+    input_scale = rest[0].cpu() if rest and rest[0] is not None else None
     metrics = dict(metrics)
-    dense = dense_weight(module, input_scale)
+    dense = dense_weight(module, input_scale).to(solve_device)
     with phase("metrics"):
         delta = dense - weight
         metrics["weight_error"] = float(delta.norm() / weight.norm()) if weight.norm() > 0 else 0.0
@@ -93,4 +106,4 @@ def compress_linear(
     if "input_drift" in stats:
         metrics["input_drift"] = stats["input_drift"]
     metrics["bits_per_weight"] = module.stored_bits() / weight.numel()
-    return module, metrics, dense, input_scale
+    return module, metrics, dense.to(block_device), input_scale

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import ClassVar, Literal
 
@@ -97,7 +98,8 @@ def block_output_mean(block: nn.Module, norm: nn.Module, run: Callable[[], None]
 @torch.no_grad()
 def batches_mean(hidden: torch.Tensor, batch_size: int, norm: nn.Module, skip_first: int) -> torch.Tensor:
     """The mean (all ranks) of ``norm(hidden)`` over ``[n, seq, width]`` hidden states, in batches."""
-    return _mean([_token_sum(norm(hidden[s:s + batch_size].to(torch.float32)), skip_first)
+    device = next(norm.parameters()).device
+    return _mean([_token_sum(norm(hidden[s:s + batch_size].to(device, torch.float32)), skip_first)
                   for s in range(0, hidden.shape[0], batch_size)])
 
 
@@ -112,7 +114,8 @@ def fold_shift_into_bias(module: nn.Module, shift: torch.Tensor) -> None:
     if not isinstance(module, CompressedLinear):
         raise LlmpressError("the block correction folds into compressed linears only: compress the MLP's "
                             "input linears in the same recipe")
-    add = module.dequantize(torch.float32) @ shift.to(torch.float32)
+    weight = module.dequantize(torch.float32)
+    add = weight @ shift.to(weight.device, torch.float32)
     dtype = getattr(module, "compute_dtype", torch.float32)
     module.bias = (module.bias.to(torch.float32) + add if module.bias is not None else add).to(dtype)
 
@@ -124,9 +127,11 @@ def absorb_column_scale(sink: nn.Module, scale: torch.Tensor) -> bool:
     from ..layers import QuantLinear
 
     if isinstance(sink, QuantLinear):
+        scale = scale.to(sink.scales.device)
         sink.scales.copy_((sink.scales.to(torch.float32) * scale[:, None]).to(sink.scales.dtype))
     elif isinstance(sink, nn.Linear):
         w = sink.weight
+        scale = scale.to(w.device)
         w.copy_((w.to(torch.float32) * scale[:, None]).to(w.dtype))
     else:
         return False
@@ -195,7 +200,8 @@ class DeviationAwareCorrection(BlockHooks):
     def start(self, ctx) -> None:
         arch, plan, stage = ctx.arch, ctx.plan, self.stage
         if ctx.last and stage.final_norm:
-            self.final_norm = ctx.model.get_submodule(arch.final_norm)
+            # a copy where the block runs (the model stays on the CPU); it is read, never changed
+            self.final_norm = copy.deepcopy(ctx.model.get_submodule(arch.final_norm)).to(ctx.device)
         compressed = {n for n, s in plan.assignment.items() if s is not None}
         if arch.attention_output not in compressed or not set(arch.mlp_inputs) <= compressed:
             return   # nothing to correct: the attention output or the MLP's inputs stay dense
@@ -230,7 +236,7 @@ class DeviationAwareCorrection(BlockHooks):
         for name in arch.mlp_inputs:
             module = ctx.modules[name]
             fold_shift_into_bias(module, self.shift)
-            ctx.block.set_submodule(name, dense_proxy(module, dense_weight(module)))
+            ctx.block.set_submodule(name, dense_proxy(module, dense_weight(module), ctx.device))
             ctx.metrics[name]["dac_shift"] = relative
         self.folded = True
 
@@ -243,7 +249,7 @@ class DeviationAwareCorrection(BlockHooks):
             return
         ctx.describe("final norm · correction")
         student = batches_mean(ctx.hidden, ctx.batch_size, self.final_norm, self.stage.skip_first)
-        ctx.emit("final_shift", mean_shift(self.final_teacher, student, self.stage.clip, self.stage.scale))
+        ctx.emit("final_shift", mean_shift(self.final_teacher, student, self.stage.clip, self.stage.scale).cpu())
 
 
 register(DACStage, hooks=DeviationAwareCorrection)

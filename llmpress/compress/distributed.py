@@ -4,8 +4,9 @@ summed over ranks before every solve, the linears of a true-sequential group are
 owner ranks at the same time (``assign_owners``), then every result is broadcast, so every rank
 ends each block with the same compressed modules. Rank 0 alone writes the output.
 
-gloo on CPU, NCCL on GPU. Outside torchrun every helper is a no-op, so the single-process path is
-the same code.
+gloo on CPU, NCCL where the blocks run on CUDA (each rank on ``cuda:LOCAL_RANK``; tensors held
+elsewhere travel through that device). Outside torchrun every helper is a no-op, so the
+single-process path is the same code.
 """
 
 from __future__ import annotations
@@ -21,11 +22,24 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> None:
-    """Join the process group torchrun describes (idempotent)."""
+_COMM_DEVICE = torch.device("cpu")   # where the collectives' tensors must be (NCCL: this rank's GPU)
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This rank's device: under torchrun a CUDA run takes GPU ``LOCAL_RANK``."""
+    if launched() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init(device: torch.device = torch.device("cpu")) -> None:
+    """Join the process group torchrun describes (idempotent): NCCL when the blocks run on CUDA."""
+    global _COMM_DEVICE
     if launched() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        _COMM_DEVICE = device
 
 
 def active() -> bool:
@@ -67,13 +81,16 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     if not active():
         return
     for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        moved = t.to(_COMM_DEVICE)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        if moved is not t:
+            t.copy_(moved)
 
 
 def all_reduce_numbers(values: list[float]) -> list[float]:
     if not active() or not values:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_COMM_DEVICE)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
@@ -111,9 +128,9 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor], src: int) -> None:
         return
     for key in sorted(tensors):
         t = tensors[key]
-        if t.dtype in (torch.int16, torch.bool, torch.int8, torch.uint8):   # gloo has no int16 broadcast
-            wide = t.to(torch.int32)
-            dist.broadcast(wide, src=src)
-            t.copy_(wide.to(t.dtype))
-        else:
-            dist.broadcast(t, src=src)
+        # gloo has no int16 broadcast
+        wide = t.to(torch.int32) if t.dtype in (torch.int16, torch.bool, torch.int8, torch.uint8) else t
+        moved = wide.to(_COMM_DEVICE)
+        dist.broadcast(moved, src=src)
+        if moved is not t:
+            t.copy_(moved.to(t.dtype))

@@ -44,6 +44,9 @@ class BlockContext:
     # the original block's outputs on the full-precision model's own stream (where a stage asks)
     fp_outputs: torch.Tensor | None = None
     modules: dict[str, nn.Module] = field(default_factory=dict)   # compressed so far, by name in the block
+    # where the block runs; the compressed modules stay on the CPU (their proxies run here), and
+    # the streams may be in RAM
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)   # their metrics
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def peak_rss_mb() -> float:
@@ -56,41 +56,62 @@ class MemoryPlan:
     """Where the calibration activations live, decided before the run from a memory budget.
 
     The hidden-state streams ``[n, seqlen, hidden]`` (one, or two for GPTAQ-style stages) are
-    the only buffers that grow with the calibration set; a stream that does not fit in the budget
-    left after the resident parts is a memory-mapped file (``disk_tensor``) instead."""
+    the only buffers that grow with the calibration set. On an accelerator a stream stays in its
+    memory where it fits beside the block; otherwise it is in RAM (page-locked for CUDA) where it
+    fits the budget left after the resident parts, and else a memory-mapped file (``disk_tensor``)."""
 
-    budget: int               # bytes the run may hold (``--max-memory``)
+    budget: int               # bytes the run may hold in RAM (``--max-memory``)
     stream_bytes: int
     streams: int
     resident: int             # the largest block's weights, three copies (original, proxy, packed)
     on_disk: list[bool]       # per stream
     element_size: int = 4     # bytes per stored activation (fp32 or bf16)
+    on_device: list[bool] = field(default_factory=list)   # per stream: in the accelerator's memory
+    device_budget: int | None = None   # bytes the streams may take there (None: the CPU runs)
 
     @property
     def predicted_peak(self) -> int:
-        """Activations kept in RAM, the attention cache (one stream's worth) and the block."""
-        in_ram = sum(self.stream_bytes for disk in self.on_disk if not disk)
+        """RAM: activations kept there, the attention cache (one stream's worth) and the block."""
+        in_ram = sum(self.stream_bytes for i, disk in enumerate(self.on_disk) if not disk and not self.placed(i))
         return in_ram + self.stream_bytes + self.resident
+
+    def placed(self, stream: int) -> bool:
+        """Whether stream ``stream`` lives on the accelerator."""
+        return stream < len(self.on_device) and self.on_device[stream]
 
     def describe(self) -> str:
         mb = 1 << 20
-        where = ", ".join("disk" if d else "RAM" for d in self.on_disk)
+        where = ", ".join("device" if self.placed(i) else "disk" if d else "RAM" for i, d in enumerate(self.on_disk))
         kind = "fp32" if self.element_size == 4 else "bf16"
+        device = (f"; {self.device_budget / mb:.0f} MB of device memory for streams"
+                  if self.device_budget is not None else "")
         return (f"memory plan: {self.streams} {kind} activation stream(s) of {self.stream_bytes / mb:.0f} MB ({where}), "
                 f"block {self.resident / mb:.0f} MB; predicted peak above the process's base "
-                f"{self.predicted_peak / mb:.0f} MB of {self.budget / mb:.0f} MB budget")
+                f"{self.predicted_peak / mb:.0f} MB of {self.budget / mb:.0f} MB budget{device}")
 
 
 def plan_memory(n: int, seqlen: int, hidden_size: int, streams: int, block_bytes: int, budget: int,
-                element_size: int = 4) -> MemoryPlan:
+                element_size: int = 4, device_free: int | None = None) -> MemoryPlan:
+    """``device_free``: free bytes of the accelerator the blocks run on (``None`` on the CPU). Of it,
+    the block (three copies), its statistics and a batch's working memory keep half; the streams may
+    take the rest."""
     stream = n * seqlen * hidden_size * element_size
+    device_left = device_budget = None
+    if device_free is not None:
+        device_budget = max(device_free // 2 - 3 * block_bytes, 0)
+        device_left = device_budget
     resident = 3 * block_bytes + stream   # the block, and the attention cache's stream
-    on_disk, left = [], budget - resident
+    on_disk, on_device, left = [], [], budget - resident
     for _ in range(streams):
-        fits = stream <= left
+        on_gpu = device_left is not None and stream <= device_left
+        fits = on_gpu or stream <= left
+        on_device.append(on_gpu)
         on_disk.append(not fits)
-        left -= stream if fits else 0
-    return MemoryPlan(budget, stream, streams, 3 * block_bytes, on_disk, element_size)
+        if on_gpu:
+            device_left -= stream
+        elif fits:
+            left -= stream
+    return MemoryPlan(budget, stream, streams, 3 * block_bytes, on_disk, element_size, on_device, device_budget)
 
 
 def available_memory() -> int:

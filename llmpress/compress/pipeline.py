@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..devices import free_device_memory, host_buffer, to_device
 from ..errors import LlmpressError
 from ..layers.base import outermost_compressed
 from ..layers.experts import experts_see_all_tokens, is_expert_linear
@@ -31,6 +32,7 @@ from .arch import ArchMap, blocks_of
 from .compressors import compress_linear, data_free, dense_proxy, dense_weight, identity_hessian, linear_weight
 from .hooks import BlockContext, BlockHooks, Solved
 from .memory import (
+    MemoryPlan,
     available_memory,
     limit_heap_fragmentation,
     plan_memory,
@@ -82,13 +84,24 @@ class _Catcher(nn.Module):
         return hidden_states
 
 
+def stream_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, memory: MemoryPlan | None,
+                  stream: int) -> torch.Tensor:
+    """An activation stream where ``memory`` places it: the device's memory, RAM or a file."""
+    if memory is not None and memory.placed(stream):
+        return torch.empty(shape, dtype=dtype, device=device)
+    if memory is not None and memory.on_disk[stream]:
+        return disk_tensor(shape, dtype)
+    return host_buffer(shape, dtype, device)
+
+
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int, on_disk: bool = False,
-    dtype: torch.dtype = torch.float32,
+    model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int, memory: MemoryPlan | None = None,
+    dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
 ) -> tuple[torch.Tensor, list[list[tuple[tuple, dict[str, Any]]]]]:
-    """Block 0's inputs ``[n, seqlen, hidden]`` stored as ``dtype`` (on disk with ``on_disk``) and
-    every block's other arguments, per batch."""
+    """Block 0's inputs ``[n, seqlen, hidden]`` stored as ``dtype`` where ``memory`` places stream 0
+    (default RAM) and every block's other arguments, per batch. The embeddings run where the model
+    is (the CPU: only the current block goes to ``device``)."""
     blocks = blocks_of(model, arch)
     originals = list(blocks)
     sink: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in originals]
@@ -105,8 +118,8 @@ def capture_block_inputs(
             batch = hidden.pop()
             if out is None:   # the width is known once the first batch has run
                 shape = (windows.shape[0], *batch.shape[1:])
-                out = disk_tensor(shape, dtype) if on_disk else torch.empty(shape, dtype=dtype)
-            out[s:e] = batch
+                out = stream_buffer(shape, dtype, device, memory, 0)
+            out[s:e].copy_(batch)
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
@@ -116,24 +129,27 @@ def capture_block_inputs(
 @torch.no_grad()
 def run_block(
     block: nn.Module, hidden: torch.Tensor, kwargs: list[tuple[tuple, dict[str, Any]]], batch_size: int,
-    *, stats: InputStats | None = None, write_outputs: bool = False,
+    *, stats: InputStats | None = None, write_outputs: bool = False, device: torch.device | None = None,
 ) -> None:
+    """Run ``block`` over the stream ``hidden`` batch by batch, on ``device`` (default: the
+    stream's); ``kwargs`` are already there."""
+    device = device or hidden.device
     for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
         if stats is not None:
             stats.begin_batch()
         args, kw = kwargs[b]
         try:
-            out = block(hidden[s:e].to(torch.float32), *args, **kw)
+            out = block(hidden[s:e].to(device, torch.float32), *args, **kw)
         except StopForward:
             continue
         if write_outputs:
-            hidden[s:e] = (out[0] if isinstance(out, tuple) else out).to(hidden.dtype)
+            hidden[s:e].copy_(out[0] if isinstance(out, tuple) else out)
 
 
 @torch.no_grad()
 def record_fp_inputs(
     block: nn.Module, fp_hidden: torch.Tensor, kwargs, batch_size: int, linears: list[str],
-    arena: SpillArena, write_outputs: bool,
+    arena: SpillArena, write_outputs: bool, device: torch.device,
 ) -> InputRecorder | None:
     """Run the still-original block on the full-precision stream: keep the inputs of ``linears``
     (once per distinct input) and, with ``write_outputs``, advance the stream in place."""
@@ -144,9 +160,9 @@ def record_fp_inputs(
             if recorder is not None:
                 recorder.begin_batch()
             args, kw = kwargs[b]
-            out = block(fp_hidden[s:e].to(torch.float32), *args, **kw)
+            out = block(fp_hidden[s:e].to(device, torch.float32), *args, **kw)
             if write_outputs:
-                fp_hidden[s:e] = (out[0] if isinstance(out, tuple) else out).to(fp_hidden.dtype)
+                fp_hidden[s:e].copy_(out[0] if isinstance(out, tuple) else out)
     return recorder
 
 
@@ -189,6 +205,7 @@ def compress_blocks(
     max_memory: int | None = None,
     report: Callable[[str], None] | None = None,
     activation_dtype: torch.dtype = torch.float32,
+    device: torch.device = torch.device("cpu"),
 ) -> list[ModuleRecord]:
     """Run every layer-compressor stage of ``recipe`` over the decoder blocks, in order.
 
@@ -196,7 +213,9 @@ def compress_blocks(
     stay in RAM or go to memory-mapped files; ``report`` receives the plan's one-line summary.
     ``activation_dtype`` stores the hidden-state streams and the attention cache (bf16 halves
     them); the inputs kept for a solve stay fp32, and every block, statistic and solve computes in
-    fp32."""
+    fp32. ``device``: where each block runs, one at a time, with its statistics and the solves of
+    the stages that solve there (the model itself stays where it is, the streams go where the
+    memory plan puts them)."""
     limit_heap_fragmentation()
     blocks = blocks_of(model, arch)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -223,12 +242,12 @@ def compress_blocks(
         block_bytes = sum(p.numel() * 4 for p in blocks[0].parameters())
         memory = plan_memory(windows.shape[0], windows.shape[1], width, 2 if last_fp_block >= 0 else 1, block_bytes,
                              max_memory if max_memory is not None else available_memory() // 2,
-                             torch.empty((), dtype=activation_dtype).element_size())
+                             torch.empty((), dtype=activation_dtype).element_size(), free_device_memory(device))
         if report is not None:
             report(memory.describe())
         with phase("capture"):
-            hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, on_disk=memory.on_disk[0],
-                                                  dtype=activation_dtype)
+            hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, memory, dtype=activation_dtype,
+                                                  device=device)
     io.after_capture()
     release_free_heap()   # the capture's and the tokenizer's leftovers
     records: list[ModuleRecord] = []
@@ -239,7 +258,7 @@ def compress_blocks(
         last_data_block = len(blocks)
     fp_hidden = None
     if last_fp_block >= 0:
-        fp_hidden = disk_tensor(tuple(hidden.shape), hidden.dtype) if memory.on_disk[1] else torch.empty_like(hidden)
+        fp_hidden = stream_buffer(tuple(hidden.shape), hidden.dtype, device, memory, 1)
         fp_hidden.copy_(hidden)
 
     with Progress(len(blocks), progress) as bar, contextlib.closing(SpillArena()) as arena:
@@ -248,43 +267,47 @@ def compress_blocks(
             plan = plans[i]
             need_outputs = data_needed and i < last_data_block
             advance_fp = fp_hidden is not None and i < last_fp_block
+            block_kwargs = to_device(kwargs[i], device) if kwargs else None
             if i in io.finished:
                 bar.describe(f"block {i + 1}/{len(blocks)} · resumed")
                 if advance_fp:   # the full-precision stream goes through the original weights
                     io.materialize(block, prefix)
-                    record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, [], arena, write_outputs=True)
+                    block.to(device)
+                    record_fp_inputs(block, fp_hidden, block_kwargs, batch_size, [], arena, True, device)
+                    block.to("cpu")
                 io.load_finished(i, block, prefix)
                 if need_outputs:
-                    with _dense_proxies(block):
-                        run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
+                    with _dense_proxies(block, device):
+                        run_block(block, hidden, block_kwargs, batch_size, write_outputs=True, device=device)
                 io.release(block)
                 bar.advance()
                 continue
             with phase("load weights"):
                 io.materialize(block, prefix)
+                block.to(device)
             reference = None
             if plan.fp_linears or advance_fp:
                 bar.describe(f"block {i + 1} · full-precision stream")
                 with phase("full-precision stream"):
-                    reference = record_fp_inputs(block, fp_hidden, kwargs[i], batch_size, plan.fp_linears, arena,
-                                                 advance_fp)
+                    reference = record_fp_inputs(block, fp_hidden, block_kwargs, batch_size, plan.fp_linears, arena,
+                                                 advance_fp, device)
             extras: dict[str, Any] = {}
             ctx = BlockContext(
                 index=i, block=block, prefix=prefix, plan=plan, arch=arch, model=model, last=i == len(blocks) - 1,
                 run=lambda **kw: None, hidden=hidden, batch_size=batch_size, describe=bar.describe,
-                emit=extras.__setitem__, kwargs=kwargs[i] if kwargs else None,
-                fp_outputs=fp_hidden if advance_fp else None,
+                emit=extras.__setitem__, kwargs=block_kwargs, fp_outputs=fp_hidden if advance_fp else None,
+                device=device,
             )
             hooks = [hooks_type(stage) for stage, hooks_type in block_stages]
             try:
                 block_records, modules, outputs_done = _compress_block(
-                    ctx, hooks, kwargs[i] if kwargs else None, dtype, need_outputs, arena, reference)
+                    ctx, hooks, block_kwargs, dtype, need_outputs, arena, reference)
             finally:
                 if reference is not None:
                     reference.close()
             if need_outputs and not outputs_done:   # a block with nothing to compress
                 with phase("outputs"):
-                    run_block(block, hidden, kwargs[i], batch_size, write_outputs=True)
+                    run_block(block, hidden, block_kwargs, batch_size, write_outputs=True, device=device)
             if need_outputs and distributed.any_rank(not all_finite(hidden)):
                 raise LlmpressError(
                     f"block {i} of the compressed model produced NaN/Inf activations on the calibration "
@@ -292,6 +315,7 @@ def compress_blocks(
                 )
             for h in hooks:
                 h.outputs_ready(ctx)
+            block.to("cpu")   # what is written and kept; the device holds one block at a time
             with phase("write"):
                 io.on_block_done(i, block, prefix, modules, block_records, extras)
             io.release(block)
@@ -302,22 +326,26 @@ def compress_blocks(
 
 
 def dense_block_pass(model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int,
-                     weights: BlockWeights | None = None) -> Iterator[tuple[int, nn.Module, Callable[..., None]]]:
+                     weights: BlockWeights | None = None, device: torch.device = torch.device("cpu"),
+                     ) -> Iterator[tuple[int, nn.Module, Callable[..., None]]]:
     """The unchanged model, block by block on the full-precision stream: yields ``(index, block,
     run)``, where ``run(stats=None)`` runs the block over the stream and moves the stream on to the
     next block's input. ``weights`` streams the blocks' weights (each block is materialised before
     it is yielded and released after); without it ``model`` holds them all. The passes that must
-    see every layer before any is compressed use it: an allocator's profile, HARP's statistics."""
+    see every layer before any is compressed use it: an allocator's profile, HARP's statistics.
+    The yielded block is on ``device`` (and back where it was afterwards); the stream stays in RAM."""
     limit_heap_fragmentation()
     blocks = blocks_of(model, arch)
-    hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size)
+    hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, device=device)
     if weights is not None:
         weights.after_capture()
     for i, block in enumerate(blocks):
         if weights is not None:
             weights.materialize(block, f"{arch.blocks}.{i}")
-        yield i, block, functools.partial(run_block, block, hidden, kwargs[i], batch_size,
-                                          write_outputs=i < len(blocks) - 1)
+        block.to(device)
+        yield i, block, functools.partial(run_block, block, hidden, to_device(kwargs[i], device), batch_size,
+                                          write_outputs=i < len(blocks) - 1, device=device)
+        block.to("cpu")
         if weights is not None:
             weights.release(block)
 
@@ -326,15 +354,17 @@ def dense_block_pass(model: nn.Module, arch: ArchMap, windows: torch.Tensor, bat
 def profile_blocks(
     model: nn.Module, arch: ArchMap, windows: torch.Tensor, select: Callable[[str], bool],
     score: Callable[[str, torch.Tensor, torch.Tensor], Any], *, batch_size: int = 8, progress: bool = True,
-    weights: BlockWeights | None = None,
+    weights: BlockWeights | None = None, device: torch.device = torch.device("cpu"),
 ) -> dict[str, Any]:
     """``score(name, weight, hessian)`` for every selected linear of the unchanged model, block by
     block on the full-precision stream (the profiling pass of an allocator: its candidates must be
     known for every layer before any layer is compressed). ``weights`` streams the blocks' weights
-    (default: ``model`` holds them all)."""
+    (default: ``model`` holds them all). The blocks and their statistics run on ``device``; the
+    scores get CPU tensors (the candidates' solves are CPU code)."""
     results: dict[str, Any] = {}
+    cpu = torch.device("cpu")
     with Progress(len(blocks_of(model, arch)), progress, title="profile") as bar:
-        for i, block, run in dense_block_pass(model, arch, windows, batch_size, weights):
+        for i, block, run in dense_block_pass(model, arch, windows, batch_size, weights, device):
             prefix = f"{arch.blocks}.{i}"
             names = [n for n in arch.linears_in(block) if select(f"{prefix}.{n}")]
             bar.describe(f"block {i + 1} · statistics")
@@ -345,8 +375,8 @@ def profile_blocks(
             hessians = stats.hessians(missing_ok=idle) if names else {}
             for n in names:
                 bar.describe(f"block {i + 1} · {n} · candidates")
-                weight = linear_weight(block.get_submodule(n))
-                hessian = hessians[n] if n in hessians else identity_hessian(weight.shape[1])   # an expert never picked
+                weight = linear_weight(block.get_submodule(n)).to(cpu)
+                hessian = hessians[n].to(cpu) if n in hessians else identity_hessian(weight.shape[1])   # never picked
                 results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessian)
             bar.advance()
     return results
@@ -361,18 +391,21 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _dense_proxies(block: nn.Module):
+def _dense_proxies(block: nn.Module, device: torch.device):
     """A resumed block's compressed linears computed as the run computed them when it compressed
     them, through their dense weights (a module's own forward rounds differently: HARP's online
-    processors), so a resumed run gives the very model the uninterrupted one gives."""
+    processors), so a resumed run gives the very model the uninterrupted one gives. The block
+    runs on ``device``."""
     compressed = outermost_compressed(block).items()
-    for name, module in compressed:
-        block.set_submodule(name, dense_proxy(module, dense_weight(module)))
+    for name, module in compressed:   # dequantized where they are, on the CPU
+        block.set_submodule(name, dense_proxy(module, dense_weight(module), device))
+    block.to(device)
     try:
         yield
     finally:
         for name, module in compressed:
             block.set_submodule(name, module)
+        block.to("cpu")
 
 
 def _solve_cost(linear: nn.Module) -> float:
@@ -409,7 +442,7 @@ def _compress_block(
 ) -> tuple[list[ModuleRecord], dict[str, nn.Module], bool]:
     """Compress one block's linears group by group, calling the block stages' hooks at their points."""
     index, block, prefix, plan, arch = ctx.index, ctx.block, ctx.prefix, ctx.plan, ctx.arch
-    hidden, batch_size = ctx.hidden, ctx.batch_size
+    hidden, batch_size, device = ctx.hidden, ctx.batch_size, ctx.device
     records, modules = [], ctx.modules
     outputs_done = False
     attention = None          # the cached attention stub, once the attention is compressed
@@ -421,7 +454,7 @@ def _compress_block(
         if attention is not None:
             attention.restart()
             try:
-                run_block(block, hidden, kwargs, batch_size, **kw)
+                run_block(block, hidden, kwargs, batch_size, device=device, **kw)
                 return
             except AttentionCacheMismatch:
                 # This architecture's attention returns more than its output linear computes:
@@ -432,7 +465,7 @@ def _compress_block(
                 attention = None
                 if kw.get("stats") is not None:
                     kw["stats"].reset()
-        run_block(block, hidden, kwargs, batch_size, **kw)
+        run_block(block, hidden, kwargs, batch_size, device=device, **kw)
 
     ctx.run = run
     for h in hooks:
@@ -539,7 +572,7 @@ def _compress_block(
             module, metrics, input_scale, seconds = result
             dense = dense_here.pop(name, None)
             if dense is None:
-                dense = dense_weight(module, input_scale)
+                dense = dense_weight(module, input_scale).to(device)
             if name in tokens:   # an expert: how much data its statistics had
                 metrics = {**metrics, "tokens": float(tokens[name]), "data_free": float(name in starved)}
             modules[name], ctx.metrics[name] = module, metrics
@@ -547,8 +580,8 @@ def _compress_block(
             for h in hooks:
                 h.after_solve(ctx, solved)
             if solved.changed:   # e.g. a column scale went upstream: this module computes without it
-                dense = dense_weight(module, solved.input_scale)
-            proxy = dense_proxy(module, dense)
+                dense = dense_weight(module, solved.input_scale).to(device)
+            proxy = dense_proxy(module, dense, device)
             if residual:
                 with phase("outputs"):
                     add_residual_outputs(name, hidden, kept[name], proxy, batch_size)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import ModelLoadError, RecipeError
 from ..io.checkpoint import RunFolder, embedding_names, prepare_output, save_tensors_atomic
 from ..io.models import (
@@ -87,6 +88,7 @@ class _Job:
     head_dtype: torch.dtype    # storage of the input embedding and the output head
     activation_dtype: torch.dtype   # storage of the calibration streams (computation stays fp32)
     rotation: ResidualRotation | None = None   # HARP's starts as the RHT it is fitted from
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # where the blocks, statistics, solves run
 
 
 def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop=None,
@@ -176,6 +178,7 @@ def compress(
     max_memory: int | str | None = None,
     dtype: str = "auto",
     activations: str = "float32",
+    device: str | torch.device = "auto",
 ) -> CompressResult:
     """Compress ``model`` (a folder, ``.gguf`` file, hub id or built-in name) with ``recipe`` (a
     preset name, YAML file or ``Recipe``) into the folder ``out``; see ``llmpress compress --help``.
@@ -190,13 +193,17 @@ def compress(
     recipe leaves dense; ``auto`` is the source's own precision (see ``io.models.storage_dtype``).
     ``activations`` (``float32``, ``bfloat16``) stores the calibration activation streams: bf16
     halves their memory (docs/pipeline.md says what it moves). Computation stays fp32.
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; auto: CUDA when present) runs each block,
+    its statistics and the solves that can run there (GPTQ on its uniform grid) on that device, one
+    block at a time: the model stays in RAM, the activation streams go to the device where they fit.
     """
     start = time.perf_counter()
     limit_heap_fragmentation()   # before loading and tokenizing: they would fragment the heap first
-    distributed.init()   # under torchrun: join the ranks (a no-op otherwise)
+    run_device = distributed.local_device(resolve_device(device))
+    distributed.init(run_device)   # under torchrun: join the ranks (a no-op otherwise)
     memory_budget = parse_size(max_memory)
-    job = _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop, dtype,
-                   activations)
+    job = replace(_prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop,
+                           dtype, activations), device=run_device)
     # Everything the user gave has been checked: only now is the output folder touched (by rank 0).
     main = distributed.is_main()
     fresh = not job.out.exists()
@@ -252,7 +259,7 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     windows = distributed.local_slice(job.windows) if job.windows is not None else None
     records = compress_blocks(source.model, rotation.compress_arch() if rotation is not None else arch, recipe,
                               windows, source, batch_size=batch_size, progress=progress, max_memory=max_memory,
-                              report=report, activation_dtype=job.activation_dtype)
+                              report=report, activation_dtype=job.activation_dtype, device=job.device)
     records = sorted(resumed + records, key=lambda r: (r.block, r.name))
     kept_model = source.model.eval() if keep_model else None
     rest = source.rest_tensors() if main else None
@@ -449,11 +456,11 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> tup
         status("HARP statistics: dense forward on the calibration windows")
         weights = _StreamedWeights(job, None, trust_remote_code=trust_remote_code)
         terms = collect_proxy_terms(weights.model, arch, job.windows[: stage.fit_samples], base, progress=status,
-                                    weights=weights)
+                                    weights=weights, device=job.device)
         del weights
         result = fit_harp(terms, base.q.shape[0], bits=bits, group_size=group_size, sym=sym, seed=stage.seed,
                           steps=stage.steps, lr=stage.lr, refresh=stage.refresh,
-                          groups_per_step=stage.groups_per_step, progress=status)
+                          groups_per_step=stage.groups_per_step, progress=status, device=job.device)
     q = mean_preserving(result.q) if arch.rotation.norm_kind == "layer" else result.q
     save_tensors_atomic({"q": q}, path)
     plot_harp(result.history, job.out / "llmpress-harp.png")
@@ -591,7 +598,7 @@ def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: b
         return options_of(stage, weight, hessian, value_bits)
 
     tables = profile_blocks(weights.model, arch, distributed.local_slice(job.windows), stage.selects, score,
-                            progress=progress, weights=weights)
+                            progress=progress, weights=weights, device=job.device)
     del weights
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ class CachedAttention(nn.Module):
     def __init__(self, real: nn.Module, outputs: list[torch.Tensor]):
         super().__init__()
         self.real, self.outputs = real, outputs
-        self.calls, self.arity, self.verified, self.dtype = 0, None, False, None
+        self.calls, self.arity, self.verified, self.dtype, self.device = 0, None, False, None, None
 
     def restart(self) -> None:
         self.calls = 0
@@ -59,13 +59,13 @@ class CachedAttention(nn.Module):
         if not self.verified:
             out = self.real(*args, **kwargs)
             first = out[0] if isinstance(out, tuple) else out
-            cached = self.outputs[batch]
+            cached = self.outputs[batch].to(first.device)   # kept in RAM when the block runs on a GPU
             if first.shape != cached.shape or not torch.equal(first.to(cached.dtype), cached):
                 raise AttentionCacheMismatch
             self.arity = len(out) if isinstance(out, tuple) else None
-            self.verified, self.dtype = True, first.dtype
+            self.verified, self.dtype, self.device = True, first.dtype, first.device
             return out
-        cached = self.outputs[batch].to(self.dtype)
+        cached = self.outputs[batch].to(self.device, self.dtype)
         return cached if self.arity is None else (cached,) + (None,) * (self.arity - 1)
 
 
@@ -85,10 +85,11 @@ class SkippedNorm(nn.Module):
 def attention_outputs(inputs, proxy: nn.Linear, dtype: torch.dtype) -> list[torch.Tensor]:
     """The attention's output per batch from its output linear's kept inputs, stored as ``dtype``:
     written over each input where shape and dtype agree (no second stream's worth of memory), else
-    each input is freed as its output is made."""
+    each input is freed as its output is made. The proxy computes where it is; the outputs stay
+    where the inputs were kept."""
     outputs, slabs = [], Slabs()
     for x in inputs.drain():
-        y = proxy(x.to(torch.float32))
+        y = proxy(x.to(proxy.weight.device, torch.float32))
         if y.shape == x.shape and x.dtype == dtype:
             outputs.append(x.copy_(y))
         else:
@@ -102,9 +103,9 @@ def add_residual_outputs(name: str, hidden: torch.Tensor, inputs, proxy: nn.Line
     """The block's outputs from the residual linear's kept inputs, per token (OPT flattens tokens
     before its MLP): ``h += X Ŵᵀ + b`` in place; the kept inputs are then closed."""
     for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
-        x = inputs[b].reshape(-1, proxy.in_features).to(torch.float32)
+        x = inputs[b].reshape(-1, proxy.in_features).to(proxy.weight.device, torch.float32)
         target = hidden[s:e].view(-1, proxy.out_features)
         if x.shape[0] != target.shape[0]:
             raise RuntimeError(f"{name}: its inputs do not line up with the block's tokens")
-        target += proxy(x)
+        target += proxy(x).to(target.device)
     inputs.close()

@@ -30,6 +30,12 @@ class StageBase(BaseModel):
     ignore: list[str] = Field(default_factory=list)
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @property
+    def solves_on_device(self) -> bool:
+        """Whether the solve runs on the block's device (a GPU) as well as on the CPU; the others
+        solve on the CPU, from their statistics' copies there."""
+        return False
+
     @field_validator("targets", "ignore")
     @classmethod
     def _valid_regexes(cls, patterns: list[str]) -> list[str]:

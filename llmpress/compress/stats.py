@@ -126,9 +126,10 @@ class Slabs:
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         size = t.numel() * t.element_size()
         if size >= SLAB_BYTES // 2:
-            return t.clone()
+            return t.to("cpu", copy=True)
         if self._slab is None or self._used + size > SLAB_BYTES:
-            self._slab, self._used = torch.empty(SLAB_BYTES, dtype=torch.uint8), 0
+            # page-locked where the copies come from a GPU: they then run at the link's full rate
+            self._slab, self._used = torch.empty(SLAB_BYTES, dtype=torch.uint8, pin_memory=t.is_cuda), 0
         view = self._slab[self._used:self._used + size].view(t.dtype).view(t.shape)
         self._used += -(-size // 64) * 64   # keep every view 64-byte aligned
         return view.copy_(t)
@@ -173,7 +174,7 @@ class SpilledTensors:
 
     def _write(self, t: torch.Tensor) -> None:
         self.file.seek(self._end)
-        self.file.write(memoryview(t.numpy()).cast("B"))
+        self.file.write(memoryview(t.cpu().numpy()).cast("B"))
         self.meta.append((self._end, t.shape, t.dtype))
         self._end += t.numel() * t.element_size()
 
@@ -296,7 +297,7 @@ class InputStats(_InputHooks):
         if self.owner[name] == name:
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
             if name not in self.sums:
-                self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32)
+                self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
                 self.tokens[name] = 0
             with phase("hessian"):
                 gram_update(self.sums[name], flat)
@@ -312,11 +313,11 @@ class InputStats(_InputHooks):
 
     def _cross_update(self, name: str, flat: torch.Tensor) -> None:
         """``ΔX·Xᵀ += (x̃ − x)ᵀ x``: this batch's full-precision-stream input minus its own."""
-        ref = self.reference.inputs(name, self._batch).reshape(-1, flat.shape[1])
+        ref = self.reference.inputs(name, self._batch).reshape(-1, flat.shape[1]).to(flat.device)
         if ref.shape != flat.shape:
             raise RuntimeError(f"{name}: the full-precision inputs of batch {self._batch} do not pair with its own")
         if name not in self.crosses:
-            self.crosses[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32)
+            self.crosses[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
             self.drift[name] = 0.0
         ref.sub_(flat)
         self.crosses[name].addmm_(ref.T, flat)

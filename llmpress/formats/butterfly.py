@@ -78,7 +78,7 @@ def stage_blocks(mixer: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """One stage's blocks ``[n / b, b, b]``: ``M_b · Cayley(S)`` (the Cayley solve in fp32 or wider)."""
     b = mixer.shape[0]
     if b == 1:
-        return mixer.to(packed.dtype).expand(packed.shape[0], 1, 1)
+        return mixer.to(packed.device, packed.dtype).expand(packed.shape[0], 1, 1)
     dtype = torch.promote_types(packed.dtype, torch.float32)
     return mixer.to(dtype=dtype, device=packed.device) @ cayley(skew(packed.to(dtype), b))
 

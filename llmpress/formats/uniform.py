@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,6 +39,12 @@ class QuantizedWeight:
         if self.scales.shape[1] == 1:
             return torch.zeros(in_features, dtype=torch.int64)
         return torch.arange(in_features) // self.group_size
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with its tensors on ``device``."""
+        move = (lambda t: t.to(device) if t is not None else None)
+        return replace(self, codes=move(self.codes), scales=move(self.scales), zeros=move(self.zeros),
+                       g_idx=move(self.g_idx))
 
     def dequantize(self) -> torch.Tensor:
         cols = self.group_of_column()

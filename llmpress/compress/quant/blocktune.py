@@ -166,7 +166,8 @@ class TunableUniform(nn.Module):
                                                self.shift, self.qmax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        return nn.functional.linear(x, self.weight().to(x.dtype), bias)
 
     @torch.no_grad()
     def export(self) -> QuantLinear:
@@ -255,10 +256,11 @@ class BlockTuning(BlockHooks):
             self.schedule.append([w for w in train if w[0] == first[0] and first[1] <= w[1] < first[1] + stage.batch])
         needed = sorted({w for step in self.schedule for w in step} | set(self.held_out))
         if stage.teacher_inputs == "full-precision":   # computed already, by the full-precision stream
-            self.teacher = {w: ctx.fp_outputs[w[0] * ctx.batch_size + w[1]][None].clone() for w in needed}
+            self.teacher = {w: ctx.fp_outputs[w[0] * ctx.batch_size + w[1]][None].to(ctx.device, copy=True)
+                            for w in needed}
             return
         ctx.describe(f"block {ctx.index + 1} · block-tune: full-precision outputs")
-        self.teacher = {w: self._run(ctx, [w]).to(ctx.hidden.dtype) for w in needed}
+        self.teacher = {w: self._run(ctx, [w]).to(ctx.hidden.dtype) for w in needed}   # on the block's device
 
     def after_group(self, ctx, group) -> None:
         if group != self.last_group:
@@ -267,7 +269,7 @@ class BlockTuning(BlockHooks):
         if not names or self.stage.steps == 0:
             return
         start = time.perf_counter()
-        tunables = {n: TunableUniform(ctx.modules[n], self.stage.scale_range) for n in names}
+        tunables = {n: TunableUniform(ctx.modules[n], self.stage.scale_range).to(ctx.device) for n in names}
         for n, t in tunables.items():
             ctx.block.set_submodule(n, t)
         try:
@@ -275,9 +277,9 @@ class BlockTuning(BlockHooks):
         finally:
             self.teacher = {}
             for n, t in tunables.items():   # the tuned modules, stored and computed with from here on
-                module = t.export()
+                module = t.to("cpu").export()
                 ctx.modules[n] = module
-                ctx.block.set_submodule(n, dense_proxy(module, dense_weight(module)))
+                ctx.block.set_submodule(n, dense_proxy(module, dense_weight(module), ctx.device))
         seconds = time.perf_counter() - start
         for n in names:   # (the block's records hold these very dicts)
             ctx.metrics[n].update({"tune_start": first, "tune_best": best, "tune_best_step": best_step,
@@ -290,7 +292,7 @@ class BlockTuning(BlockHooks):
         lo, hi = windows[0][1], windows[-1][1] + 1
         s = b * ctx.batch_size
         args, kw = window_batch(ctx.kwargs[b], lo, hi, size)
-        out = ctx.block(ctx.hidden[s + lo:s + hi].to(torch.float32), *args, **kw)
+        out = ctx.block(ctx.hidden[s + lo:s + hi].to(ctx.device, torch.float32), *args, **kw)
         return out[0] if isinstance(out, tuple) else out
 
     def _error(self, ctx, windows: list[Window]) -> torch.Tensor:
@@ -312,7 +314,7 @@ class BlockTuning(BlockHooks):
                 t.offset.requires_grad_(False)
         params = [p for t in tunables.values() for p in (t.offset, t.factor, t.shift) if p.requires_grad]
         adam = torch.optim.Adam(params, lr=stage.lr) if stage.optimizer == "adam" else None
-        device = ctx.hidden.device
+        device = ctx.device
         dtype = step_dtype(stage.step_dtype, device)
         first = best = self._held_out_error(ctx)
         best_state = {n: t.state() for n, t in tunables.items()}

@@ -266,7 +266,7 @@ class ColumnScaleAbsorption(BlockHooks):
         solved.input_scale = None
         solved.changed = True
         if sink in ctx.modules:
-            ctx.block.set_submodule(sink, dense_proxy(target, dense_weight(target)))
+            ctx.block.set_submodule(sink, dense_proxy(target, dense_weight(target), ctx.device))
         ctx.metrics[solved.name]["bits_per_weight"] = module.stored_bits() / (module.in_features * module.out_features)
 
 

@@ -203,15 +203,15 @@ def gptq_quantize(
     if grouped and static_groups:
         static = [fit_grid(W[:, g * group_size:(g + 1) * group_size], bits, sym, mse) for g in range(n_groups)]
     perm = act_order_permutation(hessian) if act_order else None
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
+    scales = torch.zeros(rows, n_groups, device=W.device)
+    zeros = torch.zeros(rows, n_groups, device=W.device)
     if row_params is not None:
         scales[:, 0], zeros[:, 0] = row_params.scale, row_params.zero
     if static is not None:
         for g, p in enumerate(static):
             scales[:, g], zeros[:, g] = p.scale, p.zero
     grid = _ColumnGrid(group_size, bits, sym, mse, static, perm.tolist() if perm is not None else None,
-                       scales, zeros, torch.zeros(cols, dtype=torch.int64), row_params)
+                       scales, zeros, torch.zeros(cols, dtype=torch.int64, device=W.device), row_params)
     solved = solve_columns(W, hessian, grid, order=perm, damp=damp, block_size=block_size, residual=residual)
     g_idx = None
     if perm is not None and grouped and static is None:
@@ -298,7 +298,7 @@ def solve_columns(
     # run on contiguous memory (about 3x faster on CPU than on strided column slices).
     Wt = W.T.contiguous()
     del W
-    codes_t = torch.zeros(cols, rows)
+    codes_t = torch.zeros(cols, rows, device=Wt.device)
     loss = 0.0
     if cross is not None:
         P, R = cross
@@ -455,6 +455,10 @@ class GPTQStage(GridQuantStage):
     def needs(self) -> frozenset[str]:
         return frozenset({"hessian", "fp_inputs"}) if self.residual != "none" else frozenset({"hessian"})
 
+    @property
+    def solves_on_device(self) -> bool:
+        return self.grid == "uniform"   # the GGML grids' fits are CPU code
+
 
 def residual_of(stage: GPTQStage, stats: dict, column_scale: torch.Tensor | None = None) -> Residual | None:
     """GPTAQ's (and ResComp's) residual statistics for ``stage``, in the inputs scaled by
@@ -501,7 +505,7 @@ def _compress(stage: GPTQStage, weight: torch.Tensor, stats: dict, bias, dtype):
         mse=stage.mse, act_order=stage.act_order, static_groups=stage.static_groups,
         damp=stage.damp, block_size=stage.block_size, residual=residual_of(stage, stats),
     )
-    return QuantLinear.from_quantized(q, bias, dtype), q.metrics
+    return QuantLinear.from_quantized(q.to("cpu"), bias, dtype), q.metrics
 
 
 register(GPTQStage, compress=_compress)

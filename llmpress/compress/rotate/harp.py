@@ -20,13 +20,14 @@ rotated basis (fixed for writers). Adam on ``Θ``; the best ``Θ`` seen at a ref
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from ...devices import to_device
 from ...errors import LlmpressError
 from ...formats.hadamard import apply_hadamard, hadamard_factors
 from ..arch import blocks_of
@@ -104,7 +105,7 @@ class ButterflyOrthogonal(nn.Module):
         import copy
 
         with torch.no_grad():
-            return copy.deepcopy(self).double()(torch.eye(self.n, dtype=torch.float64))
+            return copy.deepcopy(self).double()(torch.eye(self.n, dtype=torch.float64, device=self.signs.device))
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -144,31 +145,33 @@ def _normalised(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation, *, batch_size: int = 8,
-                        progress=None, weights=None) -> list[ProxyTerm]:
+                        progress=None, weights=None, device: torch.device = torch.device("cpu")) -> list[ProxyTerm]:
     """Run the dense model on ``windows`` once, block by block, and build every reader's and
     writer's term. ``weights`` (a ``pipeline.BlockWeights``) streams the blocks' weights, so only
     one block is in memory beside the terms; without it ``model`` holds them all.
 
     ``rotation`` supplies the fixed within-head and online rotations, which change the writers'
-    inputs (their Hessian diagonals are taken in that basis)."""
+    inputs (their Hessian diagonals are taken in that basis). The blocks and their statistics run
+    on ``device``; the terms are kept on the CPU, where the fit runs."""
     from ..pipeline import dense_block_pass
 
     rot = arch.rotation
     n_blocks = len(blocks_of(model, arch))
     terms: list[ProxyTerm] = []
-    for i, block, run in dense_block_pass(model, arch, windows, batch_size, weights):
+    cpu = torch.device("cpu")
+    for i, block, run in dense_block_pass(model, arch, windows, batch_size, weights, device):
         prefix = f"{arch.blocks}.{i}"
-        hessians, diags = _block_statistics(block, rot, rotation, run)
+        hessians, diags = (to_device(s, cpu) for s in _block_statistics(block, rot, rotation, run))
         if progress is not None:
             progress(f"HARP statistics · block {i + 1}/{n_blocks}")
         for norm_name, readers in rot.norm_readers:
-            gamma = block.get_submodule(norm_name).weight.detach().to(torch.float64)
+            gamma = block.get_submodule(norm_name).weight.detach().to(cpu, torch.float64)
             for name in readers:
-                w = block.get_submodule(name).weight.detach().to(torch.float64)
+                w = block.get_submodule(name).weight.detach().to(cpu, torch.float64)
                 terms.append(ProxyTerm(f"{prefix}.{name}", (w * gamma).float(), reader=True,
                                        hessian=hessians[norm_name]))
         for name in rot.residual_writers:
-            w = block.get_submodule(name).weight.detach().to(torch.float64)
+            w = block.get_submodule(name).weight.detach().to(cpu, torch.float64)
             if name == rot.attn_output and rotation.head is not None:
                 w = rotate_heads_input(w, rotation.head)
             if name == rot.online_input and rotation.online_signs is not None:
@@ -198,9 +201,10 @@ def _block_statistics(block: nn.Module, rot, rotation, run) -> tuple[dict[str, t
             x = x.reshape(-1, x.shape[-1])
             if name == rot.attn_output and rotation.head is not None:
                 d = rotation.head.shape[0]
-                x = (x.reshape(-1, d).double() @ rotation.head).reshape(x.shape).float()
+                x = (x.reshape(-1, d).double() @ rotation.head.to(x.device)).reshape(x.shape).float()
             if name == rot.online_input and rotation.online_signs is not None:
-                x = apply_hadamard(x * rotation.online_signs.float(), hadamard_factors(x.shape[-1]))
+                signs = rotation.online_signs.to(x.device, torch.float32)
+                x = apply_hadamard(x * signs, hadamard_factors(x.shape[-1]))
             d2 = x.pow(2).sum(0)
             diags[name] = d2 if name not in diags else diags[name] + d2
         handles.append(block.get_submodule(name).register_forward_pre_hook(writer_hook))
@@ -216,7 +220,7 @@ def _block_statistics(block: nn.Module, rot, rotation, run) -> tuple[dict[str, t
 
 def fit_harp(terms: list[ProxyTerm], n: int, *, bits: int, group_size: int, sym: bool, seed: int,
              steps: int = 200, lr: float = 0.03, refresh: int = 5, groups_per_step: int | None = None,
-             progress=None) -> HarpResult:
+             progress=None, device: torch.device = torch.device("cpu")) -> HarpResult:
     """Fit the residual rotation on the proxy; returns ``Q`` (float64) and the loss history.
 
     Between refreshes the targets ``T`` and weights ``h̃`` are fixed, so the proxy is a quadratic
@@ -231,7 +235,11 @@ def fit_harp(terms: list[ProxyTerm], n: int, *, bits: int, group_size: int, sym:
     (scaled to the whole: an unbiased estimate of the same gradient), for CPUs.
     """
     start = time.perf_counter()
-    q = ButterflyOrthogonal(n, seed)
+    if device.type != "cpu":   # every term's tensors there, a Hessian shared by several terms once
+        moved: dict = {}
+        terms = [replace(t, rows=to_device(t.rows, device, moved), hessian=to_device(t.hessian, device, moved),
+                         h_diag=to_device(t.h_diag, device, moved)) for t in terms]
+    q = ButterflyOrthogonal(n, seed).to(device)
     opt = torch.optim.Adam(q.parameters(), lr=lr)
     groups: dict[int, list[int]] = {}
     for i, term in enumerate(terms):
@@ -240,7 +248,7 @@ def fit_harp(terms: list[ProxyTerm], n: int, *, bits: int, group_size: int, sym:
     hessians = {key: terms[idx[0]].hessian.float() for key, idx in groups.items()}
 
     def current_q() -> torch.Tensor:
-        return q(torch.eye(n))
+        return q(torch.eye(n, device=device))
 
     def column_weights(Q: torch.Tensor) -> list[torch.Tensor]:
         per_group = {key: ((h @ Q) * Q).sum(0) for key, h in hessians.items()}   # diag(Qᵀ H Q)
@@ -265,7 +273,7 @@ def fit_harp(terms: list[ProxyTerm], n: int, *, bits: int, group_size: int, sym:
         with torch.no_grad():
             weights = column_weights(Q)
             group_h = {key: weights[idx[0]] for key, idx in groups.items()}
-            linear = torch.zeros(n, n)
+            linear = torch.zeros(n, n, device=device)
             total = 0.0
             for i, term in enumerate(terms):
                 w = rotated(term, Q)
@@ -305,7 +313,7 @@ def fit_harp(terms: list[ProxyTerm], n: int, *, bits: int, group_size: int, sym:
             p.copy_(b)
     if not torch.isfinite(torch.tensor(best)):
         raise HarpError("the HARP fit diverged (non-finite proxy loss); lower `lr`")
-    return HarpResult(q=q.matrix(), seconds=time.perf_counter() - start, initial=initial, final=best,
+    return HarpResult(q=q.matrix().cpu(), seconds=time.perf_counter() - start, initial=initial, final=best,
                       history=history)
 
 

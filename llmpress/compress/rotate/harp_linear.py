@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...devices import to_device
 from ...errors import RecipeError
 from ...formats.butterfly import apply_butterfly, butterfly_stages, compose_stages, skew_entries, stage_blocks
 from ...layers.harp_linear import THETA_DTYPE, ButterflyMap, HarpLinear, learned_stages
@@ -64,7 +65,7 @@ class TrainableButterfly(nn.Module):
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """``x · diag(s) · (fixed stages)``."""
         k = self.first_learned
-        return apply_butterfly(x, self.signs, [m.to(torch.float32) for m in self.mixers[:k]], self.strides[:k])
+        return apply_butterfly(x, self.signs, [m.to(x.device, torch.float32) for m in self.mixers[:k]], self.strides[:k])
 
     def learned_blocks(self) -> tuple[list[torch.Tensor], list[int]]:
         """The learned stages multiplied out into as few stages as ``compose_stages`` makes."""
@@ -79,8 +80,8 @@ class TrainableButterfly(nn.Module):
         return self.learned_part(self.prefix(x))
 
     def stored(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The signs and the parameters as the layer stores them (fp16)."""
-        return self.signs.clone(), {int(t): p.detach().to(THETA_DTYPE) for t, p in self.thetas.items()}
+        """The signs and the parameters as the layer stores them (fp16, on the CPU)."""
+        return self.signs.cpu(), {int(t): p.detach().to("cpu", THETA_DTYPE) for t, p in self.thetas.items()}
 
 
 def rotated_hessian_diagonal(v: TrainableButterfly, fixed_hessian: torch.Tensor,
@@ -95,7 +96,7 @@ def rotated_hessian_diagonal(v: TrainableButterfly, fixed_hessian: torch.Tensor,
         b = k.shape[-1]
         diag = fixed_hessian.reshape(n // b, b, n // b, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         return (torch.bmm(diag, k) * k).sum(1).reshape(n)
-    eye = torch.eye(n, dtype=fixed_hessian.dtype)
+    eye = torch.eye(n, dtype=fixed_hessian.dtype, device=fixed_hessian.device)
     return (v.learned_part(fixed_hessian, blocks) * v.learned_part(eye, blocks)).sum(0)
 
 
@@ -115,16 +116,19 @@ def fit_processors(weights: dict[str, torch.Tensor], hessian: torch.Tensor,
                    grids: dict[str, tuple[int, int, bool]], *, seeds: dict[str, int], input_seed: int,
                    steps: int, lr: float, refresh: int, fixed_odd: bool) -> ProcessorFit:
     """Fit ``Q_in`` (shared by the linears of ``weights``, all reading the input of ``hessian``) and
-    one ``Q_out`` per linear on the proxy; ``grids[name]`` is ``(bits, group_size, sym)``."""
+    one ``Q_out`` per linear on the proxy; ``grids[name]`` is ``(bits, group_size, sym)``. The fit
+    runs where the Hessian is; the stored processors come back on the CPU."""
     start = time.perf_counter()
-    n = hessian.shape[0]
+    n, device = hessian.shape[0], hessian.device
     hessian = hessian.to(torch.float32)
-    v = TrainableButterfly(n, input_seed, fixed_odd=fixed_odd)
-    us = {name: TrainableButterfly(w.shape[0], seeds[name], fixed_odd=fixed_odd) for name, w in weights.items()}
+    v = TrainableButterfly(n, input_seed, fixed_odd=fixed_odd).to(device)
+    us = {name: TrainableButterfly(w.shape[0], seeds[name], fixed_odd=fixed_odd).to(device)
+          for name, w in weights.items()}
     params = [*v.parameters(), *(p for u in us.values() for p in u.parameters())]
     opt = torch.optim.Adam(params, lr=lr) if params else None
     with torch.no_grad():   # the signs and fixed stages of both sides, applied once
-        fixed = {name: us[name].prefix(v.prefix(w.to(torch.float32)).T).T.contiguous() for name, w in weights.items()}
+        fixed = {name: us[name].prefix(v.prefix(w.to(device, torch.float32)).T).T.contiguous()
+                 for name, w in weights.items()}
 
     def rotated(v_blocks) -> dict[str, torch.Tensor]:
         """``W̃ = Q_outᵀ W Q_in`` of every linear."""
@@ -261,9 +265,10 @@ class PerLinearProcessors(BlockHooks):
                                      steps=stage.steps, lr=stage.lr, refresh=stage.refresh, fixed_odd=stage.fixed_odd)
             metrics = {"harp_proxy_start": fit.initial, "harp_proxy_end": fit.final,
                        "harp_seconds": fit.seconds / len(names)}
+            cpu = torch.device("cpu")   # the stored processors are CPU modules: the problem is rotated there
             for n in names:
                 q_in, q_out = _maps(fit, n, tuple(weights[n].shape), stage.fixed_odd)
-                weight, rotated = rotate_problem(weights[n], stats[n], q_in, q_out)
+                weight, rotated = rotate_problem(weights[n].to(cpu), to_device(stats[n], cpu), q_in, q_out)
                 out[n] = LinearProcessor(
                     weight=weight, stats=rotated, metrics=metrics,
                     wrap=lambda module, bias, dtype, q_in=q_in, q_out=q_out: wrap(module, bias, q_in, q_out,
