@@ -116,8 +116,9 @@ def test_triton_lut_gemv_equals_the_torch_lut(rows, bits, device):
     layer = BCQLinear.from_bcq(bcq.bcq_quantize(w, h, bits=bits), None, torch.float32)
     x = torch.randn(rows, 100)
     expected = lut_gemv(x.double(), layer.sign_bits, layer.alpha_exp, layer.alpha_sign, layer.col_block, 40)
-    y = triton_bcq.bcq_gemv(layer.to(device), x.to(device), block_n=16)
-    torch.testing.assert_close(y.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+    for config in ({"BLOCK_N": 16, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 3}):
+        y = triton_bcq.bcq_gemv(layer.to(device), x.to(device), config=config)
+        torch.testing.assert_close(y.double().cpu(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="at most 8 rows"):
         triton_bcq.bcq_gemv(layer, torch.randn(9, 100, device=device))
 

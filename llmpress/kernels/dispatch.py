@@ -17,9 +17,9 @@ the input's device, with the torch reference as the oracle and the fallback.
   then one fp32 GEMM; the weight lives for that call only.
 - ``half_weight_gemv``: one decoding row against fp16/bf16 weights (the stored head, the linears
   left dense, half-precision factors): the C++ GEMV, fp32 products.
-- ``triton``: the Triton kernels (``kernels.triton_uniform``) on CUDA devices.
-- ``cuda``: the CUDA C++ 4-bit GEMV (``kernels/csrc``) for fp16 inputs of up to 8 rows on CUDA,
-  built on first use; only when asked for (no GPU has been available to measure it against Triton).
+- ``triton``: the Triton kernels (``kernels.triton_uniform``) on CUDA devices: the GEMV for
+  decoding, the fused GEMM or dequantize-once and cuBLAS for prefill. (A CUDA C++ GEMV existed
+  beside it, never measured; it was removed: the Triton GEMV has the one design to tune.)
 
 ``set_backend``/``use_backend`` force a path (``auto`` by default); a path that cannot run the
 layer falls back to the reference.
@@ -35,7 +35,7 @@ import torch
 from ..formats.ggml import dequantize_codes
 from . import cpu_ext, cpu_int4
 
-BACKENDS = ("auto", "reference", "cpu-int4", "cpu-gemv", "cpu-dequant", "triton", "cuda")
+BACKENDS = ("auto", "reference", "cpu-int4", "cpu-gemv", "cpu-dequant", "triton")
 DECODE_MAX_ROWS = 16
 _backend = os.environ.get("LLMPRESS_KERNEL", "auto")
 
@@ -91,10 +91,6 @@ def select_path(layer, x: torch.Tensor) -> str:
         return "reference"
     if not x.is_cuda:
         return "reference"
-    rows = x.numel() // max(x.shape[-1], 1)
-    if (backend == "cuda" and layer.bits == 4 and rows <= 8 and x.dtype == torch.float16
-            and layer.in_features % 8 == 0):
-        return "cuda"
     if backend in ("auto", "triton") and _triton_ready():
         return "triton"
     return "reference"
@@ -122,11 +118,6 @@ def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
             return layer.shared_input.output(layer, x)
         return cpu_int4.int4_linear(x, layer.cpu_int4_pack(), layer.bias)
     bias = layer.bias
-    if path == "cuda":
-        from . import cuda_ext
-
-        y = cuda_ext.gemv_int4(layer, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], layer.out_features)
-        return y if bias is None else y + bias.to(y.dtype)
     if path == "triton":
         from . import triton_uniform
 
