@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llmpress
-from llmpress.compress.quant.blocktune import TunableUniform, window_batch
+from llmpress.compress.quant.blocktune import BlockTuneStage, TunableUniform, offsets_can_move, step_lr, window_batch
 from llmpress.compress.quant.gptq import gptq_quantize
 from llmpress.compress.recipe import parse_recipe
 from llmpress.errors import LlmpressError
@@ -18,10 +18,11 @@ from llmpress.layers import QuantLinear
 from .test_pipeline import crash_then_resume
 
 
-def _recipe(steps=32, holdout=2, teacher_inputs="compressed"):
+def _recipe(steps=32, holdout=2, teacher_inputs="compressed", **tune):
     return parse_recipe({"name": "t", "stages": [
         {"method": "gptq", "bits": 3, "group_size": 32},
-        {"method": "block-tune", "steps": steps, "eval_every": 4, "holdout": holdout, "teacher_inputs": teacher_inputs},
+        {"method": "block-tune", "steps": steps, "eval_every": 4, "holdout": holdout, "teacher_inputs": teacher_inputs,
+         **tune},
     ]})
 
 
@@ -119,6 +120,28 @@ def test_block_tuning_lowers_the_held_out_error_and_never_raises_it(tiny_model_f
                               out=tmp_path / "p", nsamples=16, seqlen=32, progress=False, keep_model=True)
     with torch.no_grad():
         assert not torch.equal(plain.model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_the_linear_schedule_falls_from_lr_to_zero_and_decides_whether_codes_can_move():
+    linear = BlockTuneStage(steps=200, lr=0.005, lr_schedule="linear")
+    assert step_lr(linear, 1) == 0.005 and step_lr(linear, 101) == pytest.approx(0.0025)
+    assert step_lr(linear, 200) == pytest.approx(0.005 / 200)
+    assert all(step_lr(BlockTuneStage(steps=200, lr=0.005), k) == 0.005 for k in (1, 200))
+    # signed steps move an offset by at most the sum of the step sizes: 0.5025 reaches a boundary,
+    # 64 linear steps (0.1625) or 64 constant ones (0.32) do not
+    assert offsets_can_move(linear)
+    assert not offsets_can_move(BlockTuneStage(steps=64, lr=0.005, lr_schedule="linear"))
+    assert not offsets_can_move(BlockTuneStage(steps=64, lr=0.005))
+    assert offsets_can_move(BlockTuneStage(steps=64, lr=0.005, optimizer="adam"))
+
+
+@pytest.mark.parametrize("optimizer", ["sign", "adam"])
+def test_the_linear_schedule_tunes_too(optimizer, tiny_model_factory, tmp_path):
+    result = llmpress.compress(tiny_model_factory("llama"), _recipe(lr_schedule="linear", optimizer=optimizer),
+                               out=tmp_path / "t", nsamples=16, seqlen=32, progress=False)
+    tuned = [r.metrics for r in result.records]
+    assert all(m["tune_best"] <= m["tune_start"] for m in tuned)
+    assert any(m["tune_best"] < 0.99 * m["tune_start"] for m in tuned)
 
 
 @pytest.mark.parametrize("teacher_inputs", ["compressed", "full-precision"])

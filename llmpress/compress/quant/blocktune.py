@@ -56,6 +56,8 @@ class BlockTuneStage(BaseModel):
     batch: int = Field(1, ge=1)                 # calibration windows per step
     lr: float = Field(0.005, gt=0)              # SignRound's 1/200 (a step moves each offset by lr)
     optimizer: Literal["sign", "adam", "scaled"] = "sign"
+    # linear: the step size falls linearly from lr to 0 over the steps (auto-round's LinearLR)
+    lr_schedule: Literal["constant", "linear"] = "constant"
     scale_range: float = Field(0.1, ge=0, lt=1)   # α ∈ [1 − r, 1 + r]
     holdout: int = Field(4, ge=1)               # calibration windows held out for early stopping
     eval_every: int = Field(16, ge=1)
@@ -326,7 +328,7 @@ class BlockTuning(BlockHooks):
                 with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     self._error(ctx, windows).backward()
                 with torch.no_grad():
-                    _update(params, stage, adam)
+                    _update(params, stage, adam, step_lr(stage, step))
                     for t in tunables.values():
                         t.clamp_()
                 if step % stage.eval_every == 0 or step == stage.steps:
@@ -348,24 +350,33 @@ def _windows(n: int, batch_size: int) -> list[Window]:
             for i in range(min(batch_size, n - s))]
 
 
-def _update(params: list[torch.Tensor], stage: BlockTuneStage, adam) -> None:
-    """One step of the stage's optimiser; the gradients are cleared."""
+def step_lr(stage: BlockTuneStage, step: int) -> float:
+    """The step size of step ``step`` (1-based): ``lr``, or under the linear schedule ``lr·(1 − (step − 1)/steps)``."""
+    if stage.lr_schedule == "constant":
+        return stage.lr
+    return stage.lr * (1 - (step - 1) / max(stage.steps, 1))
+
+
+def _update(params: list[torch.Tensor], stage: BlockTuneStage, adam, lr: float) -> None:
+    """One step of the stage's optimiser at step size ``lr``; the gradients are cleared."""
     if adam is not None:
+        for group in adam.param_groups:
+            group["lr"] = lr
         adam.step()
     for p in params:
         if p.grad is None:
             continue
         if stage.optimizer == "sign":
-            p.sub_(stage.lr * p.grad.sign())
+            p.sub_(lr * p.grad.sign())
         elif stage.optimizer == "scaled":   # each tensor's largest gradient moves it by lr
-            p.sub_(stage.lr * p.grad / p.grad.abs().max().clamp_min(1e-30))
+            p.sub_(lr * p.grad / p.grad.abs().max().clamp_min(1e-30))
         p.grad = None
 
 
 def offsets_can_move(stage: BlockTuneStage) -> bool:
-    """Whether a rounding offset can change a code: signed descent moves one by ``lr`` a step, and a
-    code changes once its offset passes ±0.5."""
-    return stage.optimizer != "sign" or stage.lr * stage.steps >= 0.5
+    """Whether a rounding offset can change a code: signed descent moves one by the step size a
+    step (``lr``, or less under the linear schedule), and a code changes once its offset passes ±0.5."""
+    return stage.optimizer != "sign" or sum(step_lr(stage, k) for k in range(1, stage.steps + 1)) >= 0.5
 
 
 def _is_tunable(p: torch.Tensor, tunables: dict[str, TunableUniform]) -> bool:
