@@ -179,6 +179,7 @@ def recipes_on_device(report: Report, work: Path) -> None:
     dense = logits(dense_folder)
     report.add("| recipe | CPU s | CUDA s | ‖CUDA − CPU‖ / ‖CPU − dense‖ |")
     report.add("|---|---|---|---|")
+    failures = []
     for recipe in DEVICE_RECIPES:
         row, seconds = {}, {}
         try:
@@ -192,9 +193,12 @@ def recipes_on_device(report: Report, work: Path) -> None:
                 row[device] = logits(out)
         except Exception as e:  # noqa: BLE001 - one recipe's failure is a row, the others still run
             report.add(f"| {recipe} | FAILED: {type(e).__name__}: {str(e).splitlines()[0][:160]} | | |")
+            failures.append(f"{recipe}:\n" + "\n".join(traceback.format_exc().splitlines()[-10:]))
             continue
         ratio = float((row["cuda"] - row["cpu"]).norm() / (row["cpu"] - dense).norm())
         report.add(f"| {recipe} | {seconds['cpu']:.1f} | {seconds['cuda']:.1f} | {ratio:.4f} |")
+    for failure in failures:
+        report.add("```\n" + failure + "\n```")
 
 
 def decode_table(report: Report, dense: Path, compressed: Path) -> None:
