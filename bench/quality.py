@@ -193,9 +193,19 @@ for _bits in (3, 2):
         (f"+GPTAQ W{_bits} g64", f"rht-{_gptq}", ["mse=true", "residual=gptaq"], None),
         (f"+DSQ/DAC W{_bits} g64 (D2Quant)", f"d2quant-w{_bits}-g64", [], None),
         (f"+block tuning W{_bits} g64 (best-w{_bits})", f"best-w{_bits}", [], None),
-        (f"+block tuning W{_bits} g64, teacher on the full-precision stream", f"best-w{_bits}",
-         ["teacher_inputs=full-precision"], None),
-        (f"+block tuning W{_bits} g64, 128 steps (codes can move)", f"best-w{_bits}", ["steps=128"], None),
+        (f"+block tuning W{_bits} g64, teacher on the full-precision stream" + (", 64 steps" if _bits == 2 else ""),
+         f"best-w{_bits}", ["teacher_inputs=full-precision"] + (["steps=64", "step_dtype=float32"] if _bits == 2 else []),
+         None),
+    ]
+    if _bits == 2:   # best-w2's steps: 64 fp32 steps until 2026-12-07, now 200 bf16 ones (where the CPU has bf16)
+        LADDER += [
+            ("+block tuning W2 g64, 64 steps (best-w2 until 2026-12-07)", "best-w2", ["steps=64", "step_dtype=float32"],
+             None),
+            ("+block tuning W2 g64, 200 fp32 steps (codes can move)", "best-w2", ["step_dtype=float32"], None),
+            ("+block tuning W2 g64, 200 fp32 steps, linear schedule", "best-w2",
+             ["lr_schedule=linear", "step_dtype=float32"], None),
+        ]
+    LADDER += [
         (f"GPTQ W{_bits} g64 static groups", _gptq, ["static_groups=true"], None),
         (f"GPTQ W{_bits} g64 MSE grid, static groups", _gptq, ["mse=true", "static_groups=true"], None),
         (f"auto-round W{_bits} g64 (its defaults)", "peer:auto-round", [f"bits={_bits}", "group_size=64"], None),
