@@ -152,7 +152,7 @@ def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation,
 
     ``rotation`` supplies the fixed within-head and online rotations, which change the writers'
     inputs (their Hessian diagonals are taken in that basis). The blocks and their statistics run
-    on ``device``; the terms are kept on the CPU, where the fit runs."""
+    on ``device``; the terms are kept on the CPU (``fit_harp`` takes them to its device)."""
     from ..pipeline import dense_block_pass
 
     rot = arch.rotation

@@ -81,7 +81,7 @@ class TrainableButterfly(nn.Module):
 
     def stored(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The signs and the parameters as the layer stores them (fp16, on the CPU)."""
-        return self.signs.cpu(), {int(t): p.detach().to("cpu", THETA_DTYPE) for t, p in self.thetas.items()}
+        return self.signs.to("cpu", copy=True), {int(t): p.detach().to("cpu", THETA_DTYPE) for t, p in self.thetas.items()}
 
 
 def rotated_hessian_diagonal(v: TrainableButterfly, fixed_hessian: torch.Tensor,
