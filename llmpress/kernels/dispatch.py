@@ -18,8 +18,7 @@ the input's device, with the torch reference as the oracle and the fallback.
 - ``half_weight_gemv``: one decoding row against fp16/bf16 weights (the stored head, the linears
   left dense, half-precision factors): the C++ GEMV, fp32 products.
 - ``triton``: the Triton kernels (``kernels.triton_uniform``) on CUDA devices: the GEMV for
-  decoding, the fused GEMM or dequantize-once and cuBLAS for prefill. (A CUDA C++ GEMV existed
-  beside it, never measured; it was removed: the Triton GEMV has the one design to tune.)
+  decoding, the fused GEMM or dequantize-once and cuBLAS for prefill.
 
 ``set_backend``/``use_backend`` force a path (``auto`` by default); a path that cannot run the
 layer falls back to the reference.
