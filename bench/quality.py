@@ -204,6 +204,7 @@ for _bits in (3, 2):
             ("+block tuning W2 g64, 200 fp32 steps (codes can move)", "best-w2", ["step_dtype=float32"], None),
             ("+block tuning W2 g64, 200 fp32 steps, linear schedule", "best-w2",
              ["lr_schedule=linear", "step_dtype=float32"], None),
+            ("+block tuning W2 g64, lr 0.0075", "best-w2", ["lr=0.0075"], None),
         ]
     LADDER += [
         (f"GPTQ W{_bits} g64 static groups", _gptq, ["static_groups=true"], None),
