@@ -133,4 +133,4 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor], src: int) -> None:
         moved = wide.to(_COMM_DEVICE)
         dist.broadcast(moved, src=src)
         if moved is not t:
-            t.copy_(moved.to(t.dtype))
+            t.copy_(moved)   # copy_ narrows the dtype too

@@ -200,11 +200,7 @@ if triton is not None:
 def fast_layout(layer) -> bool:
     """Whether the GEMV and GEMM read this layer: a per-row grid, or groups of a power-of-two size of
     at least 16 columns that are contiguous, or permuted runs of that size (GPTQ's act-order)."""
-    per_row = layer.n_groups == 1 and layer.g_idx is None
-    size = layer.group_size
-    if not per_row and (size < 16 or size & (size - 1)):
-        return False
-    return layer.g_idx is None or _group_order(layer) is not None
+    return sorted_layout(layer) is not None
 
 
 def _group_order(layer) -> torch.Tensor | None:
@@ -216,21 +212,28 @@ def _group_order(layer) -> torch.Tensor | None:
     return order if torch.equal(g_idx[order], expected) else None
 
 
-def sorted_layout(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The packed codes in group order and the column order that ``x`` is gathered in (None:
-    the layer is in that order already). Built once per layer and kept on it (an act-order layer
-    then holds its codes twice: the stored order serves the other paths)."""
+def sorted_layout(layer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The packed codes in group order and the column order that ``x`` is gathered in (None: the
+    layer is in that order already); None where the kernels cannot read the layer. An act-order
+    layer's answer is worked out once and kept on it (its codes are then held twice: the stored
+    order serves the other paths), so a call costs no argsort."""
+    per_row = layer.n_groups == 1 and layer.g_idx is None
+    size = layer.group_size
+    if not per_row and (size < 16 or size & (size - 1)):
+        return None
     if layer.g_idx is None:
         return layer.qweight, None
-    key = (layer.qweight.data_ptr(), layer.qweight._version, layer.g_idx.data_ptr())
+    key = (layer.qweight.data_ptr(), layer.qweight._version, layer.g_idx.data_ptr(), layer.g_idx._version)
     cached = getattr(layer, "_triton_sorted", None)
     if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+        return cached[1]
     order = _group_order(layer)
-    codes = unpack_codes(layer.qweight, layer.bits, layer.in_features)[:, order]
-    packed = pack_codes(codes, layer.bits).contiguous()
-    layer._triton_sorted = (key, packed, order)
-    return packed, order
+    layout = None
+    if order is not None:
+        codes = unpack_codes(layer.qweight, layer.bits, layer.in_features)[:, order]
+        layout = (pack_codes(codes, layer.bits).contiguous(), order)
+    layer._triton_sorted = (key, layout)
+    return layout
 
 
 def _layout_flags(layer) -> dict:
@@ -269,10 +272,11 @@ def gemv(layer, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     M, K = x.shape
     if M > GEMV_MAX_ROWS:
         raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows, got {M}")
-    if not fast_layout(layer):
+    layout = sorted_layout(layer)
+    if layout is None:
         raise ValueError("gemv reads per-row grids and power-of-two groups of at least 16 columns")
     N = layer.out_features
-    qweight, order = sorted_layout(layer)
+    qweight, order = layout
     x = _gathered(x, order)
     flags = _layout_flags(layer)
     block_m = 1 if M == 1 else (2 if M == 2 else (4 if M <= 4 else 8))
@@ -296,11 +300,12 @@ def gemv(layer, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
 def matmul(layer, x: torch.Tensor, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """``x [M, K] · Wᵀ`` with the dequantization fused into the GEMM (no bias); ``config``
     (``BLOCK_M``, ``BLOCK_N``) instead of the autotuned choice."""
-    if not fast_layout(layer):
+    layout = sorted_layout(layer)
+    if layout is None:
         raise ValueError("matmul reads per-row grids and power-of-two groups of at least 16 columns")
     M, K = x.shape
     N = layer.out_features
-    qweight, order = sorted_layout(layer)
+    qweight, order = layout
     x = _gathered(x, order)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     flags = _layout_flags(layer)

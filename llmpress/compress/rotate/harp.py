@@ -186,6 +186,9 @@ def _block_statistics(block: nn.Module, rot, rotation, run) -> tuple[dict[str, t
     hessians: dict[str, torch.Tensor] = {}
     diags: dict[str, torch.Tensor] = {}
     handles = []
+    device = next(block.parameters()).device   # the fixed rotations go there once, not per batch
+    head = rotation.head.to(device) if rotation.head is not None else None
+    signs = rotation.online_signs.to(device, torch.float32) if rotation.online_signs is not None else None
     for norm_name, _readers in rot.norm_readers:
         norm = block.get_submodule(norm_name)
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
@@ -199,11 +202,10 @@ def _block_statistics(block: nn.Module, rot, rotation, run) -> tuple[dict[str, t
         def writer_hook(_m, args, name=name):
             x = args[0].to(torch.float32)
             x = x.reshape(-1, x.shape[-1])
-            if name == rot.attn_output and rotation.head is not None:
-                d = rotation.head.shape[0]
-                x = (x.reshape(-1, d).double() @ rotation.head.to(x.device)).reshape(x.shape).float()
-            if name == rot.online_input and rotation.online_signs is not None:
-                signs = rotation.online_signs.to(x.device, torch.float32)
+            if name == rot.attn_output and head is not None:
+                d = head.shape[0]
+                x = (x.reshape(-1, d).double() @ head).reshape(x.shape).float()
+            if name == rot.online_input and signs is not None:
                 x = apply_hadamard(x * signs, hadamard_factors(x.shape[-1]))
             d2 = x.pow(2).sum(0)
             diags[name] = d2 if name not in diags else diags[name] + d2
@@ -235,10 +237,9 @@ def fit_harp(terms: list[ProxyTerm], n: int, *, bits: int, group_size: int, sym:
     (scaled to the whole: an unbiased estimate of the same gradient), for CPUs.
     """
     start = time.perf_counter()
-    if device.type != "cpu":   # every term's tensors there, a Hessian shared by several terms once
-        moved: dict = {}
-        terms = [replace(t, rows=to_device(t.rows, device, moved), hessian=to_device(t.hessian, device, moved),
-                         h_diag=to_device(t.h_diag, device, moved)) for t in terms]
+    moved: dict = {}   # every term's tensors on the device, a Hessian shared by several terms once
+    terms = [replace(t, rows=to_device(t.rows, device, moved), hessian=to_device(t.hessian, device, moved),
+                     h_diag=to_device(t.h_diag, device, moved)) for t in terms]
     q = ButterflyOrthogonal(n, seed).to(device)
     opt = torch.optim.Adam(q.parameters(), lr=lr)
     groups: dict[int, list[int]] = {}
