@@ -18,11 +18,13 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def decode_rate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Best-of-``repeats`` decode tokens/s, and the generated tokens (``llmpress eval --decode``'s timing)."""
+def decode_rate(model, prompt: torch.Tensor, new_tokens: int, repeats: int,
+                compiled: bool = False) -> tuple[float, torch.Tensor]:
+    """Best-of-``repeats`` decode tokens/s, and the generated tokens (``llmpress eval --decode``'s
+    timing; with ``compiled``, ``--decode --compile``'s)."""
     from llmpress.eval.decode import timed_decode
 
-    return timed_decode(model, prompt, new_tokens, repeats)
+    return timed_decode(model, prompt, new_tokens, repeats, compiled=compiled)
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip the reference path's run (slow for some formats)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled decoding columns")
     ap.add_argument("--no-update", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="the GPU GEMV/GEMM table instead (needs CUDA and triton)")
     args = ap.parse_args()
@@ -119,6 +120,8 @@ def main() -> None:
     prompt = decode_prompt(tokenizer)
     threads = torch.get_num_threads()
     base, _ = decode_rate(dense.eval(), prompt, args.new_tokens, args.repeats)
+    compiled = not args.no_compile
+    base_compiled = decode_rate(dense, prompt, args.new_tokens, args.repeats, compiled=True)[0] if compiled else None
     from llmpress.io.text import load_text, tokenize
 
     prefill_ids = tokenize(tokenizer, load_text("wiki/test"))[:PREFILL_TOKENS].unsqueeze(0)
@@ -128,26 +131,35 @@ def main() -> None:
         f"prompt; decode tokens/s = {args.new_tokens - 1} / (t({args.new_tokens} new) - t(1 new)), best of "
         f"{args.repeats}; prefill: one forward over the first {PREFILL_TOKENS} tokens of wiki/test, best of "
         f"{args.repeats}; {threads} threads; every row in the same process as dense fp32 ({base:.1f} tok/s, "
-        f"prefill {base_prefill:.0f} ms). Models compressed with 16x256 calibration (speed does not depend on it).",
+        + (f"compiled {base_compiled:.1f} tok/s, " if compiled else "")
+        + f"prefill {base_prefill:.0f} ms). Models compressed with 16x256 calibration (speed does not depend on it). "
+        "Compiled: `llmpress eval --decode --compile`'s step (static KV cache, torch.compile; compilation not "
+        "timed); its ratio is against dense fp32 eager, then against dense fp32 compiled.",
         "",
-        f"| recipe | decode tok/s | vs dense fp32 | prefill {PREFILL_TOKENS} tok (ms) | vs dense fp32 "
-        "| greedy prefix equal to the reference path | weights held (MB) | folder (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| recipe | decode tok/s | vs dense fp32 | compiled tok/s | vs dense fp32 (eager / compiled) "
+        f"| prefill {PREFILL_TOKENS} tok (ms) | vs dense fp32 "
+        "| greedy prefix equal to the reference path (eager / compiled) | weights held (MB) | folder (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe in [r for r in args.recipes.split(",") if r]:
         folder = quick_model(recipe)
         model, _ = llmpress.load(folder)
         with use_backend("auto"):
             rate, tokens = decode_rate(model.eval(), prompt, args.new_tokens, args.repeats)
+            rate_c, tokens_c = decode_rate(model, prompt, args.new_tokens, args.repeats, True) if compiled else (0, None)
             prefill = prefill_ms(model, prefill_ids, args.repeats)
         agree = "–"
         if not args.no_reference:   # the oracle, not a contender: one run
             with use_backend("reference"):
-                agree = f"{common_prefix(tokens, decode_rate(model, prompt, args.new_tokens, 1)[1])}/{args.new_tokens}"
+                oracle = decode_rate(model, prompt, args.new_tokens, 1)[1]
+            agree = f"{common_prefix(tokens, oracle)}/{args.new_tokens}"
+            if compiled:
+                agree += f" / {common_prefix(tokens_c, oracle)}/{args.new_tokens}"
         held = resident_bytes(model) / 1e6
         on_disk = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
-        lines.append(f"| `{recipe}` | {rate:.1f} | {rate / base:.2f}x | {prefill:.0f} | {base_prefill / prefill:.2f}x "
-                     f"| {agree} | {held:.1f} | {on_disk:.1f} |")
+        comp = f"{rate_c:.1f} | {rate_c / base:.2f}x / {rate_c / base_compiled:.2f}x" if compiled else "– | –"
+        lines.append(f"| `{recipe}` | {rate:.1f} | {rate / base:.2f}x | {comp} | {prefill:.0f} "
+                     f"| {base_prefill / prefill:.2f}x | {agree} | {held:.1f} | {on_disk:.1f} |")
         print(lines[-1], flush=True)
         del model
     publish(lines, "kernels-cpu", "python bench/kernel_speed.py", not args.no_update)

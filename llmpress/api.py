@@ -89,7 +89,7 @@ def load_fallback(fallback: Any, source: str | None, tokenizer, controls, *, dev
 
 
 def generate(model, prompts: str | list[str], *, tokenizer=None, fallback: Any = "auto", max_new_tokens: int = 256,
-             chat: bool = False, on_text=None, trust_remote_code: bool = False, **options):
+             chat: bool = False, on_text=None, trust_remote_code: bool = False, compile: bool = False, **options):
     """Generate for one prompt (a ``GenerationResult``) or a list of them (a list of results).
 
     ``model`` is a loaded model (then pass ``tokenizer``) or anything ``load`` takes. ``options``
@@ -97,7 +97,9 @@ def generate(model, prompts: str | list[str], *, tokenizer=None, fallback: Any =
     ``plan_until``, ``close_with``, ...) and of ``SamplingSettings`` (``do_sample``, ``temperature``,
     ``top_k``, ``top_p``, ``seed``, ...). ``fallback`` is the model that plans and rescues: a loaded
     model, a model spec, or ``"auto"``, the compressed folder's recorded base model, loaded only when
-    a control needs it. ``on_text(delta, event)`` streams (see ``Generator``)."""
+    a control needs it. ``on_text(delta, event)`` streams (see ``Generator``). ``compile`` decodes
+    through compiled steps over static caches (``llmpress.eval.compiled``): worth its compilation
+    time (tens of seconds on a CPU) for many or long generations."""
     from dataclasses import fields
 
     from .eval.generate import GenerationControls, Generator, SamplingSettings
@@ -117,7 +119,7 @@ def generate(model, prompts: str | list[str], *, tokenizer=None, fallback: Any =
         raise TypeError("generate: pass the tokenizer with a loaded model")
     fallback = load_fallback(fallback, source, tokenizer, controls, device=model_device(model),
                              trust_remote_code=trust_remote_code)
-    run = Generator(model, tokenizer, fallback=fallback, controls=controls, sampling=sampling)
+    run = Generator(model, tokenizer, fallback=fallback, controls=controls, sampling=sampling, compile=compile)
     if isinstance(prompts, str):
         return run(prompts, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text)
     return [run(p, max_new_tokens=max_new_tokens, chat=chat, on_text=on_text) for p in prompts]

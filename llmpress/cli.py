@@ -137,6 +137,7 @@ def eval_(
     include_path: Path | None = typer.Option(None, help="lm-eval: a folder of extra task YAMLs."),
     output: Path | None = typer.Option(None, help="lm-eval: write the results JSON here (and a .md table beside it); default: beside an llmpress model."),
     decode: int = typer.Option(0, min=0, help="Instead, time greedy decoding of N new tokens at batch 1, against the dense source in the same process."),
+    compile: bool = typer.Option(False, "--compile", help="--decode: through a compiled step over a static KV cache (both models; compilation not timed)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     trust_remote_code: bool = typer.Option(False),
@@ -149,7 +150,7 @@ def eval_(
 
     target = resolve_device(device)   # a device this machine lacks fails before anything is read
     if decode:
-        _decode(model, decode, trust_remote_code, target)
+        _decode(model, decode, trust_remote_code, target, compile)
         return
 
     task_list = _task_list(tasks)
@@ -173,7 +174,7 @@ def eval_(
     out.print(f"{result}   ({result.seconds:.0f} s)")
 
 
-def _decode(model: str, new_tokens: int, trust_remote_code: bool, device) -> None:
+def _decode(model: str, new_tokens: int, trust_remote_code: bool, device, compiled: bool) -> None:
     from . import api
     from .eval.decode import decode_speed
     from .io.checkpoint import is_llmpress_output, read_manifest
@@ -181,12 +182,12 @@ def _decode(model: str, new_tokens: int, trust_remote_code: bool, device) -> Non
     folder = Path(model).expanduser()
     source = read_manifest(folder).get("base_model") if folder.is_dir() and is_llmpress_output(folder) else None
     model_obj, tok = api.load(model, device=device, trust_remote_code=trust_remote_code)
-    result = decode_speed(model_obj, tok, new_tokens)
+    result = decode_speed(model_obj, tok, new_tokens, compiled=compiled)
     out.print(f"{result}   ({model})")
     if source is not None:
         del model_obj
         dense, tok = api.load(source, device=device, trust_remote_code=trust_remote_code)
-        base = decode_speed(dense, tok, new_tokens)
+        base = decode_speed(dense, tok, new_tokens, compiled=compiled)
         out.print(f"{base}   (dense source {source})")
         out.print(f"speed-up: {result.tokens_per_second / base.tokens_per_second:.2f}x")
 
@@ -272,6 +273,7 @@ def generate(
     overwrite: bool = typer.Option(False, help="Replace an existing --output file."),
     stream: bool = typer.Option(True, help="Print text as it is generated (a single --prompt)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N: both models."),
+    compile: bool = typer.Option(False, "--compile", help="Decode through a compiled step over a static KV cache: faster tokens after a compilation of tens of seconds."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom modeling code from the model folder."),
 ) -> None:
     """Generate text with a compressed (or any) model, optionally with loop rescue, full-precision
@@ -297,7 +299,7 @@ def generate(
     model_obj, tok = api.load(model, device=target, trust_remote_code=trust_remote_code)
     fallback_obj = api.load_fallback(fallback_spec, None, tok, controls, device=target,
                                      trust_remote_code=trust_remote_code)
-    run = Generator(model_obj, tok, fallback=fallback_obj, controls=controls, sampling=sampling)
+    run = Generator(model_obj, tok, fallback=fallback_obj, controls=controls, sampling=sampling, compile=compile)
     single = len(texts) == 1
     on_text = _stream_printer() if single and stream else None
     partial = output.with_name(output.name + ".partial") if output is not None else None

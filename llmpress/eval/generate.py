@@ -33,6 +33,7 @@ import torch
 
 from ..devices import model_device
 from ..errors import SettingsError
+from .compiled import CompiledDecoder
 from .loops import Loop, LoopSettings, find_loop, newline_token_ids
 
 COMPRESSED, FALLBACK, FORCED = "compressed", "fallback", "forced"
@@ -116,13 +117,19 @@ class GenerationResult:
 
 
 class _Writer:
-    """A model, its KV cache, and the tokens that cache holds."""
+    """A model, its KV cache, and the tokens that cache holds. With ``compile_length``, the cache is
+    static and single-token steps run a compiled graph (``eval.compiled``); it then serves
+    sequences of up to that many tokens."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, compile_length: int | None = None) -> None:
         self.model = model
         self.device = model_device(model)
         self.cache = None
         self.held: list[int] = []
+        self.decoder = CompiledDecoder(model, compile_length) if compile_length else None
+
+    def fits(self, tokens: int) -> bool:
+        return self.decoder is None or tokens <= self.decoder.max_length
 
     @torch.no_grad()
     def next_logits(self, sequence: list[int]) -> torch.Tensor:
@@ -133,6 +140,9 @@ class _Writer:
             keep = limit
         else:
             keep = len(os.path.commonprefix([self.held[:limit], sequence[:limit]]))
+        if self.decoder is not None:   # a static cache is cut back by the position alone
+            self.held = list(sequence)
+            return self.decoder.logits(torch.tensor(sequence[keep:], dtype=torch.long), keep)
         if self.cache is None or keep == 0:
             self.cache, keep = DynamicCache(config=self.model.config), 0
         elif keep < len(self.held):
@@ -195,10 +205,12 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 class Generator:
     """Generates with ``model`` (and ``fallback`` where the controls need one) under fixed controls;
-    reuse one for many prompts (the tokenizer's newline ids are found once)."""
+    reuse one for many prompts (the tokenizer's newline ids are found once). With ``compile``, each
+    model decodes through a compiled step over a static cache (``eval.compiled``): the first prompt
+    pays the compilation (tens of seconds on a CPU), later ones reuse it."""
 
     def __init__(self, model, tokenizer, *, fallback=None, controls: GenerationControls | None = None,
-                 sampling: SamplingSettings | None = None) -> None:
+                 sampling: SamplingSettings | None = None, compile: bool = False) -> None:
         self.controls = controls or GenerationControls()
         self.sampling = sampling or SamplingSettings()
         if self.controls.needs_fallback and fallback is None:
@@ -207,6 +219,19 @@ class Generator:
         self.eos = eos_ids(model, tokenizer)
         self.newlines = newline_token_ids(tokenizer) if self.controls.loop_rescue else frozenset()
         self.processors = _processors(self.sampling)
+        self.compile = compile
+        self._compiled: dict[str, _Writer] = {}   # kept across prompts: a compiled graph is reused
+
+    def _writer(self, role: str, model, tokens: int) -> _Writer:
+        """``role``'s writer for a generation of up to ``tokens`` tokens: a fresh one (an empty
+        dynamic cache), or with ``compile`` the kept one while its static cache is long enough."""
+        if not self.compile:
+            return _Writer(model)
+        writer = self._compiled.get(role)
+        if writer is None or not writer.fits(tokens):
+            writer = self._compiled[role] = _Writer(model, tokens)
+        writer.held = []   # the cache's contents belong to the last prompt: overwritten from the start
+        return writer
 
     def _pick(self, logits: torch.Tensor, sequence: list[int], rng: torch.Generator) -> int:
         scores = self.processors(torch.tensor([sequence]), logits.unsqueeze(0))[0] if self.processors else logits
@@ -222,10 +247,12 @@ class Generator:
         c = self.controls
         start_time = time.perf_counter()
         rng = torch.Generator().manual_seed(self.sampling.seed)
-        writers = {COMPRESSED: _Writer(self.model)}
-        if self.fallback is not None:
-            writers[FALLBACK] = _Writer(self.fallback)
         prefix = prompt_ids(self.tokenizer, prompt, chat)
+        longest = len(prefix) + max_new_tokens + (len(self.tokenizer(c.close_with, add_special_tokens=False).input_ids)
+                                                  + c.close_tokens if c.close_with else 0)
+        writers = {COMPRESSED: self._writer(COMPRESSED, self.model, longest)}
+        if self.fallback is not None:
+            writers[FALLBACK] = self._writer(FALLBACK, self.fallback, longest)
         generated: list[int] = []
         sources: list[str] = []
         steps = {COMPRESSED: 0, FALLBACK: 0}

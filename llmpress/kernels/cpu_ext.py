@@ -20,21 +20,80 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 
 
 @functools.lru_cache(maxsize=1)
-def extension():
-    """The built module (``lut_gemv``, ``dequantize``, ``dequantize_uniform``), or None where it
-    cannot be built."""
+def _build():
     try:
         from torch.utils.cpp_extension import load
 
         # built here, for this machine: its vector units are known (the loops are written to vectorise)
         vector = ["-mavx2", "-mfma", "-mf16c"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
-        return load(name="llmpress_cpu_kernels", sources=[str(CSRC / "cpu_kernels.cpp")],
-                    extra_cflags=["-O3", "-fopenmp", *vector], extra_ldflags=["-fopenmp"], verbose=False)
+        module = load(name="llmpress_cpu_kernels", sources=[str(CSRC / "cpu_kernels.cpp")],
+                      extra_cflags=["-O3", "-fopenmp", *vector], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no headers: the torch path serves
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"llmpress: the C++ CPU kernels could not be built ({first}); packed layers run on the "
                       "slower torch paths", RuntimeWarning, stacklevel=2)
         return None
+    _register_shapes()
+    _built.append(module)
+    return module
+
+
+_built: list = []   # the module once built: read while torch.compile traces, which cannot call _build
+
+
+def extension():
+    """The built module (``lut_gemv``, ``half_gemv``, ``int4_rows``, the dequantizers, ...), or None
+    where it cannot be built. While torch.compile traces a model (``runtime.compiled``), the same
+    kernels as torch operators, ``torch.ops.llmpress``, which a graph can hold; the nested-list
+    calls (``harp_int4_rows``, ``butterfly_rows_many``) are not among them, and their callers take
+    their per-operand path there."""
+    if torch.compiler.is_compiling():
+        return torch.ops.llmpress if _built else None
+    return _build()
+
+
+def _register_shapes() -> None:
+    """What each operator returns, for tracing: a new tensor of the output's shape and dtype."""
+
+    def shape_of(name):
+        return torch.library.register_fake(f"llmpress::{name}")
+
+    @shape_of("butterfly_rows")
+    def _(x, signs, blocks, strides, transpose):
+        return torch.empty_like(x)
+
+    @shape_of("int4_rows")
+    def _(x, weight, group_size, scales_and_zeros, perm, padding, bias):
+        dtype = x.dtype if bias is None else torch.promote_types(bias.dtype, scales_and_zeros.dtype)
+        return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
+
+    @shape_of("lut_gemv")
+    def _(x, sign_bits, alpha, col_block):
+        return x.new_empty(x.shape[0], sign_bits.shape[1])
+
+    @shape_of("dequantize")
+    def _(sign_bits, alpha, col_block, k):
+        return alpha.new_empty(sign_bits.shape[1], k)
+
+    @shape_of("dequantize_uniform")
+    def _(qweight, scales, qzeros, g_idx, bits, k, group_size):
+        return scales.new_empty(qweight.shape[0], k, dtype=torch.float32)
+
+    @shape_of("uniform_gemv")
+    def _(x, qweight, scales, qzeros, bits, group_size):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @shape_of("half_gemv")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @shape_of("ell_gemv")
+    def _(h, values, index):
+        return h.new_empty(h.shape[0], values.shape[0])
+
+    @shape_of("affine_gemv")
+    def _(x, codes, step, offset, sub):
+        return x.new_empty(x.shape[0], codes.shape[0])
 
 
 # Decoding batches take the LUT GEMV, larger inputs dequantize once per call. A LUT pass costs a

@@ -161,6 +161,8 @@ class SharedInputGemm:
     def fused(self) -> tuple[Int4Pack, torch.Tensor | None]:
         """The members as one pack (rebuilt when any member's packed tensors changed), and their
         biases side by side (None where none has one)."""
+        if self._pack is not None and torch.compiler.is_compiling():
+            return self._pack[1], self._pack[2]   # built by an eager call; a traced graph holds it
         key = tuple(pack_key(m) for m in self.members)
         if self._pack is None or self._pack[0] != key:
             pack = pack_for_cpu(self.members)

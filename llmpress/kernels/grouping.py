@@ -17,7 +17,9 @@ class HeldOutputs:
 
     def take(self, member, x: torch.Tensor) -> torch.Tensor | None:
         held = self._held
-        if held is None or held[0] is not x or held[1] != x._version or id(member) not in held[2]:
+        # a traced graph (torch.compile) has no version counters: there identity is what it knows
+        fresh = torch.compiler.is_compiling() or held is not None and held[1] == x._version
+        if held is None or held[0] is not x or not fresh or id(member) not in held[2]:
             return None
         y = held[2].pop(id(member))
         if not held[2]:
@@ -32,5 +34,5 @@ class HeldOutputs:
                 mine = y
             else:
                 others[id(m)] = y
-        self._held = (x, x._version, others)
+        self._held = (x, None if torch.compiler.is_compiling() else x._version, others)
         return mine

@@ -66,6 +66,8 @@ class BCQLinear(CompressedLinear):
     def _float_scales(self) -> torch.Tensor:
         """The scales as float32 ``[q, row_groups, col_blocks]``, computed once and kept while the
         stored exponents are unchanged (a few KB: the weight itself stays packed)."""
+        if self._scales is not None and torch.compiler.is_compiling():
+            return self._scales[1]   # built by an eager call; a traced graph holds it as it is
         key = (self.alpha_exp.data_ptr(), self.alpha_exp._version, self.alpha_sign._version)
         if self._scales is None or self._scales[0] != key:
             self._scales = (key, apot_value(self.alpha_exp, self.alpha_sign).to(torch.float32))

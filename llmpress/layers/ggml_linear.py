@@ -62,6 +62,8 @@ class GGMLLinear(CompressedLinear):
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Byte codes ``[out, in]`` and fp32 ``step``, ``offset`` ``[out, sub-blocks]`` with
         ``W = step·q − offset``, decoded once and kept while ``blocks`` is unchanged."""
+        if self._decoded is not None and torch.compiler.is_compiling():
+            return self._decoded[1]   # built by an eager call; a traced graph holds it as it is
         key = (self.blocks.data_ptr(), self.blocks._version)
         if self._decoded is None or self._decoded[0] != key:
             w = unpack(self.type, self.blocks, self.in_features)

@@ -159,7 +159,7 @@ class ButterflyMap(nn.Module):
         anything else map by map."""
         ext = maps[0]._row_kernel(xs[0])
         rows = xs[0].numel() // maps[0].n   # every map's input has as many rows (one input, one call)
-        if ext is None or any(x.numel() != rows * m.n for m, x in zip(maps, xs, strict=True)):
+        if ext is None or torch.compiler.is_compiling() or any(x.numel() != rows * m.n for m, x in zip(maps, xs, strict=True)):
             return [m.apply(x, transpose=transpose) for m, x in zip(maps, xs, strict=True)]
         operands = [m.row_blocks(transpose) for m in maps]
         return ext.butterfly_rows_many(xs, [o[2] for o in operands], [o[0] for o in operands],
@@ -267,7 +267,7 @@ def fused_int4_step(members: list[HarpLinear], x: torch.Tensor) -> list[torch.Te
     first = members[0]
     ext = first.input._row_kernel(x)
     inner = [m.linear for m in members]
-    if ext is None or not all(type(q) is QuantLinear for q in inner) or select_path(inner[0], x) != "cpu-int4":
+    if ext is None or torch.compiler.is_compiling() or not all(type(q) is QuantLinear for q in inner) or select_path(inner[0], x) != "cpu-int4":
         return None
     if len(inner) == 1 and inner[0].shared_input is None:
         pack, bias = inner[0].cpu_int4_pack(), inner[0].bias

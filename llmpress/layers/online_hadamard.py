@@ -42,7 +42,7 @@ class OnlineHadamard(nn.Module):
         self.size = size
         self.register_buffer("signs", torch.ones(size, dtype=dtype, device=device))
         self._factors = hadamard_factors(size)
-        self._decode_factors: tuple[torch.Tensor, ...] | None = None
+        self._decode_factors: tuple[tuple[torch.Tensor, int], ...] | None = None
         self.linear = linear
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,13 +58,14 @@ class OnlineHadamard(nn.Module):
         applied by a broadcast matmul on a view (no transposed copies): a one-row rotation costs
         its number of torch calls, so it makes few."""
         factors = self._decode_factors
-        if factors is None or factors[0].dtype != x.dtype:
+        if factors is None or factors[0][0].dtype != x.dtype:
             scaled = [f.to(torch.float64) for f in self._factors]
             scaled[0] = scaled[0] * self.size ** -0.5
-            factors = self._decode_factors = tuple(f.to(x.dtype) for f in scaled)
+            # each factor with the product of the sizes after it (the view it is applied to)
+            factors = self._decode_factors = tuple((f.to(x.dtype), math.prod(g.shape[0] for g in scaled[i + 1:]))
+                                                   for i, f in enumerate(scaled))
         y = x.reshape(-1, self.size) * self.signs.to(x.dtype)
-        for i, f in enumerate(factors):
-            after = math.prod(g.shape[0] for g in factors[i + 1:])
+        for f, after in factors:
             y = f.T @ y.view(-1, f.shape[0], after) if after > 1 else y.view(-1, f.shape[0]) @ f
         return y.reshape(x.shape)
 

@@ -94,6 +94,8 @@ class QuantLinear(CompressedLinear):
     def cpu_int4_pack(self) -> cpu_int4.Int4Pack:
         """This layer in torch's int4 layout, converted on first use and kept while the packed
         tensors are unchanged."""
+        if self._int4_pack is not None and torch.compiler.is_compiling():
+            return self._int4_pack[1]   # built by an eager call; a traced graph holds it as it is
         key = cpu_int4.pack_key(self)
         if self._int4_pack is None or self._int4_pack[0] != key:
             self._int4_pack = (key, cpu_int4.pack_for_cpu(self))

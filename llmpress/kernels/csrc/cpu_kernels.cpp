@@ -11,6 +11,7 @@
 // being that row's 8 sign bits (little-endian int32 words read as bytes). The packed bits are read
 // as stored: nothing is dequantized.
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -829,4 +830,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("half_gemv", &half_gemv, "decoding GEMV of a float16/bfloat16 weight in fp32");
   m.def("ell_gemv", &ell_gemv, "GEMV of column-sparse coefficients in ELL layout");
   m.def("affine_gemv", &affine_gemv, "decoding GEMV of byte codes with a step and offset per sub-block");
+}
+
+// The same kernels as torch operators (``torch.ops.llmpress.*``), so that a compiled decoding step
+// (torch.compile) calls them from its graph; their shapes for tracing are given in Python
+// (``kernels.cpu_ext``). The nested-list calls (a HARP group in one crossing) stay Python-only.
+TORCH_LIBRARY(llmpress, m) {
+  m.def("butterfly_rows(Tensor x, Tensor signs, Tensor[] blocks, int[] strides, bool transpose) -> Tensor");
+  m.def("int4_rows(Tensor x, Tensor weight, int group_size, Tensor scales_and_zeros, Tensor? perm, int padding, "
+        "Tensor? bias) -> Tensor");
+  m.def("lut_gemv(Tensor x, Tensor sign_bits, Tensor alpha, int col_block) -> Tensor");
+  m.def("dequantize(Tensor sign_bits, Tensor alpha, int col_block, int k) -> Tensor");
+  m.def("dequantize_uniform(Tensor qweight, Tensor scales, Tensor qzeros, Tensor? g_idx, int bits, int k, "
+        "int group_size) -> Tensor");
+  m.def("uniform_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size) -> Tensor");
+  m.def("half_gemv(Tensor x, Tensor weight) -> Tensor");
+  m.def("ell_gemv(Tensor h, Tensor values, Tensor index) -> Tensor");
+  m.def("affine_gemv(Tensor x, Tensor codes, Tensor step, Tensor offset, int sub) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmpress, CPU, m) {
+  m.impl("butterfly_rows", &butterfly_rows);
+  m.impl("int4_rows", &int4_rows);
+  m.impl("lut_gemv", &lut_gemv);
+  m.impl("dequantize", &dequantize);
+  m.impl("dequantize_uniform", &dequantize_uniform);
+  m.impl("uniform_gemv", &uniform_gemv);
+  m.impl("half_gemv", &half_gemv);
+  m.impl("ell_gemv", &ell_gemv);
+  m.impl("affine_gemv", &affine_gemv);
 }
