@@ -121,6 +121,10 @@ def test_compress_inspect_eval_recipes(tiny_model_factory, tmp_path):
     assert result.exit_code == 0 and len(lines) == 2 and str(folder) in lines[1], result.output
     assert all("decode[wiki/test 32-token prompt, 4 new, batch 1," in line for line in lines)
     assert re.search(r"speed-up: \d+\.\d\dx", result.output)
+    result, _ = _run("eval", out, "--decode", "4", "--compile")   # both through a compiled step
+    lines = [line for line in result.output.splitlines() if "tok/s" in line]
+    assert result.exit_code == 0 and len(lines) == 2, result.output
+    assert all("batch 1, " in line and ", compiled] = " in line for line in lines)
     result, _ = _run("recipes")
     assert result.exit_code == 0 and "gptq-w3-g64" in result.output
     result, stderr = _run("inspect", tmp_path)

@@ -73,6 +73,22 @@ def test_decoders_of_two_models_keep_their_own_weights_and_caches(tiny_model_fac
             assert torch.allclose(c, e, rtol=1e-4, atol=1e-4)
 
 
+@torch._dynamo.config.patch(recompile_limit=2)
+def test_more_decoders_than_dynamos_recompile_limit_all_compile():
+    """Each decoder's graphs are its own: models loaded one after another in a process (a benchmark
+    of many recipes) never run out of dynamo's per-function budget of graphs (lowered to 2 here)."""
+    import transformers as tf
+
+    prompt = torch.randint(0, 100, (1, 4), generator=torch.Generator().manual_seed(5))
+    for i in range(4):   # other shapes each time: a shared function would need a new graph for each
+        config = tf.LlamaConfig(hidden_size=32, intermediate_size=48 + 16 * i, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, vocab_size=100)
+        model = tf.AutoModelForCausalLM.from_config(config).eval()
+        decoder = CompiledDecoder(model, 16)
+        greedy_tokens(decoder, prompt, 3)
+        assert decoder.compiled, i
+
+
 def test_a_cut_back_sequence_continues_as_if_it_had_never_been_longer(tiny_model_factory):
     from transformers import AutoModelForCausalLM
 

@@ -18,6 +18,7 @@ operators in it (``torch.ops.llmpress.*`` and torch's int4 GEMM).
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
@@ -44,7 +45,7 @@ class CompiledDecoder:
         self.device = model_device(model)
         self.max_length = cache_length(max_length)
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_length)
-        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self._compiled = torch.compile(_own_step(self), fullgraph=True, dynamic=False)
         self._warm = False   # one eager single-token step first: it builds the kernels' caches
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,17 @@ class CompiledDecoder:
     def compiled(self) -> bool:
         """Whether single-token steps run the compiled graph (False after a failed compilation)."""
         return self._compiled is not None
+
+
+def _own_step(decoder: CompiledDecoder):
+    """``decoder._forward`` as a method with a code object of its own. Dynamo keeps compiled graphs
+    per code object and caps their number (``recompile_limit``, 8): with one shared code object,
+    the graphs of decoders already gone (other models loaded in the same process) would crowd out
+    a new one. Its own graphs go with the decoder; inductor's cache on disk makes a repeated
+    compilation of the same graph cheap."""
+    code = CompiledDecoder._forward.__code__
+    fn = types.FunctionType(code.replace(co_name=f"{code.co_name}_{id(decoder):x}"), CompiledDecoder._forward.__globals__)
+    return types.MethodType(fn, decoder)
 
 
 @torch.no_grad()

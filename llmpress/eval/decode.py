@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..devices import model_device, synchronize
+from ..errors import LlmpressError
 from ..io.text import load_text, tokenize
 from .compiled import CompiledDecoder, greedy_tokens
 
@@ -43,7 +44,7 @@ def decode_prompt(tokenizer) -> torch.Tensor:
 def timed_decode(model, prompt: torch.Tensor, new_tokens: int, repeats: int, pad_token_id: int = 0,
                  compiled: bool = False) -> tuple[float, torch.Tensor]:
     """Best-of-``repeats`` decode tokens/s (prefill not counted), and the generated tokens; with
-    ``compiled``, through a compiled step (a ``RuntimeError`` where it could not be compiled: an
+    ``compiled``, through a compiled step (an ``LlmpressError`` where it could not be compiled: an
     eager rate must not pass for a compiled one)."""
     device = model_device(model)
     prompt = prompt.to(device)
@@ -60,7 +61,8 @@ def timed_decode(model, prompt: torch.Tensor, new_tokens: int, repeats: int, pad
 
     generate(3)   # warm-up: kernel packs, allocator, the compiled step
     if decoder is not None and not decoder.compiled:
-        raise RuntimeError("the decoding step could not be compiled (the warning above says why)")
+        raise LlmpressError("the decoding step could not be compiled (the warning above says why); "
+                            "time it without --compile")
     best, out = 0.0, None
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """The C++ CPU kernels (``csrc/cpu_kernels.cpp``): the lookup-table GEMV of binary-coded weights
 for decoding, their dequantizer, the uniform format's dequantizer for prefill, and the decoding
 GEMVs of half-precision weights and of column-sparse (ELL) coefficients; built on first
-use with torch's extension builder. Where they cannot be built (no compiler), ``extension()`` says
+use with torch's extension builder, which also registers them as torch operators
+(``torch.ops.llmpress.*``) for compiled graphs. Where they cannot be built (no compiler), ``extension()`` says
 so once and returns None, and the torch LUT (``kernels.lut``) and dequantizers serve instead.
 ``binary_coded_matmul`` is the one path of binary-coded layers on every device."""
 
@@ -43,7 +44,7 @@ _built: list = []   # the module once built: read while torch.compile traces, wh
 
 def extension():
     """The built module (``lut_gemv``, ``half_gemv``, ``int4_rows``, the dequantizers, ...), or None
-    where it cannot be built. While torch.compile traces a model (``runtime.compiled``), the same
+    where it cannot be built. While torch.compile traces a model (a compiled decoding step), the same
     kernels as torch operators, ``torch.ops.llmpress``, which a graph can hold; the nested-list
     calls (``harp_int4_rows``, ``butterfly_rows_many``) are not among them, and their callers take
     their per-operand path there."""
