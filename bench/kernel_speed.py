@@ -4,8 +4,9 @@ kernels when a GPU is here).
 CPU: greedy decoding of ``smollm2-135m`` compressed with each recipe of ``--recipes``, at batch 1,
 128 new tokens after a 32-token prompt from wiki/test, through the fastest path (``auto``),
 against the dense fp32 model in the same process; decode tokens/s = 127 / (t(128 new) − t(1 new)),
-the prompt's prefill not counted; and the prefill of a 64-token prompt on its own (a speed ratio
-above 1 is faster than dense). Each row also gives the greedy tokens shared with the reference
+the prompt's prefill not counted; the same through the compiled step (``--decode --compile``:
+static KV cache, torch.compile; compilation not timed) against dense fp32 eager and compiled; and
+the prefill of a 64-token prompt on its own (a speed ratio above 1 is faster than dense). Each row also gives the greedy tokens shared with the reference
 path (``LLMPRESS_KERNEL=reference``, one run) and the weight memory the loaded model holds after
 decoding (parameters, buffers and kernel caches) against its folder's size. Calibration does not
 change a format's layout or its speed, so missing models are compressed with 16x256 windows.
