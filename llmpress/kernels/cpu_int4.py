@@ -31,6 +31,7 @@ import torch
 
 from ..formats.packing import unpack_codes
 from . import cpu_ext
+from .derived import Derived
 from .grouping import HeldOutputs
 
 GROUP_SIZES = (256, 128, 64, 32)
@@ -155,23 +156,19 @@ class SharedInputGemm:
         if len(members) < 2 or not can_share_input(members):
             raise ValueError("these linears cannot share one int4 GEMM")
         self.members = list(members)
-        self._pack: tuple[tuple, Int4Pack, torch.Tensor | None] | None = None
+        self._pack: Derived[tuple[Int4Pack, torch.Tensor | None]] = Derived()
         self._held = HeldOutputs()
 
     def fused(self) -> tuple[Int4Pack, torch.Tensor | None]:
         """The members as one pack (rebuilt when any member's packed tensors changed), and their
         biases side by side (None where none has one)."""
-        if self._pack is not None and torch.compiler.is_compiling():
-            return self._pack[1], self._pack[2]   # built by an eager call; a traced graph holds it
-        key = tuple(pack_key(m) for m in self.members)
-        if self._pack is None or self._pack[0] != key:
-            pack = pack_for_cpu(self.members)
-            bias = None
-            if any(m.bias is not None for m in self.members):
-                bias = torch.cat([torch.zeros(m.out_features) if m.bias is None else m.bias.float()
-                                  for m in self.members])
-            self._pack = (key, pack, bias)
-        return self._pack[1], self._pack[2]
+        return self._pack.get(lambda: tuple(pack_key(m) for m in self.members), self._build)
+
+    def _build(self) -> tuple[Int4Pack, torch.Tensor | None]:
+        bias = None
+        if any(m.bias is not None for m in self.members):
+            bias = torch.cat([torch.zeros(m.out_features) if m.bias is None else m.bias.float() for m in self.members])
+        return pack_for_cpu(self.members), bias
 
     def output(self, member, x: torch.Tensor) -> torch.Tensor:
         y = self._held.take(member, x)

@@ -19,6 +19,7 @@ import torch
 from ..formats.bcq import BCQWeight, apot_value, bcq_dense
 from ..formats.packing import pack_codes, packed_words, unpack_codes
 from ..kernels.cpu_ext import binary_coded_matmul
+from ..kernels.derived import Derived
 from .base import CompressedLinear, Layout
 
 
@@ -42,7 +43,7 @@ class BCQLinear(CompressedLinear):
         self.register_buffer("alpha_sign", torch.zeros(bits, row_groups, col_blocks, terms, dtype=torch.int8, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.compute_dtype = dtype
-        self._scales = None
+        self._scales: Derived[torch.Tensor] = Derived()
 
     @classmethod
     def from_bcq(cls, q: BCQWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> BCQLinear:
@@ -66,12 +67,8 @@ class BCQLinear(CompressedLinear):
     def _float_scales(self) -> torch.Tensor:
         """The scales as float32 ``[q, row_groups, col_blocks]``, computed once and kept while the
         stored exponents are unchanged (a few KB: the weight itself stays packed)."""
-        if self._scales is not None and torch.compiler.is_compiling():
-            return self._scales[1]   # built by an eager call; a traced graph holds it as it is
-        key = (self.alpha_exp.data_ptr(), self.alpha_exp._version, self.alpha_sign._version)
-        if self._scales is None or self._scales[0] != key:
-            self._scales = (key, apot_value(self.alpha_exp, self.alpha_sign).to(torch.float32))
-        return self._scales[1]
+        return self._scales.get(lambda: (self.alpha_exp.data_ptr(), self.alpha_exp._version, self.alpha_sign._version),
+                                lambda: apot_value(self.alpha_exp, self.alpha_sign).to(torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..formats.ggml import TYPE_BY_ID, GGMLWeight, dequantize_bytes, pack, row_bytes, unpack
+from ..kernels.derived import Derived
 from ..kernels.dispatch import ggml_linear
 from .base import CompressedLinear, Layout
 
@@ -38,7 +39,7 @@ class GGMLLinear(CompressedLinear):
         self.register_buffer("blocks", torch.zeros(out_features, row_bytes(t, in_features), dtype=torch.uint8, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.compute_dtype = dtype
-        self._decoded = None   # (key, (codes, step, offset, sub)) for the decoding GEMV
+        self._decoded: Derived[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = Derived()   # decoding GEMV
 
     @property
     def type(self):
@@ -62,15 +63,13 @@ class GGMLLinear(CompressedLinear):
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Byte codes ``[out, in]`` and fp32 ``step``, ``offset`` ``[out, sub-blocks]`` with
         ``W = step·q − offset``, decoded once and kept while ``blocks`` is unchanged."""
-        if self._decoded is not None and torch.compiler.is_compiling():
-            return self._decoded[1]   # built by an eager call; a traced graph holds it as it is
-        key = (self.blocks.data_ptr(), self.blocks._version)
-        if self._decoded is None or self._decoded[0] != key:
-            w = unpack(self.type, self.blocks, self.in_features)
-            a, b = w.step_and_offset()
-            offset = b if b is not None else a * self.type.zero   # the zero is a power of two: exact
-            self._decoded = (key, (w.codes.contiguous(), a.contiguous(), offset.contiguous(), self.type.sub))
-        return self._decoded[1]
+        return self._decoded.get(lambda: (self.blocks.data_ptr(), self.blocks._version), self._decode)
+
+    def _decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        w = unpack(self.type, self.blocks, self.in_features)
+        a, b = w.step_and_offset()
+        offset = b if b is not None else a * self.type.zero   # the zero is a power of two: exact
+        return w.codes.contiguous(), a.contiguous(), offset.contiguous(), self.type.sub
 
     def stored_bits(self) -> int:
         return self.blocks.numel() * 8

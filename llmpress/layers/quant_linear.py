@@ -19,6 +19,7 @@ import torch
 from ..formats.packing import SUPPORTED_BITS, pack_codes, packed_words
 from ..formats.uniform import QuantizedWeight, dequantize_uniform, group_count
 from ..kernels import cpu_int4
+from ..kernels.derived import Derived
 from ..kernels.dispatch import uniform_linear
 from .base import CompressedLinear, Layout
 
@@ -55,7 +56,7 @@ class QuantLinear(CompressedLinear):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.compute_dtype = dtype
         self._int4_reason: str | None = None      # caches of the CPU int4 path (kernels/dispatch)
-        self._int4_pack = None
+        self._int4_pack: Derived[cpu_int4.Int4Pack] = Derived()
         self.shared_input: cpu_int4.SharedInputGemm | None = None   # set by layers.shared_input
 
     # -- construction -------------------------------------------------------------------------
@@ -94,12 +95,7 @@ class QuantLinear(CompressedLinear):
     def cpu_int4_pack(self) -> cpu_int4.Int4Pack:
         """This layer in torch's int4 layout, converted on first use and kept while the packed
         tensors are unchanged."""
-        if self._int4_pack is not None and torch.compiler.is_compiling():
-            return self._int4_pack[1]   # built by an eager call; a traced graph holds it as it is
-        key = cpu_int4.pack_key(self)
-        if self._int4_pack is None or self._int4_pack[0] != key:
-            self._int4_pack = (key, cpu_int4.pack_for_cpu(self))
-        return self._int4_pack[1]
+        return self._int4_pack.get(lambda: cpu_int4.pack_key(self), lambda: cpu_int4.pack_for_cpu(self))
 
     def stored_bits(self) -> int:
         """Bits this module stores for its weight: codes, scales, zeros and g_idx (bias excluded)."""
