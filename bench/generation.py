@@ -12,8 +12,10 @@ criterion ``llmpress.eval.loops.text_loops`` (characters, 4+ copies over 80+ cha
 independent of the token-level detector the rescue uses. Per model and control setting the table
 gives accuracy, loop rate, mean and p95 forward steps (both models, rolled-back tokens included:
 what the time pays for), the budget-exhaustion rate, the fallback's share of the steps, and the
-wall time per item. The dense model is the fallback and planner. Each row's records go to
-bench/out/generation/ and a rerun continues from them.
+wall time per item. The dense model is the fallback and planner. Every model decodes through the
+compiled step (``Generator(compile=True)``; ``--eager`` for transformers' own loop), compiled once
+per model before the timed items. Each row's records go to bench/out/generation/ and a rerun
+continues from them.
 
     python bench/generation.py                      # every model and control setting
     python bench/generation.py --items 60 --models dense,W2 --no-update
@@ -36,7 +38,7 @@ from llmpress.eval.generate import GenerationControls, Generator
 from llmpress.eval.loops import text_loops
 from llmpress.io.text import load_text
 
-MODELS = {"dense": None, "W4": "gptq-w4-g64", "W3": "d2quant-w3-g64", "W2": "d2quant-w2-g64"}
+MODELS = {"dense": None, "W4": "best-w4", "W3": "best-w3", "W2": "best-w2"}   # the best preset per width
 CONTROLS = {
     "none": {},
     "rescue: commit": {"loop_rescue": "commit"},
@@ -139,18 +141,23 @@ def main() -> None:
     ap.add_argument("--fallback-tokens", type=int, default=16)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--controls", default=",".join(CONTROLS), help="comma-separated names of the control settings")
+    ap.add_argument("--eager", action="store_true", help="decode without the compiled step")
     ap.add_argument("--no-update", action="store_true")
     args = ap.parse_args()
     tasks = make_tasks(args.items, args.seed)
     dense, tok = llmpress.load("smollm2-135m")
-    logs = OUT / "generation" / f"items{args.items}-seed{args.seed}-budget{args.budget}"
+    runtime = "eager" if args.eager else "compiled"
+    logs = OUT / "generation" / f"items{args.items}-seed{args.seed}-budget{args.budget}-{runtime}"
     logs.mkdir(parents=True, exist_ok=True)
     lines = [
         f"Model `smollm2-135m` (Instruct) and its compressed versions (best preset per width: "
         f"{', '.join(f'{k} `{MODELS[k]}`' for k in args.models.split(',') if MODELS[k])}); {len(tasks)} items (arith, count, wiki; seed "
         f"{args.seed}); chat template, greedy, budget {args.budget} new tokens; plan {args.plan_tokens} tokens by the "
         f"dense model; a rescue hands {args.fallback_tokens} tokens to the dense model (4 rescues, then commit); "
-        f"loop detector defaults. fp32, {torch.get_num_threads()} threads, CPU. Loops graded by `text_loops` "
+        f"loop detector defaults. fp32, {torch.get_num_threads()} threads, CPU, "
+        + ("transformers' own decoding loop" if args.eager else
+           "each model (the fallback too) decoding through the compiled step, compiled before the timed items")
+        + ". Loops graded by `text_loops` "
         "(independent of the detector); steps = forward steps of both models, rolled-back tokens included.",
         "",
         "| model | controls | accuracy | arith / count / wiki | loop rate | detector fired | mean steps | p95 steps | "
@@ -161,14 +168,19 @@ def main() -> None:
     generated_here = 0
     for label in args.models.split(","):
         model = dense if MODELS[label] is None else llmpress.load(ensure_model(MODELS[label]))[0]
+        base = Generator(model, tok, fallback=dense, compile=not args.eager)
+        if not args.eager:   # compile both models' steps, at the static length the longest item needs
+            longest = max(tasks, key=lambda t: len(tok.apply_chat_template(
+                [{"role": "user", "content": t["prompt"]}], add_generation_prompt=True, tokenize=False)))
+            base.with_controls(GenerationControls(plan_tokens=4))(longest["prompt"], max_new_tokens=args.budget, chat=True)
         for name in wanted if MODELS[label] else ["none"]:
             options = dict(CONTROLS[name])
             if "plan_tokens" in options:
                 options["plan_tokens"] = args.plan_tokens
             if options.get("loop_rescue") == "fallback":
                 options["fallback_tokens"] = args.fallback_tokens
-            run = Generator(model, tok, fallback=dense, controls=GenerationControls(**options))
-            slug = re.sub(r"[^a-z0-9]+", "-", f"{label}-{name}".lower()).strip("-")
+            run = base.with_controls(GenerationControls(**options))
+            slug = re.sub(r"[^a-z0-9]+", "-", f"{label}-{MODELS[label] or 'dense'}-{name}".lower()).strip("-")
             start = time.perf_counter()
             records, generated = run_row(run, tasks, args.budget, logs / f"{slug}.jsonl")
             generated_here += generated
@@ -182,7 +194,7 @@ def main() -> None:
         lines += ["", "Every record was read from an earlier run's bench/out/generation/ (wall times are that run's); "
                       "the peak RSS below is this table rebuild's."]
     publish(lines, "generation", f"python bench/generation.py --items {args.items} --budget {args.budget} "
-            f"--models {args.models} --controls '{args.controls}'",
+            f"--models {args.models} --controls '{args.controls}'" + (" --eager" if args.eager else ""),
             not args.no_update)
 
 

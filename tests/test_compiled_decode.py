@@ -136,3 +136,8 @@ def test_generation_with_a_compiled_step_writes_the_same_tokens(tiny_model_facto
         assert a.tokens == b.tokens and a.sources == b.sources
     writer = compiled._compiled[COMPRESSED]
     assert writer.decoder.compiled and writer.decoder.max_length == 256   # one writer, kept for both prompts
+    # other controls over the same models reuse the compiled writer and still write what eager does
+    bare = GenerationControls()
+    again = compiled.with_controls(bare)
+    assert again(prompt, max_new_tokens=12).tokens == plain.with_controls(bare)(prompt, max_new_tokens=12).tokens
+    assert again._compiled[COMPRESSED] is writer

@@ -34,9 +34,10 @@ def test_cpu_int4_path_equals_the_reference(in_f, group, act_order, bits):
         # torch's kernel with fp32 activations: the same function to fp32 rounding
         exact = cpu_int4.int4_linear(x, cpu_int4.pack_for_cpu(layer, torch.float32), layer.bias)
         assert torch.allclose(exact, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
-        # the bf16 fast path the dispatcher takes for decoding: bf16 accuracy, same layout
-        assert select_path(layer, x) == "cpu-int4"
-        fast = layer(x)
+        # the bf16 fast path: bf16 accuracy, same layout
+        with use_backend("cpu-int4"):
+            assert select_path(layer, x) == "cpu-int4"
+            fast = layer(x)
         assert (fast - expected).abs().max() <= 2 ** -6 * expected.abs().max()
 
 
@@ -96,7 +97,8 @@ def test_int4_pack_is_rebuilt_when_the_tensors_change():
     with use_backend("reference"):
         expected = layer(x)
     exact = cpu_int4.int4_linear(x, cpu_int4.pack_for_cpu(layer, torch.float32), layer.bias)
-    assert torch.equal(layer(x), cpu_int4.int4_linear(x, layer.cpu_int4_pack(), layer.bias))
+    with use_backend("cpu-int4"):
+        assert torch.equal(layer(x), cpu_int4.int4_linear(x, layer.cpu_int4_pack(), layer.bias))
     assert torch.allclose(exact, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
     assert cpu_int4.pack_for_cpu(layer).group_size == 64
 
@@ -116,6 +118,11 @@ def _layers_reading_one_input(in_f, specs, *, act_order):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_linears_reading_one_input_share_one_gemm_with_the_same_results(act_order):
+    with use_backend("cpu-int4"):   # the path shared GEMMs serve (auto may take the C++ GEMV instead)
+        _check_shared_gemm(act_order)
+
+
+def _check_shared_gemm(act_order):
     members = _layers_reading_one_input(192, [(96, 4, True), (32, 3, False), (48, 2, True)], act_order=act_order)
     x = torch.randn(1, 2, 192)
     alone = [m(x) for m in members]
@@ -270,3 +277,87 @@ def test_a_compressed_model_keeps_nothing_dense_after_a_prefill(tiny_model_facto
         if recipe == "gptq-w3-attention-only":   # the linears left dense are held as stored too
             mlp = model.model.layers[0].mlp
             assert isinstance(mlp.down_proj, StoredDtypeLinear) and mlp.down_proj.weight.dtype == torch.float16
+
+
+def _fast_gemv_or_skip(layer):
+    from llmpress.kernels import cpu_ext
+
+    if cpu_ext.extension() is None or not cpu_ext.uniform_gemv_fast(layer.bits, layer.in_features, layer.group_size):
+        pytest.skip("this CPU has no AVX512-VBMI/-BF16 (or no compiler): the int4 path decodes these layers")
+
+
+@pytest.mark.parametrize(("in_f", "group", "act_order", "bits"), [
+    (192, 64, False, 4), (192, -1, False, 3), (576, 128, False, 2),   # per row; a ragged last group
+    (136, 64, False, 3),                                              # 8 columns past the last chunk of 64
+    (576, 64, True, 3), (576, 128, True, 4), (256, 64, True, 2),      # act-order, held in group order
+])
+def test_the_cpp_gemv_fast_path_equals_the_reference(in_f, group, act_order, bits):
+    layer = _layer(42, in_f, bits, group, act_order=act_order)   # 42 outputs: tiles of 4 rows and a rest
+    if act_order:
+        assert layer.hold_in_group_order() and layer.g_idx is None
+    _fast_gemv_or_skip(layer)
+    for rows in (1, 3, 9):   # the kernel serves decoding rows two at a time
+        x = torch.randn(rows, in_f)
+        with use_backend("reference"):
+            expected = layer(x)
+        assert select_path(layer, x) == "cpu-gemv"
+        # bf16 inputs (as torch's int4 path), exact codes and fp32 scales and sums
+        assert (layer(x) - expected).abs().max() <= 2 ** -7 * expected.abs().max()
+
+
+def test_an_act_order_layer_held_in_group_order_computes_and_saves_as_stored():
+    from llmpress.kernels import cpu_ext
+
+    layer = _layer(48, 576, 3, 64, act_order=True)
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
+    weight = layer.dequantize()
+    x, rows = torch.randn(1, 576), torch.randn(40, 576)
+    with use_backend("reference"):
+        expected, expected_rows = layer(x), layer(rows)
+    assert layer.hold_in_group_order()
+    assert layer.input_order is not None and layer.g_idx is None and not layer.hold_in_group_order()
+    assert torch.equal(layer.dequantize(), weight)
+    state = layer.state_dict()                     # the stored layout, to the bit
+    assert state.keys() == stored.keys() and all(torch.equal(state[k], stored[k]) for k in stored)
+    assert all(torch.equal(v, stored[k]) for k, v in layer.in_stored_order().state_dict().items())
+    with use_backend("reference"):
+        assert torch.equal(layer(x), expected)
+    if cpu_ext.extension() is not None:   # prefill: the permuted input against the held codes
+        assert torch.allclose(layer(rows), expected_rows, rtol=1e-5, atol=1e-5 * expected_rows.abs().max())
+    with use_backend("cpu-int4"):         # torch's int4 pack of the held layer: the same permuted input
+        assert (layer(x) - expected).abs().max() <= 2 ** -6 * expected.abs().max()
+    layer.load_state_dict(stored)         # loading takes the stored layout back
+    assert layer.input_order is None and torch.equal(layer.g_idx, stored["g_idx"])
+    with use_backend("reference"):
+        assert torch.equal(layer(x), expected)
+
+
+def test_a_loaded_act_order_model_holds_its_codes_once_and_exports_as_stored(tiny_model_factory, tmp_path):
+    import llmpress
+    from llmpress.layers.memory import resident_bytes
+
+    llmpress.compress(tiny_model_factory("llama"), "gptq-w3-g64", out=tmp_path / "w3", nsamples=8, seqlen=32,
+                      progress=False)
+    model, _ = llmpress.load(tmp_path / "w3")
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    _fast_gemv_or_skip(linears[0])
+    # the recipe is act-order: the layers of several groups are held in group order
+    assert all(m.input_order is not None for m in linears if m.n_groups > 1)
+    assert all(m.cpu_gemv_fast() for m in linears)
+    stored_bytes = sum(t.nbytes for m in linears for t in m.in_stored_order().state_dict().values())
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randint(0, 1000, (1, 1)))   # decoding rows: the C++ GEMV on the held codes
+    held = resident_bytes(torch.nn.ModuleList(linears))
+    assert held <= 1.1 * stored_bytes                        # no int4 copy beside the codes
+    # what the model saves (state_dict) and exports (in_stored_order) is the folder's layout, to the bit
+    from safetensors.torch import load_file
+
+    stored = {}
+    for f in (tmp_path / "w3").glob("*.safetensors"):
+        stored |= load_file(f)
+    state = model.state_dict()
+    name = "model.layers.0.mlp.down_proj"
+    for key in ("qweight", "g_idx", "qzeros", "scales"):
+        assert torch.equal(state[f"{name}.{key}"], stored[f"{name}.{key}"])
+        assert torch.equal(getattr(model.get_submodule(name).in_stored_order(), key), stored[f"{name}.{key}"])

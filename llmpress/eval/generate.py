@@ -222,6 +222,14 @@ class Generator:
         self.compile = compile
         self._compiled: dict[str, _Writer] = {}   # kept across prompts: a compiled graph is reused
 
+    def with_controls(self, controls: GenerationControls) -> Generator:
+        """The same models, sampling and compiled steps under other controls: a compiled graph is
+        built once for every control setting a caller compares."""
+        other = Generator(self.model, self.tokenizer, fallback=self.fallback, controls=controls,
+                          sampling=self.sampling, compile=self.compile)
+        other._compiled = self._compiled   # shared: the writers belong to the models, not the controls
+        return other
+
     def _writer(self, role: str, model, tokens: int) -> _Writer:
         """``role``'s writer for a generation of up to ``tokens`` tokens: a fresh one (an empty
         dynamic cache), or with ``compile`` the kept one while its static cache is long enough."""

@@ -29,6 +29,7 @@ from ..errors import LlmpressError, ModelLoadError, OutputError
 from ..layers import LAYER_FORMATS, CompressedLinear, OnlineHadamard
 from ..layers.harp_linear import link_shared_processors
 from ..layers.online_hadamard import input_width
+from ..layers.quant_linear import hold_act_order_in_group_order
 from ..layers.shared_input import link_shared_inputs
 from ..layers.stored_dense import keep_stored_dtype
 from ..paths import atomic_write_text
@@ -276,6 +277,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     if leftover:
         raise ModelLoadError(f"{folder}: no weights for {leftover[0]} (and {len(leftover) - 1} more)")
     _check_codes(model)
+    hold_act_order_in_group_order(model)
     keep_stored_dtype(model, dtype)
     link_shared_processors(model)
     link_shared_inputs(model)

@@ -80,7 +80,7 @@ def export(src: str | Path, out: str | Path, fmt: str, *, dtype: str = "float16"
         raise ExportError(f"this model applies an online Hadamard before its down projections, which {fmt} "
                           "cannot express; use --format dense, or compress with the rotation's `online: false`")
     model = load_compressed(src, dtype=torch.float32)
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantized = {n: m.in_stored_order() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if fmt == "compressed-tensors":
         _check_compressed_tensors(quantized)
     elif fmt == "gptq":

@@ -106,6 +106,7 @@ def ggml_weight_of(name: str, module: nn.Module) -> GGMLWeight | None:
 
         return unpack(module.type, module.blocks, module.in_features)
     if isinstance(module, QuantLinear):
+        module = module.in_stored_order()
         if module.g_idx is not None:
             raise GGUFExportError(f"{name} has act-order group indices, which GGUF blocks cannot express; "
                                   "compress with a GGUF preset such as gptq-q4_0 (or `--set static_groups=true`)")

@@ -53,6 +53,14 @@ def extension():
     return _build()
 
 
+def uniform_gemv_fast(bits: int, in_features: int, group_size: int) -> bool:
+    """Whether ``uniform_gemv`` runs a uniform layer of this shape (contiguous groups) on its AVX-512
+    path, which decodes the stored codes in registers as fast as torch's int4 GEMM: this CPU has
+    AVX512-VBMI and -BF16, 2-4 bits, groups of a multiple of 64 columns."""
+    module = _build()
+    return module is not None and module.uniform_gemv_fast(bits, in_features, group_size)
+
+
 def _register_shapes() -> None:
     """What each operator returns, for tracing: a new tensor of the output's shape and dtype."""
 
@@ -81,7 +89,7 @@ def _register_shapes() -> None:
         return scales.new_empty(qweight.shape[0], k, dtype=torch.float32)
 
     @shape_of("uniform_gemv")
-    def _(x, qweight, scales, qzeros, bits, group_size):
+    def _(x, qweight, scales, qzeros, perm, bits, group_size):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     @shape_of("half_gemv")

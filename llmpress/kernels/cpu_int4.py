@@ -11,8 +11,9 @@ contiguous, and the input is permuted to match. A ragged last group (576 inputs 
 The kernel is fast only for bf16 activations: with fp32 activations it is exact to fp32
 rounding but 20-60x slower than a dense fp32 GEMV on this machine. ``int4_linear`` therefore
 computes in bf16 by default (``x`` and the scales rounded to bf16; about 3e-3 relative error on
-a layer's outputs) and in fp32 on request (the exactness check in the tests). It serves decoding;
-the fp32 perplexity protocol uses the reference path (``kernels.dispatch``).
+a layer's outputs) and in fp32 on request (the exactness check in the tests). It serves decoding
+where the C++ GEMV's AVX-512 path does not (that one reads the stored codes, with no copy in
+this layout); the fp32 perplexity protocol uses the reference path (``kernels.dispatch``).
 
 With the C++ kernels built, ``int4_linear`` makes its few torch calls (conversion, act-order's
 permutation, padding, the GEMM) in one crossing from Python (``int4_rows``).
@@ -77,7 +78,7 @@ def _centred_codes(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
     codes = unpack_codes(layer.qweight, layer.bits, layer.in_features)           # [N, K]
     zeros = unpack_codes(layer.qzeros, layer.bits, layer.n_groups).to(torch.float32)
     scales = layer.scales.to(torch.float32)                              # [N, groups]
-    perm = None
+    perm = layer.input_order   # held in group order (layers.quant_linear): contiguous groups, permuted input
     if layer.g_idx is not None:
         perm = torch.argsort(layer.g_idx.to(torch.int64), stable=True)
         codes = codes[:, perm]
@@ -142,6 +143,9 @@ def can_share_input(layers: Sequence) -> bool:
         if _kernel_group(layer) != _kernel_group(first) or (layer.g_idx is None) != (first.g_idx is None):
             return False
         if layer.g_idx is not None and not torch.equal(layer.g_idx, first.g_idx):
+            return False
+        if (layer.input_order is None) != (first.input_order is None) or (
+                layer.input_order is not None and not torch.equal(layer.input_order, first.input_order)):
             return False
     return True
 

@@ -3,12 +3,14 @@ the input's device, with the torch reference as the oracle and the fallback.
 
 - ``reference``: dequantize with torch, then a dense matmul in the input's dtype. Exact to the
   format; every other path is tested against it.
-- ``cpu-int4``: torch's packed int4 CPU GEMM (``kernels.cpu_int4``), bf16 activations. ``auto``
-  takes it on CPU for the 2-, 3- and 4-bit layers it fits when the input has at most ``DECODE_MAX_ROWS`` rows
-  (decoding); linears that read one input run as one GEMM there (``layers.shared_input``).
-- ``cpu-gemv``: decoding inputs on CPU for the layers the int4 kernel cannot take (8-bit codes,
-  other group sizes) whose groups are contiguous: the C++ GEMV (``kernels.cpu_ext``) reads the
-  packed codes as stored, in fp32.
+- ``cpu-gemv``: decoding inputs (at most ``DECODE_MAX_ROWS`` rows) on CPU through the C++ GEMV
+  (``kernels.cpu_ext``), which reads the packed codes as stored. ``auto`` takes it first where its
+  AVX-512 path runs the layer (2-4 bits, contiguous groups of a multiple of 64, act-order layers
+  held in group order: bf16 inputs, fp32 sums; nothing is held beside the codes), and for the layers
+  the int4 kernel cannot take (8-bit codes, other group sizes) whose groups are contiguous (fp32).
+- ``cpu-int4``: torch's packed int4 CPU GEMM (``kernels.cpu_int4``), bf16 activations, on a copy of
+  the codes in its layout. ``auto`` takes it for the other 2-, 3- and 4-bit layers it fits when
+  decoding; linears that read one input run as one GEMM there (``layers.shared_input``).
 - ``cpu-gemv`` also runs GGML block weights (``layers.GGMLLinear``) for decoding inputs: the C++
   affine GEMV on their codes decoded to bytes once (``ggml_linear``); larger inputs compute the
   weight from those codes per call.
@@ -81,6 +83,8 @@ def select_path(layer, x: torch.Tensor) -> str:
         return "reference"
     if x.device.type == "cpu":   # decoding on CPU is the hot case: decided first
         decoding = backend == "auto" and x.numel() <= DECODE_MAX_ROWS * x.shape[-1]
+        if decoding and layer.cpu_gemv_fast():
+            return "cpu-gemv"
         if (decoding or backend == "cpu-int4") and not layer.cpu_int4_reason():
             return "cpu-int4"
         if (decoding or backend == "cpu-gemv") and gemv_fits(layer) and cpu_ext.extension() is not None:
@@ -117,14 +121,16 @@ def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
             return layer.shared_input.output(layer, x)
         return cpu_int4.int4_linear(x, layer.cpu_int4_pack(), layer.bias)
     bias = layer.bias
+    if path != "reference" and path != "cpu-gemv" and layer.input_order is not None:
+        x = x.index_select(-1, layer.input_order)   # the held columns' order (reference: stored order)
     if path == "triton":
         from . import triton_uniform
 
         return triton_uniform.uniform_linear(layer, x)
     if path == "cpu-gemv":
         flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        y = cpu_ext.extension().uniform_gemv(flat, layer.qweight, layer.scales, layer.qzeros, layer.bits,
-                                             layer.group_size).to(x.dtype)
+        y = cpu_ext.extension().uniform_gemv(flat, layer.qweight, layer.scales, layer.qzeros, layer.input_order,
+                                             layer.bits, layer.group_size).to(x.dtype)
         y = y if bias is None else y + bias.to(x.dtype)
         return y.view(*x.shape[:-1], layer.out_features)
     if path == "cpu-dequant":

@@ -300,22 +300,207 @@ void uniform_gemv_rows(const float* x, const float* xsum, const uint32_t* qw, co
 
 }  // namespace
 
-// x [B, K] float32 · Wᵀ for the uniform format with contiguous groups (no g_idx), reading the
-// packed codes as stored: y[b, n] = Σ_g s[n, g] · (Σ_{c∈g} q[n, c]·x[b, c] − z[n, g]·Σ_{c∈g} x[b, c]).
-// For decoding batches; K must be a multiple of 8 (codes are decoded eight at a time).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LLMPRESS_VBMI 1
+#define LLMPRESS_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi,avx512bf16")))
+
+namespace {
+
+// 64 codes of BITS (2, 3 or 4) bits, the 8·BITS bytes of the row's bitstream at ``p``, as 64 bytes.
+// A byte permutation gives each 64-bit lane the BITS bytes of its 8 codes, a multishift takes
+// each code's bits to a byte of its own: three instructions for a group of 64.
+template <int BITS>
+LLMPRESS_AVX512 inline __m512i decode64(const uint8_t* p, __m512i spread, __m512i shifts) {
+  const __m512i bytes = _mm512_maskz_loadu_epi8(static_cast<__mmask64>((1ULL << (8 * BITS)) - 1), p);
+  const __m512i lanes = _mm512_permutexvar_epi8(spread, bytes);
+  return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, lanes), _mm512_set1_epi8((1 << BITS) - 1));
+}
+
+constexpr int64_t kPackedBatch = 2;   // decoding rows one pass over the weight serves
+constexpr float kCodeBias = 128.f;    // bf16 0x4300 | q is 128 + q, exactly, for q < 128
+
+// R weight rows from ``row`` of y[b, n] = Σ_g s[n, g]·(Σ_{c∈g} (128 + q[n, c])·x[b, c] − (128 + z[n, g])·X[b, g]),
+// X[b, g] = Σ_{c∈g} x[b, c], which is the uniform format's x·Wᵀ. Groups are contiguous, of a
+// multiple of 64 columns. ``x`` is bf16, each chunk of 64 in ``interleave_chunks`` order; the codes
+// of a chunk become 128 + q in bf16 by interleaving their bytes with 0x43 (in-lane unpacks), and
+// AVX512-BF16's dot product multiplies pairs exactly into fp32 sums. R rows at once keep R
+// independent chains of sums in flight (one row alone waits on latency).
+template <int BITS, int R>
+LLMPRESS_AVX512 void packed_gemv_tile(const uint16_t* x, const float* xsum, int64_t batch, const uint8_t* qw,
+                                      int64_t row_bytes, const uint32_t* qz, int64_t zwords, const at::Half* sc,
+                                      float* y, int64_t n, int64_t k, int64_t groups, int64_t group, int64_t row,
+                                      float* s, float* z) {
+  alignas(64) int8_t spread_bytes[64], shift_bytes[64];
+  for (int i = 0; i < 64; ++i) {
+    spread_bytes[i] = static_cast<int8_t>(BITS * (i / 8) + i % 8);
+    shift_bytes[i] = static_cast<int8_t>(BITS * (i % 8));
+  }
+  const __m512i spread = _mm512_load_si512(spread_bytes), shifts = _mm512_load_si512(shift_bytes);
+  const __m512i exponent = _mm512_set1_epi8(0x43);
+  const int64_t chunks = k / 64, per_group = group / 64;
+  const uint32_t mask = (1u << BITS) - 1;
+  for (int i = 0; i < R; ++i)
+    for (int64_t g = 0; g < groups; ++g) {   // s and z hold [R, groups]
+      s[i * groups + g] = static_cast<float>(sc[(row + i) * groups + g]);
+      z[i * groups + g] = static_cast<float>(code_at(qz + (row + i) * zwords, g, BITS, mask)) + kCodeBias;
+    }
+  for (int64_t b0 = 0; b0 < batch; b0 += kPackedBatch) {
+    const int64_t rows = std::min(kPackedBatch, batch - b0);
+    __m512 acc[kPackedBatch][R], part[kPackedBatch][R];
+    for (int64_t b = 0; b < kPackedBatch; ++b)
+      for (int i = 0; i < R; ++i) acc[b][i] = part[b][i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < chunks; ++j) {
+      __m512i w0[R], w1[R];
+      for (int i = 0; i < R; ++i) {
+        const __m512i codes = decode64<BITS>(qw + (row + i) * row_bytes + j * 8 * BITS, spread, shifts);
+        w0[i] = _mm512_unpacklo_epi8(codes, exponent);   // codes 16L + 0..7 of each 128-bit lane L
+        w1[i] = _mm512_unpackhi_epi8(codes, exponent);   // codes 16L + 8..15
+      }
+      for (int64_t b = 0; b < rows; ++b) {
+        const uint16_t* xb = x + (b0 + b) * k + j * 64;
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb), x1 = (__m512bh)_mm512_loadu_si512(xb + 32);
+        for (int i = 0; i < R; ++i) {
+          part[b][i] = _mm512_dpbf16_ps(part[b][i], (__m512bh)w0[i], x0);
+          part[b][i] = _mm512_dpbf16_ps(part[b][i], (__m512bh)w1[i], x1);
+        }
+      }
+      if ((j + 1) % per_group == 0 || j + 1 == chunks) {   // a group's sums are complete: scale them
+        const int64_t g = j / per_group;
+        for (int i = 0; i < R; ++i) {
+          const __m512 sv = _mm512_set1_ps(s[i * groups + g]);
+          for (int64_t b = 0; b < rows; ++b) {
+            acc[b][i] = _mm512_fmadd_ps(sv, part[b][i], acc[b][i]);
+            part[b][i] = _mm512_setzero_ps();
+          }
+        }
+      }
+    }
+    for (int64_t b = 0; b < rows; ++b) {
+      const uint16_t* xb = x + (b0 + b) * k;
+      const float* xs = xsum + (b0 + b) * groups;
+      for (int i = 0; i < R; ++i) {
+        float total = _mm512_reduce_add_ps(acc[b][i]);
+        const auto* words = reinterpret_cast<const uint32_t*>(qw + (row + i) * row_bytes);
+        for (int64_t c = chunks * 64; c < k; ++c) {   // the columns past the last whole chunk
+          const uint32_t bits32 = static_cast<uint32_t>(xb[c]) << 16;
+          float xc;
+          std::memcpy(&xc, &bits32, 4);
+          total += s[i * groups + c / group] * (static_cast<float>(code_at(words, c, BITS, mask)) + kCodeBias) * xc;
+        }
+        for (int64_t g = 0; g < groups; ++g) total -= s[i * groups + g] * z[i * groups + g] * xs[g];
+        y[(b0 + b) * n + row + i] = total;
+      }
+    }
+  }
+}
+
+// x [B, K] bf16 with each whole chunk of 64 columns reordered as the in-lane unpacks of
+// ``packed_gemv_tile`` order its codes: first columns 16L + 0..7 for L = 0..3, then 16L + 8..15.
+void interleave_chunks(const uint16_t* x, uint16_t* out, int64_t batch, int64_t k) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const uint16_t* xb = x + b * k;
+    uint16_t* ob = out + b * k;
+    int64_t c0 = 0;
+    for (; c0 + 64 <= k; c0 += 64)
+      for (int half = 0; half < 2; ++half)
+        for (int w = 0; w < 32; ++w) ob[c0 + 32 * half + w] = xb[c0 + 16 * (w / 8) + 8 * half + w % 8];
+    for (; c0 < k; ++c0) ob[c0] = xb[c0];
+  }
+}
+
+template <int BITS>
+void packed_gemv_rows_avx512(const uint16_t* x, const float* xsum, int64_t batch, const uint8_t* qw,
+                             int64_t row_bytes, const uint32_t* qz, int64_t zwords, const at::Half* sc, float* y,
+                             int64_t n, int64_t k, int64_t groups, int64_t group, int64_t begin, int64_t end) {
+  constexpr int R = 4;
+  std::vector<float> s(R * groups), z(R * groups);
+  int64_t row = begin;
+  for (; row + R <= end; row += R)
+    packed_gemv_tile<BITS, R>(x, xsum, batch, qw, row_bytes, qz, zwords, sc, y, n, k, groups, group, row, s.data(),
+                              z.data());
+  for (; row < end; ++row)
+    packed_gemv_tile<BITS, 1>(x, xsum, batch, qw, row_bytes, qz, zwords, sc, y, n, k, groups, group, row, s.data(),
+                              z.data());
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+}  // namespace
+#endif
+
+// Whether ``uniform_gemv`` runs a layer on its AVX-512 path (codes decoded in registers, bf16
+// inputs: as fast as torch's int4 GEMM at decoding sizes, with nothing held beside the codes):
+// 2-4 bits, contiguous groups of a multiple of 64 columns (or one group a row).
+bool uniform_gemv_fast(int64_t bits, int64_t k, int64_t group_size) {
+#ifdef LLMPRESS_VBMI
+  const int64_t group = group_size > 0 ? group_size : k;
+  return cpu_has_avx512_bf16() && bits >= 2 && bits <= 4 && k % 8 == 0 && group % 64 == 0;
+#else
+  (void)bits, (void)k, (void)group_size;
+  return false;
+#endif
+}
+
+// x [B, K] float32 · Wᵀ for the uniform format with contiguous groups, reading the packed codes as
+// stored: y[b, n] = Σ_g s[n, g] · (Σ_{c∈g} q[n, c]·x'[b, c] − z[n, g]·Σ_{c∈g} x'[b, c]), where
+// x'[b, c] = x[b, perm[c]] (an act-order layer held in group order, ``QuantLinear.sort_groups``) or x.
+// For decoding batches; K must be a multiple of 8. Where ``uniform_gemv_fast`` says so, the AVX-512
+// kernel (bf16 inputs, fp32 sums); otherwise a portable fp32 loop.
 torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor qzeros,
-                           int64_t bits, int64_t group_size) {
+                           c10::optional<torch::Tensor> perm, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, K] float32");
   TORCH_CHECK(qweight.scalar_type() == torch::kInt32 && qzeros.scalar_type() == torch::kInt32, "packed int32 expected");
+  if (perm.has_value()) {
+    TORCH_CHECK(perm->numel() == x.size(1), "the input permutation must have one entry per input");
+    x = x.index_select(1, perm->to(torch::kInt64));
+  }
   x = x.contiguous();
   qweight = qweight.contiguous();
   qzeros = qzeros.contiguous();
-  auto s32 = scales.to(torch::kFloat32).contiguous();
   const int64_t batch = x.size(0), k = x.size(1), n = qweight.size(0), words = qweight.size(1);
-  const int64_t groups = s32.size(1), zwords = qzeros.size(1), group = group_size > 0 ? group_size : k;
+  const int64_t groups = scales.size(1), zwords = qzeros.size(1), group = group_size > 0 ? group_size : k;
   TORCH_CHECK(k % 8 == 0 && group % 8 == 0, "K and the group size must be multiples of 8");
   TORCH_CHECK((k + group - 1) / group == groups, "the scales do not match the groups");
   TORCH_CHECK(words * 32 >= k * bits && zwords * 32 >= groups * bits, "the packed words do not hold the codes");
+  const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  const auto* qz = reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>());
+  auto y = torch::empty({batch, n}, x.options());
+#ifdef LLMPRESS_VBMI
+  if (uniform_gemv_fast(bits, k, group_size)) {
+    auto xb = x.to(torch::kBFloat16);
+    auto xr = torch::empty_like(xb);
+    const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    interleave_chunks(xp, reinterpret_cast<uint16_t*>(xr.data_ptr<at::BFloat16>()), batch, k);
+    auto xsum = torch::zeros({batch, groups}, x.options());   // sums of the rounded inputs: they cancel the code bias
+    for (int64_t b = 0; b < batch; ++b) {
+      float* xs = xsum.data_ptr<float>() + b * groups;
+      for (int64_t c = 0; c < k; ++c) {
+        const uint32_t bits32 = static_cast<uint32_t>(xp[b * k + c]) << 16;
+        float v;
+        std::memcpy(&v, &bits32, 4);
+        xs[c / group] += v;
+      }
+    }
+    auto s16 = scales.to(torch::kFloat16).contiguous();
+    auto run = [&](auto kernel) {
+      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        kernel(reinterpret_cast<const uint16_t*>(xr.data_ptr<at::BFloat16>()), xsum.data_ptr<float>(), batch, reinterpret_cast<const uint8_t*>(qw), words * 4, qz, zwords,
+               s16.data_ptr<at::Half>(), y.data_ptr<float>(), n, k, groups, group, begin, end);
+      });
+    };
+    switch (bits) {
+      case 2: run(packed_gemv_rows_avx512<2>); break;
+      case 3: run(packed_gemv_rows_avx512<3>); break;
+      default: run(packed_gemv_rows_avx512<4>); break;
+    }
+    return y;
+  }
+#endif
   auto xsum = torch::zeros({batch, groups}, x.options());
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t g = 0; g < groups; ++g) {
@@ -324,9 +509,7 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor
       for (int64_t c = g * group; c < std::min(k, (g + 1) * group); ++c) sum += xb[c];
       xsum.data_ptr<float>()[b * groups + g] = sum;
     }
-  auto y = torch::empty({batch, n}, x.options());
-  const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
-  const auto* qz = reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>());
+  auto s32 = scales.to(torch::kFloat32).contiguous();
   auto run = [&](auto kernel) {
     kernel(x.data_ptr<float>(), xsum.data_ptr<float>(), qw, qz, s32.data_ptr<float>(), y.data_ptr<float>(), batch, n,
            k, words, zwords, groups, group);
@@ -826,7 +1009,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_gemv", &lut_gemv, "lookup-table GEMV of binary-coded weights");
   m.def("dequantize", &dequantize, "the dense weight of binary-coded weights");
   m.def("dequantize_uniform", &dequantize_uniform, "the dense weight of the uniform format");
-  m.def("uniform_gemv", &uniform_gemv, "decoding GEMV of the uniform format with contiguous groups");
+  m.def("uniform_gemv", &uniform_gemv, "decoding GEMV of the uniform format");
+  m.def("uniform_gemv_fast", &uniform_gemv_fast, "whether uniform_gemv takes its AVX-512 path for a layer");
   m.def("half_gemv", &half_gemv, "decoding GEMV of a float16/bfloat16 weight in fp32");
   m.def("ell_gemv", &ell_gemv, "GEMV of column-sparse coefficients in ELL layout");
   m.def("affine_gemv", &affine_gemv, "decoding GEMV of byte codes with a step and offset per sub-block");
@@ -843,7 +1027,8 @@ TORCH_LIBRARY(llmpress, m) {
   m.def("dequantize(Tensor sign_bits, Tensor alpha, int col_block, int k) -> Tensor");
   m.def("dequantize_uniform(Tensor qweight, Tensor scales, Tensor qzeros, Tensor? g_idx, int bits, int k, "
         "int group_size) -> Tensor");
-  m.def("uniform_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size) -> Tensor");
+  m.def("uniform_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, Tensor? perm, int bits, "
+        "int group_size) -> Tensor");
   m.def("half_gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("ell_gemv(Tensor h, Tensor values, Tensor index) -> Tensor");
   m.def("affine_gemv(Tensor x, Tensor codes, Tensor step, Tensor offset, int sub) -> Tensor");
