@@ -85,7 +85,7 @@ def _register_shapes() -> None:
         return alpha.new_empty(sign_bits.shape[1], k)
 
     @shape_of("dequantize_uniform")
-    def _(qweight, scales, qzeros, g_idx, bits, k, group_size):
+    def _(qweight, scales, qzeros, g_idx, bits, k, group_size, columns):
         return scales.new_empty(qweight.shape[0], k, dtype=torch.float32)
 
     @shape_of("uniform_gemv")

@@ -121,8 +121,8 @@ def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
             return layer.shared_input.output(layer, x)
         return cpu_int4.int4_linear(x, layer.cpu_int4_pack(), layer.bias)
     bias = layer.bias
-    if path != "reference" and path != "cpu-gemv" and layer.input_order is not None:
-        x = x.index_select(-1, layer.input_order)   # the held columns' order (reference: stored order)
+    if path == "triton" and layer.input_order is not None:
+        x = x.index_select(-1, layer.input_order)   # the held columns' order (the others: inside their call)
     if path == "triton":
         from . import triton_uniform
 
@@ -135,7 +135,8 @@ def uniform_linear(layer, x: torch.Tensor) -> torch.Tensor:
         return y.view(*x.shape[:-1], layer.out_features)
     if path == "cpu-dequant":
         weight = cpu_ext.extension().dequantize_uniform(layer.qweight, layer.scales, layer.qzeros, layer.g_idx,
-                                                        layer.bits, layer.in_features, max(layer.group_size, 1))
+                                                        layer.bits, layer.in_features, max(layer.group_size, 1),
+                                                        layer.input_order)
         weight = weight.to(x.dtype)
     else:
         weight = layer.dequantize(x.dtype)

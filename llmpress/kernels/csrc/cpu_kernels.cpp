@@ -196,8 +196,11 @@ inline void decode8(const uint8_t* p, float* out) {
 // g = g_idx[c] (or c / group_size, 0 per row): the same float operations as the torch reference,
 // so the result is identical to it. Each row's codes are decoded first (eight at a time where K
 // is a multiple of 8), then scaled group by group.
+// With ``columns`` (a layer held in group order), code column c is written to column columns[c]:
+// the weight in the stored column order, without a pass over the input to permute it.
 torch::Tensor dequantize_uniform(torch::Tensor qweight, torch::Tensor scales, torch::Tensor qzeros,
-                                 c10::optional<torch::Tensor> g_idx, int64_t bits, int64_t k, int64_t group_size) {
+                                 c10::optional<torch::Tensor> g_idx, int64_t bits, int64_t k, int64_t group_size,
+                                 c10::optional<torch::Tensor> columns) {
   TORCH_CHECK(qweight.scalar_type() == torch::kInt32 && qzeros.scalar_type() == torch::kInt32, "packed int32 expected");
   TORCH_CHECK(scales.is_floating_point(), "floating-point scales expected");
   qweight = qweight.contiguous();
@@ -211,6 +214,12 @@ torch::Tensor dequantize_uniform(torch::Tensor qweight, torch::Tensor scales, to
     TORCH_CHECK(gi.numel() == k, "g_idx must have one entry per input");
   }
   const int64_t* gp = gi.defined() ? gi.data_ptr<int64_t>() : nullptr;
+  torch::Tensor ci;
+  if (columns.has_value()) {
+    ci = columns->to(torch::kInt64).contiguous();
+    TORCH_CHECK(ci.numel() == k && !gp, "columns: one entry per input, for contiguous groups");
+  }
+  const int64_t* cp = ci.defined() ? ci.data_ptr<int64_t>() : nullptr;
   const uint32_t mask = (1u << bits) - 1;
   const int64_t group = groups == 1 ? k : group_size;
   auto w = torch::empty({n, k}, s32.options());
@@ -235,12 +244,12 @@ torch::Tensor dequantize_uniform(torch::Tensor qweight, torch::Tensor scales, to
     }
   };
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> zero(groups), codes(k);
+    std::vector<float> zero(groups), codes(k), held(cp ? k : 0);
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t g = 0; g < groups; ++g) zero[g] = static_cast<float>(code_at(qz + row * zwords, g, bits, mask));
       decode_row(qw + row * words, codes.data());
       const float* sr = sp + row * groups;
-      float* o = out + row * k;
+      float* o = cp ? held.data() : out + row * k;
       if (gp) {
         for (int64_t c = 0; c < k; ++c) o[c] = sr[gp[c]] * (codes[c] - zero[gp[c]]);
         continue;
@@ -250,6 +259,10 @@ torch::Tensor dequantize_uniform(torch::Tensor qweight, torch::Tensor scales, to
         const float scale = sr[g], z = zero[g];
 #pragma omp simd
         for (int64_t c = c0; c < c1; ++c) o[c] = scale * (codes[c] - z);
+      }
+      if (cp) {
+        float* stored = out + row * k;
+        for (int64_t c = 0; c < k; ++c) stored[cp[c]] = o[c];
       }
     }
   });
@@ -1026,7 +1039,7 @@ TORCH_LIBRARY(llmpress, m) {
   m.def("lut_gemv(Tensor x, Tensor sign_bits, Tensor alpha, int col_block) -> Tensor");
   m.def("dequantize(Tensor sign_bits, Tensor alpha, int col_block, int k) -> Tensor");
   m.def("dequantize_uniform(Tensor qweight, Tensor scales, Tensor qzeros, Tensor? g_idx, int bits, int k, "
-        "int group_size) -> Tensor");
+        "int group_size, Tensor? columns) -> Tensor");
   m.def("uniform_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, Tensor? perm, int bits, "
         "int group_size) -> Tensor");
   m.def("half_gemv(Tensor x, Tensor weight) -> Tensor");
