@@ -140,8 +140,7 @@ class QuantLinear(CompressedLinear):
         then decoding reads the stored codes and no int4 copy is made."""
         if self._gemv_fast is None:
             contiguous = self.g_idx is None or self.n_groups == 1   # one group: the column order is moot
-            self._gemv_fast = contiguous and cpu_ext.uniform_gemv_fast(self.bits, self.in_features,
-                                                                               self.group_size)
+            self._gemv_fast = contiguous and cpu_ext.uniform_gemv_fast(self.bits, self.in_features, self.group_size)
         return self._gemv_fast
 
     def cpu_int4_pack(self) -> cpu_int4.Int4Pack:
