@@ -147,7 +147,8 @@ def main() -> None:
     tasks = make_tasks(args.items, args.seed)
     dense, tok = llmpress.load("smollm2-135m")
     runtime = "eager" if args.eager else "compiled"
-    logs = OUT / "generation" / f"items{args.items}-seed{args.seed}-budget{args.budget}-{runtime}"
+    logs = OUT / "generation" / (f"items{args.items}-seed{args.seed}-budget{args.budget}-plan{args.plan_tokens}-"
+                                 f"fallback{args.fallback_tokens}-{runtime}")
     logs.mkdir(parents=True, exist_ok=True)
     lines = [
         f"Model `smollm2-135m` (Instruct) and its compressed versions (best preset per width: "
@@ -194,6 +195,7 @@ def main() -> None:
         lines += ["", "Every record was read from an earlier run's bench/out/generation/ (wall times are that run's); "
                       "the peak RSS below is this table rebuild's."]
     publish(lines, "generation", f"python bench/generation.py --items {args.items} --budget {args.budget} "
+            f"--seed {args.seed} --plan-tokens {args.plan_tokens} --fallback-tokens {args.fallback_tokens} "
             f"--models {args.models} --controls '{args.controls}'" + (" --eager" if args.eager else ""),
             not args.no_update)
 
