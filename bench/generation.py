@@ -97,8 +97,9 @@ def ensure_model(recipe: str):
     return folder
 
 
-def run_row(run: Generator, tasks: list[dict], budget: int, log) -> tuple[list[dict], int]:
-    """Every task's record (from ``log`` where it holds one) and how many were generated now."""
+def run_row(run: Generator, tasks: list[dict], budget: int, log, before_first=lambda: None) -> tuple[list[dict], int]:
+    """Every task's record (from ``log`` where it holds one) and how many were generated now;
+    ``before_first`` runs once before the first generation (the compilation, kept out of the times)."""
     done = {}
     if log.exists():
         done = {r["id"]: r for r in map(json.loads, log.read_text().splitlines()) if r}
@@ -107,6 +108,8 @@ def run_row(run: Generator, tasks: list[dict], budget: int, log) -> tuple[list[d
         for t in tasks:
             if t["id"] in done:
                 continue
+            if not generated:
+                before_first()
             r = run(t["prompt"], max_new_tokens=budget, chat=True)
             record = {"id": t["id"], "family": t["family"], "answer": t["answer"], "text": r.text,
                       "steps": r.steps, "finish": r.finish, "seconds": r.seconds,
@@ -170,10 +173,17 @@ def main() -> None:
     for label in args.models.split(","):
         model = dense if MODELS[label] is None else llmpress.load(ensure_model(MODELS[label]))[0]
         base = Generator(model, tok, fallback=dense, compile=not args.eager)
-        if not args.eager:   # compile both models' steps, at the static length the longest item needs
+        compiled = []
+
+        def compile_both(base=base, compiled=compiled):
+            """Both models' steps compiled at the static length the longest item needs, once."""
+            if args.eager or compiled:
+                return
             longest = max(tasks, key=lambda t: len(tok.apply_chat_template(
                 [{"role": "user", "content": t["prompt"]}], add_generation_prompt=True, tokenize=False)))
             base.with_controls(GenerationControls(plan_tokens=4))(longest["prompt"], max_new_tokens=args.budget, chat=True)
+            compiled.append(True)
+
         for name in wanted if MODELS[label] else ["none"]:
             options = dict(CONTROLS[name])
             if "plan_tokens" in options:
@@ -183,7 +193,7 @@ def main() -> None:
             run = base.with_controls(GenerationControls(**options))
             slug = re.sub(r"[^a-z0-9]+", "-", f"{label}-{MODELS[label] or 'dense'}-{name}".lower()).strip("-")
             start = time.perf_counter()
-            records, generated = run_row(run, tasks, args.budget, logs / f"{slug}.jsonl")
+            records, generated = run_row(run, tasks, args.budget, logs / f"{slug}.jsonl", compile_both)
             generated_here += generated
             s = row_stats(records)
             fam = " / ".join(f"{s['by family'][f]:.2f}" for f in ("arith", "count", "wiki"))

@@ -31,6 +31,7 @@ from ..io.models import (
 )
 from ..io.text import check_text_source
 from ..layers.experts import unsplit_experts
+from ..layers.quant_linear import hold_act_order_in_group_order
 from ..progress import Status, note
 from ..version import __version__
 from . import distributed
@@ -287,6 +288,8 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
         "fingerprint": job.fingerprint,
     })
     distributed.barrier()
+    if kept_model is not None:   # the layout a load gives, so that it computes as the reloaded model does
+        hold_act_order_in_group_order(kept_model)
     return CompressResult(out=job.out, records=records, seconds=seconds, peak_rss_mb=peak_rss_mb(), summary=summary,
                           model=kept_model)
 
