@@ -342,13 +342,8 @@ template <int BITS, int R>
 LLMPRESS_AVX512 void packed_gemv_tile(const uint16_t* x, const float* xsum, int64_t batch, const uint8_t* qw,
                                       int64_t row_bytes, const uint32_t* qz, int64_t zwords, const at::Half* sc,
                                       float* y, int64_t n, int64_t k, int64_t groups, int64_t group, int64_t row,
-                                      float* s, float* z) {
-  alignas(64) int8_t spread_bytes[64], shift_bytes[64];
-  for (int i = 0; i < 64; ++i) {
-    spread_bytes[i] = static_cast<int8_t>(BITS * (i / 8) + i % 8);
-    shift_bytes[i] = static_cast<int8_t>(BITS * (i % 8));
-  }
-  const __m512i spread = _mm512_load_si512(spread_bytes), shifts = _mm512_load_si512(shift_bytes);
+                                      float* s, float* z, const int8_t* decode_tables) {
+  const __m512i spread = _mm512_load_si512(decode_tables), shifts = _mm512_load_si512(decode_tables + 64);
   const __m512i exponent = _mm512_set1_epi8(0x43);
   const int64_t chunks = k / 64, per_group = group / 64;
   const uint32_t mask = (1u << BITS) - 1;
@@ -426,14 +421,20 @@ void packed_gemv_rows_avx512(const uint16_t* x, const float* xsum, int64_t batch
                              int64_t row_bytes, const uint32_t* qz, int64_t zwords, const at::Half* sc, float* y,
                              int64_t n, int64_t k, int64_t groups, int64_t group, int64_t begin, int64_t end) {
   constexpr int R = 4;
+  // decode64's operands: the byte each lane takes (lane i: the BITS bytes from BITS·i), the shift of each code
+  alignas(64) int8_t tables[128];
+  for (int i = 0; i < 64; ++i) {
+    tables[i] = static_cast<int8_t>(BITS * (i / 8) + i % 8);
+    tables[64 + i] = static_cast<int8_t>(BITS * (i % 8));
+  }
   std::vector<float> s(R * groups), z(R * groups);
   int64_t row = begin;
   for (; row + R <= end; row += R)
     packed_gemv_tile<BITS, R>(x, xsum, batch, qw, row_bytes, qz, zwords, sc, y, n, k, groups, group, row, s.data(),
-                              z.data());
+                              z.data(), tables);
   for (; row < end; ++row)
     packed_gemv_tile<BITS, 1>(x, xsum, batch, qw, row_bytes, qz, zwords, sc, y, n, k, groups, group, row, s.data(),
-                              z.data());
+                              z.data(), tables);
 }
 
 bool cpu_has_avx512_bf16() {
