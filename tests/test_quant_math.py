@@ -284,3 +284,17 @@ def test_gptq_equals_the_textbook_loop(group, act_order):
     ours = QuantLinear.from_quantized(gptq_quantize(w, h, bits=3, group_size=group, act_order=act_order),
                                       None, torch.float32).dequantize(torch.float32)
     assert torch.allclose(ours, _textbook_gptq(w, h, 3, group, act_order), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_whole_byte_packing_equals_the_general_bitstream(bits, monkeypatch):
+    from llmpress.formats import packing
+
+    codes = torch.randint(0, 1 << bits, (2, 5, 96), generator=torch.Generator().manual_seed(bits))
+    fast = pack_codes(codes, bits)
+    monkeypatch.setattr(packing.sys, "byteorder", "big")   # forces the general path
+    general = pack_codes(codes, bits)
+    assert torch.equal(fast, general)
+    assert torch.equal(unpack_codes(general, bits, 96), codes)
+    monkeypatch.undo()
+    assert torch.equal(unpack_codes(general, bits, 96), codes)
