@@ -211,15 +211,37 @@ def _binary_layers():
     return layers
 
 
-def test_cpu_ext_kernels_equal_the_torch_oracle():
-    from llmpress.formats.bcq import apot_value
+def test_the_cpp_kernels_build_where_a_compiler_is_present():
+    """The kernel tests skip where nothing can be built: a source that does not compile must fail here
+    instead of skipping them."""
+    import shutil
+
     from llmpress.kernels import cpu_ext
-    from llmpress.kernels.lut import lut_gemv_scaled
-    from llmpress.layers import BCQLinear
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on PATH")
+    assert cpu_ext.extension() is not None
+
+
+@pytest.fixture(params=["vector", "portable"])
+def lut_ext(request):
+    """The C++ module, on its vector path (AVX-512 where the CPU has it) and on its portable loops."""
+    from llmpress.kernels import cpu_ext
 
     ext = cpu_ext.extension()
     if ext is None:
         pytest.skip("no C++ compiler: the torch path serves (tested below)")
+    ext.use_portable_kernels(request.param == "portable")
+    yield ext
+    ext.use_portable_kernels(False)
+
+
+def test_cpu_ext_kernels_equal_the_torch_oracle(lut_ext):
+    from llmpress.formats.bcq import apot_value
+    from llmpress.kernels.lut import lut_gemv_scaled
+    from llmpress.layers import BCQLinear
+
+    ext = lut_ext
     for layer in _binary_layers():
         if isinstance(layer, BCQLinear):
             alpha, block = apot_value(layer.alpha_exp, layer.alpha_sign).float(), layer.col_block
@@ -235,6 +257,26 @@ def test_cpu_ext_kernels_equal_the_torch_oracle():
                                        rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("planes,col_block,row_groups", [(2, 8, 2), (3, 8, 2), (1, 40, 2), (2, 64, 88), (2, 8, 8)])
+def test_cpu_lut_gemv_equals_the_torch_lut_over_whole_and_ragged_row_tiles(planes, col_block, row_groups, lut_ext):
+    """The C++ LUT GEMV's AVX-512 path takes 16 rows at a time, inside one row group where groups
+    have 16 rows or more: row groups of 44 rows end in a partial tile, row groups of 11 rows or of
+    one row (a scale per row) are read lane by lane; K = 200 ends in a partial word of sign bits,
+    five rows span two passes over the bits."""
+    from llmpress.kernels.lut import lut_gemv_scaled
+
+    ext = lut_ext
+    g = torch.Generator().manual_seed(planes * 100 + col_block)
+    n, k = 88, 200
+    sign_bits = torch.randint(-2**31, 2**31 - 1, (planes, n, 7), dtype=torch.int32, generator=g)
+    alpha = torch.rand(planes, row_groups, -(-k // col_block), generator=g) + 0.1
+    for rows in (1, 5):
+        x = torch.randn(rows, k, generator=g)
+        expected = lut_gemv_scaled(x.double(), sign_bits, alpha.double(), col_block, n)
+        torch.testing.assert_close(ext.lut_gemv(x, sign_bits, alpha, col_block).double(), expected,
+                                   rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("built", [True, False])
 def test_binary_coded_layers_equal_their_reference_on_every_path(built, monkeypatch):
     from llmpress.kernels import cpu_ext
@@ -242,7 +284,8 @@ def test_binary_coded_layers_equal_their_reference_on_every_path(built, monkeypa
     if not built:   # no compiler: the torch LUT and dequantizer serve
         monkeypatch.setattr(cpu_ext, "extension", lambda: None)
     for layer in _binary_layers():
-        for rows in (1, 4, 5, 24):   # the LUT GEMV up to 4 rows, a dequantized weight for the call above
+        # the LUT GEMV up to 4 or 16 rows (portable or vector C++ path), a dequantized weight above
+        for rows in (1, 4, 5, 16, 17, 24):
             x = torch.randn(rows, 100)
             with use_backend("reference"):
                 expected = layer(x)

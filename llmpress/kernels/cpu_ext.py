@@ -36,10 +36,12 @@ def _build():
         return None
     _register_shapes()
     _built.append(module)
+    _lut_vector.append(module.lut_gemv_vector())
     return module
 
 
 _built: list = []   # the module once built: read while torch.compile traces, which cannot call _build
+_lut_vector: list = []   # whether its LUT GEMV has the AVX-512 path here, read the same way
 
 
 def extension():
@@ -105,11 +107,19 @@ def _register_shapes() -> None:
         return x.new_empty(x.shape[0], codes.shape[0])
 
 
-# Decoding batches take the LUT GEMV, larger inputs dequantize once per call. A LUT pass costs a
-# quarter of a dequantize-and-GEMM on CPU (1536 in, 576 out, 3 bits: 0.21 vs 0.86 ms, 2 threads), and
-# grows with every row where the GEMM hardly does: even at 4 rows. Triton's LUT GEMV takes up to 8.
-CPU_LUT_MAX_TOKENS = 4
+# Decoding batches take the LUT GEMV, larger inputs dequantize once per call. The LUT grows with
+# every row where the GEMM hardly does. Its AVX-512 path (16 rows' nibbles a table lookup) stays
+# below a dequantize-and-GEMM to 16 rows and beyond (576x1536, 3 bits, 2 threads: 0.05 against 0.42 ms
+# at one row, 0.37 against 0.73 at 16); the portable loop (one lookup per row and byte) only to 4
+# (0.21 against 0.86 ms at one row, even at 4). Triton's LUT GEMV takes up to 8.
+CPU_LUT_MAX_TOKENS = {"vector": 16, "portable": 4}
 LUT_MAX_TOKENS = 8
+
+
+def cpu_lut_max_tokens() -> int:
+    """The most rows a CPU LUT GEMV takes here: the C++ kernel's path decides where a dequantize-
+    and-GEMM gets cheaper (the torch LUT, where nothing was built, is the portable case)."""
+    return CPU_LUT_MAX_TOKENS["vector" if _lut_vector and _lut_vector[0] else "portable"]
 
 
 def triton_lut_ready() -> bool:
@@ -129,14 +139,14 @@ def binary_coded_matmul(x: torch.Tensor, sign_bits: torch.Tensor, alpha: torch.T
     from .dispatch import get_backend
 
     out_features = sign_bits.shape[1]
-    lut = x.shape[0] <= (LUT_MAX_TOKENS if x.is_cuda else CPU_LUT_MAX_TOKENS) and col_block % 8 == 0
+    ext = None if x.is_cuda else extension()
+    lut = x.shape[0] <= (LUT_MAX_TOKENS if x.is_cuda else cpu_lut_max_tokens()) and col_block % 8 == 0
     if get_backend() == "reference" or (x.is_cuda and not (lut and triton_lut_ready())):
         return x @ dense().to(x.dtype).T
     if x.is_cuda:
         from .triton_bcq import scaled_gemv
 
         return scaled_gemv(x, sign_bits, alpha, col_block, out_features)
-    ext = extension()
     if lut:
         if ext is None:
             return lut_gemv_scaled(x, sign_bits, alpha, col_block, out_features)

@@ -47,6 +47,117 @@ constexpr int64_t kTileGroups = 16;
 
 }  // namespace
 
+namespace {
+// Set by the tests through ``use_portable_kernels``: the portable loops, on a CPU that has the
+// vector paths, so that both stay tested on one machine.
+bool portable_only = false;
+}  // namespace
+
+void use_portable_kernels(bool portable) { portable_only = portable; }
+bool lut_gemv_vector();
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LLMPRESS_LUT16 1
+#define LLMPRESS_AVX512F __attribute__((target("avx512f")))
+
+namespace {
+
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has && !portable_only;
+}
+
+// The 16 signed sums of each 4 inputs: tables[b][h][p] = Σ_i ±x[b, 4h + i] (+ where bit i of p is
+// set), a nibble of sign bits being the index. 16 floats are one register, so that ``vpermps``
+// looks up 16 rows' nibbles at once.
+LLMPRESS_AVX512F void build_nibble_tables(const float* x, int64_t batch, int64_t k, int64_t halves, float* tables) {
+  __m512 sign[4];
+  for (int i = 0; i < 4; ++i) {
+    alignas(64) float v[16];
+    for (int p = 0; p < 16; ++p) v[p] = ((p >> i) & 1) ? 1.f : -1.f;
+    sign[i] = _mm512_load_ps(v);
+  }
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < halves; ++h) {
+      const float* xb = x + b * k + 4 * h;
+      const int64_t left = k - 4 * h;
+      __m512 t = _mm512_setzero_ps();
+      for (int i = 0; i < 4 && i < left; ++i) t = _mm512_fmadd_ps(_mm512_set1_ps(xb[i]), sign[i], t);
+      _mm512_store_ps(tables + (b * halves + h) * 16, t);
+    }
+}
+
+constexpr int64_t kLutBatch = 4;   // decoding rows one pass over the sign bits serves
+
+// Rows [row, row + lanes), lanes ≤ 16, one row a lane. Per word of sign bits a gather takes the
+// lanes' words; each nibble of a lane is then the index of a ``vpermps`` into the table of its 4
+// inputs, two nibbles make a byte's signed sum, and a block of ``per_block`` bytes is scaled once:
+// by one broadcast where the lanes share a row group (ShiftAdd: 72-192 rows a scale), by a gather of
+// each lane's scale where they do not (D²Quant: a scale per row).
+LLMPRESS_AVX512F void lut16_tile(const float* tables, int64_t batch, int64_t halves, const int32_t* bits, int64_t n,
+                                 int64_t words, const float* alpha, int64_t row_groups, int64_t col_blocks,
+                                 int64_t planes, int64_t groups, int64_t per_block, int64_t rows_per, int64_t row,
+                                 int64_t lanes, float* y) {
+  const __mmask16 live = static_cast<__mmask16>((1u << lanes) - 1);
+  const int64_t r0 = row / rows_per;
+  const bool shared = (row + lanes - 1) / rows_per == r0;
+  alignas(64) int32_t word_at[16], scale_at[16];
+  for (int i = 0; i < 16; ++i) {
+    word_at[i] = static_cast<int32_t>(i * words);
+    scale_at[i] = static_cast<int32_t>(((row + std::min<int64_t>(i, lanes - 1)) / rows_per - r0) * col_blocks);
+  }
+  const __m512i word_offsets = _mm512_load_si512(word_at), scale_offsets = _mm512_load_si512(scale_at);
+  for (int64_t b0 = 0; b0 < batch; b0 += kLutBatch) {
+    const int64_t rows = std::min(kLutBatch, batch - b0);
+    __m512 acc[kLutBatch][2], part[kLutBatch];
+    for (int64_t b = 0; b < kLutBatch; ++b) acc[b][0] = acc[b][1] = part[b] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < planes; ++t) {
+      const int32_t* plane = bits + (t * n + row) * words;
+      const float* at = alpha + (t * row_groups + r0) * col_blocks;
+      for (int64_t w = 0; w < words; ++w) {
+        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, word_offsets, plane + w, 4);
+        for (int64_t q = 0, g = 4 * w; q < 4 && g < groups; ++q, ++g) {
+          const __m512i lo = _mm512_srli_epi32(v, static_cast<unsigned>(8 * q));   // vpermps reads bits 0-3
+          const __m512i hi = _mm512_srli_epi32(v, static_cast<unsigned>(8 * q + 4));
+          const bool block_ends = (g + 1) % per_block == 0 || g + 1 == groups;
+          __m512 a = _mm512_setzero_ps();
+          if (per_block == 1 || block_ends) {   // (a lambda would not inherit the function's target)
+            const float* ac = at + g / per_block;
+            a = shared ? _mm512_set1_ps(*ac) : _mm512_mask_i32gather_ps(a, live, scale_offsets, ac, 4);
+          }
+          for (int64_t b = 0; b < rows; ++b) {
+            const float* tb = tables + ((b0 + b) * halves + 2 * g) * 16;
+            const __m512 sum = _mm512_add_ps(_mm512_permutexvar_ps(lo, _mm512_load_ps(tb)),
+                                             _mm512_permutexvar_ps(hi, _mm512_load_ps(tb + 16)));
+            if (per_block == 1) {   // ShiftAdd's layout: a scale per byte; two chains hide the FMA's latency
+              acc[b][g & 1] = _mm512_fmadd_ps(a, sum, acc[b][g & 1]);
+            } else {
+              part[b] = _mm512_add_ps(part[b], sum);
+              if (block_ends) {
+                acc[b][0] = _mm512_fmadd_ps(a, part[b], acc[b][0]);
+                part[b] = _mm512_setzero_ps();
+              }
+            }
+          }
+        }
+      }
+    }
+    for (int64_t b = 0; b < rows; ++b)
+      _mm512_mask_storeu_ps(y + (b0 + b) * n + row, live, _mm512_add_ps(acc[b][0], acc[b][1]));
+  }
+}
+
+}  // namespace
+#endif
+
+bool lut_gemv_vector() {
+#ifdef LLMPRESS_LUT16
+  return cpu_has_avx512f();
+#else
+  return false;
+#endif
+}
+
 // x [B, K] float32, sign_bits int32 [q, N, W], alpha float32 [q, R, C]; returns [B, N] float32.
 torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor sign_bits, torch::Tensor alpha, int64_t col_block) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, K] float32");
@@ -63,6 +174,29 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor sign_bits, torch::Tensor a
   TORCH_CHECK(alpha.size(0) == planes && n % row_groups == 0, "alpha does not match the sign planes");
   TORCH_CHECK(words * 4 >= groups && col_blocks * per_block >= groups, "the packed bits do not cover K");
 
+#ifdef LLMPRESS_LUT16
+  if (cpu_has_avx512f()) {
+    // Tiles of up to 16 rows inside one row group where groups have 16 rows or more, so that a
+    // tile's scale is one broadcast; 16 rows across groups otherwise.
+    std::vector<std::pair<int64_t, int64_t>> tiles;
+    const int64_t span = rows_per >= 16 ? rows_per : n;
+    for (int64_t r0 = 0; r0 < n; r0 += span)
+      for (int64_t row = r0; row < r0 + span; row += 16) tiles.emplace_back(row, std::min<int64_t>(16, r0 + span - row));
+    const int64_t halves = 2 * groups;
+    auto tables = torch::empty({batch * halves * 16 + 16}, x.options());
+    float* tab = tables.data_ptr<float>();
+    tab += (16 - (reinterpret_cast<uintptr_t>(tab) / 4) % 16) % 16;   // 64-byte aligned rows
+    build_nibble_tables(x.data_ptr<float>(), batch, k, halves, tab);
+    auto y = torch::empty({batch, n}, x.options());
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 4, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        lut16_tile(tab, batch, halves, sign_bits.data_ptr<int32_t>(), n, words, alpha.data_ptr<float>(), row_groups,
+                   col_blocks, planes, groups, per_block, rows_per, tiles[i].first, tiles[i].second,
+                   y.data_ptr<float>());
+    });
+    return y;
+  }
+#endif
   std::vector<float> luts(batch * groups * 256);
   at::parallel_for(0, batch * groups, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -453,7 +587,7 @@ bool cpu_has_avx512_bf16() {
 bool uniform_gemv_fast(int64_t bits, int64_t k, int64_t group_size) {
 #ifdef LLMPRESS_VBMI
   const int64_t group = group_size > 0 ? group_size : k;
-  return cpu_has_avx512_bf16() && bits >= 2 && bits <= 4 && k % 8 == 0 && group % 64 == 0;
+  return cpu_has_avx512_bf16() && !portable_only && bits >= 2 && bits <= 4 && k % 8 == 0 && group % 64 == 0;
 #else
   (void)bits, (void)k, (void)group_size;
   return false;
@@ -1028,6 +1162,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("half_gemv", &half_gemv, "decoding GEMV of a float16/bfloat16 weight in fp32");
   m.def("ell_gemv", &ell_gemv, "GEMV of column-sparse coefficients in ELL layout");
   m.def("affine_gemv", &affine_gemv, "decoding GEMV of byte codes with a step and offset per sub-block");
+  m.def("lut_gemv_vector", &lut_gemv_vector, "whether lut_gemv takes its AVX-512 path on this CPU");
+  m.def("use_portable_kernels", &use_portable_kernels, "tests: the portable loops instead of the vector paths");
 }
 
 // The same kernels as torch operators (``torch.ops.llmpress.*``), so that a compiled decoding step
