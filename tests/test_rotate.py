@@ -46,7 +46,9 @@ def test_hadamard_of_every_width_is_orthogonal_and_the_fast_transform_equals_it(
 
 
 @pytest.mark.parametrize("n", [64, 160, 576, 1536, 4864])
-def test_the_online_hadamard_rotates_decoding_rows_like_long_inputs(n):
+def test_the_online_hadamard_rotates_decoding_rows_like_long_inputs(n, monkeypatch):
+    from llmpress.kernels import cpu_ext
+
     module = OnlineHadamard(n)
     module.signs.copy_(torch.randint(0, 2, (n,)) * 2.0 - 1)
     x = torch.randn(2, 3, n, dtype=torch.float64)
@@ -54,6 +56,15 @@ def test_the_online_hadamard_rotates_decoding_rows_like_long_inputs(n):
     assert (module.rotate(x) - expected).abs().max() < 1e-10                # ≤ 16 rows: folded factors
     long = x.repeat(1, 7, 1)                                                 # 42 rows: the long-input path
     assert (module.rotate(long) - expected.repeat(1, 7, 1)).abs().max() < 1e-10
+    # fp32 decoding rows: the C++ kernel (fast Walsh-Hadamard after the Paley factor) where it is
+    # built, else the folded factors
+    tolerance = 1e-5 * float(expected.abs().max())
+    assert (module.rotate(x.float()).double() - expected).abs().max() < tolerance
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_ext, "extension", lambda: None)
+        fresh = OnlineHadamard(n)
+        fresh.signs.copy_(module.signs)
+        assert (fresh.rotate(x.float()).double() - expected).abs().max() < tolerance
 
 
 def test_a_width_without_a_hadamard_gets_a_clear_error():

@@ -106,6 +106,10 @@ def _register_shapes() -> None:
     def _(x, codes, step, offset, sub):
         return x.new_empty(x.shape[0], codes.shape[0])
 
+    @shape_of("hadamard_rows")
+    def _(x, signs, lead, inner):
+        return torch.empty_like(x)
+
 
 # Decoding batches take the LUT GEMV, larger inputs dequantize once per call. The LUT grows with
 # every row where the GEMM hardly does. Its AVX-512 path (16 rows' nibbles a table lookup) stays

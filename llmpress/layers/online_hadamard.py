@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..formats.hadamard import apply_hadamard, hadamard_factors
+from ..kernels import cpu_ext
 from ..kernels.dispatch import DECODE_MAX_ROWS
 
 try:   # optional CUDA kernel (`pip install llmpress[fast-hadamard]`)
@@ -43,6 +44,7 @@ class OnlineHadamard(nn.Module):
         self.register_buffer("signs", torch.ones(size, dtype=dtype, device=device))
         self._factors = hadamard_factors(size)
         self._decode_factors: tuple[tuple[torch.Tensor, int], ...] | None = None
+        self._decode_lead: torch.Tensor | None = None   # the Paley factor in fp32, for the C++ kernel
         self.linear = linear
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,9 +56,21 @@ class OnlineHadamard(nn.Module):
         return apply_hadamard(x, self._factors)
 
     def _rotate_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoding: the same product, with 1/√n folded into the first factor once and each factor
-        applied by a broadcast matmul on a view (no transposed copies): a one-row rotation costs
-        its number of torch calls, so it makes few."""
+        """Decoding: the C++ kernel (a fast Walsh-Hadamard transform after the leading factor) where
+        it is built; otherwise the same product, with 1/√n folded into the first factor once and each
+        factor applied by a broadcast matmul on a view (no transposed copies): a one-row rotation
+        costs its number of torch calls, so it makes few."""
+        ext = cpu_ext.extension() if x.dtype != torch.float64 else None   # the kernel computes in fp32
+        if ext is not None:
+            lead = self._factors[0]
+            k = lead.shape[0]
+            if k & (k - 1):   # a Paley factor leads; the Sylvester factors after it make one H_p
+                if self._decode_lead is None:
+                    self._decode_lead = lead.to(torch.float32)
+                y = ext.hadamard_rows(x.reshape(-1, self.size).float(), self.signs, self._decode_lead, self.size // k)
+            else:
+                y = ext.hadamard_rows(x.reshape(-1, self.size).float(), self.signs, None, self.size)
+            return y.to(x.dtype).reshape(x.shape)
         factors = self._decode_factors
         if factors is None or factors[0][0].dtype != x.dtype:
             scaled = [f.to(torch.float64) for f in self._factors]

@@ -8,13 +8,15 @@
 // W[n, k] = Σ_t alpha[t, n / rows_per, k / col_block] · (bit t of row n at column k ? +1 : −1).
 // Per token, every group of 8 inputs gets its 256 signed sums LUT[g][p] = Σ_i ±x[8g + i] (+ where
 // bit i of p is set); an output then adds, per bit-plane and group, alpha · LUT[g][byte], the byte
-// being that row's 8 sign bits (little-endian int32 words read as bytes). The packed bits are read
-// as stored: nothing is dequantized.
+// being that row's 8 sign bits (little-endian int32 words read as bytes). On AVX-512 the tables are
+// of 4 inputs (16 sums, one register) and 16 rows are looked up at once, a nibble of sign bits each.
+// The packed bits are read as stored: nothing is dequantized.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -1149,6 +1151,62 @@ std::vector<torch::Tensor> butterfly_rows_many(std::vector<torch::Tensor> xs, st
   return out;
 }
 
+// A randomized Hadamard rotation of decoding rows: y = (x ⊙ s)·(L ⊗ H_p)/√n, L the k x k leading
+// (Paley) factor or none, H_p Sylvester's of order p = n / k, applied as a fast Walsh-Hadamard
+// transform (p·log2 p adds a segment) instead of a dense p x p matmul: the online rotation before a
+// rotated model's down_proj costs its few microseconds, not two small GEMMs' calls.
+torch::Tensor hadamard_rows(torch::Tensor x, torch::Tensor signs, c10::optional<torch::Tensor> lead, int64_t inner) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, n] float32");
+  x = x.contiguous();
+  const int64_t batch = x.size(0), n = x.size(1), p = inner, k = n / std::max<int64_t>(p, 1);
+  TORCH_CHECK(p >= 1 && (p & (p - 1)) == 0 && k * p == n, "the inner factor must be a power of two dividing n");
+  auto s = signs.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(s.numel() == n, "one sign per input");
+  torch::Tensor l;
+  if (lead.has_value()) {
+    l = lead->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(l.dim() == 2 && l.size(0) == k && l.size(1) == k, "the leading factor must be k x k, k = n / inner");
+  } else {
+    TORCH_CHECK(k == 1, "without a leading factor the inner factor is the whole width");
+  }
+  auto y = torch::empty_like(x);
+  const float scale = 1.f / std::sqrt(static_cast<float>(n));
+  std::vector<float> t(n);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x.data_ptr<float>() + b * n;
+    const float* sb = s.data_ptr<float>();
+    float* yb = y.data_ptr<float>() + b * n;
+    float* src = lead.has_value() ? t.data() : yb;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) src[c] = xb[c] * sb[c] * scale;
+    if (lead.has_value()) {   // yb[i, :] = Σ_j L[j, i]·t[j, :]
+      const float* lf = l.data_ptr<float>();
+      for (int64_t i = 0; i < k; ++i) {
+        float* out = yb + i * p;
+        std::fill(out, out + p, 0.f);
+        for (int64_t j = 0; j < k; ++j) {
+          const float f = lf[j * k + i];
+          const float* in = src + j * p;
+#pragma omp simd
+          for (int64_t c = 0; c < p; ++c) out[c] += f * in[c];
+        }
+      }
+    }
+    for (int64_t i = 0; i < k; ++i) {   // H_p on each segment: butterflies (a + b, a − b), Sylvester's order
+      float* v = yb + i * p;
+      for (int64_t h = 1; h < p; h *= 2)
+        for (int64_t j0 = 0; j0 < p; j0 += 2 * h)
+#pragma omp simd
+          for (int64_t c = j0; c < j0 + h; ++c) {
+            const float a = v[c], d = v[c + h];
+            v[c] = a + d;
+            v[c + h] = a - d;
+          }
+    }
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("butterfly_rows", &butterfly_rows, "HARP's butterfly processor on decoding rows");
   m.def("butterfly_rows_many", &butterfly_rows_many, "several butterfly processors, each on its own rows");
@@ -1162,6 +1220,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("half_gemv", &half_gemv, "decoding GEMV of a float16/bfloat16 weight in fp32");
   m.def("ell_gemv", &ell_gemv, "GEMV of column-sparse coefficients in ELL layout");
   m.def("affine_gemv", &affine_gemv, "decoding GEMV of byte codes with a step and offset per sub-block");
+  m.def("hadamard_rows", &hadamard_rows, "a randomized Hadamard rotation of decoding rows");
   m.def("lut_gemv_vector", &lut_gemv_vector, "whether lut_gemv takes its AVX-512 path on this CPU");
   m.def("use_portable_kernels", &use_portable_kernels, "tests: the portable loops instead of the vector paths");
 }
@@ -1182,6 +1241,7 @@ TORCH_LIBRARY(llmpress, m) {
   m.def("half_gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("ell_gemv(Tensor h, Tensor values, Tensor index) -> Tensor");
   m.def("affine_gemv(Tensor x, Tensor codes, Tensor step, Tensor offset, int sub) -> Tensor");
+  m.def("hadamard_rows(Tensor x, Tensor signs, Tensor? lead, int inner) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmpress, CPU, m) {
@@ -1194,4 +1254,5 @@ TORCH_LIBRARY_IMPL(llmpress, CPU, m) {
   m.impl("half_gemv", &half_gemv);
   m.impl("ell_gemv", &ell_gemv);
   m.impl("affine_gemv", &affine_gemv);
+  m.impl("hadamard_rows", &hadamard_rows);
 }
