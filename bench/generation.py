@@ -45,7 +45,11 @@ CONTROLS = {
     "rescue: fallback": {"loop_rescue": "fallback"},
     "plan": {"plan_tokens": None},
     "plan + rescue: fallback": {"plan_tokens": None, "loop_rescue": "fallback"},
+    # the fallback keeps the rest of the answer after the first loop (the --fallback-tokens above are
+    # handed back): for a model that loops again after every hand-back
+    "plan + rescue: fallback to the end": {"plan_tokens": None, "loop_rescue": "fallback", "fallback_tokens": None},
 }
+DEFAULT_CONTROLS = "none,rescue: commit,rescue: fallback,plan,plan + rescue: fallback"
 NAMES = ["Mia", "Tom", "Ana", "Ben", "Lea", "Sam", "Eva", "Max", "Ivy", "Leo"]
 THINGS = ["apples", "pencils", "marbles", "stickers", "books", "cookies", "coins", "stamps"]
 
@@ -143,7 +147,8 @@ def main() -> None:
     ap.add_argument("--plan-tokens", type=int, default=8)
     ap.add_argument("--fallback-tokens", type=int, default=16)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--controls", default=",".join(CONTROLS), help="comma-separated names of the control settings")
+    ap.add_argument("--controls", default=DEFAULT_CONTROLS,
+                    help=f"comma-separated names of the control settings: {', '.join(CONTROLS)}")
     ap.add_argument("--eager", action="store_true", help="decode without the compiled step")
     ap.add_argument("--no-update", action="store_true")
     args = ap.parse_args()
@@ -157,7 +162,8 @@ def main() -> None:
         f"Model `smollm2-135m` (Instruct) and its compressed versions (best preset per width: "
         f"{', '.join(f'{k} `{MODELS[k]}`' for k in args.models.split(',') if MODELS[k])}); {len(tasks)} items (arith, count, wiki; seed "
         f"{args.seed}); chat template, greedy, budget {args.budget} new tokens; plan {args.plan_tokens} tokens by the "
-        f"dense model; a rescue hands {args.fallback_tokens} tokens to the dense model (4 rescues, then commit); "
+        f"dense model; a rescue hands {args.fallback_tokens} tokens to the dense model (4 rescues, then commit), "
+        "or, `to the end`, the rest of the answer; "
         f"loop detector defaults. fp32, {torch.get_num_threads()} threads, CPU, "
         + ("transformers' own decoding loop" if args.eager else
            "each model (the fallback too) decoding through the compiled step, compiled before the timed items")
@@ -188,7 +194,7 @@ def main() -> None:
             options = dict(CONTROLS[name])
             if "plan_tokens" in options:
                 options["plan_tokens"] = args.plan_tokens
-            if options.get("loop_rescue") == "fallback":
+            if options.get("loop_rescue") == "fallback" and "fallback_tokens" not in options:
                 options["fallback_tokens"] = args.fallback_tokens
             run = base.with_controls(GenerationControls(**options))
             slug = re.sub(r"[^a-z0-9]+", "-", f"{label}-{MODELS[label] or 'dense'}-{name}".lower()).strip("-")
