@@ -143,15 +143,16 @@ def binary_coded_matmul(x: torch.Tensor, sign_bits: torch.Tensor, alpha: torch.T
     from .dispatch import get_backend
 
     out_features = sign_bits.shape[1]
-    ext = None if x.is_cuda else extension()
-    lut = x.shape[0] <= (LUT_MAX_TOKENS if x.is_cuda else cpu_lut_max_tokens()) and col_block % 8 == 0
-    if get_backend() == "reference" or (x.is_cuda and not (lut and triton_lut_ready())):
+    if get_backend() == "reference":
         return x @ dense().to(x.dtype).T
     if x.is_cuda:
+        if x.shape[0] > LUT_MAX_TOKENS or col_block % 8 or not triton_lut_ready():
+            return x @ dense().to(x.dtype).T
         from .triton_bcq import scaled_gemv
 
         return scaled_gemv(x, sign_bits, alpha, col_block, out_features)
-    if lut:
+    ext = extension()   # built before the row limit is read: the limit depends on its path
+    if x.shape[0] <= cpu_lut_max_tokens() and col_block % 8 == 0:
         if ext is None:
             return lut_gemv_scaled(x, sign_bits, alpha, col_block, out_features)
         return ext.lut_gemv(x.to(torch.float32), sign_bits, alpha.to(torch.float32), col_block).to(x.dtype)

@@ -44,7 +44,12 @@ class OnlineHadamard(nn.Module):
         self.register_buffer("signs", torch.ones(size, dtype=dtype, device=device))
         self._factors = hadamard_factors(size)
         self._decode_factors: tuple[tuple[torch.Tensor, int], ...] | None = None
-        self._decode_lead: torch.Tensor | None = None   # the Paley factor in fp32, for the C++ kernel
+        # the C++ kernel's operands: a leading Paley factor (fp32) or None, and the order of the
+        # Sylvester part after it, which it applies as one fast Walsh-Hadamard transform
+        lead = self._factors[0]
+        paley = lead.shape[0] & (lead.shape[0] - 1) != 0
+        self._kernel_lead = lead.to(torch.float32) if paley else None
+        self._kernel_inner = size // lead.shape[0] if paley else size
         self.linear = linear
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,14 +67,7 @@ class OnlineHadamard(nn.Module):
         costs its number of torch calls, so it makes few."""
         ext = cpu_ext.extension() if x.dtype != torch.float64 else None   # the kernel computes in fp32
         if ext is not None:
-            lead = self._factors[0]
-            k = lead.shape[0]
-            if k & (k - 1):   # a Paley factor leads; the Sylvester factors after it make one H_p
-                if self._decode_lead is None:
-                    self._decode_lead = lead.to(torch.float32)
-                y = ext.hadamard_rows(x.reshape(-1, self.size).float(), self.signs, self._decode_lead, self.size // k)
-            else:
-                y = ext.hadamard_rows(x.reshape(-1, self.size).float(), self.signs, None, self.size)
+            y = ext.hadamard_rows(x.reshape(-1, self.size).float(), self.signs, self._kernel_lead, self._kernel_inner)
             return y.to(x.dtype).reshape(x.shape)
         factors = self._decode_factors
         if factors is None or factors[0][0].dtype != x.dtype:

@@ -56,7 +56,6 @@ bool portable_only = false;
 }  // namespace
 
 void use_portable_kernels(bool portable) { portable_only = portable; }
-bool lut_gemv_vector();
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LLMPRESS_LUT16 1
@@ -85,7 +84,7 @@ LLMPRESS_AVX512F void build_nibble_tables(const float* x, int64_t batch, int64_t
       const int64_t left = k - 4 * h;
       __m512 t = _mm512_setzero_ps();
       for (int i = 0; i < 4 && i < left; ++i) t = _mm512_fmadd_ps(_mm512_set1_ps(xb[i]), sign[i], t);
-      _mm512_store_ps(tables + (b * halves + h) * 16, t);
+      _mm512_storeu_ps(tables + (b * halves + h) * 16, t);
     }
 }
 
@@ -129,8 +128,8 @@ LLMPRESS_AVX512F void lut16_tile(const float* tables, int64_t batch, int64_t hal
           }
           for (int64_t b = 0; b < rows; ++b) {
             const float* tb = tables + ((b0 + b) * halves + 2 * g) * 16;
-            const __m512 sum = _mm512_add_ps(_mm512_permutexvar_ps(lo, _mm512_load_ps(tb)),
-                                             _mm512_permutexvar_ps(hi, _mm512_load_ps(tb + 16)));
+            const __m512 sum = _mm512_add_ps(_mm512_permutexvar_ps(lo, _mm512_loadu_ps(tb)),
+                                             _mm512_permutexvar_ps(hi, _mm512_loadu_ps(tb + 16)));
             if (per_block == 1) {   // ShiftAdd's layout: a scale per byte; two chains hide the FMA's latency
               acc[b][g & 1] = _mm512_fmadd_ps(a, sum, acc[b][g & 1]);
             } else {
@@ -185,10 +184,9 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor sign_bits, torch::Tensor a
     for (int64_t r0 = 0; r0 < n; r0 += span)
       for (int64_t row = r0; row < r0 + span; row += 16) tiles.emplace_back(row, std::min<int64_t>(16, r0 + span - row));
     const int64_t halves = 2 * groups;
-    auto tables = torch::empty({batch * halves * 16 + 16}, x.options());
-    float* tab = tables.data_ptr<float>();
-    tab += (16 - (reinterpret_cast<uintptr_t>(tab) / 4) % 16) % 16;   // 64-byte aligned rows
-    build_nibble_tables(x.data_ptr<float>(), batch, k, halves, tab);
+    auto tables = torch::empty({batch * halves * 16}, x.options());
+    const float* tab = tables.data_ptr<float>();
+    build_nibble_tables(x.data_ptr<float>(), batch, k, halves, tables.data_ptr<float>());
     auto y = torch::empty({batch, n}, x.options());
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), 4, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
