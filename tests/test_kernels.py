@@ -331,6 +331,43 @@ def _fast_gemv_or_skip(layer):
         pytest.skip("this CPU has no AVX512-VBMI/-BF16 (or no compiler): the int4 path decodes these layers")
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_reading_one_input_share_one_gemv_call_with_identical_results(act_order):
+    from llmpress.kernels import cpu_ext
+    from llmpress.kernels.dispatch import SharedInputGemv, gemv_can_share_input
+
+    # widths 200 and 136 outputs: row tiles of 4 and a rest, split across threads mid-layer
+    members = _layers_reading_one_input(576, [(200, 4, True), (36, 3, False), (136, 2, True)], act_order=act_order)
+    if act_order:
+        assert all(m.hold_in_group_order() for m in members)
+    _fast_gemv_or_skip(members[0])
+    assert gemv_can_share_input(members)
+    x = torch.randn(1, 3, 576)
+    alone = [m(x) for m in members]
+    group = SharedInputGemv(members)
+    for m in members:
+        m.shared_input = group
+    together = [m(x) for m in members]   # the first call computes all three, in one kernel call
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a, b)   # the same kernel on the same prepared input: bit for bit
+    ext = cpu_ext.extension()
+    ext.use_portable_kernels(True)   # the operator's per-layer fallback where the AVX-512 path is absent
+    try:
+        flat = x.reshape(-1, 576)
+        ys = ext.uniform_gemv_group(flat, [m.qweight for m in members], [m.scales for m in members],
+                                    [m.qzeros for m in members], members[0].input_order, [m.bits for m in members], 64)
+        for y, m in zip(ys, members, strict=True):
+            torch.testing.assert_close(y, ext.uniform_gemv(flat, m.qweight, m.scales, m.qzeros, m.input_order, m.bits, 64))
+    finally:
+        ext.use_portable_kernels(False)
+    with use_backend("reference"):
+        for m, b in zip(members, together, strict=True):
+            expected = m(x)
+            assert (b - expected).abs().max() <= 2 ** -7 * expected.abs().max()
+    # inputs read differently (another group size) cannot share a call
+    assert not gemv_can_share_input([members[0], _layer(32, 576, 4, 128)])
+
+
 @pytest.mark.parametrize(("in_f", "group", "act_order", "bits"), [
     (192, 64, False, 4), (192, -1, False, 3), (576, 128, False, 2),   # per row; a ragged last group
     (136, 64, False, 3),                                              # 8 columns past the last chunk of 64

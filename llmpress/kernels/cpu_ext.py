@@ -94,6 +94,10 @@ def _register_shapes() -> None:
     def _(x, qweight, scales, qzeros, perm, bits, group_size):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
+    @shape_of("uniform_gemv_group")
+    def _(x, qweights, scales, qzeros, perm, bits, group_size):
+        return [x.new_empty(x.shape[0], q.shape[0]) for q in qweights]
+
     @shape_of("half_gemv")
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])

@@ -33,7 +33,7 @@ import torch
 from ..formats.packing import unpack_codes
 from . import cpu_ext
 from .derived import Derived
-from .grouping import HeldOutputs
+from .grouping import SharedInputGroup
 
 GROUP_SIZES = (256, 128, 64, 32)
 
@@ -150,18 +150,16 @@ def can_share_input(layers: Sequence) -> bool:
     return True
 
 
-class SharedInputGemm:
-    """Linears that read one input tensor, computed together: the first member called with an
-    input computes every member's output for it; each other member, called with that very tensor
-    (unchanged since), takes its own. A member called with anything else computes afresh, so the
-    grouping can cost time but never change a result."""
+class SharedInputGemm(SharedInputGroup):
+    """Linears that read one input tensor as one int4 GEMM (``SharedInputGroup``)."""
+
+    path = "cpu-int4"
 
     def __init__(self, members: Sequence) -> None:
         if len(members) < 2 or not can_share_input(members):
             raise ValueError("these linears cannot share one int4 GEMM")
-        self.members = list(members)
+        super().__init__(members)
         self._pack: Derived[tuple[Int4Pack, torch.Tensor | None]] = Derived()
-        self._held = HeldOutputs()
 
     def fused(self) -> tuple[Int4Pack, torch.Tensor | None]:
         """The members as one pack (rebuilt when any member's packed tensors changed), and their
@@ -174,11 +172,7 @@ class SharedInputGemm:
             bias = torch.cat([torch.zeros(m.out_features) if m.bias is None else m.bias.float() for m in self.members])
         return pack_for_cpu(self.members), bias
 
-    def output(self, member, x: torch.Tensor) -> torch.Tensor:
-        y = self._held.take(member, x)
-        if y is not None:
-            return y
+    def compute(self, x: torch.Tensor) -> list[torch.Tensor]:
         pack, bias = self.fused()
-        outputs = int4_linear(x, pack, None if bias is None else bias.to(x.dtype)).split(
-            [m.out_features for m in self.members], dim=-1)
-        return self._held.keep(x, self.members, outputs, member)
+        return list(int4_linear(x, pack, None if bias is None else bias.to(x.dtype)).split(
+            [m.out_features for m in self.members], dim=-1))

@@ -36,3 +36,27 @@ class HeldOutputs:
                 others[id(m)] = y
         self._held = (x, None if torch.compiler.is_compiling() else x._version, others)
         return mine
+
+
+class SharedInputGroup:
+    """Linears that read one input tensor, computed together on one kernel path (``path``, the one
+    ``kernels.dispatch.select_path`` names): the first member called with an input computes every
+    member's output (``compute``); each other member, called with that very tensor (unchanged
+    since), takes its own. A member called with anything else computes afresh, so the grouping can
+    cost time but never change a result."""
+
+    path: str = ""
+
+    def __init__(self, members) -> None:
+        self.members = list(members)
+        self._held = HeldOutputs()
+
+    def compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's output for ``x``, biases included, in ``x``'s dtype."""
+        raise NotImplementedError
+
+    def output(self, member, x: torch.Tensor) -> torch.Tensor:
+        y = self._held.take(member, x)
+        if y is not None:
+            return y
+        return self._held.keep(x, self.members, self.compute(x), member)

@@ -32,6 +32,7 @@ from ..formats.butterfly import (
     stage_blocks,
 )
 from ..kernels import cpu_ext
+from ..kernels.cpu_int4 import SharedInputGemm
 from ..kernels.dispatch import DECODE_MAX_ROWS, get_backend, select_path
 from ..kernels.grouping import HeldOutputs
 from .base import CompressedLinear, Layout
@@ -271,7 +272,7 @@ def fused_int4_step(members: list[HarpLinear], x: torch.Tensor) -> list[torch.Te
         return None
     if len(inner) == 1 and inner[0].shared_input is None:
         pack, bias = inner[0].cpu_int4_pack(), inner[0].bias
-    elif inner[0].shared_input is not None and inner[0].shared_input.members == inner:
+    elif isinstance(inner[0].shared_input, SharedInputGemm) and inner[0].shared_input.members == inner:
         pack, bias = inner[0].shared_input.fused()
     else:
         return None

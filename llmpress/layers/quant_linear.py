@@ -26,6 +26,7 @@ from ..formats.uniform import QuantizedWeight, dequantize_uniform, group_count
 from ..kernels import cpu_ext, cpu_int4
 from ..kernels.derived import Derived
 from ..kernels.dispatch import uniform_linear
+from ..kernels.grouping import SharedInputGroup
 from .base import CompressedLinear, Layout
 
 
@@ -67,7 +68,7 @@ class QuantLinear(CompressedLinear):
         self._int4_reason: str | None = None      # caches of the CPU int4 path (kernels/dispatch)
         self._gemv_fast: bool | None = None       # whether the C++ GEMV's fast path takes this layer
         self._int4_pack: Derived[cpu_int4.Int4Pack] = Derived()
-        self.shared_input: cpu_int4.SharedInputGemm | None = None   # set by layers.shared_input
+        self.shared_input: SharedInputGroup | None = None   # set by layers.shared_input
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

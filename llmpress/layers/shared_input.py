@@ -1,6 +1,7 @@
 """Which compressed linears read the same input tensor (q/k/v, gate/up, an expert's gate/up),
-found from one traced token, so that the CPU int4 path runs each such set as one GEMM
-(``kernels.cpu_int4.SharedInputGemm``). The trace knows no architecture: it records which
+found from one traced token, so that CPU decoding runs each such set in one call: the C++ GEMV's
+AVX-512 path (``kernels.dispatch.SharedInputGemv``) where every member takes it, else one int4
+GEMM (``kernels.cpu_int4.SharedInputGemm``). The trace knows no architecture: it records which
 tensor object each linear receives."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from ..kernels import cpu_ext, cpu_int4
-from ..kernels.dispatch import use_backend
+from ..kernels.dispatch import SharedInputGemv, gemv_can_share_input, use_backend
 from .quant_linear import QuantLinear
 
 
@@ -39,8 +40,9 @@ def shared_input_sets(model: nn.Module) -> list[list[QuantLinear]]:
 
 
 def link_shared_inputs(model: nn.Module) -> int:
-    """Give every set of linears that read one input and fit the int4 kernel together a shared
-    GEMM; returns how many sets were linked. A model whose trace fails keeps running layer by
+    """Give every set of linears that read one input a shared call on the path their decoding takes
+    (the C++ GEMV where all take its AVX-512 path, else the int4 GEMM where they fit it); returns
+    how many sets were linked. A model whose trace fails keeps running layer by
     layer (with a warning): the grouping is an optimisation, never a requirement."""
     try:
         sets = shared_input_sets(model)
@@ -50,9 +52,13 @@ def link_shared_inputs(model: nn.Module) -> int:
         return 0
     linked = 0
     for members in sets:
-        if cpu_int4.can_share_input(members):
-            gemm = cpu_int4.SharedInputGemm(members)
-            for m in members:
-                m.shared_input = gemm
-            linked += 1
+        if gemv_can_share_input(members):
+            group = SharedInputGemv(members)
+        elif cpu_int4.can_share_input(members):
+            group = cpu_int4.SharedInputGemm(members)
+        else:
+            continue
+        for m in members:
+            m.shared_input = group
+        linked += 1
     return linked

@@ -468,7 +468,7 @@ constexpr float kCodeBias = 128.f;    // bf16 0x4300 | q is 128 + q, exactly, fo
 
 // R weight rows from ``row`` of y[b, n] = Σ_g s[n, g]·(Σ_{c∈g} (128 + q[n, c])·x[b, c] − (128 + z[n, g])·X[b, g]),
 // X[b, g] = Σ_{c∈g} x[b, c], which is the uniform format's x·Wᵀ. Groups are contiguous, of a
-// multiple of 64 columns. ``x`` is bf16, each chunk of 64 in ``interleave_chunks`` order; the codes
+// multiple of 64 columns. ``x`` is bf16, each chunk of 64 in ``chunk_position`` order; the codes
 // of a chunk become 128 + q in bf16 by interleaving their bytes with 0x43 (in-lane unpacks), and
 // AVX512-BF16's dot product multiplies pairs exactly into fp32 sums. R rows at once keep R
 // independent chains of sums in flight (one row alone waits on latency).
@@ -536,18 +536,12 @@ LLMPRESS_AVX512 void packed_gemv_tile(const uint16_t* x, const float* xsum, int6
   }
 }
 
-// x [B, K] bf16 with each whole chunk of 64 columns reordered as the in-lane unpacks of
-// ``packed_gemv_tile`` order its codes: first columns 16L + 0..7 for L = 0..3, then 16L + 8..15.
-void interleave_chunks(const uint16_t* x, uint16_t* out, int64_t batch, int64_t k) {
-  for (int64_t b = 0; b < batch; ++b) {
-    const uint16_t* xb = x + b * k;
-    uint16_t* ob = out + b * k;
-    int64_t c0 = 0;
-    for (; c0 + 64 <= k; c0 += 64)
-      for (int half = 0; half < 2; ++half)
-        for (int w = 0; w < 32; ++w) ob[c0 + 32 * half + w] = xb[c0 + 16 * (w / 8) + 8 * half + w % 8];
-    for (; c0 < k; ++c0) ob[c0] = xb[c0];
-  }
+// Where column c of a whole chunk of 64 goes in the kernel's input order, the order in which the
+// in-lane unpacks of ``packed_gemv_tile`` take its codes: columns 16L + 0..7 of the lanes L = 0..3
+// first, then 16L + 8..15.
+inline int64_t chunk_position(int64_t c) {
+  const int64_t i = c % 64;
+  return c - i + 32 * (i % 16 / 8) + 8 * (i / 16) + i % 8;
 }
 
 template <int BITS>
@@ -594,6 +588,98 @@ bool uniform_gemv_fast(int64_t bits, int64_t k, int64_t group_size) {
 #endif
 }
 
+namespace {
+
+// Checks a uniform layer's packed operands against K inputs in groups of ``group``; its group count.
+int64_t uniform_groups(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& qzeros,
+                       int64_t bits, int64_t k, int64_t group) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kInt32 && qzeros.scalar_type() == torch::kInt32, "packed int32 expected");
+  TORCH_CHECK(qweight.dim() == 2 && scales.dim() == 2 && qzeros.dim() == 2 && scales.size(0) == qweight.size(0) &&
+              qzeros.size(0) == qweight.size(0), "qweight, scales and qzeros must have one row per output");
+  const int64_t groups = scales.size(1);
+  TORCH_CHECK(k % 8 == 0 && group % 8 == 0, "K and the group size must be multiples of 8");
+  TORCH_CHECK((k + group - 1) / group == groups, "the scales do not match the groups");
+  TORCH_CHECK(qweight.size(1) * 32 >= k * bits && qzeros.size(1) * 32 >= groups * bits,
+              "the packed words do not hold the codes");
+  return groups;
+}
+
+// x [B, K] float32 in the layers' column order: x[:, perm] for an act-order layer held in group order.
+torch::Tensor rows_in_column_order(torch::Tensor x, const c10::optional<torch::Tensor>& perm) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, K] float32");
+  if (perm.has_value()) {
+    TORCH_CHECK(perm->numel() == x.size(1), "the input permutation must have one entry per input");
+    x = x.index_select(1, perm->to(torch::kInt64));
+  }
+  return x.contiguous();
+}
+
+#ifdef LLMPRESS_VBMI
+// One layer's operands on the AVX-512 path: its codes as stored, its scales in fp16 (as stored), its output.
+struct PackedLayer {
+  torch::Tensor qweight, qzeros, scales, y;
+  int64_t bits;
+};
+
+// The AVX-512 path for layers that read one input x [B, K] float32 (groups of ``group``, columns
+// taken in ``perm``'s order where there is one): one pass rounds the input to bf16, puts it in
+// ``chunk_position`` order and sums each group; then one parallel loop runs every layer's rows
+// (q/k/v as one call: one preparation, one fork and join, no temporary tensors but the input's).
+void packed_gemv_layers(torch::Tensor x, const c10::optional<torch::Tensor>& perm, std::vector<PackedLayer>& layers,
+                        int64_t groups, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, K] float32");
+  x = x.contiguous();
+  const int64_t batch = x.size(0), k = x.size(1), whole = k / 64 * 64;
+  torch::Tensor order;
+  const int64_t* op = nullptr;
+  if (perm.has_value()) {
+    order = perm->to(torch::kInt64).contiguous();
+    TORCH_CHECK(order.numel() == k, "the input permutation must have one entry per input");
+    op = order.data_ptr<int64_t>();
+    for (int64_t c = 0; c < k; ++c) TORCH_CHECK(op[c] >= 0 && op[c] < k, "the input permutation points outside the input");
+  }
+  auto xr = torch::empty({batch, k}, x.options().dtype(torch::kBFloat16));
+  auto* xrp = reinterpret_cast<uint16_t*>(xr.data_ptr<at::BFloat16>());
+  std::vector<float> xsum(batch * groups, 0.f);   // sums of the rounded inputs: they cancel the code bias
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x.data_ptr<float>() + b * k;
+    for (int64_t c = 0; c < k; ++c) {
+      const c10::BFloat16 v(xb[op ? op[c] : c]);   // rounded to nearest even, as torch's conversion
+      xrp[b * k + (c < whole ? chunk_position(c) : c)] = v.x;
+      xsum[b * groups + c / group] += static_cast<float>(v);
+    }
+  }
+  std::vector<int64_t> first_row;   // each layer's first row in the loop over all of them
+  int64_t rows = 0;
+  for (auto& layer : layers) {
+    first_row.push_back(rows);
+    rows += layer.qweight.size(0);
+  }
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const PackedLayer& layer = layers[i];
+      const int64_t n = layer.qweight.size(0);
+      const int64_t lo = std::max(begin, first_row[i]) - first_row[i], hi = std::min(end, first_row[i] + n) - first_row[i];
+      if (lo >= hi) continue;
+      auto kernel = layer.bits == 2 ? packed_gemv_rows_avx512<2>
+                    : layer.bits == 3 ? packed_gemv_rows_avx512<3> : packed_gemv_rows_avx512<4>;
+      kernel(xrp, xsum.data(), batch, reinterpret_cast<const uint8_t*>(layer.qweight.data_ptr<int32_t>()),
+             layer.qweight.size(1) * 4, reinterpret_cast<const uint32_t*>(layer.qzeros.data_ptr<int32_t>()),
+             layer.qzeros.size(1), layer.scales.data_ptr<at::Half>(), layer.y.data_ptr<float>(), n, k, groups, group,
+             lo, hi);
+    }
+  });
+}
+
+PackedLayer packed_layer(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& qzeros,
+                         int64_t bits, int64_t batch) {
+  return {qweight.contiguous(), qzeros.contiguous(), scales.to(torch::kFloat16).contiguous(),
+          torch::empty({batch, qweight.size(0)}, qweight.options().dtype(torch::kFloat32)), bits};
+}
+#endif
+
+}  // namespace
+
 // x [B, K] float32 · Wᵀ for the uniform format with contiguous groups, reading the packed codes as
 // stored: y[b, n] = Σ_g s[n, g] · (Σ_{c∈g} q[n, c]·x'[b, c] − z[n, g]·Σ_{c∈g} x'[b, c]), where
 // x'[b, c] = x[b, perm[c]] (an act-order layer held in group order, ``QuantLinear.sort_groups``) or x.
@@ -602,53 +688,22 @@ bool uniform_gemv_fast(int64_t bits, int64_t k, int64_t group_size) {
 torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor qzeros,
                            c10::optional<torch::Tensor> perm, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, K] float32");
-  TORCH_CHECK(qweight.scalar_type() == torch::kInt32 && qzeros.scalar_type() == torch::kInt32, "packed int32 expected");
-  if (perm.has_value()) {
-    TORCH_CHECK(perm->numel() == x.size(1), "the input permutation must have one entry per input");
-    x = x.index_select(1, perm->to(torch::kInt64));
+  const int64_t batch = x.size(0), k = x.size(1), n = qweight.size(0), group = group_size > 0 ? group_size : k;
+  const int64_t groups = uniform_groups(qweight, scales, qzeros, bits, k, group);
+#ifdef LLMPRESS_VBMI
+  if (uniform_gemv_fast(bits, k, group_size)) {
+    std::vector<PackedLayer> layers{packed_layer(qweight, scales, qzeros, bits, batch)};
+    packed_gemv_layers(x, perm, layers, groups, group);
+    return layers[0].y;
   }
-  x = x.contiguous();
+#endif
+  x = rows_in_column_order(x, perm);
   qweight = qweight.contiguous();
   qzeros = qzeros.contiguous();
-  const int64_t batch = x.size(0), k = x.size(1), n = qweight.size(0), words = qweight.size(1);
-  const int64_t groups = scales.size(1), zwords = qzeros.size(1), group = group_size > 0 ? group_size : k;
-  TORCH_CHECK(k % 8 == 0 && group % 8 == 0, "K and the group size must be multiples of 8");
-  TORCH_CHECK((k + group - 1) / group == groups, "the scales do not match the groups");
-  TORCH_CHECK(words * 32 >= k * bits && zwords * 32 >= groups * bits, "the packed words do not hold the codes");
+  const int64_t words = qweight.size(1), zwords = qzeros.size(1);
   const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
   const auto* qz = reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>());
   auto y = torch::empty({batch, n}, x.options());
-#ifdef LLMPRESS_VBMI
-  if (uniform_gemv_fast(bits, k, group_size)) {
-    auto xb = x.to(torch::kBFloat16);
-    auto xr = torch::empty_like(xb);
-    const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-    interleave_chunks(xp, reinterpret_cast<uint16_t*>(xr.data_ptr<at::BFloat16>()), batch, k);
-    auto xsum = torch::zeros({batch, groups}, x.options());   // sums of the rounded inputs: they cancel the code bias
-    for (int64_t b = 0; b < batch; ++b) {
-      float* xs = xsum.data_ptr<float>() + b * groups;
-      for (int64_t c = 0; c < k; ++c) {
-        const uint32_t bits32 = static_cast<uint32_t>(xp[b * k + c]) << 16;
-        float v;
-        std::memcpy(&v, &bits32, 4);
-        xs[c / group] += v;
-      }
-    }
-    auto s16 = scales.to(torch::kFloat16).contiguous();
-    auto run = [&](auto kernel) {
-      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-        kernel(reinterpret_cast<const uint16_t*>(xr.data_ptr<at::BFloat16>()), xsum.data_ptr<float>(), batch, reinterpret_cast<const uint8_t*>(qw), words * 4, qz, zwords,
-               s16.data_ptr<at::Half>(), y.data_ptr<float>(), n, k, groups, group, begin, end);
-      });
-    };
-    switch (bits) {
-      case 2: run(packed_gemv_rows_avx512<2>); break;
-      case 3: run(packed_gemv_rows_avx512<3>); break;
-      default: run(packed_gemv_rows_avx512<4>); break;
-    }
-    return y;
-  }
-#endif
   auto xsum = torch::zeros({batch, groups}, x.options());
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t g = 0; g < groups; ++g) {
@@ -670,6 +725,40 @@ torch::Tensor uniform_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor
     default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8");
   }
   return y;
+}
+
+// ``uniform_gemv`` of several layers that read one input (q/k/v, gate/up): the same width, group
+// size and column order, bit widths of their own. On the AVX-512 path the input is prepared once
+// and one parallel loop covers all of them; otherwise each runs on its own.
+std::vector<torch::Tensor> uniform_gemv_group(torch::Tensor x, std::vector<torch::Tensor> qweights,
+                                              std::vector<torch::Tensor> scales, std::vector<torch::Tensor> qzeros,
+                                              c10::optional<torch::Tensor> perm, std::vector<int64_t> bits,
+                                              int64_t group_size) {
+  TORCH_CHECK(!qweights.empty() && scales.size() == qweights.size() && qzeros.size() == qweights.size() &&
+              bits.size() == qweights.size(), "one set of operands per layer");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [B, K] float32");
+  const int64_t batch = x.size(0), k = x.size(1), group = group_size > 0 ? group_size : k;
+  std::vector<torch::Tensor> out;
+  out.reserve(qweights.size());
+#ifdef LLMPRESS_VBMI
+  bool fast = true;
+  for (int64_t b : bits) fast = fast && uniform_gemv_fast(b, k, group_size);
+  if (fast) {
+    std::vector<PackedLayer> layers;
+    int64_t groups = 0;
+    for (size_t i = 0; i < qweights.size(); ++i) {
+      groups = uniform_groups(qweights[i], scales[i], qzeros[i], bits[i], k, group);
+      layers.push_back(packed_layer(qweights[i], scales[i], qzeros[i], bits[i], batch));
+    }
+    packed_gemv_layers(x, perm, layers, groups, group);
+    for (auto& layer : layers) out.push_back(layer.y);
+    return out;
+  }
+#endif
+  x = rows_in_column_order(x, perm);
+  for (size_t i = 0; i < qweights.size(); ++i)
+    out.push_back(uniform_gemv(x, qweights[i], scales[i], qzeros[i], c10::nullopt, bits[i], group_size));
+  return out;
 }
 
 // x [B, K] float32 · Wᵀ for weights held as byte codes with one step and offset per sub-block of
@@ -1214,6 +1303,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "the dense weight of binary-coded weights");
   m.def("dequantize_uniform", &dequantize_uniform, "the dense weight of the uniform format");
   m.def("uniform_gemv", &uniform_gemv, "decoding GEMV of the uniform format");
+  m.def("uniform_gemv_group", &uniform_gemv_group, "uniform_gemv of layers that read one input, in one call");
   m.def("uniform_gemv_fast", &uniform_gemv_fast, "whether uniform_gemv takes its AVX-512 path for a layer");
   m.def("half_gemv", &half_gemv, "decoding GEMV of a float16/bfloat16 weight in fp32");
   m.def("ell_gemv", &ell_gemv, "GEMV of column-sparse coefficients in ELL layout");
@@ -1236,6 +1326,8 @@ TORCH_LIBRARY(llmpress, m) {
         "int group_size, Tensor? columns) -> Tensor");
   m.def("uniform_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, Tensor? perm, int bits, "
         "int group_size) -> Tensor");
+  m.def("uniform_gemv_group(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor[] qzeros, Tensor? perm, int[] bits, "
+        "int group_size) -> Tensor[]");
   m.def("half_gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("ell_gemv(Tensor h, Tensor values, Tensor index) -> Tensor");
   m.def("affine_gemv(Tensor x, Tensor codes, Tensor step, Tensor offset, int sub) -> Tensor");
@@ -1249,6 +1341,7 @@ TORCH_LIBRARY_IMPL(llmpress, CPU, m) {
   m.impl("dequantize", &dequantize);
   m.impl("dequantize_uniform", &dequantize_uniform);
   m.impl("uniform_gemv", &uniform_gemv);
+  m.impl("uniform_gemv_group", &uniform_gemv_group);
   m.impl("half_gemv", &half_gemv);
   m.impl("ell_gemv", &ell_gemv);
   m.impl("affine_gemv", &affine_gemv);
