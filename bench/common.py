@@ -68,11 +68,14 @@ def publish(lines: list[str], section: str, command: str, update: bool) -> None:
 
 def quick_model(recipe: str) -> Path:
     """``smollm2-135m`` compressed with ``recipe`` on 16x256 windows (the speed benchmarks' models:
-    calibration does not change a format's layout or its speed), made once under bench/out."""
+    calibration does not change a format's layout or its speed), made once under bench/out.
+    ``name:key=value,...`` adds ``--set`` settings (``gptq-w4-g64:head=int8``)."""
     import llmpress
 
-    folder = OUT / f"decode-{recipe}"
+    name, _, settings = recipe.partition(":")
+    folder = OUT / f"decode-{recipe.replace(':', '+').replace('=', '-').replace(',', '+')}"
     if not (folder / "config.json").exists():
         print(f"compressing smollm2-135m with {recipe} (16x256) into {folder} ...", flush=True)
-        llmpress.compress("smollm2-135m", recipe, out=folder, nsamples=16, seqlen=256, overwrite=True, progress=False)
+        llmpress.compress("smollm2-135m", name, out=folder, nsamples=16, seqlen=256, overwrite=True, progress=False,
+                          settings=settings.split(",") if settings else None)
     return folder

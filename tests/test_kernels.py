@@ -158,7 +158,7 @@ def test_a_loaded_model_links_the_linears_that_read_one_input(tiny_model_factory
     with torch.no_grad():
         with use_backend("reference"):
             expected = model(ids).logits
-        fast = model(ids).logits    # 12 rows: the int4 path, q/k/v and gate/up as one GEMM each
+        fast = model(ids).logits    # 12 rows: a decoding path, q/k/v and gate/up as one call each
     assert (fast - expected).abs().max() <= 2 ** -5 * expected.abs().max()
 
 
@@ -192,6 +192,62 @@ def test_a_half_precision_head_stays_half_and_computes_like_its_upcast(tiny_mode
         few = head_module(hidden[:, -3:])                          # a few rows: torch's half-precision GEMM
         assert (few - upcast[:, -3:]).abs().max() <= 1e-2 * upcast.abs().max()
         assert model(ids).logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])   # a tied head, and (Qwen2 here) an untied one
+def test_an_int8_head_computes_as_its_dequantized_table_and_exports_as_it(tiny_model_factory, tmp_path, arch):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import llmpress
+    from llmpress.compress.recipe import load_recipe
+    from llmpress.formats.int8_rows import dequantize_rows, quantize_rows
+    from llmpress.io.export import export
+    from llmpress.layers.stored_dense import Int8RowsEmbedding, Int8RowsLinear
+
+    source = tiny_model_factory(arch)
+    recipe = load_recipe("rtn-w4-g64").model_copy(update={"head": "int8"})
+    llmpress.compress(source, recipe, out=tmp_path / "q", progress=False)
+    model, _ = llmpress.load(tmp_path / "q")
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embed, Int8RowsEmbedding) and isinstance(head, Int8RowsLinear)
+    assert embed.weight.dtype == torch.int8 and (head.weight is embed.weight) == model.config.tie_word_embeddings
+    dense = AutoModelForCausalLM.from_pretrained(source)
+    codes, scale = quantize_rows(dense.get_output_embeddings().weight)
+    assert torch.equal(head.weight, codes) and torch.equal(head.weight_scale, scale)
+    table = dequantize_rows(codes, scale)
+    assert (table - dense.get_output_embeddings().weight).abs().max() <= scale.max() / 2 + 1e-7   # half a step
+    report = json.loads((tmp_path / "q" / "llmpress-report.json").read_text())["summary"]
+    assert report["embedding and head stored as"] == "int8"
+    ids = torch.randint(0, 1000, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(embed(ids), embed.dequantize()[ids])
+        hidden = model.model(ids).last_hidden_state
+        expected = hidden @ head.dequantize().T
+        assert torch.equal(head(hidden), expected)                 # prefill: fp32 on the dequantized table
+        decode = head(hidden[:, -1:])                              # one row: the C++ int8 GEMV where built
+        assert (decode - expected[:, -1:]).abs().max() <= 1e-5 * expected.abs().max()
+        with use_backend("reference"):   # the dequantized table (a one-row GEMM: its own summation order)
+            torch.testing.assert_close(head(hidden[:, -1:]), expected[:, -1:], rtol=1e-5, atol=1e-6)
+        logits = model(ids).logits
+    # the dense export holds the tables the codes stand for; transformers loads it as it is
+    export(tmp_path / "q", tmp_path / "dense", "dense", dtype="float32")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert torch.equal(plain.get_input_embeddings().weight, embed.dequantize())
+    with torch.no_grad():
+        assert (plain(ids).logits - logits).abs().max() <= 1e-3 * logits.abs().max()
+
+
+def test_an_int8_head_is_refused_where_the_embedding_computes_more_than_a_lookup(tiny_model_factory, tmp_path):
+    import llmpress
+    from llmpress.compress.recipe import load_recipe
+    from llmpress.errors import RecipeError
+
+    recipe = load_recipe("rtn-w4-g64").model_copy(update={"head": "int8"})
+    with pytest.raises(RecipeError, match="Gemma3TextScaledWordEmbedding"):   # it scales by √hidden
+        llmpress.compress(tiny_model_factory("gemma3"), recipe, out=tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
 
 
 # -- binary-coded layers (ShiftAdd's BCQ, D²Quant's dual scales) ----------------------------------

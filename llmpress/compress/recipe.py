@@ -30,9 +30,9 @@ class Recipe(BaseModel):
     name: str = "custom"
     description: str = ""
     # Storage of the input embedding and the output head (one tensor when tied): `auto` stores
-    # them like every other dense tensor (`--dtype`). The runtime reads them as stored and
-    # computes in fp32 (layers.stored_dense).
-    head: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # them like every other dense tensor (`--dtype`); `int8` as int8 rows with an fp32 scale each
+    # (formats.int8_rows). The runtime reads them as stored and computes in fp32 (layers.stored_dense).
+    head: Literal["auto", "float32", "float16", "bfloat16", "int8"] = "auto"
     # Mixture of experts. calibrate_all_experts: every expert's statistics from every calibration
     # token (the outputs still follow the router); otherwise from the tokens routed to it. An expert
     # whose statistics saw fewer than min_expert_tokens tokens is quantized data-free instead (RTN

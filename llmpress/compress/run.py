@@ -45,6 +45,7 @@ from .report import run_summary, write_report
 from .rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
 
 ACTIVATION_DTYPES = {name: STORAGE_DTYPES[name] for name in ("float32", "bfloat16")}
+HEAD_DTYPES = {**STORAGE_DTYPES, "int8": torch.int8}   # int8: rows with a scale each (formats.int8_rows)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class _Job:
     rest_names: list[str]
     streaming: bool
     dense_dtype: torch.dtype   # storage of the tensors the recipe leaves dense
-    head_dtype: torch.dtype    # storage of the input embedding and the output head
+    head_dtype: torch.dtype    # storage of the input embedding and the output head (int8: int8 rows)
     activation_dtype: torch.dtype   # storage of the calibration streams (computation stays fp32)
     rotation: ResidualRotation | None = None   # HARP's starts as the RHT it is fitted from
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # where the blocks, statistics, solves run
@@ -138,6 +139,8 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
                                 "take (a norm sits between its writers and the stream); use `method: rht`")
         if stage.method == "harp" and stage.reuse is not None:   # a bad file fails before the output is touched
             rotation = replace(rotation, q=read_harp_rotation(stage.reuse, rotation.q.shape[0]), method="harp")
+    if recipe.head == "int8":
+        _check_int8_tables(skeleton)
     # opens every shard: a corrupt file fails here
     store = LazyWeights(folder, transposed=transposed, renames=arch.checkpoint_names)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -154,7 +157,7 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
                                  activation_dtype),
         store=store, rest_names=[n for n in names if not n.startswith(arch.blocks + ".")],
         streaming=store.has_all(names), dense_dtype=dense_dtype, rotation=rotation,
-        head_dtype=dense_dtype if recipe.head == "auto" else STORAGE_DTYPES[recipe.head],
+        head_dtype=dense_dtype if recipe.head == "auto" else HEAD_DTYPES[recipe.head],
         activation_dtype=activation_dtype,
     )
 
@@ -368,6 +371,15 @@ class _BlockSource(_StreamedWeights):
         source = {n: tensors.get(n, tensors[f"{self.arch.embeddings[0]}.weight"]) for n in head}
         return self.rotation.rotate_rest(
             tensors, dtypes={n: torch.promote_types(t.dtype, self.job.head_dtype) for n, t in source.items()})
+
+
+def _check_int8_tables(skeleton: nn.Module) -> None:
+    """``head: int8`` replaces the embedding and the head with int8-row modules at load: only plain
+    ones compute exactly what those do (a scaled embedding, Gemma's, would lose its scale)."""
+    for module in (skeleton.get_input_embeddings(), skeleton.get_output_embeddings()):
+        if module is not None and type(module) not in (nn.Embedding, nn.Linear):
+            raise RecipeError(f"`head: int8` takes a plain embedding and head; this model's {type(module).__name__} "
+                              "computes more than a lookup or a product: use `head: float16` or `bfloat16`")
 
 
 def _add_head_bias(rest: dict[str, torch.Tensor], folder: RunFolder, arch, skeleton: nn.Module,

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from ..errors import LlmpressError, ModelLoadError, OutputError
+from ..formats.int8_rows import SCALE_SUFFIX, quantize_rows
 from ..layers import LAYER_FORMATS, CompressedLinear, OnlineHadamard
 from ..layers.harp_linear import link_shared_processors
 from ..layers.online_hadamard import input_width
 from ..layers.quant_linear import hold_act_order_in_group_order
 from ..layers.shared_input import link_shared_inputs
-from ..layers.stored_dense import keep_stored_dtype
+from ..layers.stored_dense import hold_int8_rows, keep_stored_dtype
 from ..paths import atomic_write_text
 from ..version import __version__
 from .models import LazyWeights, cast_dense, empty_model, linearize, load_config, tie_output_embeddings
@@ -164,11 +165,17 @@ class RunFolder:
                    head: tuple[set[str], torch.dtype] | None = None) -> dict[str, dict[str, Any]]:
         """The tensors outside the blocks, as the last shard; returns every compressed module's
         manifest entry (``blocks``: the blocks' module path; ``head``: the embedding and head
-        tensors and their storage dtype, when it is not ``dense_dtype``)."""
+        tensors and their storage dtype, when it is not ``dense_dtype``; ``torch.int8`` stores them
+        as int8 rows)."""
         from safetensors import safe_open
 
         names, dtype = head or (set(), self.dense_dtype)
-        rest = cast_dense({n: rest.pop(n) for n in [n for n in rest if n in names]}, dtype) | cast_dense(rest, self.dense_dtype)
+        tables = {n: rest.pop(n) for n in [n for n in rest if n in names]}
+        if dtype == torch.int8:   # int8 rows with a scale each (formats.int8_rows)
+            tables = {k: v for n, t in tables.items() for k, v in zip((n, n + SCALE_SUFFIX), quantize_rows(t))}
+        else:
+            tables = cast_dense(tables, dtype)
+        rest = tables | cast_dense(rest, self.dense_dtype)
         save_tensors_atomic(rest, self.shard(self.n_blocks))
         self.weight_map = dict.fromkeys(rest, self.shard(self.n_blocks).name)
         modules: dict[str, dict[str, Any]] = {}
@@ -255,9 +262,15 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
             raise ModelLoadError(f"manifest names module {name}, which this architecture does not have") from None
         model.set_submodule(name, build_module(name, entry, dtype))
     store = LazyWeights(folder, dtype=dtype)
+    int8_tables = [n for n in sorted(embedding_names(model)) if n + SCALE_SUFFIX in store.weight_map]
+    try:   # the embedding and head stored as int8 rows (`head: int8`) take modules of their own
+        taken = hold_int8_rows(model, store.read(int8_tables + [n + SCALE_SUFFIX for n in int8_tables], native=True),
+                               dtype)
+    except ValueError as e:
+        raise ModelLoadError(f"{folder}: {e}") from None
     expected = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
-    names = [n for n in expected if not (tied and n == "lm_head.weight" and n not in store.weight_map)]
+    names = [n for n in expected if n not in taken and not (tied and n == "lm_head.weight" and n not in store.weight_map)]
     # Kept as stored: the embedding, the head and the linears left dense (layers.stored_dense), and
     # every compressed module's own tensors (its format fixes their dtypes; its forward computes in
     # the input's).

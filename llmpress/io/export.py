@@ -39,6 +39,7 @@ from ..formats.packing import pack_codes, unpack_codes
 from ..layers import OnlineHadamard, QuantLinear
 from ..layers.base import outermost_compressed
 from ..layers.experts import fuse_experts, is_expert_linear
+from ..layers.stored_dense import plain_int8_rows
 from ..version import __version__
 from .checkpoint import is_llmpress_output, load_compressed, read_manifest
 from .models import load_tokenizer
@@ -80,6 +81,7 @@ def export(src: str | Path, out: str | Path, fmt: str, *, dtype: str = "float16"
         raise ExportError(f"this model applies an online Hadamard before its down projections, which {fmt} "
                           "cannot express; use --format dense, or compress with the rotation's `online: false`")
     model = load_compressed(src, dtype=torch.float32)
+    plain_int8_rows(model)   # no format below has int8 rows: the tables they stand for
     quantized = {n: m.in_stored_order() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if fmt == "compressed-tensors":
         _check_compressed_tensors(quantized)
@@ -128,6 +130,7 @@ def _export_gguf(src: Path, out: Path, dtype: str, overwrite: bool) -> Path:
                 raise OutputError(f"{out} is not a GGUF file; refusing to overwrite it")
     if src.is_dir() and is_llmpress_output(src):
         model, folder = load_compressed(src, dtype=torch.float32), src
+        plain_int8_rows(model)   # written as the float tables they stand for (in the export's dtype)
     else:
         folder = resolve_model(str(src))
         model = load_dense(folder, dtype=torch.float32)

@@ -12,7 +12,9 @@ from ..layers import LAYER_FORMATS, module_sizes
 from ..layers.experts import expert_pattern
 from .checkpoint import read_manifest
 
-_SAFETENSORS_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_SAFETENSORS_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I8": "int8",
+                            "U8": "uint8", "I32": "int32", "I64": "int64"}
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 _BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<module>.+)$")
 
 
@@ -108,7 +110,7 @@ def _dense_mb(folder: Path, compressed: list[str]) -> dict[str, float]:
                 numel = 1
                 for d in view.get_shape():
                     numel *= d
-                width = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get(dtype, 4)
+                width = _DTYPE_BYTES.get(dtype, 4)
                 out[dtype] = out.get(dtype, 0.0) + numel * width / 1e6
     return {k: round(v, 2) for k, v in out.items()}
 

@@ -102,6 +102,10 @@ def _register_shapes() -> None:
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @shape_of("int8_rows_gemv")
+    def _(x, codes, scale):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
     @shape_of("ell_gemv")
     def _(h, values, index):
         return h.new_empty(h.shape[0], values.shape[0])
