@@ -239,6 +239,18 @@ def test_an_int8_head_computes_as_its_dequantized_table_and_exports_as_it(tiny_m
         assert (plain(ids).logits - logits).abs().max() <= 1e-3 * logits.abs().max()
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_int8_rows_gemv_equals_the_dequantized_table_on_every_path(lut_ext, rows):
+    from llmpress.formats.int8_rows import dequantize_rows, quantize_rows
+
+    g = torch.Generator().manual_seed(5)
+    codes, scale = quantize_rows(torch.randn(203, 200, generator=g))   # rows past whole fours, K past 16s
+    x = torch.randn(rows, 200, generator=g)
+    expected = (x.double() @ dequantize_rows(codes, scale).double().T).float()
+    y = lut_ext.int8_rows_gemv(x, codes, scale)
+    assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_an_int8_head_is_refused_where_the_embedding_computes_more_than_a_lookup(tiny_model_factory, tmp_path):
     import llmpress
     from llmpress.compress.recipe import load_recipe
