@@ -363,11 +363,11 @@ def _nbytes(f, key: str) -> int:
     return t.numel() * t.element_size()
 
 
-def table(rows: list[dict], nsamples: int, seqlen: int) -> str:
+def table(rows: list[dict], nsamples: int, seqlen: int, model: str = DEFAULT_MODEL) -> str:
     dense = next((r for r in rows if r["recipe"] is None), None)
     protocol = rows[0]["protocol"] if rows else "ppl[wiki/test, 2048x40]"
     lines = [
-        f"Model `smollm2-135m`; {protocol}; calibration wiki/train {nsamples}x{seqlen} seed 0 "
+        f"Model `{Path(model).name}`; {protocol}; calibration wiki/train {nsamples}x{seqlen} seed 0 "
         "(unless the name gives another); "
         "asymmetric grids; fp32 on CPU (2 cores). Each row is its own process: time and peak RSS are "
         "the compress job's alone (model load, calibration, solve, save).",
@@ -484,7 +484,7 @@ def main() -> None:
         dense = _latest_dense(args.model, args.windows)
         if dense is not None:
             rows.insert(0, dense)
-    body = table(rows, args.nsamples, args.seqlen)
+    body = table(rows, args.nsamples, args.seqlen, args.model)
     print(body)
     if not args.no_update:
         second = args.model != DEFAULT_MODEL
