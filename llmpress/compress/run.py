@@ -32,6 +32,7 @@ from ..io.models import (
 from ..io.text import check_text_source
 from ..layers.experts import unsplit_experts
 from ..layers.quant_linear import hold_act_order_in_group_order
+from ..layers.stored_dense import takes_int8_rows
 from ..progress import Status, note
 from ..version import __version__
 from . import distributed
@@ -377,7 +378,7 @@ def _check_int8_tables(skeleton: nn.Module) -> None:
     """``head: int8`` replaces the embedding and the head with int8-row modules at load: only plain
     ones compute exactly what those do (a scaled embedding, Gemma's, would lose its scale)."""
     for module in (skeleton.get_input_embeddings(), skeleton.get_output_embeddings()):
-        if module is not None and type(module) not in (nn.Embedding, nn.Linear):
+        if module is not None and not takes_int8_rows(module):
             raise RecipeError(f"`head: int8` takes a plain embedding and head; this model's {type(module).__name__} "
                               "computes more than a lookup or a product: use `head: float16` or `bfloat16`")
 

@@ -33,7 +33,7 @@ import torch
 from ..formats.packing import unpack_codes
 from . import cpu_ext
 from .derived import Derived
-from .grouping import SharedInputGroup
+from .grouping import SharedInputGroup, same_optional
 
 GROUP_SIZES = (256, 128, 64, 32)
 
@@ -140,12 +140,9 @@ def can_share_input(layers: Sequence) -> bool:
     for layer in layers:
         if unsupported_reason(layer) is not None or layer.in_features != first.in_features:
             return False
-        if _kernel_group(layer) != _kernel_group(first) or (layer.g_idx is None) != (first.g_idx is None):
+        if _kernel_group(layer) != _kernel_group(first) or not same_optional(layer.g_idx, first.g_idx):
             return False
-        if layer.g_idx is not None and not torch.equal(layer.g_idx, first.g_idx):
-            return False
-        if (layer.input_order is None) != (first.input_order is None) or (
-                layer.input_order is not None and not torch.equal(layer.input_order, first.input_order)):
+        if not same_optional(layer.input_order, first.input_order):
             return False
     return True
 

@@ -38,7 +38,7 @@ import torch
 
 from ..formats.ggml import dequantize_codes
 from . import cpu_ext, cpu_int4
-from .grouping import SharedInputGroup
+from .grouping import SharedInputGroup, same_optional
 
 BACKENDS = ("auto", "reference", "cpu-int4", "cpu-gemv", "cpu-dequant", "triton")
 DECODE_MAX_ROWS = 16
@@ -87,8 +87,7 @@ def gemv_can_share_input(layers) -> bool:
     for layer in layers:
         if not layer.cpu_gemv_fast() or layer.in_features != first.in_features or layer.group_size != first.group_size:
             return False
-        if (layer.input_order is None) != (first.input_order is None) or (
-                layer.input_order is not None and not torch.equal(layer.input_order, first.input_order)):
+        if not same_optional(layer.input_order, first.input_order):
             return False
     return True
 

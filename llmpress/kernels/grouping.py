@@ -6,6 +6,12 @@ from __future__ import annotations
 import torch
 
 
+def same_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two optional index tensors (act-order's ``g_idx``, a held ``input_order``) are both
+    absent or equal: linears that read one input the same way agree on them."""
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
+
+
 class HeldOutputs:
     """The first member called with an input computes every member's output; each other member,
     called with that very tensor (unchanged since: its version counter), takes its own. A member

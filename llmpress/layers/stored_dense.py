@@ -132,6 +132,12 @@ class Int8RowsLinear(nn.Module):
         return dequantize_rows(self.weight, self.weight_scale, dtype)
 
 
+def takes_int8_rows(module: nn.Module) -> bool:
+    """Whether an embedding or head can be held as int8 rows: a plain lookup or product, which
+    ``Int8RowsEmbedding``/``Int8RowsLinear`` compute exactly (Gemma's embedding also scales)."""
+    return type(module) in (nn.Embedding, nn.Linear)
+
+
 def hold_int8_rows(model: nn.Module, tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> set[str]:
     """Put the embedding and the head stored as int8 rows (``<name>.weight`` int8 beside its
     ``_scale``, given in ``tensors``) in place of the model's modules, before the rest is loaded (a
@@ -142,7 +148,7 @@ def hold_int8_rows(model: nn.Module, tensors: dict[str, torch.Tensor], compute_d
     taken: set[str] = set()
     embedding = None
     for module in (inp, out):
-        if module is not None and f"{names[id(module)]}.weight" in tensors and type(module) not in (nn.Embedding, nn.Linear):
+        if module is not None and f"{names[id(module)]}.weight" in tensors and not takes_int8_rows(module):
             raise ValueError(f"{type(module).__name__} computes more than a lookup or a product; it cannot take int8 rows")
     if inp is not None and (key := f"{names[id(inp)]}.weight") in tensors:
         embedding = Int8RowsEmbedding(_codes_of(tensors, key), _scale_of(tensors, key), compute_dtype,
