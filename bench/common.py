@@ -71,10 +71,14 @@ def quick_model(recipe: str) -> Path:
     calibration does not change a format's layout or its speed), made once under bench/out.
     ``name:key=value,...`` adds ``--set`` settings (``gptq-w4-g64:head=int8``)."""
     import llmpress
+    from llmpress.compress.recipe import load_recipe
 
     name, _, settings = recipe.partition(":")
     folder = OUT / f"decode-{recipe.replace(':', '+').replace('=', '-').replace(',', '+')}"
-    if not (folder / "config.json").exists():
+    wanted = load_recipe(name, settings.split(",") if settings else None)
+    saved = folder / "llmpress-recipe.yaml"
+    # a folder made before its preset changed (a new default) is made again
+    if not (folder / "config.json").exists() or not saved.exists() or load_recipe(str(saved)) != wanted:
         print(f"compressing smollm2-135m with {recipe} (16x256) into {folder} ...", flush=True)
         llmpress.compress("smollm2-135m", name, out=folder, nsamples=16, seqlen=256, overwrite=True, progress=False,
                           settings=settings.split(",") if settings else None)

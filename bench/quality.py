@@ -180,15 +180,15 @@ BLOCKTUNE = [
     ("GPTQ W3 g64 + block tuning, 64 steps", "gptq-tuned-w3-g64", ["steps=64"], None),
 ]
 
-# Issue #31: the ablation ladder, each rung adding one part to the one above it (all act-order,
-# true-sequential, asymmetric, groups of 64), the static-group variants of the gptq-* defaults,
-# and the best presets.
+# Issue #31: the ablation ladder, each rung adding one part to the one above it (all act-order
+# with dynamic groups, true-sequential, asymmetric, groups of 64), the static-group variants (the
+# gptq-w3/w2-g64 presets since 2026-12-07), and the best presets.
 LADDER = [("dense", None, [], None)]
 for _bits in (3, 2):
     _gptq = f"gptq-w{_bits}-g64"
     LADDER += [
-        (f"GPTQ W{_bits} g64", _gptq, [], None),
-        (f"+MSE grid W{_bits} g64", _gptq, ["mse=true"], None),
+        (f"GPTQ W{_bits} g64", _gptq, ["static_groups=false"], None),
+        (f"+MSE grid W{_bits} g64", _gptq, ["mse=true", "static_groups=false"], None),
         (f"+RHT W{_bits} g64", f"rht-{_gptq}", ["mse=true"], None),
         (f"+GPTAQ W{_bits} g64", f"rht-{_gptq}", ["mse=true", "residual=gptaq"], None),
         (f"+DSQ/DAC W{_bits} g64 (D2Quant)", f"d2quant-w{_bits}-g64", [], None),
@@ -207,19 +207,38 @@ for _bits in (3, 2):
             ("+block tuning W2 g64, lr 0.0075", "best-w2", ["lr=0.0075"], None),
         ]
     LADDER += [
-        (f"GPTQ W{_bits} g64 static groups", _gptq, ["static_groups=true"], None),
-        (f"GPTQ W{_bits} g64 MSE grid, static groups", _gptq, ["mse=true", "static_groups=true"], None),
+        (f"GPTQ W{_bits} g64 static groups", _gptq, [], None),
+        (f"GPTQ W{_bits} g64 MSE grid, static groups", _gptq, ["mse=true"], None),
         (f"auto-round W{_bits} g64 (its defaults)", "peer:auto-round", [f"bits={_bits}", "group_size=64"], None),
     ]
 LADDER += [   # at 4 bits only the ends of the ladder
     ("GPTQ W4 g64", "gptq-w4-g64", [], None),
+    ("GPTQ W4 g64 static groups", "gptq-w4-g64", ["static_groups=true"], None),
     ("+block tuning W4 g64 (best-w4)", "best-w4", [], None),
     ("auto-round W4 g64 (its defaults)", "peer:auto-round", ["bits=4", "group_size=64"], None),
 ]
 
+# Presets whose defaults changed, and the settings that give back what they were: a log row
+# written before the change (one without "stages") is reused only for that job, and the suites
+# written before it keep measuring it (they compare against the GPTAQ, rotated and tuned presets,
+# which kept dynamic groups). The ladder says which static-group rows it means.
+BEFORE_PRESET_CHANGES = {f"gptq-w{b}-g64": ["static_groups=false"] for b in (2, 3)}   # 2026-12-07
+
+
+def settings_before_preset_changes(recipe: str | None) -> list[str]:
+    """What gives back ``recipe``'s preset (``<rotation>+<preset>`` included) as it was before it changed."""
+    return BEFORE_PRESET_CHANGES.get((recipe or "").rpartition("+")[2], [])
+
+
+def _as_before_preset_changes(configs: list[tuple]) -> list[tuple]:
+    return [(name, recipe, [*settings_before_preset_changes(recipe), *settings], *rest)
+            for name, recipe, settings, *rest in configs]
+
+
 SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
           "rotation": ROTATION, "rotation-second": ROTATION_SECOND, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD,
           "gguf": GGUF, "blocktune": BLOCKTUNE, "ladder": LADDER}
+SUITES = {suite: configs if suite == "ladder" else _as_before_preset_changes(configs) for suite, configs in SUITES.items()}
 MEASURE_DECODE = {"factor", "tt", "shiftadd"}   # suites whose rows also time CPU decoding
 
 
@@ -238,13 +257,45 @@ def bench_recipe(name: str):
     return parse_recipe(data, name)
 
 
+def job_stages(recipe: str | None, settings: list[str], drop: list[str]) -> list | None:
+    """The stages a configuration runs, fully resolved (None for the dense model and peers): two
+    rows measured the same job exactly when these are equal, whatever the presets said then."""
+    if recipe is None or recipe.startswith("peer:"):
+        return None
+    from llmpress.compress.recipe import Recipe, customize_recipe, load_recipe
+
+    base = bench_recipe(recipe)
+    base = base if isinstance(base, Recipe) else load_recipe(base)
+    return customize_recipe(base, settings, drop).model_dump(mode="json")["stages"]
+
+
+def _logged_stages(row: dict) -> list | None:
+    """The stages a logged row ran (None where its recipe no longer resolves)."""
+    from llmpress.compress.recipe import RecipeError
+
+    if "stages" in row:
+        return row["stages"]
+    try:   # the row's own settings after the old defaults: they win where both name a key
+        return job_stages(row["recipe"], settings_before_preset_changes(row["recipe"]) + row["settings"],
+                          row.get("drop", []))
+    except RecipeError:
+        return None
+
+
 def measured_before(name_recipe_settings: tuple, windows: int, nsamples: int, seqlen: int,
                     model: str = DEFAULT_MODEL) -> dict | None:
-    """The latest row of any suite's log with the same model, recipe, settings, seed and protocol."""
+    """The latest row of any suite's log with the same model, job (recipe stages as resolved now, or
+    the peer and its settings), seed and protocol."""
     recipe, settings, seed, *drop = name_recipe_settings
     drop = drop[0] if drop else []
+    stages = job_stages(recipe, settings, drop)
     for row in _logged_rows():
-        if (row["recipe"], row["settings"], row.get("seed", 0), row.get("drop", [])) == (recipe, settings, seed, drop) and \
+        if stages is None:
+            same_job = (row["recipe"], row["settings"]) == (recipe, settings)
+        else:
+            same_job = row["recipe"] is not None and not row["recipe"].startswith("peer:") and \
+                _logged_stages(row) == stages
+        if same_job and row.get("seed", 0) == seed and \
                 row.get("model", DEFAULT_MODEL) == model and \
                 row["protocol"] == f"ppl[wiki/test, 2048x{windows}]" and \
                 (row.get("nsamples", 128), row.get("seqlen", 512)) == (nsamples, seqlen):
@@ -262,6 +313,8 @@ def run_one(suite: str, index: int, windows: int, nsamples: int, seqlen: int, mo
               "seed": kwargs.get("seed", 0), "nsamples": nsamples, "seqlen": seqlen}
     if kwargs.get("drop"):
         result["drop"] = kwargs["drop"]
+    if recipe is not None and not recipe.startswith("peer:"):
+        result["stages"] = job_stages(recipe, settings, kwargs.get("drop", []))
     if model != DEFAULT_MODEL:
         result["model"] = model
     out = OUT / folder_name(name if model == DEFAULT_MODEL else f"{Path(model).stem} {name}")

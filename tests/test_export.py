@@ -49,15 +49,23 @@ def test_compressed_tensors_export_loads_in_transformers(stage, tiny_model_facto
     assert (a - b).abs().max() <= 1e-3 * a.abs().max()
 
 
-def test_compressed_tensors_asymmetric_decompresses_with_its_own_code(tiny_model_factory, tmp_path):
+@pytest.mark.parametrize("preset", [None, "gptq-w3-g64"])
+def test_compressed_tensors_asymmetric_decompresses_with_its_own_code(preset, tiny_model_factory, tmp_path):
     """Asymmetric exports hold the zero points packed along the output dimension, as llm-compressor
     writes them and vLLM reads them. transformers 5.x cannot load such files (it allocates them
-    unpacked: llm-compressor#1618), so the check goes through compressed-tensors' own decompressor."""
+    unpacked: llm-compressor#1618), so the check goes through compressed-tensors' own decompressor.
+    gptq-w3-g64 (act-order with static groups) exports as it is."""
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
-    src, model = _compress(tiny_model_factory("qwen2"), tmp_path, "q", bits=3, group_size=32)
+    if preset is None:
+        src, model = _compress(tiny_model_factory("qwen2"), tmp_path, "q", bits=3, group_size=32)
+    else:
+        src = tmp_path / "q"
+        llmpress.compress(tiny_model_factory("qwen2"), preset, out=src, nsamples=4, seqlen=32, progress=False,
+                          settings=["group_size=32"])   # the tiny model's 160 MLP channels
+        model, _ = llmpress.load(src)
     export(src, tmp_path / "ct", "compressed-tensors", dtype="float32")
     tensors = load_file(tmp_path / "ct" / "model.safetensors")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
