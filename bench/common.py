@@ -73,13 +73,13 @@ def quick_model(recipe: str) -> Path:
     import llmpress
     from llmpress.compress.recipe import load_recipe
 
-    name, _, settings = recipe.partition(":")
+    name, _, joined = recipe.partition(":")
+    settings = joined.split(",") if joined else None
     folder = OUT / f"decode-{recipe.replace(':', '+').replace('=', '-').replace(',', '+')}"
-    wanted = load_recipe(name, settings.split(",") if settings else None)
     saved = folder / "llmpress-recipe.yaml"
     # a folder made before its preset changed (a new default) is made again
-    if not (folder / "config.json").exists() or not saved.exists() or load_recipe(str(saved)) != wanted:
+    if not (folder / "config.json").exists() or not saved.exists() or load_recipe(str(saved)) != load_recipe(name, settings):
         print(f"compressing smollm2-135m with {recipe} (16x256) into {folder} ...", flush=True)
         llmpress.compress("smollm2-135m", name, out=folder, nsamples=16, seqlen=256, overwrite=True, progress=False,
-                          settings=settings.split(",") if settings else None)
+                          settings=settings)
     return folder

@@ -16,6 +16,7 @@ original GPTQ code (and plain RTN) gave on exactly this protocol on this machine
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import resource
@@ -235,10 +236,11 @@ def _as_before_preset_changes(configs: list[tuple]) -> list[tuple]:
             for name, recipe, settings, *rest in configs]
 
 
-SUITES = {"quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
-          "rotation": ROTATION, "rotation-second": ROTATION_SECOND, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT, "shiftadd": SHIFTADD,
-          "gguf": GGUF, "blocktune": BLOCKTUNE, "ladder": LADDER}
-SUITES = {suite: configs if suite == "ladder" else _as_before_preset_changes(configs) for suite, configs in SUITES.items()}
+SUITES = {suite: _as_before_preset_changes(configs) for suite, configs in {
+    "quality": FOUNDATION, "gptq-seeds": GPTQ_SEEDS, "residual": RESIDUAL, "residual-w2": RESIDUAL_W2,
+    "rotation": ROTATION, "rotation-second": ROTATION_SECOND, "factor": FACTOR, "tt": TT, "d2quant": D2QUANT,
+    "shiftadd": SHIFTADD, "gguf": GGUF, "blocktune": BLOCKTUNE}.items()}
+SUITES["ladder"] = LADDER
 MEASURE_DECODE = {"factor", "tt", "shiftadd"}   # suites whose rows also time CPU decoding
 
 
@@ -262,11 +264,16 @@ def job_stages(recipe: str | None, settings: list[str], drop: list[str]) -> list
     rows measured the same job exactly when these are equal, whatever the presets said then."""
     if recipe is None or recipe.startswith("peer:"):
         return None
+    return _resolved_stages(recipe, tuple(settings), tuple(drop))
+
+
+@functools.cache   # a log's rows are resolved again for every configuration looked up
+def _resolved_stages(recipe: str, settings: tuple[str, ...], drop: tuple[str, ...]) -> list:
     from llmpress.compress.recipe import Recipe, customize_recipe, load_recipe
 
     base = bench_recipe(recipe)
     base = base if isinstance(base, Recipe) else load_recipe(base)
-    return customize_recipe(base, settings, drop).model_dump(mode="json")["stages"]
+    return customize_recipe(base, list(settings), list(drop)).model_dump(mode="json")["stages"]
 
 
 def _logged_stages(row: dict) -> list | None:
@@ -290,11 +297,8 @@ def measured_before(name_recipe_settings: tuple, windows: int, nsamples: int, se
     drop = drop[0] if drop else []
     stages = job_stages(recipe, settings, drop)
     for row in _logged_rows():
-        if stages is None:
-            same_job = (row["recipe"], row["settings"]) == (recipe, settings)
-        else:
-            same_job = row["recipe"] is not None and not row["recipe"].startswith("peer:") and \
-                _logged_stages(row) == stages
+        same_job = (row["recipe"], row["settings"]) == (recipe, settings) if stages is None else \
+            _logged_stages(row) == stages
         if same_job and row.get("seed", 0) == seed and \
                 row.get("model", DEFAULT_MODEL) == model and \
                 row["protocol"] == f"ppl[wiki/test, 2048x{windows}]" and \
