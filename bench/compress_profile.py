@@ -31,11 +31,11 @@ from common import publish, rss_mb
 MATMUL_SHAPES = [(4096, 576, 576), (4096, 576, 1536), (4096, 1536, 576)]
 
 
-def matmul_rate(repeats: int = 10) -> float:
-    """The machine's fp32 ``torch.mm`` rate (GFLOP/s), best of ``repeats``, over the decoder's shapes."""
+def matmul_rate(repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's ``torch.mm`` rate (GFLOP/s) in ``dtype``, best of ``repeats``, over the decoder's shapes."""
     rates = []
     for m, k, n in MATMUL_SHAPES:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(2):
             a @ b
         best = float("inf")
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--set", action="append", default=[], dest="settings")
     parser.add_argument("--activations", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--forward-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--keep", metavar="DIR", help="write the compressed model here (to evaluate it) instead of a temporary folder")
     parser.add_argument("--no-update", action="store_true")
     args = parser.parse_args()
 
@@ -62,13 +64,15 @@ def main() -> None:
     from llmpress.compress.phases import PhaseClock
 
     rate = matmul_rate()
+    bf16 = f" (bf16 {matmul_rate(dtype=torch.bfloat16):.0f})" if args.forward_dtype == "bfloat16" else ""
     out = tempfile.mkdtemp(prefix="llmpress-profile-")
     start = time.perf_counter()
     try:
         with PhaseClock() as clock:
-            result = llmpress.compress(args.model, args.recipe, out=f"{out}/model", nsamples=args.nsamples,
-                                       seqlen=args.seqlen, settings=args.settings, overwrite=True, progress=False,
-                                       activations=args.activations)
+            result = llmpress.compress(args.model, args.recipe, out=args.keep or f"{out}/model",
+                                       nsamples=args.nsamples, seqlen=args.seqlen, settings=args.settings,
+                                       overwrite=True, progress=False, activations=args.activations,
+                                       forward_dtype=args.forward_dtype)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     wall = time.perf_counter() - start
@@ -78,9 +82,9 @@ def main() -> None:
     where = f"rank {rank} of {ranks} (torchrun), " if ranks > 1 else ""
     lines = [
         f"`{args.recipe}` on `{args.model}`, calibration {args.nsamples}x{args.seqlen} "
-        f"({args.activations} activations), "
+        f"({args.activations} activations, {args.forward_dtype} forward passes), "
         f"{where}{torch.get_num_threads()} threads; this machine's fp32 matmul rate over the decoder's shapes "
-        f"{rate:.0f} GFLOP/s. Wall {wall:.1f} s, peak RSS {rss_mb():.0f} MB.",
+        f"{rate:.0f} GFLOP/s{bf16}. Wall {wall:.1f} s, peak RSS {rss_mb():.0f} MB.",
         "",
         "| phase | calls | time (s) | share | GFLOP | GFLOP/s | of matmul rate | peak +MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

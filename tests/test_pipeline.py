@@ -154,11 +154,11 @@ def test_residual_output_shortcut_equals_a_real_forward(tiny_model_factory, tmp_
             assert torch.allclose(fast[k].float(), slow[k].float(), rtol=1e-3, atol=1e-4), k
 
 
-def crash_then_resume(folder, recipe, tmp_path, monkeypatch) -> list[int]:
+def crash_then_resume(folder, recipe, tmp_path, monkeypatch, **options) -> list[int]:
     """Compress ``folder`` whole, and again with a crash at block 2 then ``--resume``; checks that
     the crashed folder is not presented as complete and the resumed one equals the whole run
     tensor for tensor. Returns the blocks the resumed run compressed."""
-    llmpress.compress(folder, recipe, out=tmp_path / "whole", nsamples=4, seqlen=32, progress=False)
+    llmpress.compress(folder, recipe, out=tmp_path / "whole", nsamples=4, seqlen=32, progress=False, **options)
     real = pipeline._compress_block
 
     def crash_on_block_2(ctx, *args, **kwargs):
@@ -168,13 +168,14 @@ def crash_then_resume(folder, recipe, tmp_path, monkeypatch) -> list[int]:
 
     monkeypatch.setattr(pipeline, "_compress_block", crash_on_block_2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        llmpress.compress(folder, recipe, out=tmp_path / "part", nsamples=4, seqlen=32, progress=False)
+        llmpress.compress(folder, recipe, out=tmp_path / "part", nsamples=4, seqlen=32, progress=False, **options)
     assert not (tmp_path / "part" / "config.json").exists()       # not presented as complete
     with pytest.raises(llmpress.api.ModelLoadError, match="incomplete"):
         llmpress.load(tmp_path / "part")
     calls = []
     monkeypatch.setattr(pipeline, "_compress_block", lambda ctx, *a, **k: calls.append(ctx.index) or real(ctx, *a, **k))
-    llmpress.compress(folder, recipe, out=tmp_path / "part", nsamples=4, seqlen=32, progress=False, resume=True)
+    llmpress.compress(folder, recipe, out=tmp_path / "part", nsamples=4, seqlen=32, progress=False, resume=True,
+                      **options)
     whole, resumed = _shards(tmp_path / "whole"), _shards(tmp_path / "part")
     assert whole.keys() == resumed.keys()
     for k in whole:
@@ -254,6 +255,41 @@ def test_bf16_activations_halve_the_streams_and_move_the_result_little(tiny_mode
                           activations="bfloat16", resume=True)
     with pytest.raises(llmpress.errors.RecipeError, match="activations must be one of"):
         llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / "x", activations="int8", progress=False)
+
+
+def test_bf16_forward_passes_keep_the_shortcuts_exact_and_move_the_result_little(tiny_model_factory, tmp_path,
+                                                                                  monkeypatch):
+    """Forward passes under bf16 autocast: the attention cache and the output shortcut give exactly
+    what real forwards under it give, a killed run resumes to the same tensors, the solves' output
+    errors stay near the fp32 run's, and a folder of one precision does not resume with the other."""
+    folder = tiny_model_factory("llama")
+    runs = {kind: llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / kind, nsamples=8, seqlen=32,
+                                    progress=False, forward_dtype=kind) for kind in ("float32", "bfloat16")}
+    assert runs["bfloat16"].summary["forward passes in"] == "bfloat16 (autocast)"
+    assert "forward passes in" not in runs["float32"].summary
+    fp32, bf16 = _shards(tmp_path / "float32"), _shards(tmp_path / "bfloat16")
+    assert fp32.keys() == bf16.keys() and any(not torch.equal(fp32[k], bf16[k]) for k in fp32)   # autocast ran
+    errors = {kind: sum(r.metrics["output_error"] for r in run.records) for kind, run in runs.items()}
+    assert 0.8 < errors["bfloat16"] / errors["float32"] < 1.2, errors
+
+    from llmpress.compress import run
+
+    original = run.arch_for
+    monkeypatch.setattr(run, "arch_for", lambda m: dataclasses.replace(original(m), attention_output=None,
+                                                                       residual_linear=None))
+    llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / "plain", nsamples=8, seqlen=32, progress=False,
+                      forward_dtype="bfloat16")
+    monkeypatch.setattr(run, "arch_for", original)
+    plain = _shards(tmp_path / "plain")
+    for k in bf16:
+        assert torch.equal(bf16[k], plain[k]), k
+    assert crash_then_resume(folder, "gptaq-w3-g64", tmp_path / "resume", monkeypatch,
+                             forward_dtype="bfloat16") == [2]
+    with pytest.raises(llmpress.errors.OutputError, match="another model, recipe"):
+        llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / "float32", nsamples=8, seqlen=32, progress=False,
+                          forward_dtype="bfloat16", resume=True)
+    with pytest.raises(llmpress.errors.RecipeError, match="forward_dtype must be one of"):
+        llmpress.compress(folder, "gptaq-w3-g64", out=tmp_path / "x", forward_dtype="float16", progress=False)
 
 
 def test_memory_plan_puts_streams_on_the_device_where_they_fit():

@@ -79,10 +79,11 @@ def test_spilled_tensors_round_trip_and_the_arena_is_reused(budget):
     arena = SpillArena()
     for _round in range(2):
         kept = SpilledTensors(budget, arena)
-        tensors = [torch.randn(3, 7, 5) for _ in range(4)] + [torch.arange(6, dtype=torch.float32)]
+        tensors = [torch.randn(3, 7, 5) for _ in range(3)] + [torch.arange(6, dtype=torch.float32),
+                                                              torch.randn(2, 9, dtype=torch.bfloat16)]   # bf16 forwards
         for t in tensors:
             kept.append(t)
-        assert len(kept) == 5 and all(torch.equal(kept[i], t) for i, t in enumerate(tensors))
+        assert len(kept) == 5 and all(torch.equal(kept[i], t) and kept[i].dtype == t.dtype for i, t in enumerate(tensors))
         assert (kept.file is not None) == (budget == 0)
         other = SpilledTensors(0, arena)                 # a second spill alive at once: another file
         other.append(torch.ones(2))

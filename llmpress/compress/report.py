@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..layers import module_sizes
 from ..layers.experts import expert_pattern
 from ..paths import atomic_write_text
@@ -190,6 +192,8 @@ def run_summary(out: Path, records: list[ModuleRecord], job, rotation, seconds: 
         **({"embedding and head stored as": str(job.head_dtype).removeprefix("torch.")}
            if job.head_dtype != job.dense_dtype else {}),
         **({"memory plan": notes["memory plan"]} if "memory plan" in notes else {}),
+        **({"forward passes in": str(job.forward_dtype).removeprefix("torch.") + " (autocast)"}
+           if job.forward_dtype != torch.float32 else {}),
         "time (s)": round(seconds, 1),
         "peak RSS (MB)": round(peak_rss_mb(), 1),
         "llmpress": __version__,

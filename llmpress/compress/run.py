@@ -46,6 +46,7 @@ from .report import run_summary, write_report
 from .rotate.fuse import ResidualRotation, RotationError, randomized_hadamard_rotation
 
 ACTIVATION_DTYPES = {name: STORAGE_DTYPES[name] for name in ("float32", "bfloat16")}
+FORWARD_DTYPES = ACTIVATION_DTYPES   # the precisions the calibration forward passes run in
 HEAD_DTYPES = {**STORAGE_DTYPES, "int8": torch.int8}   # int8: rows with a scale each (formats.int8_rows)
 
 
@@ -60,12 +61,13 @@ class CompressResult:
 
 
 def _fingerprint(model_spec: str, config, recipe: Recipe, calib_hash: str | None, dense_dtype: torch.dtype,
-                 activation_dtype: torch.dtype) -> str:
+                 activation_dtype: torch.dtype, forward_dtype: torch.dtype = torch.float32) -> str:
     payload = json.dumps({
         "model": model_spec, "config": config.to_dict(), "recipe": recipe.model_dump(mode="json"),
         "calibration": calib_hash, "version": __version__, "dense dtype": str(dense_dtype),
-        # fp32 activations keep the fingerprints of runs from before the option existed
+        # fp32 activations and forwards keep the fingerprints of runs from before the options existed
         **({"activation dtype": str(activation_dtype)} if activation_dtype != torch.float32 else {}),
+        **({"forward dtype": str(forward_dtype)} if forward_dtype != torch.float32 else {}),
     }, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -89,17 +91,21 @@ class _Job:
     streaming: bool
     dense_dtype: torch.dtype   # storage of the tensors the recipe leaves dense
     head_dtype: torch.dtype    # storage of the input embedding and the output head (int8: int8 rows)
-    activation_dtype: torch.dtype   # storage of the calibration streams (computation stays fp32)
+    activation_dtype: torch.dtype   # storage of the calibration streams
+    forward_dtype: torch.dtype      # precision of the forward passes through the blocks (statistics and solves: fp32)
     rotation: ResidualRotation | None = None   # HARP's starts as the RHT it is fitted from
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # where the blocks, statistics, solves run
 
 
 def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop=None,
-             dtype: str = "auto", activations: str = "float32") -> _Job:
+             dtype: str = "auto", activations: str = "float32", forward: str = "float32") -> _Job:
     recipe = load_recipe(recipe, settings, drop) if isinstance(recipe, str) else customize_recipe(recipe, settings, drop)
     if activations not in ACTIVATION_DTYPES:
         raise RecipeError(f"activations must be one of {', '.join(ACTIVATION_DTYPES)}, not {activations!r}")
     activation_dtype = ACTIVATION_DTYPES[activations]
+    if forward not in FORWARD_DTYPES:
+        raise RecipeError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, not {forward!r}")
+    forward_dtype = FORWARD_DTYPES[forward]
     needs_data = any(s.needs for s in recipe.stages)
     if calib is not None:   # a typo fails before the model is read, whether or not the recipe reads it
         check_text_source(calib)
@@ -155,11 +161,11 @@ def _prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_
         model_spec=str(model), recipe=recipe, out=Path(out).expanduser(), folder=folder, config=config,
         skeleton=skeleton, tokenizer=tokenizer, windows=windows, calib=calib_info,
         fingerprint=_fingerprint(str(model), config, recipe, calib_info and calib_info["hash"], dense_dtype,
-                                 activation_dtype),
+                                 activation_dtype, forward_dtype),
         store=store, rest_names=[n for n in names if not n.startswith(arch.blocks + ".")],
         streaming=store.has_all(names), dense_dtype=dense_dtype, rotation=rotation,
         head_dtype=dense_dtype if recipe.head == "auto" else HEAD_DTYPES[recipe.head],
-        activation_dtype=activation_dtype,
+        activation_dtype=activation_dtype, forward_dtype=forward_dtype,
     )
 
 
@@ -183,6 +189,7 @@ def compress(
     max_memory: int | str | None = None,
     dtype: str = "auto",
     activations: str = "float32",
+    forward_dtype: str = "float32",
     device: str | torch.device = "auto",
 ) -> CompressResult:
     """Compress ``model`` (a folder, ``.gguf`` file, hub id or built-in name) with ``recipe`` (a
@@ -197,7 +204,10 @@ def compress(
     ``dtype`` (``auto``, ``float16``, ``bfloat16``, ``float32``) is the storage of every tensor the
     recipe leaves dense; ``auto`` is the source's own precision (see ``io.models.storage_dtype``).
     ``activations`` (``float32``, ``bfloat16``) stores the calibration activation streams: bf16
-    halves their memory (docs/pipeline.md says what it moves). Computation stays fp32.
+    halves their memory (docs/pipeline.md says what it moves).
+    ``forward_dtype`` (``float32``, ``bfloat16``) is the precision of the calibration forward passes
+    through the blocks: bfloat16 runs their matmuls and attention under bf16 autocast (about twice
+    the fp32 rate where the CPU has bf16 arithmetic); statistics and solves stay fp32.
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; auto: CUDA when present) runs each block,
     its statistics and the solves that can run there (GPTQ on its uniform grid) on that device, one
     block at a time: the model stays in RAM, the activation streams go to the device where they fit.
@@ -208,7 +218,7 @@ def compress(
     distributed.init(run_device)   # under torchrun: join the ranks (a no-op otherwise)
     memory_budget = parse_size(max_memory)
     job = replace(_prepare(model, recipe, out, calib, nsamples, seqlen, seed, settings, trust_remote_code, drop,
-                           dtype, activations), device=run_device)
+                           dtype, activations, forward_dtype), device=run_device)
     # Everything the user gave has been checked: only now is the output folder touched (by rank 0).
     main = distributed.is_main()
     fresh = not job.out.exists()
@@ -264,7 +274,8 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     windows = distributed.local_slice(job.windows) if job.windows is not None else None
     records = compress_blocks(source.model, rotation.compress_arch() if rotation is not None else arch, recipe,
                               windows, source, batch_size=batch_size, progress=progress, max_memory=max_memory,
-                              report=report, activation_dtype=job.activation_dtype, device=job.device)
+                              report=report, activation_dtype=job.activation_dtype, forward_dtype=job.forward_dtype,
+                              device=job.device)
     records = sorted(resumed + records, key=lambda r: (r.block, r.name))
     kept_model = source.model.eval() if keep_model else None
     rest = source.rest_tensors() if main else None

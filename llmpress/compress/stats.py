@@ -174,7 +174,7 @@ class SpilledTensors:
 
     def _write(self, t: torch.Tensor) -> None:
         self.file.seek(self._end)
-        self.file.write(memoryview(t.cpu().numpy()).cast("B"))
+        self.file.write(t.cpu().reshape(-1).view(torch.uint8).numpy())   # as bytes: numpy has no bf16
         self.meta.append((self._end, t.shape, t.dtype))
         self._end += t.numel() * t.element_size()
 
@@ -187,7 +187,7 @@ class SpilledTensors:
         offset, shape, dtype = self.meta[i]
         out = torch.empty(shape, dtype=dtype)
         self.file.seek(offset)
-        self.file.readinto(memoryview(out.numpy()).cast("B"))
+        self.file.readinto(out.reshape(-1).view(torch.uint8).numpy())
         return out
 
     def drain(self):
@@ -294,6 +294,10 @@ class InputStats(_InputHooks):
         return owners <= set(self._seen) and all(n in self._seen for n in self.keep)
 
     def on_input(self, name: str, x: torch.Tensor) -> None:
+        with torch.autocast(x.device.type, enabled=False):   # a bf16 forward's statistics stay fp32
+            self._accumulate(name, x)
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
         if self.owner[name] == name:
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
             if name not in self.sums:
@@ -394,6 +398,10 @@ class InputRecorder(_InputHooks):
         self._seen.clear()
 
     def on_input(self, name: str, x: torch.Tensor) -> None:
+        with torch.autocast(x.device.type, enabled=False):   # a bf16 forward's statistics stay fp32
+            self._accumulate(name, x)
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
         if self.owner[name] == name:
             if name not in self.kept:
                 self.kept[name] = SpilledTensors(self.spill_budget, self.spill_arena)
