@@ -7,14 +7,9 @@ import sys
 import pytest
 import torch
 
-from llmpress.compress.quant.gptq import (
-    HessianError,
-    _inverse_factor,
-    damped_inverse_cholesky,
-    gptq_quantize,
-    reverse_inplace,
-)
+from llmpress.compress.quant.gptq import gptq_quantize
 from llmpress.compress.quant.grid import fit_grid
+from llmpress.compress.quant.hessian import HessianError, _inverse_factor, damped_inverse_cholesky, reverse_inplace
 from llmpress.compress.quant.rtn import rtn_quantize
 from llmpress.formats.packing import pack_codes, packed_words, unpack_codes
 from llmpress.formats.uniform import group_count
@@ -177,7 +172,7 @@ def test_inplace_inverse_factor_is_the_upper_cholesky_of_the_damped_inverse(dtyp
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 100, 577])
 def test_blocked_triangular_inverse_equals_the_triangular_solve(n):
-    from llmpress.compress.quant.gptq import lower_triangular_inverse
+    from llmpress.compress.quant.hessian import lower_triangular_inverse
 
     x = _correlated(n_in=n, tokens=2 * n + 8).double()
     lower = torch.linalg.cholesky(x.T @ x + torch.eye(n, dtype=torch.float64))

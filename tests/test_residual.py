@@ -35,7 +35,7 @@ def _asymmetric_error(W_hat, W, X, X_fp) -> float:
 
 
 def test_residual_projection_rows_solve_the_trailing_system():
-    from llmpress.compress.quant.gptq import damped_inverse_cholesky
+    from llmpress.compress.quant.hessian import damped_inverse_cholesky
 
     _W, _X, _X_fp, H, D = _problem(cols=40, tokens=400)
     U, damp = damped_inverse_cholesky(H.double(), 0.01)

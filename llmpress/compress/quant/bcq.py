@@ -23,7 +23,8 @@ from ...formats.bcq import BCQWeight, apot_value, bcq_dense
 from ...layers import BCQLinear
 from ..factor.knapsack import Option
 from ..stage import Built, StageBase, register
-from .gptq import damped_inverse_cholesky, solve_columns
+from .gptq import solve_columns
+from .hessian import damped_inverse_cholesky
 
 
 def apot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
