@@ -260,7 +260,10 @@ def _run(job: _Job, start: float, *, batch_size: int, progress: bool, keep_model
     if recipe.rotation is not None and recipe.rotation.method == "harp":
         rotation, notes["HARP fit"] = _harp_rotation(job, progress=progress, trust_remote_code=trust_remote_code)
     if recipe.allocator is not None:
-        recipe, notes["allocation"] = _allocate(job, rotation, progress=progress, trust_remote_code=trust_remote_code)
+        # imported here: allocation reads this module's job and weight source
+        from .allocation import allocate
+
+        recipe, notes["allocation"] = allocate(job, rotation, progress=progress, trust_remote_code=trust_remote_code)
     with phase("load model"):
         source = _BlockSource(job, rotation, folder, keep_model=keep_model, trust_remote_code=trust_remote_code)
     folder.save()
@@ -494,144 +497,6 @@ def _harp_rotation(job: _Job, *, progress: bool, trust_remote_code: bool) -> tup
     return replace(base, q=q, method="harp"), {
         "steps": stage.steps, "seconds": round(result.seconds, 1), "proxy start": round(result.initial, 6),
         "proxy end": round(result.final, 6)}
-
-
-ALLOCATION_FILE = "llmpress-allocation.json"
-
-
-def _allocate(job: _Job, rotation: ResidualRotation | None, *, progress: bool,
-              trust_remote_code: bool) -> tuple[Recipe, dict[str, Any]]:
-    """Profile every selected linear (of the ``rotation``-rotated model), solve the knapsack, and
-    return the recipe with the plan written into its allocator stage (each module's chosen settings
-    as ``overrides``; dense layers ``ignore``d) and the plan's summary. The plan is saved in the
-    output folder first, so ``--resume`` reuses it instead of profiling again."""
-    import re
-    from collections import Counter
-
-    from ..paths import atomic_write_text
-    from .factor.knapsack import Option, allocate_layers
-    from .report import plot_allocation
-
-    index, stage = next((i, s) for i, s in enumerate(job.recipe.stages) if s.kind == "allocator")
-    path = job.out / ALLOCATION_FILE
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            choice = {str(n): None if c is None else Option(**c) for n, c in saved["choice"].items()}
-            summary = dict(saved["summary"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ModelLoadError(f"{path} is damaged; delete it (or the folder) and run again") from None
-    else:
-        start = time.perf_counter()
-        tables, dense_bits, dense_width = _profile(job, stage, rotation, progress=progress,
-                                                   trust_remote_code=trust_remote_code)
-        target = stage.removed_target(dense_width)
-        plan = allocate_layers(tables, dense_bits, target, stage.buckets, stage.safety_cap, stage.keep_dense)
-        choice = plan.choice
-        kinds = Counter(_option_kind(c) for c in choice.values())
-        summary = {
-            "target removed": round(target, 4), "removed (stored bits)": round(plan.removed, 4),
-            "bits per weight": round(plan.stored_bits / (plan.dense_bits / dense_width), 4),
-            "layers": dict(sorted(kinds.items())),
-            "error cap": None if plan.cap is None else round(plan.cap, 4),
-            **_heuristic_agreement(tables),
-            "profile (s)": round(time.perf_counter() - start, 1),
-        }
-        if distributed.is_main():
-            atomic_write_text(path, json.dumps({
-                "summary": summary,
-                "choice": {n: None if c is None else c.__dict__ for n, c in choice.items()},
-            }, indent=1))
-            plot_allocation({n: 0.0 if c is None else c.removed for n, c in choice.items()}, target,
-                            job.out / "llmpress-allocation.png")
-    overrides, ignore = dict(stage.overrides), list(stage.ignore)
-    for name, c in choice.items():
-        pattern = f"^{re.escape(name)}$"
-        if c is None:
-            ignore.append(pattern)
-        else:
-            overrides[pattern] = dict(c.settings)
-    stages = list(job.recipe.stages)
-    stages[index] = stage.model_copy(update={"overrides": overrides, "ignore": ignore})
-    return job.recipe.model_copy(update={"stages": stages}), summary
-
-
-def _heuristic_agreement(tables) -> dict[str, float]:
-    """Where the options carry a reference heuristic's sensitivity score (ShiftAdd's), Kendall's τ
-    between its ranking of the layers and ours: the measured error saved per extra code bit."""
-    scores, gains = [], []
-    for options in tables.values():
-        if len(options) < 2 or "heuristic" not in options[0].detail:
-            continue
-        low, high = min(options, key=lambda o: o.bits), max(options, key=lambda o: o.bits)
-        scores.append(options[0].detail["heuristic"])
-        gains.append((low.error - high.error) / max(high.bits - low.bits, 1))
-    if len(scores) < 3:
-        return {}
-    from scipy.stats import kendalltau
-
-    return {"kendall tau vs ShiftAdd's ranking heuristic": round(float(kendalltau(scores, gains).statistic), 3)}
-
-
-def _option_kind(option) -> str:
-    """A short name for what a layer became, for the run summary."""
-    if option is None:
-        return "dense"
-    settings = option.settings
-    if "family" in settings:
-        return str(settings["family"])
-    if "bits" in settings:
-        return f"{settings['bits']} bits"
-    return "sparse coefficients" if settings.get("nnz") is not None else "low rank"
-
-
-def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: bool, trust_remote_code: bool):
-    """``(options, dense bits)`` per selected linear, and the width of a dense weight in bits.
-    They depend on the model, the calibration windows and the stage's option grid, not on the
-    target, so they are cached (under ``cache_dir()/profiles``) and a second budget on the same
-    model skips the profiling pass."""
-    from ..paths import atomic_write_text, cache_dir
-    from .factor.knapsack import Option
-    from .pipeline import profile_blocks
-    from .stage import method_of
-
-    grid = stage.model_dump(exclude={"target", "average_bits", "buckets", "safety_cap", "overrides"})
-    rotation_stage = job.recipe.rotation.model_dump(mode="json") if job.recipe.rotation is not None else None
-    key = hashlib.sha256(json.dumps({
-        "model": str(job.folder), "config": job.config.to_dict(), "calibration": job.calib, "stage": grid,
-        "rotation": rotation_stage, "version": __version__, "dense dtype": str(job.dense_dtype),
-    }, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = cache_dir() / "profiles" / f"{stage.method}-{key}.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            tables = {n: [Option(**c) for c in t] for n, t in saved["tables"].items()}
-            return tables, {n: int(b) for n, b in saved["dense_bits"].items()}, int(saved["dense_width"])
-        except (ValueError, KeyError, TypeError):
-            pass   # a damaged cache entry: profile again and replace it
-    # Score the layers the pipeline will compress: rotated, names as it sees them.
-    weights = _StreamedWeights(job, rotation, trust_remote_code=trust_remote_code)
-    arch = rotation.compress_arch() if rotation is not None else arch_for(weights.model)
-    values = getattr(stage, "values", None)
-    if values:   # a factorization: its values at their stored width, a linear kept dense at the dense tensors'
-        value_bits, dense_width = torch.finfo(STORAGE_DTYPES[values]).bits, torch.finfo(job.dense_dtype).bits
-    else:        # widths of the working model (BCQ's average bits are counted against them)
-        value_bits = dense_width = torch.finfo(job.store.dtype).bits
-    dense_bits: dict[str, int] = {}
-    options_of = method_of(stage).profile
-
-    def score(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> list[Option]:
-        dense_bits[name] = weight.numel() * dense_width
-        return options_of(stage, weight, hessian, value_bits)
-
-    tables = profile_blocks(weights.model, arch, distributed.local_slice(job.windows), stage.selects, score,
-                            progress=progress, weights=weights, device=job.device)
-    del weights
-    if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},
-                                            "dense_bits": dense_bits, "dense_width": dense_width}))
-    return tables, dense_bits, dense_width
 
 
 def parse_size(size: int | str | None) -> int | None:
