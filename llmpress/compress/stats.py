@@ -240,7 +240,8 @@ class _InputHooks:
             if name not in self.owner:
                 self.owner[name] = next((o for o, t in self._seen.items() if t is x), name)
             self._seen[name] = x
-            self.on_input(name, x)
+            with torch.autocast(x.device.type, enabled=False):   # a bf16 forward's statistics stay fp32
+                self.on_input(name, x)
         return hook
 
     def on_input(self, name: str, x: torch.Tensor) -> None:
@@ -294,10 +295,6 @@ class InputStats(_InputHooks):
         return owners <= set(self._seen) and all(n in self._seen for n in self.keep)
 
     def on_input(self, name: str, x: torch.Tensor) -> None:
-        with torch.autocast(x.device.type, enabled=False):   # a bf16 forward's statistics stay fp32
-            self._accumulate(name, x)
-
-    def _accumulate(self, name: str, x: torch.Tensor) -> None:
         if self.owner[name] == name:
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
             if name not in self.sums:
@@ -398,10 +395,6 @@ class InputRecorder(_InputHooks):
         self._seen.clear()
 
     def on_input(self, name: str, x: torch.Tensor) -> None:
-        with torch.autocast(x.device.type, enabled=False):   # a bf16 forward's statistics stay fp32
-            self._accumulate(name, x)
-
-    def _accumulate(self, name: str, x: torch.Tensor) -> None:
         if self.owner[name] == name:
             if name not in self.kept:
                 self.kept[name] = SpilledTensors(self.spill_budget, self.spill_arena)
