@@ -84,7 +84,7 @@ def test_block_arguments_of_one_window_give_that_windows_output(tiny_model_facto
     """Tuning runs the block one window at a time: the sliced arguments must give exactly the rows
     the whole calibration batch gives."""
     from llmpress.compress.arch import arch_for
-    from llmpress.compress.pipeline import capture_block_inputs
+    from llmpress.compress.passes import capture_block_inputs
 
     model, _ = llmpress.load(tiny_model_factory("llama"))
     windows = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(0))

@@ -48,7 +48,7 @@ class BlockContext:
     # the streams may be in RAM
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)   # their metrics
-    forward_dtype: torch.dtype = torch.float32   # precision of ``run``'s forward passes (pipeline.forward_precision)
+    forward_dtype: torch.dtype = torch.float32   # precision of ``run``'s forward passes (passes.forward_precision)
 
 
 @dataclass

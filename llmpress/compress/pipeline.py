@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..devices import free_device_memory, host_buffer, to_device
+from ..devices import free_device_memory, to_device
 from ..errors import LlmpressError
 from ..layers.base import outermost_compressed
 from ..layers.experts import experts_see_all_tokens, is_expert_linear
@@ -34,12 +34,12 @@ from .arch import ArchMap, blocks_of
 from .compressors import compress_linear, data_free, dense_proxy, dense_weight, identity_hessian, linear_weight
 from .hooks import BlockContext, BlockHooks, Solved
 from .memory import (
-    MemoryPlan,
     available_memory,
     limit_heap_fragmentation,
     plan_memory,
     release_free_heap,
 )
+from .passes import capture_block_inputs, forward_precision, record_fp_inputs, run_block, stream_buffer
 from .phases import phase
 from .planning import plan_block
 from .recipe import Recipe
@@ -50,10 +50,9 @@ from .shortcuts import (
     ZeroOutput,
     add_residual_outputs,
     attention_outputs,
-    batch_ranges,
 )
 from .stage import method_of
-from .stats import InputRecorder, InputStats, SpillArena, StopForward, all_finite, disk_tensor
+from .stats import InputRecorder, InputStats, SpillArena, all_finite
 
 
 @dataclass
@@ -65,118 +64,6 @@ class ModuleRecord:
     group_size: int | None
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-class _Catcher(nn.Module):
-    """Stands in for a decoder block during capture: records its call, passes hidden states on."""
-
-    def __init__(self, index: int, last: bool, sink: list, hidden: list[torch.Tensor]):
-        super().__init__()
-        self.index, self.last, self.sink, self.hidden = index, last, sink, hidden
-
-    def forward(self, hidden_states, *args, **kwargs):
-        # Calibration runs with use_cache=False, so a cache argument (GPT-2 passes it by
-        # position) is None and is kept as it is.
-        kwargs.pop("past_key_values", None)
-        self.sink[self.index].append((args, kwargs))
-        if self.index == 0:
-            self.hidden.append(hidden_states.detach().to(torch.float32))
-        if self.last:
-            raise StopForward
-        return hidden_states
-
-
-def stream_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, memory: MemoryPlan | None,
-                  stream: int) -> torch.Tensor:
-    """An activation stream where ``memory`` places it: the device's memory, RAM or a file."""
-    if memory is not None and memory.placed(stream):
-        return torch.empty(shape, dtype=dtype, device=device)
-    if memory is not None and memory.on_disk[stream]:
-        return disk_tensor(shape, dtype)
-    return host_buffer(shape, dtype, device)
-
-
-def forward_precision(device: torch.device, dtype: torch.dtype = torch.float32):
-    """The context of the executor's forward passes through a block (statistics, outputs, the
-    full-precision stream): as they are in fp32, or under autocast to ``dtype`` (bf16: the matmuls
-    and the attention in bf16 with fp32 accumulation, norms, softmax and the residual stream in
-    fp32; about twice the fp32 matmul rate on CPUs with AVX512-BF16 or AMX). The statistics hooks
-    switch autocast off: Hessians accumulate in fp32, and solves never run under it."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int, memory: MemoryPlan | None = None,
-    dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
-) -> tuple[torch.Tensor, list[list[tuple[tuple, dict[str, Any]]]]]:
-    """Block 0's inputs ``[n, seqlen, hidden]`` stored as ``dtype`` where ``memory`` places stream 0
-    (default RAM) and every block's other arguments, per batch. The embeddings run where the model
-    is (the CPU: only the current block goes to ``device``)."""
-    blocks = blocks_of(model, arch)
-    originals = list(blocks)
-    sink: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in originals]
-    hidden: list[torch.Tensor] = []
-    for i in range(len(originals)):
-        blocks[i] = _Catcher(i, i == len(originals) - 1, sink, hidden)
-    out = None
-    try:
-        for s, e in batch_ranges(windows.shape[0], batch_size):
-            try:
-                model(input_ids=windows[s:e], use_cache=False)
-            except StopForward:
-                pass
-            batch = hidden.pop()
-            if out is None:   # the width is known once the first batch has run
-                shape = (windows.shape[0], *batch.shape[1:])
-                out = stream_buffer(shape, dtype, device, memory, 0)
-            out[s:e].copy_(batch)
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-    return out, sink
-
-
-@torch.no_grad()
-def run_block(
-    block: nn.Module, hidden: torch.Tensor, kwargs: list[tuple[tuple, dict[str, Any]]], batch_size: int,
-    *, stats: InputStats | None = None, write_outputs: bool = False, device: torch.device | None = None,
-) -> None:
-    """Run ``block`` over the stream ``hidden`` batch by batch, on ``device`` (default: the
-    stream's); ``kwargs`` are already there."""
-    device = device or hidden.device
-    for b, (s, e) in enumerate(batch_ranges(hidden.shape[0], batch_size)):
-        if stats is not None:
-            stats.begin_batch()
-        args, kw = kwargs[b]
-        try:
-            out = block(hidden[s:e].to(device, torch.float32), *args, **kw)
-        except StopForward:
-            continue
-        if write_outputs:
-            hidden[s:e].copy_(out[0] if isinstance(out, tuple) else out)
-
-
-@torch.no_grad()
-def record_fp_inputs(
-    block: nn.Module, fp_hidden: torch.Tensor, kwargs, batch_size: int, linears: list[str],
-    arena: SpillArena, write_outputs: bool, device: torch.device,
-) -> InputRecorder | None:
-    """Run the still-original block on the full-precision stream: keep the inputs of ``linears``
-    (once per distinct input) and, with ``write_outputs``, advance the stream in place."""
-    recorder = InputRecorder({n: block.get_submodule(n) for n in linears}, spill_arena=arena) if linears else None
-    route_all = any(is_expert_linear(n) for n in linears)   # only reached with calibrate_all_experts
-    with recorder if recorder is not None else contextlib.nullcontext(), experts_see_all_tokens(block, route_all):
-        for b, (s, e) in enumerate(batch_ranges(fp_hidden.shape[0], batch_size)):
-            if recorder is not None:
-                recorder.begin_batch()
-            args, kw = kwargs[b]
-            out = block(fp_hidden[s:e].to(device, torch.float32), *args, **kw)
-            if write_outputs:
-                fp_hidden[s:e].copy_(out[0] if isinstance(out, tuple) else out)
-    return recorder
 
 
 class BlockWeights(Protocol):
