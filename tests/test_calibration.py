@@ -62,12 +62,19 @@ def test_file_sources(tmp_path, smol_tokenizer):
 
 
 def test_chunked_tokenization_equals_one_pass_on_the_builtin_corpora(smol_tokenizer):
-    from llmpress.compress.calibration import tokenize_chunked
+    import itertools
+
+    from llmpress.compress.calibration import _line_cuts, tokenize_chunked
     from llmpress.io.text import tokenize
 
     for name in ("wiki/train", "wiki/test", "news"):
         text = load_text(name)
         assert torch.equal(tokenize_chunked(smol_tokenizer, text), tokenize(smol_tokenizer, text)), name
+    # the pieces are cut where the text allows it: wiki's 2 MB go in pieces near the chunk size
+    cuts = _line_cuts(load_text("wiki/train"), 50_000)
+    assert len(cuts) > 20 and max(b - a for a, b in itertools.pairwise(cuts)) < 150_000
+    assert _line_cuts("no break " * 10_000, 1_000) == [0, 90_000]
+    assert _line_cuts("word.\n\nword\n\nx", 2) == [0, 11, 14]   # never after punctuation
 
 
 def test_local_datasets_folder(tmp_path):

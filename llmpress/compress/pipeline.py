@@ -222,6 +222,8 @@ def compress_blocks(
             with phase("write"):
                 io.on_block_done(i, block, prefix, modules, block_records, extras)
             io.release(block)
+            # the block's context holds its attention cache (a stream's worth) through its runner
+            ctx = hooks = None
             release_free_heap()   # else the heap's free space creeps up by ~3 MB a block (SmolLM2)
             records.extend(block_records)
             bar.advance()
