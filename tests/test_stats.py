@@ -124,6 +124,23 @@ def test_reset_keeps_the_hooks_removable():
     assert not model[0]._forward_pre_hooks              # and no hook left behind
 
 
+def test_hooks_hold_no_input_once_they_are_removed():
+    from llmpress.compress.stats import InputRecorder
+
+    model = _TwoHeads()
+    for recorder in (InputStats({"a": model.a, "c": model.c}, stop_when_seen=False),
+                     InputRecorder({"a": model.a, "c": model.c})):
+        with recorder, torch.no_grad():
+            recorder.begin_batch()
+            x = torch.randn(2, 16)
+            hidden = model.a(x) * model.b(x)
+            model.c(hidden)
+        refs = [weakref.ref(x), weakref.ref(hidden)]
+        del x, hidden
+        # the recorder lives on (GPTAQ reads it through the block) but the last batch's inputs do not
+        assert all(r() is None for r in refs)
+
+
 def test_slab_copies_are_equal_aligned_and_independent():
     from llmpress.compress.stats import Slabs
 
