@@ -489,6 +489,10 @@ def main() -> None:
         print(json.dumps(run_one(args.suite, args.one, args.windows, args.nsamples, args.seqlen, args.model)))
         return
     OUT.mkdir(parents=True, exist_ok=True)
+    if not args.from_log:   # a GGUF is converted (and cached) here, in no row's time or peak
+        from llmpress.io.models import resolve_model
+
+        resolve_model(args.model)
     configs = SUITES[args.suite]
     log = OUT / f"{args.suite}.jsonl"
     rows = []
