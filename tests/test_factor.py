@@ -289,7 +289,7 @@ def test_a_tampered_atom_index_is_refused(tiny_model_factory, tmp_path):
 
 def test_a_second_budget_reuses_the_cached_profile(tiny_model_factory, tmp_path, monkeypatch):
     import llmpress
-    from llmpress.compress import pipeline
+    from llmpress.compress import allocation
 
     folder = tiny_model_factory("qwen2")
     first = llmpress.compress(folder, "rocket-20", out=tmp_path / "a", nsamples=8, seqlen=64, progress=False)
@@ -297,7 +297,7 @@ def test_a_second_budget_reuses_the_cached_profile(tiny_model_factory, tmp_path,
     def no_profiling(*args, **kwargs):
         raise AssertionError("profiled again")
 
-    monkeypatch.setattr(pipeline, "profile_blocks", no_profiling)
+    monkeypatch.setattr(allocation, "profile_blocks", no_profiling)
     second = llmpress.compress(folder, "rocket-50", out=tmp_path / "b", nsamples=8, seqlen=64, progress=False)
     assert second.summary["allocation"]["removed (stored bits)"] >= 0.5
     assert first.summary["allocation"]["removed (stored bits)"] >= 0.2
@@ -309,7 +309,7 @@ def test_a_second_budget_reuses_the_cached_profile(tiny_model_factory, tmp_path,
 def test_the_profiling_pass_streams_blocks_and_scores_what_the_whole_model_would(tiny_model_factory, rotated):
     """An allocator's profile reads one block at a time (rotated as the run will compress it) and
     sees the same weights and Hessians as a pass over the whole model, rotated in memory."""
-    from llmpress.compress.pipeline import profile_blocks
+    from llmpress.compress.allocation import profile_blocks
     from llmpress.compress.recipe import parse_recipe
     from llmpress.compress.run import _load_linear, _prepare, _rotate_in_memory, _StreamedWeights
 

@@ -7,18 +7,25 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ModelLoadError
 from ..io.models import STORAGE_DTYPES
+from ..layers.experts import is_expert_linear
+from ..progress import Progress
 from ..version import __version__
 from . import distributed
-from .arch import arch_for
+from .arch import ArchMap, arch_for, blocks_of
+from .compressors import identity_hessian, linear_weight
+from .passes import BlockWeights, dense_block_pass
 from .recipe import Recipe
 from .rotate.fuse import ResidualRotation
 from .run import _Job, _StreamedWeights
+from .stats import InputStats
 
 ALLOCATION_FILE = "llmpress-allocation.json"
 
@@ -116,7 +123,6 @@ def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: b
     model skips the profiling pass."""
     from ..paths import atomic_write_text, cache_dir
     from .factor.knapsack import Option
-    from .pipeline import profile_blocks
     from .stage import method_of
 
     grid = stage.model_dump(exclude={"target", "average_bits", "buckets", "safety_cap", "overrides"})
@@ -156,3 +162,35 @@ def _profile(job: _Job, stage, rotation: ResidualRotation | None, *, progress: b
         atomic_write_text(path, json.dumps({"tables": {n: [c.__dict__ for c in t] for n, t in tables.items()},
                                             "dense_bits": dense_bits, "dense_width": dense_width}))
     return tables, dense_bits, dense_width
+
+
+@torch.no_grad()
+def profile_blocks(
+    model: nn.Module, arch: ArchMap, windows: torch.Tensor, select: Callable[[str], bool],
+    score: Callable[[str, torch.Tensor, torch.Tensor], Any], *, batch_size: int = 8, progress: bool = True,
+    weights: BlockWeights | None = None, device: torch.device = torch.device("cpu"),
+) -> dict[str, Any]:
+    """``score(name, weight, hessian)`` for every selected linear of the unchanged model, block by
+    block on the full-precision stream (the profiling pass of an allocator: its candidates must be
+    known for every layer before any layer is compressed). ``weights`` streams the blocks' weights
+    (default: ``model`` holds them all). The blocks and their statistics run on ``device``; the
+    scores get CPU tensors (the candidates' solves are CPU code)."""
+    results: dict[str, Any] = {}
+    cpu = torch.device("cpu")
+    with Progress(len(blocks_of(model, arch)), progress, title="profile") as bar:
+        for i, block, run in dense_block_pass(model, arch, windows, batch_size, weights, device):
+            prefix = f"{arch.blocks}.{i}"
+            names = [n for n in arch.linears_in(block) if select(f"{prefix}.{n}")]
+            bar.describe(f"block {i + 1} · statistics")
+            with InputStats({n: block.get_submodule(n) for n in names}, stop_when_seen=False) as stats:
+                run(stats=stats)
+            stats.all_reduce()
+            idle = [n for n in names if is_expert_linear(n)]
+            hessians = stats.hessians(missing_ok=idle) if names else {}
+            for n in names:
+                bar.describe(f"block {i + 1} · {n} · candidates")
+                weight = linear_weight(block.get_submodule(n)).to(cpu)
+                hessian = hessians[n].to(cpu) if n in hessians else identity_hessian(weight.shape[1])   # never picked
+                results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessian)
+            bar.advance()
+    return results

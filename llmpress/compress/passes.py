@@ -1,21 +1,38 @@
 """The executor's forward passes over the calibration stream: the capture of every block's
 arguments and block 0's inputs, a block run batch by batch (statistics, outputs), the original
-block on the full-precision stream, and the precision they compute in (``forward_precision``)."""
+block on the full-precision stream, and the precision they compute in (``forward_precision``);
+and the pass over the unchanged model that the profiling and fitting stages make before it."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ..devices import host_buffer
+from ..devices import host_buffer, to_device
 from ..layers.experts import experts_see_all_tokens, is_expert_linear
 from .arch import ArchMap, blocks_of
-from .memory import MemoryPlan
+from .memory import MemoryPlan, limit_heap_fragmentation
 from .shortcuts import batch_ranges
 from .stats import InputRecorder, InputStats, SpillArena, StopForward, disk_tensor
+
+
+class BlockWeights(Protocol):
+    """Where a pass over the blocks gets each block's weights (a streaming source keeps one block
+    in memory)."""
+
+    def after_capture(self) -> None:
+        """The capture is done: the embeddings are no longer needed."""
+
+    def materialize(self, block: nn.Module, prefix: str) -> None:
+        """Load the block's original weights."""
+
+    def release(self, block: nn.Module) -> None:
+        """Free the block's tensors."""
 
 
 class _Catcher(nn.Module):
@@ -128,3 +145,28 @@ def record_fp_inputs(
             if write_outputs:
                 fp_hidden[s:e].copy_(out[0] if isinstance(out, tuple) else out)
     return recorder
+
+
+def dense_block_pass(model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int,
+                     weights: BlockWeights | None = None, device: torch.device = torch.device("cpu"),
+                     ) -> Iterator[tuple[int, nn.Module, Callable[..., None]]]:
+    """The unchanged model, block by block on the full-precision stream: yields ``(index, block,
+    run)``, where ``run(stats=None)`` runs the block over the stream and moves the stream on to the
+    next block's input. ``weights`` streams the blocks' weights (each block is materialised before
+    it is yielded and released after); without it ``model`` holds them all. The passes that must
+    see every layer before any is compressed use it: an allocator's profile, HARP's statistics.
+    The yielded block is on ``device`` (and back where it was afterwards); the stream stays in RAM."""
+    limit_heap_fragmentation()
+    blocks = blocks_of(model, arch)
+    hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, device=device)
+    if weights is not None:
+        weights.after_capture()
+    for i, block in enumerate(blocks):
+        if weights is not None:
+            weights.materialize(block, f"{arch.blocks}.{i}")
+        block.to(device)
+        yield i, block, functools.partial(run_block, block, hidden, to_device(kwargs[i], device), batch_size,
+                                          write_outputs=i < len(blocks) - 1, device=device)
+        block.to("cpu")
+        if weights is not None:
+            weights.release(block)

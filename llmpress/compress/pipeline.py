@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from ..layers.experts import experts_see_all_tokens, is_expert_linear
 from ..progress import Progress, note
 from . import distributed
 from .arch import ArchMap, blocks_of
-from .compressors import compress_linear, data_free, dense_proxy, dense_weight, identity_hessian, linear_weight
+from .compressors import compress_linear, data_free, dense_proxy, dense_weight
 from .hooks import BlockContext, BlockHooks, Solved
 from .memory import (
     available_memory,
@@ -39,7 +39,7 @@ from .memory import (
     plan_memory,
     release_free_heap,
 )
-from .passes import capture_block_inputs, forward_precision, record_fp_inputs, run_block, stream_buffer
+from .passes import BlockWeights, capture_block_inputs, forward_precision, record_fp_inputs, run_block, stream_buffer
 from .phases import phase
 from .planning import plan_block
 from .recipe import Recipe
@@ -64,20 +64,6 @@ class ModuleRecord:
     group_size: int | None
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-class BlockWeights(Protocol):
-    """Where a pass over the blocks gets each block's weights (a streaming source keeps one block
-    in memory)."""
-
-    def after_capture(self) -> None:
-        """The capture is done: the embeddings are no longer needed."""
-
-    def materialize(self, block: nn.Module, prefix: str) -> None:
-        """Load the block's original weights."""
-
-    def release(self, block: nn.Module) -> None:
-        """Free the block's tensors."""
 
 
 class BlockIO(BlockWeights, Protocol):
@@ -222,69 +208,10 @@ def compress_blocks(
             with phase("write"):
                 io.on_block_done(i, block, prefix, modules, block_records, extras)
             io.release(block)
-            # the block's context holds its attention cache (a stream's worth) through its runner
-            ctx = hooks = None
             release_free_heap()   # else the heap's free space creeps up by ~3 MB a block (SmolLM2)
             records.extend(block_records)
             bar.advance()
     return records
-
-
-def dense_block_pass(model: nn.Module, arch: ArchMap, windows: torch.Tensor, batch_size: int,
-                     weights: BlockWeights | None = None, device: torch.device = torch.device("cpu"),
-                     ) -> Iterator[tuple[int, nn.Module, Callable[..., None]]]:
-    """The unchanged model, block by block on the full-precision stream: yields ``(index, block,
-    run)``, where ``run(stats=None)`` runs the block over the stream and moves the stream on to the
-    next block's input. ``weights`` streams the blocks' weights (each block is materialised before
-    it is yielded and released after); without it ``model`` holds them all. The passes that must
-    see every layer before any is compressed use it: an allocator's profile, HARP's statistics.
-    The yielded block is on ``device`` (and back where it was afterwards); the stream stays in RAM."""
-    limit_heap_fragmentation()
-    blocks = blocks_of(model, arch)
-    hidden, kwargs = capture_block_inputs(model, arch, windows, batch_size, device=device)
-    if weights is not None:
-        weights.after_capture()
-    for i, block in enumerate(blocks):
-        if weights is not None:
-            weights.materialize(block, f"{arch.blocks}.{i}")
-        block.to(device)
-        yield i, block, functools.partial(run_block, block, hidden, to_device(kwargs[i], device), batch_size,
-                                          write_outputs=i < len(blocks) - 1, device=device)
-        block.to("cpu")
-        if weights is not None:
-            weights.release(block)
-
-
-@torch.no_grad()
-def profile_blocks(
-    model: nn.Module, arch: ArchMap, windows: torch.Tensor, select: Callable[[str], bool],
-    score: Callable[[str, torch.Tensor, torch.Tensor], Any], *, batch_size: int = 8, progress: bool = True,
-    weights: BlockWeights | None = None, device: torch.device = torch.device("cpu"),
-) -> dict[str, Any]:
-    """``score(name, weight, hessian)`` for every selected linear of the unchanged model, block by
-    block on the full-precision stream (the profiling pass of an allocator: its candidates must be
-    known for every layer before any layer is compressed). ``weights`` streams the blocks' weights
-    (default: ``model`` holds them all). The blocks and their statistics run on ``device``; the
-    scores get CPU tensors (the candidates' solves are CPU code)."""
-    results: dict[str, Any] = {}
-    cpu = torch.device("cpu")
-    with Progress(len(blocks_of(model, arch)), progress, title="profile") as bar:
-        for i, block, run in dense_block_pass(model, arch, windows, batch_size, weights, device):
-            prefix = f"{arch.blocks}.{i}"
-            names = [n for n in arch.linears_in(block) if select(f"{prefix}.{n}")]
-            bar.describe(f"block {i + 1} · statistics")
-            with InputStats({n: block.get_submodule(n) for n in names}, stop_when_seen=False) as stats:
-                run(stats=stats)
-            stats.all_reduce()
-            idle = [n for n in names if is_expert_linear(n)]
-            hessians = stats.hessians(missing_ok=idle) if names else {}
-            for n in names:
-                bar.describe(f"block {i + 1} · {n} · candidates")
-                weight = linear_weight(block.get_submodule(n)).to(cpu)
-                hessian = hessians[n].to(cpu) if n in hessians else identity_hessian(weight.shape[1])   # never picked
-                results[f"{prefix}.{n}"] = score(f"{prefix}.{n}", weight, hessian)
-            bar.advance()
-    return results
 
 
 def _hidden_size(model: nn.Module) -> int:
@@ -521,6 +448,7 @@ def _compress_block(
         block.set_submodule(arch.attention, real_attention)
         if real_norm is not None:
             block.set_submodule(arch.attention_norm, real_norm)
+        attention = None   # the cache (a stream's worth) goes with the stub; ctx.run outlives this call
     for h in hooks:
         h.end(ctx)
     for name, module in modules.items():   # the packed modules are what is saved and kept

@@ -147,13 +147,13 @@ def _normalised(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
 def collect_proxy_terms(model: nn.Module, arch, windows: torch.Tensor, rotation, *, batch_size: int = 8,
                         progress=None, weights=None, device: torch.device = torch.device("cpu")) -> list[ProxyTerm]:
     """Run the dense model on ``windows`` once, block by block, and build every reader's and
-    writer's term. ``weights`` (a ``pipeline.BlockWeights``) streams the blocks' weights, so only
+    writer's term. ``weights`` (a ``passes.BlockWeights``) streams the blocks' weights, so only
     one block is in memory beside the terms; without it ``model`` holds them all.
 
     ``rotation`` supplies the fixed within-head and online rotations, which change the writers'
     inputs (their Hessian diagonals are taken in that basis). The blocks and their statistics run
     on ``device``; the terms are kept on the CPU (``fit_harp`` takes them to its device)."""
-    from ..pipeline import dense_block_pass
+    from ..passes import dense_block_pass
 
     rot = arch.rotation
     n_blocks = len(blocks_of(model, arch))
